@@ -1,0 +1,99 @@
+// Raw-pointer kernel API: what the torch-aware entry points (csrc/ops*.cpp)
+// call after checking their arguments. Nothing here includes a torch header:
+// the CPU kernels build into the native C++ tests (CMakeLists.txt) and the
+// CUDA files compile in seconds.
+//
+// Shapes. A 4-bit weight W is [N, K] (out_features x in_features), stored
+// flattened row-major: `packed` is uint8[(N*K + 1) / 2] (element 2j in the high
+// nibble of byte j), `absmax` float32[ceil(N*K / blocksize)].
+// A layout is "row-aligned" when K % blocksize == 0: every row then starts on
+// a byte and on a block boundary, which the fast GEMV paths require (every
+// Pythia Linear is row-aligned). Other layouts go through dequantize + matmul.
+#pragma once
+
+#include <cstdint>
+
+#include "codebook.h"
+
+namespace pythia_native {
+
+// Floating-point element types the kernels read and write.
+enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+
+namespace cpu {
+
+// Instruction sets the CPU kernels are compiled for; the best one the CPU
+// supports is chosen at run time (cpuid), and tests force each in turn.
+enum class Isa : int32_t { Scalar = 0, AVX2 = 1, AVX512 = 2 };
+
+Isa best_isa();            // what this CPU supports
+Isa active_isa();          // what the kernels use now (best_isa() unless forced)
+void set_isa(Isa isa);     // force an ISA; throws std::invalid_argument if unsupported
+const char* isa_name(Isa isa);
+
+// Quantize blocks [b0, b1) of w (float32, numel elements). Blocks are written
+// whole, including the two nibbles of every byte they touch; the entry point
+// hands out block ranges so that no two threads write one byte (a block of an
+// even blocksize always starts on a byte boundary).
+void quantize_4bit_blocks(const float* w, int64_t numel, int64_t blocksize, QuantType qt,
+                          int64_t b0, int64_t b1, uint8_t* packed, float* absmax);
+
+// Dequantize elements [e0, e1) of the flat weight into out[0, e1 - e0) (float32).
+void dequantize_4bit_range(const uint8_t* packed, const float* absmax, int64_t blocksize,
+                           QuantType qt, int64_t e0, int64_t e1, float* out);
+
+// Elements per "chunk" of the active ISA's unpack: 32 (AVX-512), 16 (AVX2),
+// 2 (scalar). Within a chunk the kernels produce the even elements first and
+// then the odd ones (that is how nibbles unpack without a shuffle); callers
+// permute x the same way once per call instead (permute_k), which leaves
+// every dot product unchanged.
+int64_t chunk_elems(Isa isa);
+
+// xp[m, :] = x[m, :] with each chunk of K reordered evens-then-odds.
+// x: [M, K] with row stride ldx; xp: [M, K] contiguous. K % chunk_elems == 0.
+void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
+
+// y[m, n] = sum_k xp[m, k] * W[n, k] + bias[n] for n in [n0, n1), m in [0, M).
+// Row-aligned layouts only (K % blocksize == 0). xp from permute_k (same isa);
+// bias may be null; y has row stride ldy. Reads each weight byte once per
+// group of up to 4 rows of x.
+void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                    const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
+                    int64_t n0, int64_t n1, float* y, int64_t ldy, Isa isa);
+
+// out[(n - n0) * K + k'] = W[n, k] for n in [n0, n1), in the chunk-permuted k
+// order of permute_k: a panel of W^T-ready rows for a BLAS call on xp.
+// Row-aligned layouts only.
+void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_t K,
+                              int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
+                              float* out, Isa isa);
+
+}  // namespace cpu
+
+namespace cuda {
+
+// All launchers run on `stream`, allocate nothing and never synchronize the
+// host, so they can be captured in a CUDA graph. They return the launch
+// status (cudaGetLastError()) as an int (cudaError_t) so that this header
+// needs no CUDA include; 0 means success.
+
+// w: numel elements of `dt`. One warp per quant block.
+int quantize_4bit(const void* w, DType dt, int64_t numel, int64_t blocksize, QuantType qt,
+                  uint8_t* packed, float* absmax, void* stream);
+
+// out: numel elements of `dt`, computed as float32 code * absmax, then cast.
+int dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t numel,
+                    int64_t blocksize, QuantType qt, void* out, DType dt, void* stream);
+
+// Small-M GEMV: y[M, N] = x[M, K] @ W^T + bias, float32 accumulation.
+// x: [M, K] with row stride ldx (elements), y: [M, N] contiguous, bias: [N] or
+// null; x, y and bias share `dt`. Requirements (checked by the caller, see
+// gemv_4bit_supported): row-aligned layout, K % 32 == 0, packed 16-byte
+// aligned, x 16-byte aligned with ldx * sizeof(dt) % 16 == 0, M <= kGemvMaxM.
+constexpr int64_t kGemvMaxM = 16;
+int gemv_4bit(const void* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+              const float* absmax, int64_t N, int64_t blocksize, QuantType qt, const void* bias,
+              void* y, DType dt, void* stream);
+
+}  // namespace cuda
+}  // namespace pythia_native

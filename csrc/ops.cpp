@@ -1,0 +1,316 @@
+// The op schemas of pythia_native (declared once, here), the argument checks
+// every device shares, the CPU kernels' registrations, and the pybind11 module
+// that reports what was compiled in. CUDA registrations live in ops_cuda.cpp.
+//
+// Ops (torch.ops.pythia_native.*):
+//   quantize_4bit(weight, blocksize, quant_type) -> (packed, absmax)
+//   dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> W
+//   dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, nested_blocksize) -> absmax
+//   gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type) -> x @ W.T + bias
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+
+namespace pythia_native {
+
+QuantType parse_quant_type(const std::string& quant_type) {
+  if (quant_type == "nf4") return QuantType::NF4;
+  if (quant_type == "fp4") return QuantType::FP4;
+  TORCH_CHECK(false, "pythia_native: quant_type must be 'nf4' or 'fp4', got '", quant_type, "'");
+}
+
+void check_blocksize(int64_t blocksize) {
+  TORCH_CHECK(valid_blocksize(blocksize),
+              "pythia_native: blocksize must be a power of two in [", kMinBlocksize, ", ",
+              kMaxBlocksize, "], got ", blocksize);
+}
+
+void check_float_dtype(const at::Tensor& t, const char* name, const char* op) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, "pythia_native.", op,
+              ": ", name, " must be float32, float16 or bfloat16, got ", s);
+}
+
+void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel,
+                  int64_t blocksize, const char* op) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "pythia_native.", op,
+              ": packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "pythia_native.", op,
+              ": absmax must be float32 (decode double-quantized absmax with "
+              "dequantize_absmax first), got ",
+              absmax.scalar_type());
+  TORCH_CHECK(packed.device() == absmax.device(), "pythia_native.", op,
+              ": packed and absmax must be on the same device, got ", packed.device(), " and ",
+              absmax.device());
+  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "pythia_native.", op, ": packed must hold (",
+              numel, " + 1) / 2 = ", (numel + 1) / 2, " bytes for ", numel,
+              " weights, got shape ", packed.sizes());
+  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), "pythia_native.", op,
+              ": absmax must hold ceil(", numel, " / ", blocksize,
+              ") = ", ceil_div(numel, blocksize), " block scales, got shape ", absmax.sizes());
+  TORCH_CHECK(packed.is_contiguous(), "pythia_native.", op, ": packed must be contiguous");
+  TORCH_CHECK(absmax.is_contiguous(), "pythia_native.", op, ": absmax must be contiguous");
+}
+
+void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                     const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                     int64_t blocksize) {
+  check_blocksize(blocksize);
+  TORCH_CHECK(n >= 1 && k >= 1, "pythia_native.gemm_4bit: the weight shape (n, k) must be "
+              "positive, got (", n, ", ", k, ")");
+  check_float_dtype(x, "x", "gemm_4bit");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "pythia_native.gemm_4bit: x must have shape "
+              "[..., k] with k = ", k, ", got ", x.sizes());
+  TORCH_CHECK(x.device() == packed.device(), "pythia_native.gemm_4bit: x and packed must be on "
+              "the same device, got ", x.device(), " and ", packed.device());
+  check_packed(packed, absmax, n * k, blocksize, "gemm_4bit");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == x.device(), "pythia_native.gemm_4bit: bias must be on x's device ",
+                x.device(), ", got ", b.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.gemm_4bit: bias must have x's "
+                "dtype ", x.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.gemm_4bit: bias must have shape "
+                "[", n, "], got ", b.sizes());
+  }
+}
+
+std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: return DType::F32;
+  }
+}
+
+namespace {
+
+// ------------------------------------------------------------ CPU kernels ---
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, int64_t blocksize,
+                                                     const std::string& quant_type) {
+  check_blocksize(blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  check_float_dtype(weight, "weight", "quantize_4bit");
+  const int64_t numel = weight.numel();
+  const int64_t n_blocks = ceil_div(numel, blocksize);
+  at::Tensor packed = at::empty({(numel + 1) / 2, 1}, weight.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({n_blocks}, weight.options().dtype(at::kFloat));
+  // fp16/bf16 -> fp32 is exact; the scale and rounding happen in fp32.
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const float* wp = w.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  at::parallel_for(0, n_blocks, std::max<int64_t>(1, 16384 / blocksize),
+                   [&](int64_t b0, int64_t b1) {
+                     cpu::quantize_4bit_blocks(wp, numel, blocksize, qt, b0, b1, pp, ap);
+                   });
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                               int64_t blocksize, const std::string& quant_type,
+                               at::IntArrayRef shape, at::ScalarType dtype) {
+  check_blocksize(blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
+              dtype);
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
+    numel *= s;
+  }
+  check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
+  at::Tensor out = at::empty(shape, packed.options().dtype(at::kFloat));
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* ap = absmax.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, numel, 32768, [&](int64_t e0, int64_t e1) {
+    cpu::dequantize_4bit_range(pp, ap, blocksize, qt, e0, e1, op + e0);
+  });
+  return dtype == at::kFloat ? out : out.to(dtype);
+}
+
+// M above which gemm_4bit stops streaming packed rows (gemv_4bit_rows) and
+// instead dequantizes panels of W for a BLAS matmul: beyond a few rows of x
+// the work is compute-bound and BLAS's register tiling wins (see
+// benchmarks/bench_gemm_4bit.py for the crossover).
+constexpr int64_t kCpuGemvMaxM = 8;
+// Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized).
+constexpr int64_t kPanelBytes = 2 << 20;
+
+at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                         int64_t blocksize, const std::string& quant_type) {
+  check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  const auto out_shape = gemm_out_shape(x, n);
+  const at::Tensor x2 = x.reshape({-1, k});
+  const int64_t M = x2.size(0);
+  if (M == 0) return at::empty(out_shape, x.options());
+
+  const at::Tensor xf = x2.to(at::kFloat);
+  const c10::optional<at::Tensor> bf =
+      bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
+                       : c10::nullopt;
+  const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* ap = absmax.data_ptr<float>();
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+
+  const bool row_aligned = k % blocksize == 0;
+  const cpu::Isa isa = cpu::active_isa();
+  at::Tensor xp;
+  if (row_aligned) {
+    // x in the kernels' evens-then-odds chunk order (see cpu/gemm_4bit.cpp).
+    xp = at::empty({M, k}, xf.options());
+    const at::Tensor xs = xf.stride(-1) == 1 ? xf : xf.contiguous();
+    const float* xs_p = xs.data_ptr<float>();
+    const int64_t ldx = xs.stride(0);
+    float* xp_p = xp.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
+      cpu::permute_k(xs_p + m0 * ldx, m1 - m0, k, ldx, isa, xp_p + m0 * k);
+    });
+  } else {
+    xp = xf.contiguous();
+  }
+
+  if (row_aligned && M <= kCpuGemvMaxM) {
+    const float* xp_p = xp.data_ptr<float>();
+    float* y_p = y.data_ptr<float>();
+    // Each thread streams a contiguous range of weight rows.
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, n, isa);
+    });
+  } else {
+    const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
+    at::Tensor panel = at::empty({panel_rows, k}, xf.options());
+    float* panel_p = panel.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
+      const int64_t rows = std::min(panel_rows, n - r0);
+      at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
+        if (row_aligned) {
+          cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1,
+                                        panel_p + i0 * k, isa);
+        } else {
+          // Rows straddle blocks and may start mid-byte: flat-index decode.
+          cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k,
+                                     panel_p + i0 * k);
+        }
+      });
+      const at::Tensor w = panel.narrow(0, 0, rows);
+      at::Tensor out_slice = y.narrow(1, r0, rows);
+      if (bf.has_value()) {
+        out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xp, w.t()));
+      } else {
+        out_slice.copy_(at::mm(xp, w.t()));
+      }
+    }
+  }
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+// Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.
+// A load-time decode (one float per 64 weights), written with torch ops so
+// that it runs on every device.
+at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& nested_absmax,
+                             const at::Tensor& nested_code, double offset,
+                             int64_t nested_blocksize) {
+  TORCH_CHECK(absmax_q.scalar_type() == at::kByte, "pythia_native.dequantize_absmax: absmax_q "
+              "must be uint8, got ", absmax_q.scalar_type());
+  TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat, "pythia_native.dequantize_absmax: "
+              "nested_absmax must be float32, got ", nested_absmax.scalar_type());
+  TORCH_CHECK(nested_code.scalar_type() == at::kFloat && nested_code.numel() == 256,
+              "pythia_native.dequantize_absmax: nested_code must be float32 with 256 entries, "
+              "got ", nested_code.scalar_type(), " ", nested_code.sizes());
+  TORCH_CHECK(nested_blocksize >= 1, "pythia_native.dequantize_absmax: nested_blocksize must be "
+              "positive, got ", nested_blocksize);
+  const int64_t n = absmax_q.numel();
+  TORCH_CHECK(nested_absmax.numel() == ceil_div(n, nested_blocksize),
+              "pythia_native.dequantize_absmax: nested_absmax must hold ceil(", n, " / ",
+              nested_blocksize, ") = ", ceil_div(n, nested_blocksize), " values, got ",
+              nested_absmax.sizes());
+  TORCH_CHECK(absmax_q.device() == nested_absmax.device() &&
+                  absmax_q.device() == nested_code.device(),
+              "pythia_native.dequantize_absmax: absmax_q, nested_absmax and nested_code must "
+              "be on one device");
+  const at::Tensor q = absmax_q.reshape({-1}).to(at::kLong);
+  const at::Tensor scale =
+      nested_absmax.reshape({-1}).repeat_interleave(nested_blocksize).narrow(0, 0, n);
+  return (nested_code.reshape({-1}).index_select(0, q) * scale + offset).to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pythia_native, m) {
+  // Fake (meta) kernels are registered in Python (pythia_native/ops.py).
+  m.set_python_module("pythia_native.ops");
+  m.def("quantize_4bit(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def("dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, "
+        "int[] shape, ScalarType dtype) -> Tensor");
+  m.def("dequantize_absmax(Tensor absmax_q, Tensor nested_absmax, Tensor nested_code, "
+        "float offset, int nested_blocksize) -> Tensor");
+  m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? bias, int n, int k, "
+        "int blocksize, str quant_type) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cpu);
+  m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("gemm_4bit", &gemm_4bit_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pythia_native, CompositeExplicitAutograd, m) {
+  m.impl("dequantize_absmax", &dequantize_absmax);
+}
+
+}  // namespace pythia_native
+
+#ifndef PN_CUDA_ARCHS
+#define PN_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(_C, mod) {
+  using namespace pythia_native;
+  mod.doc() = "pythia-native compiled core: ops are under torch.ops.pythia_native";
+  mod.def("build_info", []() {
+    pybind11::dict info;
+#ifdef PN_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = std::string(PN_CUDA_ARCHS);
+    info["cpu_isa_best"] = std::string(cpu::isa_name(cpu::best_isa()));
+    info["cpu_isa_active"] = std::string(cpu::isa_name(cpu::active_isa()));
+    info["cpu_isas_compiled"] = std::vector<std::string>{"scalar", "avx2", "avx512"};
+    return info;
+  }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen.");
+  mod.def("code_table", [](const std::string& quant_type) {
+    const float* c = code_table(parse_quant_type(quant_type));
+    return std::vector<float>(c, c + 16);
+  }, "The 16 float32 code values of 'nf4' or 'fp4', in index order.");
+  mod.def("cpu_isa", []() { return std::string(cpu::isa_name(cpu::active_isa())); },
+          "The ISA the CPU kernels use now.");
+  mod.def("set_cpu_isa", [](const std::string& name) {
+    cpu::Isa isa;
+    if (name == "avx512") isa = cpu::Isa::AVX512;
+    else if (name == "avx2") isa = cpu::Isa::AVX2;
+    else if (name == "scalar") isa = cpu::Isa::Scalar;
+    else if (name == "auto") isa = cpu::best_isa();
+    else throw std::invalid_argument("set_cpu_isa: expected 'avx512', 'avx2', 'scalar' or "
+                                     "'auto', got '" + name + "'");
+    cpu::set_isa(isa);
+  }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
+     "benchmarks.");
+}

@@ -1,0 +1,114 @@
+// CUDA registrations of the pythia_native ops: check (ops.h), then call the
+// raw-pointer launchers of csrc/cuda/*.cu on torch's current stream. Nothing
+// here synchronizes the host, so the ops are safe inside CUDA graph capture.
+//
+// gemm_4bit picks one of two paths:
+//   M <= cuda::kGemvMaxM on a row-aligned layout: gemv_4bit, which streams the
+//     packed weights once (decode is memory-bound: 0.5 byte per weight);
+//   otherwise: dequantize W to x's dtype and call cuBLAS through at::linear
+//     (prefill is compute-bound, and tensor-core GEMM beats any decode-fused
+//     kernel we have; the transient [N, K] buffer comes from torch's caching
+//     allocator).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "ops.h"
+
+namespace pythia_native {
+namespace {
+
+void check_launch(int status, const char* what) {
+  TORCH_CHECK(status == 0, "pythia_native.", what, ": CUDA launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(status)));
+}
+
+void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& weight, int64_t blocksize,
+                                                      const std::string& quant_type) {
+  check_blocksize(blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  check_float_dtype(weight, "weight", "quantize_4bit");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const int64_t numel = w.numel();
+  at::Tensor packed = at::empty({(numel + 1) / 2, 1}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({ceil_div(numel, blocksize)}, w.options().dtype(at::kFloat));
+  check_launch(cuda::quantize_4bit(w.data_ptr(), to_dtype(w.scalar_type()), numel, blocksize, qt,
+                                   packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                   current_stream()),
+               "quantize_4bit");
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_4bit_cuda_impl(const at::Tensor& packed, const at::Tensor& absmax,
+                                     int64_t blocksize, QuantType qt, at::IntArrayRef shape,
+                                     at::ScalarType dtype) {
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  check_launch(cuda::dequantize_4bit(packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                     out.numel(), blocksize, qt, out.data_ptr(), to_dtype(dtype),
+                                     current_stream()),
+               "dequantize_4bit");
+  return out;
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                                int64_t blocksize, const std::string& quant_type,
+                                at::IntArrayRef shape, at::ScalarType dtype) {
+  check_blocksize(blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
+              dtype);
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
+    numel *= s;
+  }
+  check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  return dequantize_4bit_cuda_impl(packed, absmax, blocksize, qt, shape, dtype);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                          int64_t blocksize, const std::string& quant_type) {
+  check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto out_shape = gemm_out_shape(x, n);
+  at::Tensor x2 = x.reshape({-1, k});
+  const int64_t M = x2.size(0);
+  if (M == 0) return at::empty(out_shape, x.options());
+  if (x2.stride(-1) != 1) x2 = x2.contiguous();
+
+  const size_t elem = x2.element_size();
+  const bool gemv_ok = M <= cuda::kGemvMaxM && k % blocksize == 0 && k % 32 == 0 &&
+                       aligned16(packed.data_ptr()) && aligned16(x2.data_ptr()) &&
+                       (x2.stride(0) * elem) % 16 == 0;
+  if (gemv_ok) {
+    at::Tensor y = at::empty({M, n}, x.options());
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    check_launch(cuda::gemv_4bit(x2.data_ptr(), M, k, x2.stride(0), packed.data_ptr<uint8_t>(),
+                                 absmax.data_ptr<float>(), n, blocksize, qt,
+                                 b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
+                                 to_dtype(x.scalar_type()), current_stream()),
+                 "gemm_4bit");
+    return y.view(out_shape);
+  }
+  const at::Tensor w =
+      dequantize_4bit_cuda_impl(packed, absmax, blocksize, qt, {n, k}, x.scalar_type());
+  return at::linear(x2, w, bias).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pythia_native, CUDA, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cuda);
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
+}
+
+}  // namespace pythia_native

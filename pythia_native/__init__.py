@@ -1,0 +1,22 @@
+"""pythia-native: EleutherAI Pythia with bitsandbytes-format 4-bit weights.
+
+The compiled core is ``pythia_native._C`` (ops under ``torch.ops.pythia_native``);
+this package wraps each op (``pythia_native.ops``), keeps a pure-PyTorch twin of
+each (``pythia_native.reference``) and builds modules on top of them.
+"""
+from . import ops  # noqa: F401  (loads _C, registers the ops and their fake kernels)
+from ._C import build_info
+from .format import QUANT_TYPES, code_table
+from .ops import dequantize_4bit, dequantize_absmax, gemm_4bit, quantize_4bit
+from .quantized_linear import QuantizedLinear
+
+__all__ = [
+    "QUANT_TYPES",
+    "QuantizedLinear",
+    "build_info",
+    "code_table",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "gemm_4bit",
+    "quantize_4bit",
+]

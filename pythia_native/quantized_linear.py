@@ -1,0 +1,258 @@
+"""QuantizedLinear: an ``nn.Linear`` whose weight is stored in the bitsandbytes
+4-bit format and multiplied by the native ``gemm_4bit``.
+
+Its ``state_dict()`` is the layout transformers + bitsandbytes serialize
+(FORMAT.md), so a layer saved here loads in bitsandbytes and the other way
+round, without re-quantization:
+
+    <p>.weight                                   uint8   [(out*in + 1) // 2, 1]
+    <p>.weight.absmax                            float32 [n_blocks] (uint8 if double-quantized)
+    <p>.weight.quant_map                         float32 [16]
+    <p>.weight.nested_absmax                     float32 [ceil(n_blocks / 256)]  (double quant)
+    <p>.weight.nested_quant_map                  float32 [256]                   (double quant)
+    <p>.weight.quant_state.bitsandbytes__<qt>    uint8   UTF-8 JSON record
+    <p>.bias                                     the model dtype [out]
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .format import NestedAbsmax, QuantState, check_quant_type, code_table, quantize_absmax
+
+
+class QuantizedLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` ``[out_features, in_features]`` in 4 bits.
+
+    Buffers: ``weight`` (packed uint8) and ``absmax`` (float32, decoded once
+    if the checkpoint double-quantized it; the compressed form is kept in
+    ``nested`` for saving). ``bias`` is a frozen parameter in the compute dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device | str] = None,
+    ):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.blocksize = int(blocksize)
+        self.quant_type = check_quant_type(quant_type)
+        self.weight_dtype = dtype  # the dtype the weight had before quantization
+        numel = self.in_features * self.out_features
+        self.register_buffer("weight", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(math.ceil(numel / self.blocksize), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.nested: Optional[NestedAbsmax] = None
+
+    # ------------------------------------------------------------ builders --
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        compress_statistics: bool = False,
+    ) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` (its weight's device and dtype are kept)."""
+        w = linear.weight.detach()
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=w.dtype,
+            device=w.device,
+        )
+        packed, absmax = ops.quantize_4bit(w, blocksize, quant_type)
+        q.weight.copy_(packed)
+        if compress_statistics:
+            q.nested = quantize_absmax(absmax)
+            absmax = q.nested.decode()
+        q.absmax.copy_(absmax)
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: dict[str, torch.Tensor],
+        prefix: str = "",
+        *,
+        device: Optional[torch.device | str] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "QuantizedLinear":
+        """Build from a bitsandbytes-format state dict (keys ``prefix + 'weight'``,
+        ``prefix + 'weight.absmax'``, ...), using the packed bytes as they are."""
+        state = parse_quant_state(state_dict, prefix)
+        if len(state.shape) != 2:
+            raise ValueError(f"{prefix}weight: a Linear weight must be 2-D, quant_state says shape {state.shape}")
+        out_f, in_f = state.shape
+        bias = state_dict.get(prefix + "bias")
+        dtype = compute_dtype or (bias.dtype if bias is not None else state.dtype)
+        q = cls(in_f, out_f, bias is not None, blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype, device=device)
+        q._load_quantized(state_dict, prefix, state)
+        if bias is not None:
+            q.bias.data.copy_(bias.to(dtype))
+        return q
+
+    # ------------------------------------------------------------- compute --
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return ops.gemm_4bit(
+            x, self.weight, self.absmax, (self.out_features, self.in_features), bias, self.blocksize, self.quant_type
+        )
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]``."""
+        return ops.dequantize_4bit(
+            self.weight,
+            self.absmax,
+            (self.out_features, self.in_features),
+            self.blocksize,
+            self.quant_type,
+            dtype or self.weight_dtype,
+        )
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.nested is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}"
+        )
+
+    def _apply(self, fn, recurse=True):
+        # Keep the compressed statistics on the module's device too.
+        super()._apply(fn, recurse)
+        if self.nested is not None:
+            n = self.nested
+            dev = self.weight.device
+            self.nested = NestedAbsmax(n.absmax_q.to(dev), n.nested_absmax.to(dev), n.nested_quant_map.to(dev), n.offset)
+        return self
+
+    # ------------------------------------------------- bitsandbytes layout --
+
+    def _quant_state(self) -> QuantState:
+        return QuantState(
+            self.quant_type,
+            self.blocksize,
+            self.weight_dtype,
+            (self.out_features, self.in_features),
+            self.nested.offset if self.nested is not None else None,
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        def put(name, t):
+            destination[prefix + name] = t if keep_vars else t.detach()
+
+        put("weight", self.weight)
+        if self.nested is not None:
+            put("weight.absmax", self.nested.absmax_q)
+        else:
+            put("weight.absmax", self.absmax)
+        put("weight.quant_map", code_table(self.quant_type, self.weight.device))
+        if self.nested is not None:
+            put("weight.nested_absmax", self.nested.nested_absmax)
+            put("weight.nested_quant_map", self.nested.nested_quant_map)
+        state = self._quant_state()
+        put("weight." + state.key_suffix, state.to_tensor().to(self.weight.device))
+        if self.bias is not None:
+            put("bias", self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        try:
+            state = parse_quant_state(state_dict, prefix)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(str(e))
+            return
+        if state.shape != (self.out_features, self.in_features):
+            error_msgs.append(
+                f"{prefix}weight: quant_state shape {state.shape} does not match this layer "
+                f"({self.out_features}, {self.in_features})"
+            )
+            return
+        self.quant_type = state.quant_type
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype
+        try:
+            self._load_quantized(state_dict, prefix, state)
+        except ValueError as e:
+            error_msgs.append(str(e))
+            return
+        if self.bias is not None:
+            b = state_dict.get(prefix + "bias")
+            if b is None:
+                missing_keys.append(prefix + "bias")
+            elif b.shape != self.bias.shape:
+                error_msgs.append(f"{prefix}bias: expected shape {tuple(self.bias.shape)}, got {tuple(b.shape)}")
+            else:
+                self.bias.data.copy_(b)
+
+    def _load_quantized(self, sd: dict[str, torch.Tensor], prefix: str, state: QuantState) -> None:
+        numel = math.prod(state.shape)
+        n_blocks = math.ceil(numel / state.blocksize)
+        packed = sd[prefix + "weight"]
+        if packed.dtype != torch.uint8:
+            # quant_storage other than uint8 (bnb_4bit_quant_storage): same bytes.
+            packed = packed.contiguous().view(torch.uint8)
+        if packed.numel() != (numel + 1) // 2:
+            raise ValueError(
+                f"{prefix}weight: expected {(numel + 1) // 2} packed bytes for shape {state.shape}, got {packed.numel()}"
+            )
+        qmap = sd.get(prefix + "weight.quant_map")
+        if qmap is not None and not torch.equal(qmap.float().cpu().reshape(-1), code_table(state.quant_type)):
+            raise ValueError(f"{prefix}weight.quant_map: not the standard {state.quant_type} table")
+        absmax = sd[prefix + "weight.absmax"]
+        if absmax.numel() != n_blocks:
+            raise ValueError(f"{prefix}weight.absmax: expected {n_blocks} block scales, got {absmax.numel()}")
+        dev = self.weight.device
+        self.weight = packed.reshape(-1, 1).to(dev, copy=True)
+        if state.nested_offset is not None:
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"{prefix}weight.absmax: double-quantized absmax must be uint8, got {absmax.dtype}")
+            self.nested = NestedAbsmax(
+                absmax.reshape(-1).to(dev, copy=True),
+                sd[prefix + "weight.nested_absmax"].float().reshape(-1).to(dev, copy=True),
+                sd[prefix + "weight.nested_quant_map"].float().reshape(-1).to(dev, copy=True),
+                state.nested_offset,
+            )
+            self.absmax = self.nested.decode()
+        else:
+            if not absmax.is_floating_point():
+                raise ValueError(f"{prefix}weight.absmax: expected float32 block scales, got {absmax.dtype}")
+            self.nested = None
+            self.absmax = absmax.float().reshape(-1).to(dev, copy=True)
+
+
+def parse_quant_state(state_dict: dict[str, torch.Tensor], prefix: str) -> QuantState:
+    """The quant_state record of ``prefix + 'weight'``; errors name the key."""
+    keys = [k for k in state_dict if k.startswith(prefix + "weight.quant_state.bitsandbytes__")]
+    if len(keys) != 1:
+        raise KeyError(
+            f"{prefix}weight: expected one '{prefix}weight.quant_state.bitsandbytes__nf4' or '__fp4' entry, "
+            f"found {keys or 'none'}"
+        )
+    state = QuantState.from_tensor(state_dict[keys[0]], keys[0])
+    if not keys[0].endswith(state.quant_type):
+        raise ValueError(f"{keys[0]}: the key says {keys[0].rsplit('__', 1)[1]} but the record says {state.quant_type}")
+    if state.nested_offset is not None:
+        for k in ("weight.nested_absmax", "weight.nested_quant_map"):
+            if prefix + k not in state_dict:
+                raise KeyError(f"{prefix}{k}: missing (the quant_state says the absmax is double-quantized)")
+    return state

@@ -1,0 +1,111 @@
+"""Builds pythia_native._C: the C++ CPU kernels always, the CUDA kernels when a
+CUDA toolkit and a CUDA build of torch are present.
+
+Environment:
+  PYTHIA_NATIVE_CUDA=0|1   force the CUDA part off / on (on fails loudly if it cannot build)
+  CUDA_HOME                the toolkit; default /usr/local/cuda. `nvcc` on PATH is not
+                           trusted: on some machines it is a wrapper script, and torch
+                           would derive a wrong CUDA_HOME from it.
+  TORCH_CUDA_ARCH_LIST     GPU architectures (default: DEFAULT_CUDA_ARCHS below when
+                           no GPU is visible, else torch's choice for the visible GPU)
+  MAX_JOBS                 parallel compile jobs (ninja)
+
+Sources are every *.cpp under csrc/ (files named *_cuda.cpp only with CUDA) and
+every *.cu under csrc/cuda/: there is no hand-kept list to drift from
+CMakeLists.txt, which globs the same folders.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return os.path.realpath("/usr/local/cuda")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # Only trust a real binary, not a wrapper script: resolve links and
+        # require a toolkit layout (include/cuda_runtime.h) next to it.
+        real = os.path.realpath(nvcc)
+        home = os.path.dirname(os.path.dirname(real))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+_cuda_home = _find_cuda_home()
+if _cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    flag = os.environ.get("PYTHIA_NATIVE_CUDA")
+    available = torch.version.cuda is not None and _cuda_home is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not available:
+            raise RuntimeError(
+                "PYTHIA_NATIVE_CUDA=1 but CUDA cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={_cuda_home!r} "
+                "(set CUDA_HOME to the toolkit, and install a CUDA build of torch)"
+            )
+        return True
+    return available
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def extension():
+    with_cuda = _want_cuda()
+    cpp = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
+    cpp = [p for p in cpp if with_cuda or not p.endswith("_cuda.cpp")]
+    cu = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) if with_cuda else []
+    # torch >= 2.12 headers need C++20; the torch-free .cu files stay C++17 (faster nvcc).
+    cxx_flags = ["-O3", "-std=c++20", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    define_macros = []
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        if not archs:
+            major, minor = torch.cuda.get_device_capability()
+            archs = f"{major}.{minor}"
+        define_macros += [("PN_WITH_CUDA", None), ("PN_CUDA_ARCHS", f'"{archs}"')]
+        return CUDAExtension(
+            "pythia_native._C",
+            cpp + cu,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
+            },
+        )
+    return CppExtension(
+        "pythia_native._C",
+        cpp,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
