@@ -172,7 +172,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const cpu::Isa isa = cpu::active_isa();
   at::Tensor xp;
   if (row_aligned) {
-    // x in the kernels' evens-then-odds chunk order (see cpu/gemm_4bit.cpp).
+    // x in the kernels' chunk order (see permute_k in cpu/gemm_4bit.cpp).
     xp = at::empty({M, k}, xf.options());
     const at::Tensor xs = xf.stride(-1) == 1 ? xf : xf.contiguous();
     const float* xs_p = xs.data_ptr<float>();

@@ -42,14 +42,14 @@ void quantize_4bit_blocks(const float* w, int64_t numel, int64_t blocksize, Quan
 void dequantize_4bit_range(const uint8_t* packed, const float* absmax, int64_t blocksize,
                            QuantType qt, int64_t e0, int64_t e1, float* out);
 
-// Elements per "chunk" of the active ISA's unpack: 32 (AVX-512), 16 (AVX2),
-// 2 (scalar). Within a chunk the kernels produce the even elements first and
-// then the odd ones (that is how nibbles unpack without a shuffle); callers
-// permute x the same way once per call instead (permute_k), which leaves
-// every dot product unchanged.
+// Elements per "chunk" of an ISA's unpack: 32 (AVX-512), 16 (AVX2), 2
+// (scalar). Within a chunk the vector kernels produce the weights in a fixed
+// scrambled order (that is how nibbles unpack without a shuffle, see
+// cpu/gemm_4bit.cpp); callers permute x the same way once per call instead
+// (permute_k), which leaves every dot product unchanged.
 int64_t chunk_elems(Isa isa);
 
-// xp[m, :] = x[m, :] with each chunk of K reordered evens-then-odds.
+// xp[m, :] = x[m, :] with each chunk of K in the kernels' weight order.
 // x: [M, K] with row stride ldx; xp: [M, K] contiguous. K % chunk_elems == 0.
 void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
 

@@ -8,18 +8,22 @@
 //           and a blend on bit 3 of the nibble.
 //   scalar  the portable fallback and the readable definition of the loops.
 //
-// Unpacking a 16-byte load (32 elements) gives the high nibbles (elements
-// 0, 2, 4, ...) in one register and the low nibbles (1, 3, 5, ...) in another.
-// Rather than shuffling the weights back into order, x is permuted once per
-// call into the same evens-then-odds order per chunk (permute_k); a dot
-// product does not care about the order of its terms.
+// Unpacking without shuffles: the 16 bytes of a chunk (32 weights) are
+// broadcast to every 128-bit lane by the load itself, and a per-lane variable
+// shift (vpsrlvd) moves a different nibble to the bottom of each 32-bit lane.
+// vpermps reads only the low 4 bits of an index, so the bits above need no
+// mask. The weights then sit in a fixed, scrambled order within the chunk
+// (chunk_source() below); x is permuted once per call into the same order
+// (permute_k), and a dot product does not care about the order of its terms.
+// Per 32 weights that leaves 2 shuffle-port uops (the two lookups) instead of
+// 3 with a vpmovzxbd widening.
 //
 // Napkin math, pythia-160m MLP (K=768, N=3072, M=1): 1.18 MB of packed weights
-// + 74 KB of absmax per call. One core streams ~15-20 GB/s from DRAM, so the
-// floor is ~70 us from memory; from L2/L3 the bound is vpermps throughput
-// (one per cycle on port 5: 2 per 32 elements) -> ~25 us at 3 GHz. Hence: no
-// per-element work other than unpack, lookup, scale and FMA, and enough
-// independent accumulators (4 per row of x) to hide the 4-cycle FMA latency.
+// + 74 KB of absmax per call. Measured here, one core reads ~100 GB/s from
+// L2/L3 (a 300 MB L3), so the weights arrive in ~12 us: the kernel is bound by
+// the shuffle port (vpermps, one per cycle: 2 per 32 weights) -> ~1.5 cycles
+// per 32 weights with the FMAs on the other port. Hence: no per-element work
+// other than shift, lookup and FMA; absmax applied once per quant block.
 // gcc 12's AVX-512 headers trip -Wuninitialized inside their own
 // _mm512_undefined_ps() (a known false positive in _mm512_reduce_add_ps).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -81,43 +85,61 @@ void dequantize_rows_scalar(const uint8_t* packed, const float* absmax, int64_t 
 
 #define PN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
-// 16 bytes at p -> the 32 weights of one chunk: even elements in *we, odd in
-// *wo, each code value times `scale`.
-PN_AVX512 inline void unpack32_avx512(const uint8_t* p, __m512 table, __m512 scale, __m512* we,
-                                      __m512* wo) {
-  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i hi = _mm512_srli_epi32(bytes, 4);
-  const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(0xF));
-  *we = _mm512_mul_ps(_mm512_permutexvar_ps(hi, table), scale);
-  *wo = _mm512_mul_ps(_mm512_permutexvar_ps(lo, table), scale);
+// 16 bytes at p -> the 32 code values of one chunk, in chunk_source() order:
+// lane i of *ca holds the high nibble of byte 4*(i%4) + i/4, lane i of *cb
+// its low nibble (element +1).
+PN_AVX512 inline void unpack32_avx512(const uint8_t* p, __m512 table, __m512* ca, __m512* cb) {
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i shift_a = _mm512_set_epi32(28, 28, 28, 28, 20, 20, 20, 20, 12, 12, 12, 12, 4, 4, 4, 4);
+  const __m512i shift_b = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16, 8, 8, 8, 8, 0, 0, 0, 0);
+  *ca = _mm512_permutexvar_ps(_mm512_srlv_epi32(bytes, shift_a), table);
+  *cb = _mm512_permutexvar_ps(_mm512_srlv_epi32(bytes, shift_b), table);
 }
 
-// One row of W against MT rows of xp. acc[m][0..1] take even chunks,
-// acc[m][2..3] odd chunks: four independent FMA chains per row of x.
-template <int MT>
-PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t* wrow,
-                                      const float* arow, int log2bs, __m512 table,
-                                      float* sums) {
-  __m512 acc[MT][4];
-  for (int m = 0; m < MT; ++m)
-    for (int s = 0; s < 4; ++s) acc[m][s] = _mm512_setzero_ps();
-  const int64_t nchunks = K / 32;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t k = c * 32;
-    const int slot = static_cast<int>(c & 1) * 2;
-    __m512 we, wo;
-    unpack32_avx512(wrow + k / 2, table, _mm512_set1_ps(arow[k >> log2bs]), &we, &wo);
-    for (int m = 0; m < MT; ++m) {
-      const float* xk = xp + m * K + k;
-      acc[m][slot] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xk), acc[m][slot]);
-      acc[m][slot + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xk + 16), acc[m][slot + 1]);
+// blk[m] (+)= codes of the chunk at k times xp[m, k : k + 32]. FIRST starts
+// the block's partial sums with a multiply. Template arguments keep the
+// accumulator arrays in registers.
+template <int MT, bool FIRST>
+PN_AVX512 __attribute__((always_inline)) inline void chunk_avx512(
+    const float* xp, int64_t K, int64_t k, const uint8_t* wrow, __m512 table,
+    __m512 (&blk)[MT][2]) {
+  __m512 ce, co;
+  unpack32_avx512(wrow + k / 2, table, &ce, &co);
+  for (int m = 0; m < MT; ++m) {
+    const float* xk = xp + m * K + k;
+    if (FIRST) {
+      blk[m][0] = _mm512_mul_ps(ce, _mm512_loadu_ps(xk));
+      blk[m][1] = _mm512_mul_ps(co, _mm512_loadu_ps(xk + 16));
+    } else {
+      blk[m][0] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xk), blk[m][0]);
+      blk[m][1] = _mm512_fmadd_ps(co, _mm512_loadu_ps(xk + 16), blk[m][1]);
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
-                                   _mm512_add_ps(acc[m][2], acc[m][3]));
-    sums[m] = _mm512_reduce_add_ps(t);
+}
+
+// One row of W against MT rows of xp. Per quant block: sum code * x over the
+// block, then one FMA by absmax into the running total -- the scale costs one
+// instruction per block instead of one per chunk. Per 32 weights this is one
+// widen + two vpermps (port 5) and one shift + 2*MT FMAs (port 0).
+template <int MT>
+PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t* wrow,
+                                      const float* arow, int64_t bs, __m512 table,
+                                      float* sums) {
+  __m512 tot[MT][2];
+  for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
+    __m512 blk[MT][2];
+    chunk_avx512<MT, true>(xp, K, k0, wrow, table, blk);
+    for (int64_t k = k0 + 32; k < k0 + bs; k += 32) {
+      chunk_avx512<MT, false>(xp, K, k, wrow, table, blk);
+    }
+    const __m512 scale = _mm512_set1_ps(arow[b]);
+    for (int m = 0; m < MT; ++m) {
+      tot[m][0] = _mm512_fmadd_ps(blk[m][0], scale, tot[m][0]);
+      tot[m][1] = _mm512_fmadd_ps(blk[m][1], scale, tot[m][1]);
+    }
   }
+  for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]));
 }
 
 template <int MT>
@@ -126,10 +148,9 @@ PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* pa
                                    const float* bias, int64_t n0, int64_t n1, float* y,
                                    int64_t ldy) {
   const __m512 table = _mm512_loadu_ps(code_table(qt));
-  const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
   float sums[MT];
   for (int64_t n = n0; n < n1; ++n) {
-    gemv_row_avx512<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), log2bs, table, sums);
+    gemv_row_avx512<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, table, sums);
     const float b = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + b;
   }
@@ -145,10 +166,11 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
     const float* arow = absmax + n * (K / bs);
     float* o = out + (n - n0) * K;
     for (int64_t k = 0; k < K; k += 32) {
-      __m512 we, wo;
-      unpack32_avx512(wrow + k / 2, table, _mm512_set1_ps(arow[k >> log2bs]), &we, &wo);
-      _mm512_storeu_ps(o + k, we);
-      _mm512_storeu_ps(o + k + 16, wo);
+      const __m512 scale = _mm512_set1_ps(arow[k >> log2bs]);
+      __m512 ce, co;
+      unpack32_avx512(wrow + k / 2, table, &ce, &co);
+      _mm512_storeu_ps(o + k, _mm512_mul_ps(ce, scale));
+      _mm512_storeu_ps(o + k + 16, _mm512_mul_ps(co, scale));
     }
   }
 }
@@ -165,15 +187,19 @@ PN_AVX2 inline __m256 lookup8_avx2(__m256i idx, __m256 tlo, __m256 thi) {
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-// 8 bytes at p -> 16 weights: evens in *we, odds in *wo, times scale.
-PN_AVX2 inline void unpack16_avx2(const uint8_t* p, __m256 tlo, __m256 thi, __m256 scale,
-                                  __m256* we, __m256* wo) {
-  const __m256i bytes =
-      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m256i hi = _mm256_srli_epi32(bytes, 4);
-  const __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi32(0xF));
-  *we = _mm256_mul_ps(lookup8_avx2(hi, tlo, thi), scale);
-  *wo = _mm256_mul_ps(lookup8_avx2(lo, tlo, thi), scale);
+// 8 bytes at p -> 16 code values in chunk_source() order: lane i of *ca the
+// high nibble of byte 4*(i%2) + i/2, *cb its low nibble. The lookup reads bits
+// 0-2 (vpermps) and bit 3 (shifted to the sign for blendv) of each index, so
+// the garbage above the nibble needs no mask.
+PN_AVX2 inline void unpack16_avx2(const uint8_t* p, __m256 tlo, __m256 thi, __m256* ca,
+                                  __m256* cb) {
+  int64_t word;
+  __builtin_memcpy(&word, p, 8);
+  const __m256i bytes = _mm256_set1_epi64x(word);
+  const __m256i shift_a = _mm256_set_epi32(28, 28, 20, 20, 12, 12, 4, 4);
+  const __m256i shift_b = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);
+  *ca = lookup8_avx2(_mm256_srlv_epi32(bytes, shift_a), tlo, thi);
+  *cb = lookup8_avx2(_mm256_srlv_epi32(bytes, shift_b), tlo, thi);
 }
 
 PN_AVX2 inline float hsum_avx2(__m256 v) {
@@ -183,29 +209,44 @@ PN_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <int MT>
-PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wrow,
-                                  const float* arow, int log2bs, __m256 tlo, __m256 thi,
-                                  float* sums) {
-  __m256 acc[MT][4];
-  for (int m = 0; m < MT; ++m)
-    for (int s = 0; s < 4; ++s) acc[m][s] = _mm256_setzero_ps();
-  const int64_t nchunks = K / 16;
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t k = c * 16;
-    const int slot = static_cast<int>(c & 1) * 2;
-    __m256 we, wo;
-    unpack16_avx2(wrow + k / 2, tlo, thi, _mm256_set1_ps(arow[k >> log2bs]), &we, &wo);
-    for (int m = 0; m < MT; ++m) {
-      const float* xk = xp + m * K + k;
-      acc[m][slot] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xk), acc[m][slot]);
-      acc[m][slot + 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xk + 8), acc[m][slot + 1]);
+template <int MT, bool FIRST>
+PN_AVX2 __attribute__((always_inline)) inline void chunk_avx2(
+    const float* xp, int64_t K, int64_t k, const uint8_t* wrow, __m256 tlo, __m256 thi,
+    __m256 (&blk)[MT][2]) {
+  __m256 ce, co;
+  unpack16_avx2(wrow + k / 2, tlo, thi, &ce, &co);
+  for (int m = 0; m < MT; ++m) {
+    const float* xk = xp + m * K + k;
+    if (FIRST) {
+      blk[m][0] = _mm256_mul_ps(ce, _mm256_loadu_ps(xk));
+      blk[m][1] = _mm256_mul_ps(co, _mm256_loadu_ps(xk + 8));
+    } else {
+      blk[m][0] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xk), blk[m][0]);
+      blk[m][1] = _mm256_fmadd_ps(co, _mm256_loadu_ps(xk + 8), blk[m][1]);
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    sums[m] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]),
-                                      _mm256_add_ps(acc[m][2], acc[m][3])));
+}
+
+// As gemv_row_avx512, 16 weights per chunk.
+template <int MT>
+PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wrow,
+                                  const float* arow, int64_t bs, __m256 tlo, __m256 thi,
+                                  float* sums) {
+  __m256 tot[MT][2];
+  for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
+    __m256 blk[MT][2];
+    chunk_avx2<MT, true>(xp, K, k0, wrow, tlo, thi, blk);
+    for (int64_t k = k0 + 16; k < k0 + bs; k += 16) {
+      chunk_avx2<MT, false>(xp, K, k, wrow, tlo, thi, blk);
+    }
+    const __m256 scale = _mm256_set1_ps(arow[b]);
+    for (int m = 0; m < MT; ++m) {
+      tot[m][0] = _mm256_fmadd_ps(blk[m][0], scale, tot[m][0]);
+      tot[m][1] = _mm256_fmadd_ps(blk[m][1], scale, tot[m][1]);
+    }
   }
+  for (int m = 0; m < MT; ++m) sums[m] = hsum_avx2(_mm256_add_ps(tot[m][0], tot[m][1]));
 }
 
 template <int MT>
@@ -214,11 +255,9 @@ PN_AVX2 void gemv_rows_avx2_mt(const float* xp, int64_t K, const uint8_t* packed
                                int64_t n0, int64_t n1, float* y, int64_t ldy) {
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
-  const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
   float sums[MT];
   for (int64_t n = n0; n < n1; ++n) {
-    gemv_row_avx2<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), log2bs, tlo, thi,
-                      sums);
+    gemv_row_avx2<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, tlo, thi, sums);
     const float b = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + b;
   }
@@ -234,10 +273,11 @@ PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, in
     const float* arow = absmax + n * (K / bs);
     float* o = out + (n - n0) * K;
     for (int64_t k = 0; k < K; k += 16) {
-      __m256 we, wo;
-      unpack16_avx2(wrow + k / 2, tlo, thi, _mm256_set1_ps(arow[k >> log2bs]), &we, &wo);
-      _mm256_storeu_ps(o + k, we);
-      _mm256_storeu_ps(o + k + 8, wo);
+      const __m256 scale = _mm256_set1_ps(arow[k >> log2bs]);
+      __m256 ce, co;
+      unpack16_avx2(wrow + k / 2, tlo, thi, &ce, &co);
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(ce, scale));
+      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(co, scale));
     }
   }
 }
@@ -278,17 +318,30 @@ struct Avx2Rows {
 
 }  // namespace
 
+// Position i of a chunk holds weight chunk_source(i) of the chunk: the first
+// half the high nibbles, the second half the low nibbles, with `dwords`
+// 32-bit words per 128 bits of unpacked lanes (see unpack32_avx512 and
+// unpack16_avx2; the scalar kernel keeps natural order).
+static int64_t chunk_source(Isa isa, int64_t i) {
+  const int64_t half = chunk_elems(isa) / 2;
+  const int64_t lane = i % half;
+  const int64_t low = i / half;  // 0: high nibble (even element), 1: low nibble
+  switch (isa) {
+    case Isa::AVX512: return 8 * (lane % 4) + 2 * (lane / 4) + low;
+    case Isa::AVX2: return 8 * (lane % 2) + 2 * (lane / 2) + low;
+    default: return i;
+  }
+}
+
 void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
   const int64_t C = chunk_elems(isa);
-  const int64_t half = C / 2;
+  int64_t src[32];
+  for (int64_t i = 0; i < C; ++i) src[i] = chunk_source(isa, i);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     float* o = xp + m * K;
     for (int64_t c = 0; c < K; c += C) {
-      for (int64_t i = 0; i < half; ++i) {
-        o[c + i] = xr[c + 2 * i];
-        o[c + half + i] = xr[c + 2 * i + 1];
-      }
+      for (int64_t i = 0; i < C; ++i) o[c + i] = xr[c + src[i]];
     }
   }
 }
