@@ -170,6 +170,20 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
 
   const bool row_aligned = k % blocksize == 0;
   const cpu::Isa isa = cpu::active_isa();
+  if (row_aligned && M <= kCpuGemvMaxM && isa == cpu::Isa::AVX512_BF16 &&
+      x.scalar_type() == at::kBFloat16) {
+    // bf16 activations: multiply in bf16 (vdpbf16ps), accumulate in float32.
+    const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
+    at::Tensor xp16 = at::empty({M, k}, xs.options());
+    const auto* xs_p = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
+    auto* xp_p = reinterpret_cast<uint16_t*>(xp16.data_ptr<at::BFloat16>());
+    cpu::permute_k_bf16(xs_p, M, k, xs.stride(0), xp_p);
+    float* y_p = y.data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      cpu::gemv_4bit_rows_bf16(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, n);
+    });
+    return y.to(x.scalar_type()).view(out_shape);
+  }
   at::Tensor xp;
   if (row_aligned) {
     // x in the kernels' chunk order (see permute_k in cpu/gemm_4bit.cpp).
@@ -293,7 +307,8 @@ PYBIND11_MODULE(_C, mod) {
     info["cuda_archs"] = std::string(PN_CUDA_ARCHS);
     info["cpu_isa_best"] = std::string(cpu::isa_name(cpu::best_isa()));
     info["cpu_isa_active"] = std::string(cpu::isa_name(cpu::active_isa()));
-    info["cpu_isas_compiled"] = std::vector<std::string>{"scalar", "avx2", "avx512"};
+    info["cpu_isas_compiled"] =
+        std::vector<std::string>{"scalar", "avx2", "avx512", "avx512_bf16"};
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen.");
   mod.def("code_table", [](const std::string& quant_type) {
@@ -304,12 +319,13 @@ PYBIND11_MODULE(_C, mod) {
           "The ISA the CPU kernels use now.");
   mod.def("set_cpu_isa", [](const std::string& name) {
     cpu::Isa isa;
-    if (name == "avx512") isa = cpu::Isa::AVX512;
+    if (name == "avx512_bf16") isa = cpu::Isa::AVX512_BF16;
+    else if (name == "avx512") isa = cpu::Isa::AVX512;
     else if (name == "avx2") isa = cpu::Isa::AVX2;
     else if (name == "scalar") isa = cpu::Isa::Scalar;
     else if (name == "auto") isa = cpu::best_isa();
-    else throw std::invalid_argument("set_cpu_isa: expected 'avx512', 'avx2', 'scalar' or "
-                                     "'auto', got '" + name + "'");
+    else throw std::invalid_argument("set_cpu_isa: expected 'avx512_bf16', 'avx512', 'avx2', "
+                                     "'scalar' or 'auto', got '" + name + "'");
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
      "benchmarks.");

@@ -4,6 +4,9 @@
 // Versions (chosen at run time by cpu::active_isa()):
 //   avx512  16 floats per register; one vpermps looks a nibble up in the whole
 //           16-entry code table held in one zmm register.
+//   avx512_bf16  bf16 activations only: 32 bf16 lanes per register, one
+//           vpsrlvw + one vpermw + one vdpbf16ps per 32 weights (3 uops where
+//           the float32 kernel needs 7); codes rounded to bf16.
 //   avx2    8 floats per register; two vpermps (low/high half of the table)
 //           and a blend on bit 3 of the nibble.
 //   scalar  the portable fallback and the readable definition of the loops.
@@ -96,43 +99,48 @@ PN_AVX512 inline void unpack32_avx512(const uint8_t* p, __m512 table, __m512* ca
   *cb = _mm512_permutexvar_ps(_mm512_srlv_epi32(bytes, shift_b), table);
 }
 
-// blk[m] (+)= codes of the chunk at k times xp[m, k : k + 32]. FIRST starts
-// the block's partial sums with a multiply. Template arguments keep the
-// accumulator arrays in registers.
+// blk[m] (+)= codes of the chunk at w (16 bytes) times x[m * K : + 32].
+// FIRST starts the block's partial sums with a multiply. Template arguments
+// keep the accumulator arrays in registers.
 template <int MT, bool FIRST>
 PN_AVX512 __attribute__((always_inline)) inline void chunk_avx512(
-    const float* xp, int64_t K, int64_t k, const uint8_t* wrow, __m512 table,
-    __m512 (&blk)[MT][2]) {
-  __m512 ce, co;
-  unpack32_avx512(wrow + k / 2, table, &ce, &co);
+    const float* x, int64_t K, const uint8_t* w, __m512 table, __m512 (&blk)[MT][2]) {
+  __m512 ca, cb;
+  unpack32_avx512(w, table, &ca, &cb);
   for (int m = 0; m < MT; ++m) {
-    const float* xk = xp + m * K + k;
+    const float* xk = x + m * K;
     if (FIRST) {
-      blk[m][0] = _mm512_mul_ps(ce, _mm512_loadu_ps(xk));
-      blk[m][1] = _mm512_mul_ps(co, _mm512_loadu_ps(xk + 16));
+      blk[m][0] = _mm512_mul_ps(ca, _mm512_loadu_ps(xk));
+      blk[m][1] = _mm512_mul_ps(cb, _mm512_loadu_ps(xk + 16));
     } else {
-      blk[m][0] = _mm512_fmadd_ps(ce, _mm512_loadu_ps(xk), blk[m][0]);
-      blk[m][1] = _mm512_fmadd_ps(co, _mm512_loadu_ps(xk + 16), blk[m][1]);
+      blk[m][0] = _mm512_fmadd_ps(ca, _mm512_loadu_ps(xk), blk[m][0]);
+      blk[m][1] = _mm512_fmadd_ps(cb, _mm512_loadu_ps(xk + 16), blk[m][1]);
     }
   }
 }
 
 // One row of W against MT rows of xp. Per quant block: sum code * x over the
-// block, then one FMA by absmax into the running total -- the scale costs one
-// instruction per block instead of one per chunk. Per 32 weights this is one
-// widen + two vpermps (port 5) and one shift + 2*MT FMAs (port 0).
-template <int MT>
+// block, then one FMA by absmax into the running total (the scale costs one
+// instruction per block, not per chunk). CPB = chunks per block when known at
+// compile time (2 for blocksize 64, every published checkpoint), 0 = runtime:
+// the loop is then straight-line code with pointer bumps, because at ~10
+// instructions per 32 weights the scalar index arithmetic is not free.
+template <int MT, int CPB>
 PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t* wrow,
                                       const float* arow, int64_t bs, __m512 table,
                                       float* sums) {
   __m512 tot[MT][2];
   for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
-  for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
+  const int64_t cpb = CPB > 0 ? CPB : bs / 32;
+  const int64_t nb = K / bs;
+  const uint8_t* w = wrow;
+  const float* x = xp;
+  for (int64_t b = 0; b < nb; ++b) {
     __m512 blk[MT][2];
-    chunk_avx512<MT, true>(xp, K, k0, wrow, table, blk);
-    for (int64_t k = k0 + 32; k < k0 + bs; k += 32) {
-      chunk_avx512<MT, false>(xp, K, k, wrow, table, blk);
-    }
+    chunk_avx512<MT, true>(x, K, w, table, blk);
+    w += 16;
+    x += 32;
+    for (int64_t c = 1; c < cpb; ++c, w += 16, x += 32) chunk_avx512<MT, false>(x, K, w, table, blk);
     const __m512 scale = _mm512_set1_ps(arow[b]);
     for (int m = 0; m < MT; ++m) {
       tot[m][0] = _mm512_fmadd_ps(blk[m][0], scale, tot[m][0]);
@@ -150,7 +158,13 @@ PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* pa
   const __m512 table = _mm512_loadu_ps(code_table(qt));
   float sums[MT];
   for (int64_t n = n0; n < n1; ++n) {
-    gemv_row_avx512<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, table, sums);
+    const uint8_t* wrow = packed + n * (K / 2);
+    const float* arow = absmax + n * (K / bs);
+    if (bs == 64) {
+      gemv_row_avx512<MT, 2>(xp, K, wrow, arow, bs, table, sums);
+    } else {
+      gemv_row_avx512<MT, 0>(xp, K, wrow, arow, bs, table, sums);
+    }
     const float b = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + b;
   }
@@ -174,6 +188,90 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
     }
   }
 }
+
+// ------------------------------------------------------------ AVX512-BF16 ---
+
+#define PN_AVX512BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// float32 -> bf16 bits, round to nearest even (the code values are finite).
+inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// 16 bytes at p -> 32 bf16 code values. The bytes are broadcast to the four
+// 128-bit lanes (8 words each); word lane i shifts word i%8 right by
+// 4*(i/8), bringing one of its four nibbles to the bottom. vpermw reads the
+// low 5 index bits, so the table is stored twice (entries 16-31 = 0-15) and
+// bit 4 (the next nibble's bit) does not matter. Lane i holds element
+// 4*(i%8) + {1, 0, 3, 2}[i/8] of the chunk (see chunk_source_bf16).
+PN_AVX512BF16 inline __m512i unpack32_bf16(const uint8_t* p, __m512i table) {
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i shifts = _mm512_set_epi16(12, 12, 12, 12, 12, 12, 12, 12, 8, 8, 8, 8, 8, 8, 8, 8,
+                                          4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_epi16(_mm512_srlv_epi16(bytes, shifts), table);
+}
+
+template <int MT, int CPB>
+PN_AVX512BF16 inline void gemv_row_bf16(const uint16_t* xp, int64_t K, const uint8_t* wrow,
+                                        const float* arow, int64_t bs, __m512i table,
+                                        float* sums) {
+  __m512 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+  const int64_t cpb = CPB > 0 ? CPB : bs / 32;
+  const int64_t nb = K / bs;
+  const uint8_t* w = wrow;
+  const uint16_t* x = xp;
+  for (int64_t b = 0; b < nb; ++b) {
+    // Per quant block: bf16 products summed in float32 (vdpbf16ps), then one
+    // FMA by the block's absmax.
+    __m512 blk[MT];
+    for (int m = 0; m < MT; ++m) blk[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cpb; ++c, w += 16, x += 32) {
+      const __m512bh wv = (__m512bh)unpack32_bf16(w, table);
+      for (int m = 0; m < MT; ++m) {
+        blk[m] = _mm512_dpbf16_ps(blk[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K));
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(arow[b]);
+    for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(blk[m], scale, tot[m]);
+  }
+  for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(tot[m]);
+}
+
+template <int MT>
+PN_AVX512BF16 void gemv_rows_bf16_mt(const uint16_t* xp, int64_t K, const uint8_t* packed,
+                                     const float* absmax, int64_t bs, QuantType qt,
+                                     const float* bias, int64_t n0, int64_t n1, float* y,
+                                     int64_t ldy) {
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; ++i) tab[i] = bf16_bits(code_table(qt)[i % 16]);
+  const __m512i table = _mm512_load_si512(tab);
+  float sums[MT];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = packed + n * (K / 2);
+    const float* arow = absmax + n * (K / bs);
+    if (bs == 64) {
+      gemv_row_bf16<MT, 2>(xp, K, wrow, arow, bs, table, sums);
+    } else {
+      gemv_row_bf16<MT, 0>(xp, K, wrow, arow, bs, table, sums);
+    }
+    const float bn = bias ? bias[n] : 0.0f;
+    for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + bn;
+  }
+}
+
+template <int MT>
+struct Bf16Rows {
+  static void run(const uint16_t* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
+                  QuantType qt, const float* bias, int64_t n0, int64_t n1, float* y,
+                  int64_t ldy) {
+    gemv_rows_bf16_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ldy);
+  }
+};
 
 // ------------------------------------------------------------------- AVX2 ---
 
@@ -284,10 +382,10 @@ PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, in
 
 // Rows of x are taken in groups of at most 4 (kept in registers while one row
 // of W is unpacked); a group of MT rows calls the MT instantiation.
-template <template <int> class Fn, typename... Args>
-void for_m_groups(int64_t M, const float* xp, int64_t K, float* y, int64_t ldy, Args... args) {
+template <template <int> class Fn, typename X, typename... Args>
+void for_m_groups(int64_t M, const X* xp, int64_t K, float* y, int64_t ldy, Args... args) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* x = xp + m0 * K;
+    const X* x = xp + m0 * K;
     float* yo = y + m0 * ldy;
     switch (std::min<int64_t>(4, M - m0)) {
       case 4: Fn<4>::run(x, K, args..., yo, ldy); break;
@@ -327,7 +425,8 @@ static int64_t chunk_source(Isa isa, int64_t i) {
   const int64_t lane = i % half;
   const int64_t low = i / half;  // 0: high nibble (even element), 1: low nibble
   switch (isa) {
-    case Isa::AVX512: return 8 * (lane % 4) + 2 * (lane / 4) + low;
+    case Isa::AVX512:
+    case Isa::AVX512_BF16: return 8 * (lane % 4) + 2 * (lane / 4) + low;
     case Isa::AVX2: return 8 * (lane % 2) + 2 * (lane / 2) + low;
     default: return i;
   }
@@ -346,10 +445,35 @@ void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float
   }
 }
 
+// Lane i of the bf16 unpack holds element 4*(i%8) + {1, 0, 3, 2}[i/8].
+static int64_t chunk_source_bf16(int64_t i) {
+  static constexpr int64_t kNibble[4] = {1, 0, 3, 2};
+  return 4 * (i % 8) + kNibble[i / 8];
+}
+
+void permute_k_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xp) {
+  int64_t src[32];
+  for (int64_t i = 0; i < 32; ++i) src[i] = chunk_source_bf16(i);
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * ldx;
+    uint16_t* o = xp + m * K;
+    for (int64_t c = 0; c < K; c += 32) {
+      for (int64_t i = 0; i < 32; ++i) o[c + i] = xr[c + src[i]];
+    }
+  }
+}
+
+void gemv_4bit_rows_bf16(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* packed,
+                         const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
+                         int64_t n0, int64_t n1, float* y, int64_t ldy) {
+  for_m_groups<Bf16Rows>(M, xp, K, y, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
+}
+
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, float* y, int64_t ldy, Isa isa) {
   switch (isa) {
+    case Isa::AVX512_BF16:
     case Isa::AVX512:
       for_m_groups<Avx512Rows>(M, xp, K, y, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
       break;
@@ -365,6 +489,7 @@ void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_
                               int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
                               float* out, Isa isa) {
   switch (isa) {
+    case Isa::AVX512_BF16:
     case Isa::AVX512: dequantize_rows_avx512(packed, absmax, K, blocksize, qt, n0, n1, out); break;
     case Isa::AVX2: dequantize_rows_avx2(packed, absmax, K, blocksize, qt, n0, n1, out); break;
     default: dequantize_rows_scalar(packed, absmax, K, blocksize, qt, n0, n1, out);
