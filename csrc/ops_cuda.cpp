@@ -9,7 +9,9 @@
 //     (prefill is compute-bound, and tensor-core GEMM beats any decode-fused
 //     kernel we have; the transient [N, K] buffer comes from torch's caching
 //     allocator).
-#include <ATen/cuda/CUDAContext.h>
+// c10/cuda only: ATen/cuda/CUDAContext.h would drag in cuBLAS/cuSPARSE headers
+// that a bare toolkit (nvcc alone) does not ship.
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ops.h"
@@ -22,7 +24,7 @@ void check_launch(int status, const char* what) {
               cudaGetErrorString(static_cast<cudaError_t>(status)));
 }
 
-void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& weight, int64_t blocksize,
                                                       const std::string& quant_type) {

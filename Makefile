@@ -1,0 +1,52 @@
+# One command for the tests (`make test`), from a fresh clone:
+#   creates .venv if missing, installs the dependencies (torch 2.14.1 with CUDA
+#   13.0 so the CUDA kernels compile even without a GPU, plus the test extras:
+#   pytest, bitsandbytes and transformers as oracles), builds the extension
+#   incrementally (ninja), builds and runs the native C++ kernel tests, then
+#   runs pytest. CUDA tests run when a GPU is visible and skip otherwise.
+#
+# Environment: PYTHON (interpreter for the venv, default python3),
+# TORCH_SPEC (default torch==2.14.1), PYTHIA_NATIVE_CUDA=0|1 (see setup.py),
+# MAX_JOBS (compile jobs), PYTEST_ARGS (extra pytest arguments).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+.PHONY: test build native-test bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Dependencies, reinstalled when pyproject.toml or this file changes.
+$(VENV)/.deps: pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install numpy "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
+	    "pytest>=8" expecttest "bitsandbytes>=0.45" "transformers>=4.45"
+	touch $@
+
+# Incremental: ninja recompiles only what changed (build/ keeps the objects).
+build: $(VENV)/.deps
+	$(PY) setup.py -q build_ext --inplace
+
+native-test: $(VENV)/.deps
+	cmake -S . -B build-native -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake --build build-native
+	ctest --test-dir build-native --output-on-failure
+
+test: build native-test
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Registers the package (and, later, its command line) in the venv.
+install: $(VENV)/.deps
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+
+# The gemm_4bit benchmark against bitsandbytes and dense torch (CPU, 1 and 2 threads).
+bench: build
+	$(PY) benchmarks/bench_gemm_4bit.py --device cpu --threads 1 2 --out benchmarks/results/gemm_4bit_cpu.md
+
+clean:
+	rm -rf build build-native pythia_native/_C*.so

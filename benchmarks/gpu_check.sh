@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine: build the CUDA extension, run the
+# CUDA tests and the full test suite, then benchmark gemm_4bit on the GPU.
+#
+#   bash benchmarks/gpu_check.sh                  # every stage
+#   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench
+#
+# Expects the machine's own python with torch (CUDA build), nvcc, ninja,
+# pytest and transformers; no network. bitsandbytes (the benchmark's peer) is
+# installed from .wheels/bitsandbytes-*.whl when the repo carries one.
+# Results and logs go to $OUT (default benchmarks/results). A failing test
+# stage is reported but does not stop the benchmark; a failing build does.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+OUT="${OUT:-$REPO/benchmarks/results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench)
+
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHIA_NATIVE_CUDA=1
+[ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+export PIP_BREAK_SYSTEM_PACKAGES=1  # the machine's own python may be "externally managed"
+export PYTHONUNBUFFERED=1
+
+SUMMARY=()
+T_ALL=$SECONDS
+
+want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+# stage NAME CMD...: run CMD, log to $OUT/NAME.log, record time and outcome.
+# STAGE_TIMEOUT=seconds bounds each stage (exit 124 = timed out). pytest's exit
+# status 5 (nothing collected) counts as "no tests", not as a failure.
+# QUIET=1 keeps the output in the log only and shows its last 40 lines.
+stage() {
+  local name="$1"; shift
+  local t0=$SECONDS rc=0
+  local cmd=("$@")
+  [ -n "${STAGE_TIMEOUT:-}" ] && cmd=(timeout "$STAGE_TIMEOUT" "${cmd[@]}")
+  echo
+  echo "=== [$name] $(date +%T): $*"
+  if [ "${QUIET:-0}" = 1 ]; then
+    "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
+    tail -n 40 "$OUT/$name.log"
+  else
+    "${cmd[@]}" 2>&1 | tee "$OUT/$name.log" || rc=${PIPESTATUS[0]}
+  fi
+  local dt=$((SECONDS - t0)) verdict="ok"
+  if [ "$rc" -eq 5 ] && [[ "$name" == *tests* ]]; then verdict="no tests collected"
+  elif [ "$rc" -eq 124 ]; then verdict="TIMED OUT"
+  elif [ "$rc" -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
+  echo "=== [$name] $verdict in ${dt} s"
+  SUMMARY+=("$(printf '%-12s %-20s %5d s' "$name" "$verdict" "$dt")")
+  [ "$verdict" = "ok" ] || [ "$verdict" = "no tests collected" ]
+}
+
+echo "=== pythia-native gpu_check: $(date -Is) on $(hostname)"
+echo "repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')), OUT=$OUT, python=$PY"
+echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset} PYTHIA_NATIVE_CUDA=1"
+nvidia-smi || echo "nvidia-smi: not available"
+command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not on PATH"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+
+if want install; then
+  shopt -s nullglob
+  wheels=(.wheels/bitsandbytes-*.whl)
+  shopt -u nullglob
+  if [ ${#wheels[@]} -gt 0 ]; then
+    stage bnb-wheel "$PY" -m pip install --no-deps --no-index "${wheels[@]}" \
+      || echo "bitsandbytes wheel did not install: the benchmark runs without its peers"
+  else
+    echo "no .wheels/bitsandbytes-*.whl: the benchmark's bitsandbytes columns will read n/a unless it is installed"
+  fi
+  if ! QUIET=1 stage install "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
+    echo "BUILD FAILED: see $OUT/install.log"
+    printf '%s\n' "${SUMMARY[@]}"
+    exit 1
+  fi
+fi
+
+stage build-info "$PY" -c "import pythia_native, torch; print(pythia_native.build_info()); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" \
+  || { echo "IMPORT FAILED: pythia_native does not load"; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+
+if want cuda-tests; then
+  stage cuda-tests "$PY" -m pytest -x -q tests -m cuda || echo "TESTS FAILED (cuda)"
+fi
+if want tests; then
+  stage tests "$PY" -m pytest -q tests || echo "TESTS FAILED (full suite)"
+fi
+if want bench; then
+  stage bench "$PY" benchmarks/bench_gemm_4bit.py --device cuda --out "$OUT/gemm_4bit_cuda.md" \
+    || echo "BENCHMARK FAILED"
+fi
+
+# Results written elsewhere (an earlier run into benchmarks/results) travel with $OUT too.
+if [ "$(cd "$OUT" && pwd)" != "$REPO/benchmarks/results" ]; then
+  for f in "$REPO"/benchmarks/results/*.md; do
+    [ -e "$f" ] && [ ! -e "$OUT/$(basename "$f")" ] && cp "$f" "$OUT/"
+  done
+fi
+
+echo
+echo "=== summary ($((SECONDS - T_ALL)) s in all; logs and results in $OUT)"
+printf '%s\n' "${SUMMARY[@]}"
+if [ -f "$OUT/gemm_4bit_cuda.md" ]; then
+  echo
+  echo "--- gemm_4bit_cuda.md (summary) ---"
+  sed -n '/^Summary:/,$p' "$OUT/gemm_4bit_cuda.md"
+fi
+# Non-zero when any stage failed (after everything that could run has run).
+! printf '%s\n' "${SUMMARY[@]}" | grep -q -e FAILED -e "TIMED OUT"

@@ -1,0 +1,567 @@
+// Native tests of the torch-free CPU kernels (csrc/common/kernels.h,
+// csrc/cpu/*.cpp), built by CMakeLists.txt and run by ctest.
+//
+// Every kernel is checked against a naive reference, once for each instruction
+// set the CPU supports (best_isa() and every lower one). No test framework:
+// CHECK counts results and prints each failure with its values; the last line
+// is "N passed, M failed" and the exit status is non-zero on any failure.
+//
+// Element-wise comparisons look for the first bad element and then make ONE
+// check of it, so the counts are per case rather than per element.
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/kernels.h"
+
+namespace pn = pythia_native;
+namespace cpu = pythia_native::cpu;
+using pn::QuantType;
+using cpu::Isa;
+
+namespace {
+
+int64_t g_passed = 0;
+int64_t g_failed = 0;
+constexpr int64_t kMaxReportedFailures = 100;
+std::string g_ctx;  // what is being tested, printed with each failure
+double g_worst_rel = 0.0, g_worst_rel_cond = 0.0;  // gemv error statistics, per ISA
+
+void report_failure(const char* file, int line, const char* cond, const char* fmt, ...) {
+  ++g_failed;
+  if (g_failed > kMaxReportedFailures) {
+    if (g_failed == kMaxReportedFailures + 1) std::printf("(further failures not shown)\n");
+    return;
+  }
+  std::printf("FAIL %s:%d [%s] %s: ", file, line, g_ctx.c_str(), cond);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vprintf(fmt, ap);
+  va_end(ap);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+// CHECK(cond, printf-format, values...): the values are evaluated only on failure.
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (cond) {                                                       \
+      ++g_passed;                                                     \
+    } else {                                                          \
+      report_failure(__FILE__, __LINE__, #cond, __VA_ARGS__);         \
+    }                                                                 \
+  } while (0)
+
+const char* qt_name(QuantType qt) { return qt == QuantType::NF4 ? "nf4" : "fp4"; }
+
+std::string fmt(const char* f, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, f);
+  std::vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+long long ll(int64_t v) { return static_cast<long long>(v); }
+
+bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
+
+std::vector<float> normal_vec(std::mt19937& rng, int64_t n, float stddev = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+uint8_t nibble(const uint8_t* packed, int64_t e) {
+  const uint8_t b = packed[e >> 1];
+  return (e & 1) ? (b & 0xF) : (b >> 4);
+}
+
+// Index of the code value nearest 0.0 (the pad of an odd numel).
+int zero_code_index(QuantType qt) {
+  const float* code = pn::code_table(qt);
+  int best = 0;
+  for (int j = 1; j < 16; ++j) {
+    if (std::fabs(code[j]) < std::fabs(code[best])) best = j;
+  }
+  return best;
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (int i = static_cast<int>(cpu::best_isa()); i >= 0; --i) out.push_back(static_cast<Isa>(i));
+  return out;
+}
+
+// ------------------------------------------------------------ ISA control ---
+
+void test_isa_control() {
+  g_ctx = "isa control";
+  const Isa best = cpu::best_isa();
+  std::printf("best_isa = %s\n", cpu::isa_name(best));
+  CHECK(cpu::chunk_elems(Isa::AVX512) == 32, "got %lld", ll(cpu::chunk_elems(Isa::AVX512)));
+  CHECK(cpu::chunk_elems(Isa::AVX2) == 16, "got %lld", ll(cpu::chunk_elems(Isa::AVX2)));
+  CHECK(cpu::chunk_elems(Isa::Scalar) == 2, "got %lld", ll(cpu::chunk_elems(Isa::Scalar)));
+  CHECK(cpu::active_isa() == best, "active %s, best %s", cpu::isa_name(cpu::active_isa()),
+        cpu::isa_name(best));
+
+  for (Isa isa : supported_isas()) {
+    bool threw = false;
+    try {
+      cpu::set_isa(isa);
+    } catch (const std::exception&) {
+      threw = true;
+    }
+    CHECK(!threw && cpu::active_isa() == isa, "set_isa(%s): threw=%d active=%s",
+          cpu::isa_name(isa), int(threw), cpu::isa_name(cpu::active_isa()));
+  }
+  cpu::set_isa(Isa::Scalar);
+
+  // Every ISA above best_isa() (and one past the enum, always above) must throw
+  // std::invalid_argument and leave the active ISA alone.
+  for (int i = static_cast<int>(best) + 1; i <= static_cast<int>(Isa::AVX512_BF16) + 1; ++i) {
+    const Isa isa = static_cast<Isa>(i);
+    int outcome = 0;  // 0: no throw, 1: invalid_argument, 2: another exception
+    try {
+      cpu::set_isa(isa);
+    } catch (const std::invalid_argument&) {
+      outcome = 1;
+    } catch (...) {
+      outcome = 2;
+    }
+    CHECK(outcome == 1, "set_isa(%d) above best (%s): outcome %d (0 = no throw, 2 = other)",
+          i, cpu::isa_name(best), outcome);
+    CHECK(cpu::active_isa() == Isa::Scalar, "active changed to %s by a failed set_isa(%d)",
+          cpu::isa_name(cpu::active_isa()), i);
+  }
+  cpu::set_isa(best);
+}
+
+// ------------------------------------------------ quantize / dequantize ---
+
+void test_quant_roundtrip(Isa isa, QuantType qt, int64_t numel, int64_t bs, std::mt19937& rng) {
+  g_ctx = fmt("isa=%s %s numel=%lld bs=%lld quantize/dequantize", cpu::isa_name(isa),
+              qt_name(qt), ll(numel), ll(bs));
+  const float* code = pn::code_table(qt);
+  const int64_t nb = (numel + bs - 1) / bs;
+  const int64_t nbytes = (numel + 1) / 2;
+
+  std::vector<float> w = normal_vec(rng, numel);
+  // Block 1 all zeros: a full block stores absmax 0, a partial (last) one 1e-38.
+  if (nb > 1) std::fill(w.begin() + bs, w.begin() + std::min(numel, 2 * bs), 0.0f);
+  // A large outlier in block 0 (scales every other value there down).
+  if (numel > 3) w[3] = -9.5f;
+
+  // Whole tensor in one call, and again as two block ranges [0, h), [h, nb)
+  // into buffers pre-filled differently: equal results mean every byte and
+  // every absmax was written, and identically, by both.
+  const uint8_t kGuard = 0x5A;
+  std::vector<uint8_t> packed(nbytes + 16, 0x00), packed2(nbytes + 16, 0xFF);
+  std::fill(packed.begin() + nbytes, packed.end(), kGuard);
+  std::fill(packed2.begin() + nbytes, packed2.end(), kGuard);
+  std::vector<float> absmax(nb + 4, -7.0f), absmax2(nb + 4, -3.0f);
+  std::fill(absmax2.begin() + nb, absmax2.end(), -7.0f);
+  cpu::quantize_4bit_blocks(w.data(), numel, bs, qt, 0, nb, packed.data(), absmax.data());
+  const int64_t h = nb / 2;
+  cpu::quantize_4bit_blocks(w.data(), numel, bs, qt, h, nb, packed2.data(), absmax2.data());
+  cpu::quantize_4bit_blocks(w.data(), numel, bs, qt, 0, h, packed2.data(), absmax2.data());
+
+  {
+    int64_t bad = -1;
+    for (int64_t i = 0; i < nbytes + 16 && bad < 0; ++i) {
+      if (packed[i] != packed2[i]) bad = i;
+    }
+    CHECK(bad < 0, "byte %lld: whole call 0x%02x, split call 0x%02x (or not written)", ll(bad),
+          packed[bad], packed2[bad]);
+    bad = -1;
+    for (int64_t i = nbytes; i < nbytes + 16 && bad < 0; ++i) {
+      if (packed[i] != kGuard) bad = i;
+    }
+    CHECK(bad < 0, "byte %lld past the end written: 0x%02x", ll(bad), packed[bad]);
+    bad = -1;
+    for (int64_t b = 0; b < nb + 4 && bad < 0; ++b) {
+      if (!same_bits(absmax[b], absmax2[b])) bad = b;
+    }
+    CHECK(bad < 0, "absmax[%lld]: whole call %.9g, split call %.9g", ll(bad), absmax[bad],
+          absmax2[bad]);
+    bad = -1;
+    for (int64_t b = nb; b < nb + 4 && bad < 0; ++b) {
+      if (absmax[b] != -7.0f) bad = b;
+    }
+    CHECK(bad < 0, "absmax[%lld] past the end written: %.9g", ll(bad), absmax[bad]);
+  }
+
+  // absmax: max |w| of the block; a partial last block floors it at 1e-38.
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t start = b * bs, end = std::min(numel, start + bs);
+    float mx = 0.0f;
+    for (int64_t e = start; e < end; ++e) mx = std::max(mx, std::fabs(w[e]));
+    const bool full = end - start == bs;
+    const float expect = full ? mx : std::max(mx, pn::kAbsmaxFloor);
+    CHECK(same_bits(absmax[b], expect), "absmax[%lld] (%s block of %lld) = %.9g, expected %.9g",
+          ll(b), full ? "full" : "partial", ll(end - start), absmax[b], expect);
+  }
+
+  // The chosen index is the nearest code to w / absmax.
+  {
+    int64_t bad = -1;
+    int bad_j = -1;
+    double bad_s = 0.0;
+    for (int64_t e = 0; e < numel && bad < 0; ++e) {
+      const double a = std::max(absmax[e / bs], pn::kAbsmaxFloor);
+      const double s = static_cast<double>(w[e]) / a;
+      const int idx = nibble(packed.data(), e);
+      const double d = std::fabs(s - code[idx]);
+      for (int j = 0; j < 16; ++j) {
+        if (d > std::fabs(s - code[j]) + 1e-6) {
+          bad = e;
+          bad_j = j;
+          bad_s = s;
+          break;
+        }
+      }
+    }
+    CHECK(bad < 0,
+          "element %lld: w=%.9g absmax=%.9g w/absmax=%.9g chose index %d (code %.9g) but index "
+          "%d (code %.9g) is nearer",
+          ll(bad), w[bad], absmax[bad / bs], bad_s, nibble(packed.data(), bad),
+          code[nibble(packed.data(), bad)], bad_j, code[bad_j]);
+  }
+
+  // Pad nibble of an odd numel: the code nearest 0.0.
+  if (numel % 2 == 1) {
+    const int pad = packed[nbytes - 1] & 0xF;
+    const int expect = zero_code_index(qt);
+    CHECK(pad == expect && expect == (qt == QuantType::NF4 ? 7 : 0),
+          "pad nibble %d, expected %d (nearest 0.0)", pad, expect);
+  }
+
+  // dequantize_4bit_range, whole tensor: out[e] = code[index] * absmax.
+  std::vector<float> deq(numel + 8, 1234.5f);
+  cpu::dequantize_4bit_range(packed.data(), absmax.data(), bs, qt, 0, numel, deq.data());
+  {
+    int64_t bad = -1;
+    for (int64_t e = 0; e < numel && bad < 0; ++e) {
+      if (!same_bits(deq[e], code[nibble(packed.data(), e)] * absmax[e / bs])) bad = e;
+    }
+    CHECK(bad < 0, "dequantized[%lld] = %.9g, expected code[%d] * %.9g = %.9g", ll(bad), deq[bad],
+          nibble(packed.data(), bad), absmax[bad / bs],
+          code[nibble(packed.data(), bad)] * absmax[bad / bs]);
+    bad = -1;
+    for (int64_t i = numel; i < numel + 8 && bad < 0; ++i) {
+      if (deq[i] != 1234.5f) bad = i;
+    }
+    CHECK(bad < 0, "out[%lld] past e1 - e0 written: %.9g", ll(bad), deq[bad]);
+  }
+
+  // Sub-ranges [e0, e1) land at out[e - e0], including odd starts and ends.
+  const int64_t ranges[][2] = {{0, 1}, {1, numel}, {numel / 3, numel - numel / 4},
+                               {numel - 1, numel}, {numel / 2, numel / 2}};
+  for (const auto& r : ranges) {
+    const int64_t e0 = r[0], e1 = r[1];
+    if (e0 < 0 || e1 > numel || e0 > e1) continue;
+    std::vector<float> part(e1 - e0 + 4, 1234.5f);
+    cpu::dequantize_4bit_range(packed.data(), absmax.data(), bs, qt, e0, e1, part.data());
+    int64_t bad = -1;
+    for (int64_t e = e0; e < e1 && bad < 0; ++e) {
+      if (!same_bits(part[e - e0], deq[e])) bad = e;
+    }
+    CHECK(bad < 0, "range [%lld, %lld): element %lld = %.9g, whole-tensor value %.9g", ll(e0),
+          ll(e1), ll(bad), part[bad - e0], deq[bad]);
+    bad = -1;
+    for (int64_t i = e1 - e0; i < e1 - e0 + 4 && bad < 0; ++i) {
+      if (part[i] != 1234.5f) bad = i;
+    }
+    CHECK(bad < 0, "range [%lld, %lld): out[%lld] past the range written: %.9g", ll(e0), ll(e1),
+          ll(bad), part[bad]);
+  }
+}
+
+// -------------------------------------------------------------- permute_k ---
+
+// permute_k reorders each chunk of C = chunk_elems(isa) elements by a fixed
+// permutation (the kernels' weight order; kernels.h leaves it to the
+// implementation). With distinct values in x, the permutation is read off the
+// first chunk and must be a bijection of [0, C) that every chunk of every row
+// follows, reading row m at x + m * ldx and never the padding past K.
+// Whether it matches the kernels' weight order is what the gemv and
+// dequantize_rows_permuted tests check.
+void test_permute_k(Isa isa) {
+  const int64_t C = cpu::chunk_elems(isa);
+  for (int64_t M : {1, 3}) {
+    for (int64_t K : {C, 2 * C, int64_t{96}, int64_t{768}}) {
+      if (K % C) continue;
+      for (int64_t ldx : {K, K + 7}) {
+        g_ctx = fmt("isa=%s permute_k M=%lld K=%lld ldx=%lld", cpu::isa_name(isa), ll(M), ll(K),
+                    ll(ldx));
+        // x[m, k] = 4096 m + k: exact in float32, and tells where each came from.
+        std::vector<float> x(M * ldx, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t k = 0; k < K; ++k) x[m * ldx + k] = static_cast<float>(4096 * m + k);
+        }
+        std::vector<float> xp(M * K + 8, 1234.5f);
+        cpu::permute_k(x.data(), M, K, ldx, isa, xp.data());
+
+        std::vector<int64_t> src(C);
+        std::vector<int> seen(C, 0);
+        bool bijection = true;
+        for (int64_t i = 0; i < C; ++i) {
+          const float v = xp[i];
+          src[i] = (v >= 0.0f && v < static_cast<float>(C) && v == std::floor(v))
+                       ? static_cast<int64_t>(v) : -1;
+          if (src[i] < 0 || seen[src[i]]++) bijection = false;
+        }
+        CHECK(bijection, "first chunk of xp is not a permutation of x[0, %lld): xp[0..3] = "
+              "%.9g %.9g %.9g %.9g", ll(C), xp[0], xp[std::min<int64_t>(1, C - 1)],
+              xp[std::min<int64_t>(2, C - 1)], xp[std::min<int64_t>(3, C - 1)]);
+        if (!bijection) continue;
+        if (M == 1 && K == C && ldx == K) {
+          std::string order;
+          for (int64_t i = 0; i < C; ++i) order += fmt(i ? " %lld" : "%lld", ll(src[i]));
+          std::printf("isa %s: permute_k chunk order (source of each position): %s\n",
+                      cpu::isa_name(isa), order.c_str());
+        }
+        int64_t bad = -1;
+        for (int64_t i = 0; i < M * K && bad < 0; ++i) {
+          const int64_t m = i / K, k = i % K;
+          const float expect = static_cast<float>(4096 * m + (k - k % C) + src[k % C]);
+          if (!same_bits(xp[i], expect)) bad = i;
+        }
+        CHECK(bad < 0, "xp[m=%lld, k=%lld] = %.9g, expected x[m, %lld] = %.9g (the first "
+              "chunk's permutation)", ll(bad / K), ll(bad % K), xp[bad],
+              ll(bad % K - bad % K % C + src[bad % K % C]),
+              static_cast<double>(4096 * (bad / K) + bad % K - bad % K % C + src[bad % K % C]));
+        bad = -1;
+        for (int64_t i = M * K; i < M * K + 8 && bad < 0; ++i) {
+          if (xp[i] != 1234.5f) bad = i;
+        }
+        CHECK(bad < 0, "xp[%lld] past M*K written: %.9g", ll(bad), xp[bad]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------ gemv / panel dequantize ---
+
+struct QuantWeight {
+  int64_t N, K, bs;
+  QuantType qt;
+  std::vector<uint8_t> packed;  // exact sizes, so a sanitizer sees any over-read
+  std::vector<float> absmax;
+  std::vector<float> deq;  // [N, K] dequantized (the reference weights)
+};
+
+QuantWeight make_weight(int64_t N, int64_t K, int64_t bs, QuantType qt, std::mt19937& rng) {
+  QuantWeight q{N, K, bs, qt, {}, {}, {}};
+  std::vector<float> w = normal_vec(rng, N * K, 0.05f);
+  if (N > 1) std::fill(w.begin() + K, w.begin() + K + bs, 0.0f);  // a zero block (row 1)
+  const int64_t nb = N * K / bs;
+  q.packed.resize(N * K / 2);
+  q.absmax.resize(nb);
+  q.deq.resize(N * K);
+  cpu::quantize_4bit_blocks(w.data(), N * K, bs, qt, 0, nb, q.packed.data(), q.absmax.data());
+  cpu::dequantize_4bit_range(q.packed.data(), q.absmax.data(), bs, qt, 0, N * K, q.deq.data());
+  return q;
+}
+
+void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t ldx_pad,
+               int64_t ldy_pad, std::mt19937& rng) {
+  const int64_t N = q.N, K = q.K;
+  const int64_t ldx = K + ldx_pad, ldy = N + ldy_pad;
+  const std::string base = fmt("isa=%s %s gemv M=%lld K=%lld N=%lld bs=%lld bias=%d ldx=%lld "
+                               "ldy=%lld",
+                               cpu::isa_name(isa), qt_name(q.qt), ll(M), ll(K), ll(N), ll(q.bs),
+                               int(with_bias), ll(ldx), ll(ldy));
+  // x padding columns are NaN: reading them would poison the result.
+  std::vector<float> x = normal_vec(rng, M * ldx);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = K; k < ldx; ++k) x[m * ldx + k] = std::numeric_limits<float>::quiet_NaN();
+  }
+  std::vector<float> bias = with_bias ? normal_vec(rng, N) : std::vector<float>();
+  std::vector<float> xp(M * K);
+  cpu::permute_k(x.data(), M, K, ldx, isa, xp.data());
+
+  // yref: the exact result (double); yabs: the same sum of absolute values,
+  // the scale of float32 rounding error in any summation order.
+  std::vector<double> yref(M * N), yabs(M * N);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = with_bias ? bias[n] : 0.0;
+      double mag = std::fabs(acc);
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = static_cast<double>(x[m * ldx + k]) * static_cast<double>(q.deq[n * K + k]);
+        acc += t;
+        mag += std::fabs(t);
+      }
+      yref[m * N + n] = acc;
+      yabs[m * N + n] = mag;
+    }
+  }
+
+  // Row ranges: the whole of [0, N), a strict sub-range, and an empty one.
+  const int64_t sub0 = N / 3, sub1 = std::max(sub0 + 1, N - N / 4);
+  const int64_t ranges[][2] = {{0, N}, {sub0, sub1}, {N / 2, N / 2}};
+  const float kSentinel = -4321.25f;
+  for (const auto& r : ranges) {
+    const int64_t n0 = r[0], n1 = r[1];
+    g_ctx = base + fmt(" rows [%lld, %lld)", ll(n0), ll(n1));
+    // One extra row of y past M: it must stay untouched too.
+    std::vector<float> y((M + 1) * ldy, kSentinel);
+    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+                        with_bias ? bias.data() : nullptr, n0, n1, y.data(), ldy, isa);
+    double max_ref = 0.0, max_abs = 0.0, max_err = 0.0;
+    int64_t worst = -1, touched = -1;
+    for (int64_t m = 0; m <= M; ++m) {
+      for (int64_t n = 0; n < ldy; ++n) {
+        const float v = y[m * ldy + n];
+        if (m < M && n >= n0 && n < n1) {
+          const double ref = yref[m * N + n];
+          const double err = std::isfinite(v) ? std::fabs(v - ref) : HUGE_VAL;
+          max_ref = std::max(max_ref, std::fabs(ref));
+          max_abs = std::max(max_abs, yabs[m * N + n]);
+          if (err > max_err || worst < 0) {
+            max_err = std::max(max_err, err);
+            worst = m * ldy + n;
+          }
+        } else if (!same_bits(v, kSentinel) && touched < 0) {
+          touched = m * ldy + n;
+        }
+      }
+    }
+    CHECK(touched < 0, "y[m=%lld, n=%lld] outside rows [%lld, %lld) / m < %lld written: %.9g",
+          ll(touched / ldy), ll(touched % ldy), ll(n0), ll(n1), ll(M), y[touched]);
+    // Relative error max|y - y_ref| / max|y_ref| <= 1e-5, except that the
+    // denominator is at least max(sum_k |x w| + |bias|): when a random case
+    // cancels to a tiny y_ref, plain float32 rounding (any summation order)
+    // would otherwise fail it. A wrong weight, scale or x element still costs
+    // ~|x w| / sum|x w| ~ 1e-3 here, far above the bound.
+    if (n1 > n0) {
+      const double rel = max_ref > 0 ? max_err / max_ref : max_err;
+      const double denom = std::max(max_ref, max_abs);
+      const double rel_cond = denom > 0 ? max_err / denom : max_err;
+      CHECK(rel_cond <= 1e-5,
+            "max|y - y_ref| / max(max|y_ref|, max sum|x w|) = %.3g (max|y - y_ref| / max|y_ref| "
+            "= %.3g; max err %.3g, max|y_ref| %.6g, max sum|x w| %.6g); worst at m=%lld n=%lld: "
+            "y=%.9g y_ref=%.9g",
+            rel_cond, rel, max_err, max_ref, max_abs, ll(worst / ldy), ll(worst % ldy), y[worst],
+            yref[(worst / ldy) * N + worst % ldy]);
+      g_worst_rel = std::max(g_worst_rel, rel);
+      g_worst_rel_cond = std::max(g_worst_rel_cond, rel_cond);
+    }
+  }
+}
+
+void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& rng) {
+  const int64_t N = q.N, K = q.K;
+  // The dequantized weights in permute_k order: permute_k applied to W as if
+  // it were x (N rows of K).
+  std::vector<float> wperm(N * K);
+  cpu::permute_k(q.deq.data(), N, K, K, isa, wperm.data());
+  std::vector<float> x = normal_vec(rng, K), xp(K);
+  cpu::permute_k(x.data(), 1, K, K, isa, xp.data());
+
+  const int64_t sub0 = N / 3, sub1 = std::max(sub0 + 1, N - N / 4);
+  const int64_t ranges[][2] = {{0, N}, {sub0, sub1}, {N - 1, N}, {N / 2, N / 2}};
+  const float kSentinel = -4321.25f;
+  for (const auto& r : ranges) {
+    const int64_t n0 = r[0], n1 = r[1];
+    g_ctx = fmt("isa=%s %s dequantize_rows_permuted K=%lld N=%lld bs=%lld rows [%lld, %lld)",
+                cpu::isa_name(isa), qt_name(q.qt), ll(K), ll(N), ll(q.bs), ll(n0), ll(n1));
+    const int64_t len = (n1 - n0) * K;
+    std::vector<float> out(len + 16, kSentinel);
+    cpu::dequantize_rows_permuted(q.packed.data(), q.absmax.data(), K, q.bs, q.qt, n0, n1,
+                                  out.data(), isa);
+    int64_t bad = -1;
+    for (int64_t i = 0; i < len && bad < 0; ++i) {
+      if (!same_bits(out[i], wperm[n0 * K + i])) bad = i;
+    }
+    CHECK(bad < 0, "out[row %lld, k' %lld] = %.9g, permuted W = %.9g", ll(n0 + bad / K),
+          ll(bad % K), out[bad], wperm[n0 * K + bad]);
+    bad = -1;
+    for (int64_t i = len; i < len + 16 && bad < 0; ++i) {
+      if (!same_bits(out[i], kSentinel)) bad = i;
+    }
+    CHECK(bad < 0, "out[%lld] past (n1 - n0) * K = %lld written: %.9g", ll(bad), ll(len),
+          out[bad]);
+    // And so the panel's dot products with xp are those of x with W's rows.
+    double worst = 0.0, max_ref = 0.0;
+    for (int64_t n = n0; n < n1; ++n) {
+      double got = 0.0, ref = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        got += static_cast<double>(xp[k]) * out[(n - n0) * K + k];
+        ref += static_cast<double>(x[k]) * q.deq[n * K + k];
+      }
+      worst = std::max(worst, std::fabs(got - ref));
+      max_ref = std::max(max_ref, std::fabs(ref));
+    }
+    CHECK(worst <= 1e-9 * std::max(1.0, max_ref), "dot product mismatch %.3g (max|ref| %.6g)",
+          worst, max_ref);
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::printf("pythia-native CPU kernel tests\n");
+  test_isa_control();
+
+  const int64_t sizes[] = {1, 7, 64, 65, 200, 3 * 50, 4096 + 33};
+  const int64_t blocksizes[] = {32, 64, 128, 256};
+  const QuantType qts[] = {QuantType::NF4, QuantType::FP4};
+  // {K, blocksize}: every blocksize of the list that divides K (row-aligned).
+  std::vector<std::pair<int64_t, int64_t>> kbs;
+  for (int64_t K : {64, 128, 768, 96}) {
+    for (int64_t bs : blocksizes) {
+      if (K % bs == 0) kbs.emplace_back(K, bs);
+    }
+  }
+
+  for (Isa isa : supported_isas()) {
+    cpu::set_isa(isa);
+    const int64_t before_pass = g_passed, before_fail = g_failed;
+    std::mt19937 rng(12345);
+    g_worst_rel = g_worst_rel_cond = 0.0;
+
+    for (QuantType qt : qts) {
+      for (int64_t numel : sizes) {
+        for (int64_t bs : blocksizes) test_quant_roundtrip(isa, qt, numel, bs, rng);
+      }
+    }
+
+    test_permute_k(isa);
+
+    for (QuantType qt : qts) {
+      for (const auto& [K, bs] : kbs) {
+        if (K % cpu::chunk_elems(isa) != 0) continue;
+        for (int64_t N : {1, 3, 17}) {
+          const QuantWeight q = make_weight(N, K, bs, qt, rng);
+          test_dequantize_rows_permuted(isa, q, rng);
+          for (int64_t M : {1, 2, 3, 4, 5, 9}) {
+            for (bool with_bias : {false, true}) {
+              test_gemv(isa, q, M, with_bias, 0, 0, rng);  // contiguous x and y
+              test_gemv(isa, q, M, with_bias, 7, 5, rng);  // ldx > K, ldy > N
+            }
+          }
+        }
+      }
+    }
+    std::printf("isa %s: %lld passed, %lld failed (gemv worst error: %.3g of max|y_ref|, "
+                "%.3g of max sum|x w|)\n",
+                cpu::isa_name(isa), ll(g_passed - before_pass), ll(g_failed - before_fail),
+                g_worst_rel, g_worst_rel_cond);
+  }
+  cpu::set_isa(cpu::best_isa());
+
+  std::printf("%lld passed, %lld failed\n", ll(g_passed), ll(g_failed));
+  return g_failed == 0 ? 0 : 1;
+}

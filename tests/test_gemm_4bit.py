@@ -1,0 +1,120 @@
+"""gemm_4bit against the reference: every M/K/N shape class, dtype, bias, ISA."""
+import pytest
+import torch
+
+import pythia_native as pn
+from pythia_native import _C
+from pythia_native import reference as ref
+
+CPU_ISAS = [i for i in ("avx512_bf16", "avx512", "avx2", "scalar")]
+
+
+def _isa_supported(isa):
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    return order.index(isa) <= order.index(pn.build_info()["cpu_isa_best"])
+
+
+@pytest.fixture
+def cpu_isa(request):
+    isa = request.param
+    if not _isa_supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    _C.set_cpu_isa(isa)
+    yield isa
+    _C.set_cpu_isa("auto")
+
+
+def _problem(M, K, N, dtype, device, bias=True, blocksize=64, quant_type="nf4", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) / K**0.5
+    x = torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    packed, absmax = pn.quantize_4bit(w.to(device), blocksize, quant_type)
+    to = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return to(x), packed, absmax, to(b)
+
+
+def _rel_err(y, y_ref):
+    return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _check(x, packed, absmax, shape, bias, blocksize=64, quant_type="nf4"):
+    y = pn.gemm_4bit(x, packed, absmax, shape, bias, blocksize, quant_type)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], shape[0])
+    if x.numel() == 0:
+        return
+    exact = ref.gemm_4bit(x.double(), packed, absmax, shape, None if bias is None else bias.double(), blocksize, quant_type)
+    if x.dtype == torch.float32:
+        assert _rel_err(y, exact) <= 1e-5
+    else:
+        # Held to 2x the error of plain PyTorch doing the same dequantized matmul in x's dtype.
+        w = pn.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, x.dtype)
+        plain = torch.nn.functional.linear(x, w, bias)
+        assert _rel_err(y, exact) <= 2 * _rel_err(plain, exact) + 1e-6, (_rel_err(y, exact), _rel_err(plain, exact))
+
+
+@pytest.mark.parametrize("M", [0, 1, 3, 17, 64, 300])
+@pytest.mark.parametrize("K", [64, 200, 768, 3072])
+@pytest.mark.parametrize("N", [1, 7, 768, 2304])
+def test_shapes_fp32(M, K, N, device):
+    if M * K * N > 300 * 768 * 768:
+        pytest.skip("covered at smaller M; keeps the CPU run short")
+    x, p, a, b = _problem(M, K, N, torch.float32, device)
+    _check(x, p, a, (N, K), b)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 33])
+@pytest.mark.parametrize("K,N,blocksize", [(64, 7, 64), (768, 768, 64), (96, 3, 32), (256, 17, 128), (200, 5, 64), (1024, 33, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_cpu_isa(cpu_isa, M, K, N, blocksize, dtype):
+    x, p, a, b = _problem(M, K, N, dtype, "cpu", blocksize=blocksize, seed=M)
+    _check(x, p, a, (N, K), b, blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_dtypes_quant_types_bias(dtype, quant_type, bias, M, device):
+    if device == "cpu" and dtype == torch.float16 and M == 300:
+        pytest.skip("fp16 matmul on the CPU is slow and adds nothing here")
+    x, p, a, b = _problem(M, 768, 2304, dtype, device, bias=bias, quant_type=quant_type)
+    _check(x, p, a, (2304, 768), b, quant_type=quant_type)
+
+
+def test_leading_dims_and_empty(device):
+    x, p, a, b = _problem(6, 64, 7, torch.float32, device)
+    y = pn.gemm_4bit(x.view(2, 3, 64), p, a, (7, 64), b)
+    assert y.shape == (2, 3, 7)
+    assert torch.equal(y.view(6, 7), pn.gemm_4bit(x, p, a, (7, 64), b))
+    assert pn.gemm_4bit(x[:0].view(0, 5, 64), p, a, (7, 64), b).shape == (0, 5, 7)
+
+
+def test_noncontiguous_x(device):
+    x, p, a, b = _problem(8, 128, 33, torch.float32, device)
+    wide = torch.randn(8, 256, device=device)
+    wide[:, ::2] = x  # x as a strided view of every other column
+    xs = wide[:, ::2]
+    assert not xs.is_contiguous()
+    torch.testing.assert_close(pn.gemm_4bit(xs, p, a, (33, 128), b), pn.gemm_4bit(x, p, a, (33, 128), b), rtol=0, atol=0)
+    xt = x.t().contiguous().t()  # column-major
+    torch.testing.assert_close(pn.gemm_4bit(xt, p, a, (33, 128), b), pn.gemm_4bit(x, p, a, (33, 128), b), rtol=0, atol=0)
+
+
+def test_odd_element_count_layout(device):
+    # N*K odd: the last byte holds a pad nibble; rows straddle bytes and blocks.
+    x, p, a, b = _problem(3, 5, 7, torch.float32, device)
+    _check(x, p, a, (7, 5), b)
+
+
+def test_respects_thread_count():
+    x, p, a, b = _problem(1, 768, 2304, torch.float32, "cpu")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = pn.gemm_4bit(x, p, a, (2304, 768), b)
+    finally:
+        torch.set_num_threads(n)
+    # Each row is computed whole by one thread: the result does not depend on the split.
+    assert torch.equal(y1, pn.gemm_4bit(x, p, a, (2304, 768), b))

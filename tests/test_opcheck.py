@@ -1,0 +1,50 @@
+"""torch.library.opcheck on every op: schema, fake kernel, dispatch."""
+import pytest
+import torch
+
+import pythia_native as pn  # noqa: F401
+
+ops = torch.ops.pythia_native
+
+
+def _args(device):
+    w = torch.randn(33, 128, device=device)
+    packed, absmax = ops.quantize_4bit(w, 64, "nf4")
+    return w, packed, absmax
+
+
+def test_quantize_4bit(device):
+    w, _, _ = _args(device)
+    torch.library.opcheck(ops.quantize_4bit, (w, 64, "nf4"))
+    torch.library.opcheck(ops.quantize_4bit, (w.half()[:, :7], 128, "fp4"))
+
+
+def test_dequantize_4bit(device):
+    _, packed, absmax = _args(device)
+    torch.library.opcheck(ops.dequantize_4bit, (packed, absmax, 64, "nf4", [33, 128], torch.bfloat16))
+
+
+def test_dequantize_absmax(device):
+    q = torch.randint(0, 256, (300,), dtype=torch.uint8, device=device)
+    torch.library.opcheck(ops.dequantize_absmax, (q, torch.rand(2, device=device), torch.linspace(-1, 1, 256, device=device), 0.1, 256))
+
+
+@pytest.mark.parametrize("M", [0, 1, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_4bit(M, dtype, device):
+    _, packed, absmax = _args(device)
+    x = torch.randn(M, 128, device=device, dtype=dtype)
+    bias = torch.randn(33, device=device, dtype=dtype)
+    torch.library.opcheck(ops.gemm_4bit, (x, packed, absmax, bias, 33, 128, 64, "nf4"))
+    torch.library.opcheck(ops.gemm_4bit, (x, packed, absmax, None, 33, 128, 64, "nf4"))
+
+
+def test_gemm_4bit_under_torch_compile():
+    _, packed, absmax = _args("cpu")
+    x = torch.randn(4, 128)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x):
+        return pn.gemm_4bit(x, packed, absmax, (33, 128)) * 2
+
+    torch.testing.assert_close(f(x), pn.gemm_4bit(x, packed, absmax, (33, 128)) * 2)
