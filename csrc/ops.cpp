@@ -78,6 +78,21 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Te
   }
 }
 
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  check_blocksize(blocksize);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
+              dtype);
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
+    numel *= s;
+  }
+  check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
+  return numel;
+}
+
 std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -120,17 +135,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, i
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, const std::string& quant_type,
                                at::IntArrayRef shape, at::ScalarType dtype) {
-  check_blocksize(blocksize);
   const QuantType qt = parse_quant_type(quant_type);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
-              dtype);
-  int64_t numel = 1;
-  for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
-    numel *= s;
-  }
-  check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
+  const int64_t numel = check_dequantize_args(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = at::empty(shape, packed.options().dtype(at::kFloat));
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();

@@ -23,6 +23,10 @@ void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t nu
 
 void check_float_dtype(const at::Tensor& t, const char* name, const char* op);
 
+// The checks dequantize_4bit does on every device; returns the weight's numel.
+int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype);
+
 // The checks gemm_4bit does on every device before choosing a kernel.
 void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,

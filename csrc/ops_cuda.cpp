@@ -57,17 +57,8 @@ at::Tensor dequantize_4bit_cuda_impl(const at::Tensor& packed, const at::Tensor&
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                 int64_t blocksize, const std::string& quant_type,
                                 at::IntArrayRef shape, at::ScalarType dtype) {
-  check_blocksize(blocksize);
   const QuantType qt = parse_quant_type(quant_type);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
-              dtype);
-  int64_t numel = 1;
-  for (int64_t s : shape) {
-    TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
-    numel *= s;
-  }
-  check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
+  check_dequantize_args(packed, absmax, blocksize, shape, dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
   return dequantize_4bit_cuda_impl(packed, absmax, blocksize, qt, shape, dtype);
 }

@@ -38,6 +38,7 @@
 
 #include "common/codebook.h"
 #include "common/kernels.h"
+#include "cuda/device_common.cuh"
 
 namespace pythia_native {
 namespace cuda {
@@ -46,38 +47,6 @@ namespace {
 constexpr int kWarp = 32;
 constexpr int kGemvWarpsPerCta = 4;  // 4 rows per 128-thread CTA
 constexpr int kChunk = 32;           // elements per lane per step = 16 packed bytes
-
-// The 16 code values, by value: a kernel argument is captured into a CUDA
-// graph with the launch, a cudaMemcpyToSymbol'd __constant__ would not be.
-struct CodeTable {
-  float v[16];
-};
-
-CodeTable make_code_table(QuantType qt) {
-  const float* code = code_table(qt);
-  CodeTable t{};
-  for (int i = 0; i < 16; ++i) t.v[i] = code[i];
-  return t;
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Two consecutive 16-bit elements packed little-endian in a 32-bit word (the
 // lower address in the low half) to two floats, exactly.
@@ -240,12 +209,6 @@ void launch_gemv(const void* x, int M, int64_t K, int64_t ldx, const uint8_t* pa
   } else {
     launch_gemv_mt<T, 16>(x, M, K, ldx, packed, absmax, N, log2_bs, tab, bias, y, stream);
   }
-}
-
-int log2_exact(int64_t v) {
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
 }
 
 }  // namespace

@@ -30,6 +30,7 @@
 
 #include "common/codebook.h"
 #include "common/kernels.h"
+#include "cuda/device_common.cuh"
 
 namespace pythia_native {
 namespace cuda {
@@ -39,40 +40,6 @@ constexpr int kWarp = 32;
 constexpr int kQuantWarpsPerCta = 8;  // 8 quant blocks per 256-thread CTA
 constexpr int kDequantThreads = 256;
 constexpr int64_t kDequantMaxCtas = 1 << 16;  // grid-stride beyond this
-
-// The 16 code values, by value: kernel arguments are captured into CUDA graphs
-// with the launch, unlike a __constant__ filled by cudaMemcpyToSymbol.
-struct CodeTable {
-  float v[16];
-};
-
-CodeTable make_code_table(QuantType qt) {
-  const float* code = code_table(qt);
-  CodeTable t{};
-  for (int i = 0; i < 16; ++i) t.v[i] = code[i];
-  return t;
-}
-
-// Exact conversions to float (every F16/BF16 value is a float).
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Round-to-nearest-even casts from float.
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // max that propagates NaN, as torch.max does: once m is NaN it stays NaN, and
 // a NaN v replaces m. Used both per lane and in the butterfly reduction, so
@@ -176,12 +143,6 @@ __global__ void __launch_bounds__(kDequantThreads)
     out[e] = from_float<T>(__fmul_rn(s_code[byte >> 4], scale));
     if (e + 1 < numel) out[e + 1] = from_float<T>(__fmul_rn(s_code[byte & 15u], scale));
   }
-}
-
-int log2_exact(int64_t v) {
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
 }
 
 bool valid_qt(QuantType qt) { return qt == QuantType::NF4 || qt == QuantType::FP4; }
