@@ -165,7 +165,6 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty(out_shape, x.options());
 
-  const at::Tensor xf = x2.to(at::kFloat);
   const c10::optional<at::Tensor> bf =
       bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
                        : c10::nullopt;
@@ -190,6 +189,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
     });
     return y.to(x.scalar_type()).view(out_shape);
   }
+  const at::Tensor xf = x2.to(at::kFloat);  // the float32 kernels (and BLAS) read float32 x
   at::Tensor xp;
   if (row_aligned) {
     // x in the kernels' chunk order (see permute_k in cpu/gemm_4bit.cpp).
