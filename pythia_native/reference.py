@@ -89,3 +89,83 @@ def gemm_4bit(
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def rope_inv_freq(rotary_ndims: int, rope_theta: float) -> torch.Tensor:
+    """GPT-NeoX rotary frequencies, float32 ``[rotary_ndims // 2]``:
+    ``1 / theta ** (2i / rotary_ndims)``, computed as transformers does."""
+    exponent = torch.arange(0, rotary_ndims, 2, dtype=torch.int64).float() / rotary_ndims
+    return 1.0 / (rope_theta**exponent)
+
+
+def rotary_kv_cache_(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rotary_ndims: int,
+    rope_theta: float,
+) -> torch.Tensor:
+    """Twin of ``ops.rotary_kv_cache_``.
+
+    qkv: ``[B, T, H * 3 * D]``, the fused ``query_key_value`` output, viewed per
+    head as ``[H, 3, D]`` (q, k, v interleaved per head, GPT-NeoX order).
+    positions: int64 ``[B, T]``, the position of each token, which is both its
+    rotary angle and its slot in the cache; a negative position marks padding.
+    k_cache, v_cache: ``[Bc >= B, H, L, D]`` in qkv's dtype, written in place.
+
+    Rotate-half rotary (non-interleaved) on the first ``rotary_ndims`` dims of
+    q and k, in float32; k and v of every non-padding token are written at
+    ``cache[b, :, positions[b, t]]``. Returns q ``[B, T, H, D]`` (rotated; left
+    as it is for padding tokens) in qkv's dtype.
+    """
+    B, T, _ = qkv.shape
+    H, D = k_cache.shape[1], k_cache.shape[3]
+    x = qkv.reshape(B, T, H, 3, D).float()
+    q, k, v = x.unbind(3)
+    half = rotary_ndims // 2
+    ang = positions.clamp(min=0).float()[..., None] * rope_inv_freq(rotary_ndims, rope_theta).to(qkv.device)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, :, None, :]  # [B, T, 1, R]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, :, None, :]
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        r = t[..., :rotary_ndims]
+        rotated = torch.cat([-r[..., half:], r[..., :half]], -1)
+        return torch.cat([r * cos + rotated * sin, t[..., rotary_ndims:]], -1)
+
+    valid = positions >= 0
+    q = torch.where(valid[..., None, None], rotate(q), q)
+    k = rotate(k)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    slots = positions[b_idx, t_idx]
+    k_cache[b_idx, :, slots] = k[b_idx, t_idx].to(k_cache.dtype)  # [n, H, D]
+    v_cache[b_idx, :, slots] = v[b_idx, t_idx].to(v_cache.dtype)
+    return q.to(qkv.dtype)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Twin of ``ops.decode_attention``.
+
+    q: ``[B, T, H, D]``; k_cache, v_cache: ``[Bc >= B, H, L, D]``; positions:
+    int64 ``[B, T]``. The query of token ``(b, t)`` attends to cache slots
+    ``0 .. positions[b, t]`` of sequence ``b`` (inclusive: its own key is
+    there already), so one call serves decode (T = 1), several new tokens and a
+    left-padded prefill alike. Scores, softmax and the weighted sum in float32;
+    a padding query (negative position) gets zeros. Returns ``[B, T, H, D]`` in
+    q's dtype.
+    """
+    B, T, H, D = q.shape
+    L = k_cache.shape[2]
+    k = k_cache[:B].float()
+    v = v_cache[:B].float()
+    scores = torch.einsum("bthd,bhld->bhtl", q.float(), k) * scale
+    visible = torch.arange(L, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+    return torch.einsum("bhtl,bhld->bthd", probs, v).to(q.dtype)
