@@ -111,6 +111,42 @@ class QuantizedLinear(nn.Module):
             q.bias.data.copy_(bias.to(dtype))
         return q
 
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor, *, compress_statistics: bool = False) -> "QuantizedLinear":
+        """Quantize a dense ``[out_features, in_features]`` weight into this layer,
+        in place (the buffers keep their storage, so a captured CUDA graph stays valid)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
+        packed, absmax = ops.quantize_4bit(weight.to(self.weight.device), self.blocksize, self.quant_type)
+        self.weight.copy_(packed)
+        if compress_statistics:
+            self.nested = quantize_absmax(absmax)
+            absmax = self.nested.decode()
+        else:
+            self.nested = None
+        self.absmax.copy_(absmax)
+        self.weight_dtype = weight.dtype
+        return self
+
+    @torch.no_grad()
+    def load_quantized_(self, state_dict: dict[str, torch.Tensor], prefix: str = "") -> "QuantizedLinear":
+        """Take a bitsandbytes-format layer (``prefix + 'weight'``, ``'weight.absmax'``,
+        ``'weight.quant_state.bitsandbytes__*'``, ...) as it is, without re-quantizing.
+        The bias, if any, is not read here (it is a plain parameter)."""
+        state = parse_quant_state(state_dict, prefix)
+        if state.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{prefix}weight: quant_state shape {state.shape} does not match this layer "
+                f"({self.out_features}, {self.in_features})"
+            )
+        self.quant_type = state.quant_type
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype
+        self._load_quantized(state_dict, prefix, state)
+        return self
+
     # ------------------------------------------------------------- compute --
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +258,8 @@ class QuantizedLinear(nn.Module):
         if absmax.numel() != n_blocks:
             raise ValueError(f"{prefix}weight.absmax: expected {n_blocks} block scales, got {absmax.numel()}")
         dev = self.weight.device
-        self.weight = packed.reshape(-1, 1).to(dev, copy=True)
+        # In place when the sizes match (a captured CUDA graph keeps pointing at these buffers).
+        _assign(self, "weight", packed.reshape(-1, 1))
         if state.nested_offset is not None:
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"{prefix}weight.absmax: double-quantized absmax must be uint8, got {absmax.dtype}")
@@ -232,12 +269,22 @@ class QuantizedLinear(nn.Module):
                 sd[prefix + "weight.nested_quant_map"].float().reshape(-1).to(dev, copy=True),
                 state.nested_offset,
             )
-            self.absmax = self.nested.decode()
+            _assign(self, "absmax", self.nested.decode())
         else:
             if not absmax.is_floating_point():
                 raise ValueError(f"{prefix}weight.absmax: expected float32 block scales, got {absmax.dtype}")
             self.nested = None
-            self.absmax = absmax.float().reshape(-1).to(dev, copy=True)
+            _assign(self, "absmax", absmax.float().reshape(-1))
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set buffer ``name`` to ``value``: copied into the existing storage when
+    shape and dtype agree, else replaced by a copy on the module's device."""
+    current = getattr(module, name)
+    if current.shape == value.shape and current.dtype == value.dtype:
+        current.copy_(value)
+    else:
+        setattr(module, name, value.to(current.device, copy=True))
 
 
 def parse_quant_state(state_dict: dict[str, torch.Tensor], prefix: str) -> QuantState:

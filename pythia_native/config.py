@@ -1,0 +1,144 @@
+"""The GPT-NeoX configuration, read from a Hugging Face ``config.json``.
+
+Every size of the Pythia suite (and any GPT-NeoX checkpoint) is described by
+its own ``config.json``; nothing here hard-codes a size. Two spellings of the
+rotary settings exist and both are read (../shared/docs/PYTHIA.md):
+
+* transformers 4.x (the published Pythia configs):
+  ``"rotary_pct": 0.25, "rotary_emb_base": 10000``
+* transformers 5.x (anything re-saved today):
+  ``"rope_parameters": {"partial_rotary_factor": 0.25, "rope_theta": 10000, "rope_type": "default"}``
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .errors import ConfigError
+
+# Activations GPT-NeoX configs name, and whether each is the exact (erf) GELU.
+# Pythia uses "gelu" (exact); the tanh forms are accepted for other GPT-NeoX checkpoints.
+_ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+@dataclass(frozen=True)
+class PythiaConfig:
+    """The architecture facts the engine needs; field names follow transformers'."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    hidden_act: str = "gelu"
+    attention_bias: bool = True
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"config: {name} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"config: hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"config: rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.rotary_ndims % 2:
+            raise ConfigError(
+                f"config: head_dim {self.head_dim} x rotary_pct {self.rotary_pct} gives an odd rotary_ndims {self.rotary_ndims}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ConfigError(f"config: hidden_act {self.hidden_act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
+        if self.tie_word_embeddings:
+            raise ConfigError("config: tie_word_embeddings=true is not GPT-NeoX as Pythia ships it (embed_out is its own matrix)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        """Dims of each head that get rotary: ``int(head_dim * rotary_pct)``, as transformers computes it."""
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def gelu_approximate(self) -> str:
+        """The ``approximate`` argument of ``torch.nn.functional.gelu`` for ``hidden_act``."""
+        return _ACTIVATIONS[self.hidden_act]
+
+    # ------------------------------------------------------------------ I/O --
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PythiaConfig":
+        """From the parsed ``config.json`` of a GPT-NeoX checkpoint."""
+        model_type = d.get("model_type")
+        if model_type != "gpt_neox":
+            raise ConfigError(f"config: model_type is {model_type!r}, not 'gpt_neox' (pythia-native runs GPT-NeoX / Pythia only)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ConfigError(f"config: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+                   if k not in d]
+        if missing:
+            raise ConfigError(f"config: missing {', '.join(missing)}")
+        kw: dict[str, Any] = {
+            k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        }
+        kw["rotary_pct"] = float(rope.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25))))
+        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0))))
+        for k in ("max_position_embeddings", "layer_norm_eps", "use_parallel_residual", "hidden_act", "attention_bias",
+                  "bos_token_id", "eos_token_id", "tie_word_embeddings"):
+            if k in d and d[k] is not None:
+                kw[k] = d[k]
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"config: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "PythiaConfig":
+        """From a ``config.json`` file, or a directory holding one."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (is this a GPT-NeoX checkpoint directory?)") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` transformers reads (the 5.x spelling, plus the 4.x
+        rotary keys so older readers agree)."""
+        d = dataclasses.asdict(self)
+        d.pop("rope_theta")
+        d.pop("rotary_pct")
+        d.update(
+            architectures=["GPTNeoXForCausalLM"],
+            model_type="gpt_neox",
+            rope_parameters={"partial_rotary_factor": self.rotary_pct, "rope_theta": self.rope_theta, "rope_type": "default"},
+            rotary_pct=self.rotary_pct,
+            rotary_emb_base=self.rope_theta,
+            use_cache=True,
+        )
+        return d

@@ -1,0 +1,420 @@
+"""The generate loop: prefill, decode steps over the static KV cache, sampling,
+stop conditions, streaming; and scoring (log-probabilities, perplexity).
+
+:class:`Pythia` holds a :class:`~pythia_native.model.PythiaModel`, its
+tokenizer and one preallocated :class:`~pythia_native.model.KVCache`. On CUDA
+each decode step (one token per sequence) is captured as a CUDA graph the
+first time a batch size is seen, and replayed after: the step's inputs are
+copied into static tensors, nothing is allocated, and Python launches one
+graph instead of ~15 kernels per layer.
+
+Batches of prompts of different lengths are left-padded; padding tokens get
+position -1, so they are neither written to the cache nor attended to, and
+every sequence's positions start at 0 at its own first token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .errors import GenerationError
+from .model import KVCache, PythiaModel
+from .sampling import SamplingParams, sample
+from .tokenizer import StreamDecoder, Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    ids: torch.Tensor  # [B, 1] static input
+    positions: torch.Tensor  # [B, 1]
+    logits: torch.Tensor  # [B, V] static output
+
+
+class Pythia:
+    """A model ready to generate and score.
+
+    Args:
+        model: the network (see :func:`pythia_native.load` to get one from a checkpoint).
+        tokenizer: its tokenizer (None: ids in, ids out).
+        max_batch, max_len: the KV cache to preallocate (``max_len`` at most the
+            model's ``max_position_embeddings``, its default). A request for a
+            larger batch reallocates the cache once (and drops captured graphs).
+        cuda_graphs: capture decode steps as CUDA graphs (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: PythiaModel,
+        tokenizer: Optional[Tokenizer] = None,
+        *,
+        max_batch: int = 1,
+        max_len: Optional[int] = None,
+        cuda_graphs: bool = True,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_len = max_len or self.config.max_position_embeddings
+        if not 1 <= self.max_len <= self.config.max_position_embeddings:
+            raise GenerationError(
+                f"max_len must be in [1, {self.config.max_position_embeddings}] (max_position_embeddings), got {max_len}"
+            )
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
+        self._graphs: dict[int, _Graph] = {}
+        self._graph_pool = None
+        # Ids the sampler may choose: those the tokenizer can decode.
+        self.vocab_size = min(tokenizer.vocab_size, self.config.vocab_size) if tokenizer else self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------ batching --
+
+    def _encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> tuple[list[list[int]], bool]:
+        """Prompts as id lists, and whether a single prompt was given."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+        )
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise GenerationError("no prompts given")
+        out = []
+        for i, p in enumerate(batch):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise GenerationError("text prompts need a tokenizer; pass token ids or load one")
+                ids = self.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise GenerationError(f"prompt {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
+            out.append(ids)
+        return out, single
+
+    def _fit(self, batch: list[list[int]], new_tokens: int, truncate: bool) -> list[list[int]]:
+        """Check every prompt plus ``new_tokens`` fits the context; cut prompts from the left if ``truncate``."""
+        # The last new token is never fed back, so a sequence occupies len + new_tokens - 1 slots.
+        room = self.max_len - max(new_tokens - 1, 0)
+        if room < 1:
+            raise GenerationError(f"max_new_tokens={new_tokens} leaves no room for a prompt in a context of {self.max_len}")
+        longest = max(len(p) for p in batch)
+        if longest > room:
+            if not truncate:
+                raise GenerationError(
+                    f"prompt of {longest} tokens + {new_tokens} new tokens exceeds the context of {self.max_len} "
+                    f"tokens; shorten the prompt, lower max_new_tokens, or pass truncate=True to keep the last "
+                    f"{room} prompt tokens"
+                )
+            batch = [p[-room:] for p in batch]
+        return batch
+
+    def _ensure_cache(self, batch_size: int) -> None:
+        if batch_size > self.cache.max_batch:
+            self.cache = None  # free the old one before allocating the larger one
+            self.cache = self.model.new_cache(batch_size, self.max_len)
+            self._graphs.clear()
+
+    # -------------------------------------------------------------- decode --
+
+    def _prefill(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-pad, run all prompt tokens; returns logits ``[B, V]`` of each last
+        token and the next position of each sequence ``[B]`` (its length)."""
+        B, T = len(batch), max(len(p) for p in batch)
+        ids = torch.zeros(B, T, dtype=torch.int64)
+        positions = torch.full((B, T), -1, dtype=torch.int64)
+        for b, p in enumerate(batch):
+            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.int64)
+            positions[b, T - len(p) :] = torch.arange(len(p))
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        logits = self.model(ids, positions, self.cache, span=T)
+        lengths = torch.tensor([len(p) for p in batch], dtype=torch.int64, device=self.device)
+        return logits, lengths
+
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
+        if not self.cuda_graphs:
+            return self.model(ids, positions, self.cache)
+        g = self._graphs.get(ids.shape[0])
+        if g is None:
+            g = self._capture(ids, positions)
+            self._graphs[ids.shape[0]] = g
+        g.ids.copy_(ids)
+        g.positions.copy_(positions)
+        g.graph.replay()
+        return g.logits
+
+    def _capture(self, ids: torch.Tensor, positions: torch.Tensor) -> _Graph:
+        """Capture the decode step for this batch size. The warm-up runs use the
+        real inputs, so the cache slots they write are the ones the step writes."""
+        static_ids, static_pos = ids.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialization (cuBLAS handles, allocator) outside the capture
+                self.model(static_ids, static_pos, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self.model(static_ids, static_pos, self.cache)
+        return _Graph(graph, static_ids, static_pos, logits)
+
+    def _token_stream(
+        self,
+        batch: list[list[int]],
+        max_new_tokens: int,
+        params: SamplingParams,
+        seed: Optional[int],
+        done: list[bool],
+    ) -> Iterator[list[int]]:
+        """Yield the next id of every sequence, step by step, until
+        ``max_new_tokens`` or every entry of ``done`` (which the caller sets) is true.
+        Finished sequences keep decoding (the batch is static) but are ignored."""
+        self._ensure_cache(len(batch))
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        logits, lengths = self._prefill(batch)
+        positions = lengths.view(-1, 1).clone()
+        for step in range(max_new_tokens):
+            next_ids = sample(logits, params, generator, self.vocab_size)
+            host_ids = next_ids.tolist()
+            yield host_ids
+            if step + 1 == max_new_tokens or all(done):
+                return
+            logits = self._decode_step(next_ids.view(-1, 1), positions)
+            positions += 1
+
+    # -------------------------------------------------------------- public --
+
+    def generate_ids(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt], torch.Tensor],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+        ignore_eos: bool = False,
+        truncate: bool = False,
+    ) -> Union[list[int], list[list[int]]]:
+        """The new token ids of each prompt (the stop id or EOS that ended a
+        sequence is not included). See :meth:`generate` for the arguments."""
+        return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate)[0]
+
+    def generate(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt], torch.Tensor],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+        ignore_eos: bool = False,
+        truncate: bool = False,
+    ) -> Union[str, list[str]]:
+        """Continue each prompt; returns the new text (a list for a list of prompts).
+
+        Args:
+            prompts: a string, a list of ids, or a list of either (a batch; left-padded).
+            max_new_tokens: at most this many new tokens per prompt.
+            temperature: 0 is greedy; otherwise sample from ``softmax(logits / temperature)``.
+            top_k, top_p: filters applied before sampling (see ``pythia_native.sampling``).
+            seed: makes sampling reproducible (same seed, same prompts, same device -> same output).
+            stop: ids and/or strings that end a sequence (not included in the output).
+            ignore_eos: keep going after EOS (benchmarks).
+            truncate: cut prompts from the left to fit the context instead of raising.
+        """
+        ids, texts, single = self._generate(
+            prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate, want_text=True
+        )
+        return texts[0] if single else texts
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate,
+                  want_text=False):
+        params = SamplingParams(temperature, top_k, top_p)
+        batch, single = self._encode(prompts)
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
+        if stop_strings and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer")
+        out: list[list[int]] = [[] for _ in batch]
+        if max_new_tokens == 0:
+            texts = [""] * len(batch) if want_text else None
+            return (out[0] if single else out), texts, single
+        batch = self._fit(batch, max_new_tokens, truncate)
+        done = [False] * len(batch)
+        decoders = [StreamDecoder(self.tokenizer) for _ in batch] if stop_strings else None
+        texts_so_far = [""] * len(batch)
+        for step_ids in self._token_stream(batch, max_new_tokens, params, seed, done):
+            for b, t in enumerate(step_ids):
+                if done[b]:
+                    continue
+                if t in stop_ids:
+                    done[b] = True
+                    continue
+                out[b].append(t)
+                if decoders is not None:
+                    texts_so_far[b] += decoders[b].push(t)
+                    if any(s in texts_so_far[b][-(len(s) + 16) :] for s in stop_strings):
+                        done[b] = True
+        texts = None
+        if want_text:
+            texts = [_cut_at_stop(self.tokenizer.decode(ids), stop_strings) for ids in out]
+        elif stop_strings:
+            out = [_ids_before_stop(self.tokenizer, ids, stop_strings) for ids in out]
+        return (out[0] if single else out), texts, single
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Union[None, int, str, Sequence[Union[int, str]]] = None,
+        ignore_eos: bool = False,
+        truncate: bool = False,
+    ) -> Iterator[str]:
+        """Generate for one prompt, yielding text as it is decoded. A piece never
+        ends inside a UTF-8 character, and text that could be the start of a
+        stop string is held back until it is known not to be one. The pieces
+        join to what :meth:`generate` returns."""
+        if self.tokenizer is None:
+            raise GenerationError("streaming text needs a tokenizer")
+        params = SamplingParams(temperature, top_k, top_p)
+        batch, single = self._encode(prompt)
+        if not single:
+            raise GenerationError("stream() takes one prompt; use generate() for a batch")
+        if max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return
+        stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
+        batch = self._fit(batch, max_new_tokens, truncate)
+        decoder = StreamDecoder(self.tokenizer)
+        done = [False]
+        text, emitted = "", 0
+        hold = max((len(s) for s in stop_strings), default=1) - 1
+        for (t,) in self._token_stream(batch, max_new_tokens, params, seed, done):
+            if t in stop_ids:
+                done[0] = True
+                break
+            text += decoder.push(t)
+            cut = _cut_at_stop(text, stop_strings)
+            if len(cut) < len(text):
+                done[0] = True
+                text = cut
+                break
+            if len(text) - hold > emitted:
+                yield text[emitted : len(text) - hold]
+                emitted = len(text) - hold
+        if not done[0]:
+            text += decoder.flush()
+        text = _cut_at_stop(text, stop_strings)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def _stop_set(self, stop, ignore_eos: bool) -> tuple[set[int], list[str]]:
+        items = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+        ids = {int(s) for s in items if not isinstance(s, str)}
+        strings = [s for s in items if isinstance(s, str)]
+        if any(s == "" for s in strings):
+            raise GenerationError("stop strings must not be empty")
+        if not ignore_eos and self.config.eos_token_id is not None:
+            ids.add(int(self.config.eos_token_id))
+        return ids, strings
+
+    # ------------------------------------------------------------- scoring --
+
+    @torch.inference_mode()
+    def score(
+        self, texts: Union[Prompt, Sequence[Prompt]], *, prepend_eos: bool = True
+    ) -> Union["Score", list["Score"]]:
+        """Per-token log-probabilities of each text under the model (no generation).
+
+        With ``prepend_eos`` (the lm-evaluation-harness convention for Pythia)
+        the text is scored after an ``<|endoftext|>`` token, so its first token
+        gets a log-probability too; otherwise the first token is the context.
+        Texts longer than the context are scored in windows of ``max_len``
+        tokens, each after the previous window's last tokens (stride max_len // 2).
+        Returns a :class:`Score` (a list of them for a list of texts).
+        """
+        batch, single = self._encode(texts)
+        results = [self._score_one(ids, prepend_eos) for ids in batch]
+        return results[0] if single else results
+
+    def _score_one(self, ids: list[int], prepend_eos: bool) -> "Score":
+        if prepend_eos:
+            bos = self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
+            ids = [int(bos)] + ids
+        if len(ids) < 2:
+            raise GenerationError("a text to score needs at least 2 tokens (or prepend_eos=True)")
+        self._ensure_cache(1)
+        logprobs = torch.empty(len(ids) - 1, dtype=torch.float32)
+        window, stride = self.max_len, max(self.max_len // 2, 1)
+        start, scored = 0, 0  # window start; targets 1..scored already have a log-prob
+        while scored < len(ids) - 1:
+            end = min(start + window, len(ids))
+            chunk = torch.tensor(ids[start:end], device=self.device).view(1, -1)
+            positions = torch.arange(end - start, device=self.device).view(1, -1)
+            logits = self.model(chunk, positions, self.cache, span=end - start, last_only=False)[0]
+            lp = torch.log_softmax(logits[:, : self.config.vocab_size].float(), dim=-1)
+            targets = torch.tensor(ids[start + 1 : end], device=self.device)
+            token_lp = lp[:-1].gather(1, targets.view(-1, 1)).squeeze(1).cpu()
+            first_new = scored - start  # index into this window's targets of the first unscored one
+            logprobs[scored : end - 1] = token_lp[first_new:]
+            scored = end - 1
+            start += stride
+        return Score(ids[1:], logprobs)
+
+
+@dataclass
+class Score:
+    """Log-probabilities of ``tokens`` (each given everything before it)."""
+
+    tokens: list[int]
+    logprobs: torch.Tensor  # float32 [len(tokens)]
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-float(self.logprobs.mean()))
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _ids_before_stop(tokenizer: Tokenizer, ids: list[int], stop_strings: Sequence[str]) -> list[int]:
+    """The ids whose text ends before the first stop string (ids are cut at token boundaries)."""
+    for n in range(len(ids) + 1):
+        if _cut_at_stop(tokenizer.decode(ids[:n]), stop_strings) != tokenizer.decode(ids[:n]):
+            return ids[: n - 1]
+    return ids

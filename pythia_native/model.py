@@ -1,0 +1,352 @@
+"""The GPT-NeoX model with 4-bit Linear layers, and its static KV cache.
+
+Module and parameter names follow transformers' ``GPTNeoXForCausalLM``
+(``gpt_neox.layers.3.attention.query_key_value.weight``, ``embed_out.weight``,
+...), so a Hugging Face state dict maps onto this model key by key and what
+this model saves, transformers loads.
+
+One block (``../shared/docs/PYTHIA.md`` lists the traps)::
+
+    h = LN1(x)                                      LayerNorm in float32
+    qkv = query_key_value(h)        [B, T, H*3*D]   gemm_4bit; per head [q|k|v]
+    q = rotary_kv_cache_(qkv, pos)  [B, T, H, D]    rotary on q and k, k/v -> cache
+    a = attention(q, cache, pos)    [B, T, H, D]    decode_attention (T = 1) or SDPA
+    x = x + dense(a) + mlp(LN2(x))                  parallel residual
+    mlp(h) = dense_4h_to_h(gelu(dense_h_to_4h(h)))  exact (erf) GELU
+
+Positions and the cache. Token ``(b, t)`` has a position ``positions[b, t]``:
+its rotary angle and its slot in sequence ``b``'s cache. Left padding gets a
+negative position: it is neither written to the cache nor attended to, so a
+left-padded batch computes exactly what each sequence would alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import PythiaConfig
+from .errors import CheckpointError
+from .format import check_quant_type
+from .quantized_linear import QuantizedLinear
+
+# The four Linear layers of a block that are stored in 4 bits.
+QUANTIZED_LINEARS = (
+    "attention.query_key_value",
+    "attention.dense",
+    "mlp.dense_h_to_4h",
+    "mlp.dense_4h_to_h",
+)
+
+# Checkpoint entries that are not weights (causal-mask and rotary buffers of old transformers).
+SKIPPED_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+
+
+def is_skipped_buffer(name: str) -> bool:
+    return name.endswith(SKIPPED_BUFFERS)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: ``k, v [layers, max_batch, H, max_len, D]``.
+
+    ``k[i]`` is the contiguous ``[max_batch, H, max_len, D]`` block the
+    attention ops of layer ``i`` read and write; a decode step writes one slot
+    per sequence and allocates nothing. Slots past a sequence's length hold
+    stale values that no query can see (attention stops at its position).
+    """
+
+    def __init__(self, config: PythiaConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
+        if max_batch < 1:
+            raise ValueError(f"KVCache: max_batch must be >= 1, got {max_batch}")
+        if not 1 <= max_len <= config.max_position_embeddings:
+            raise ValueError(
+                f"KVCache: max_len must be in [1, max_position_embeddings={config.max_position_embeddings}], got {max_len}"
+            )
+        shape = (config.num_hidden_layers, max_batch, config.num_attention_heads, max_len, config.head_dim)
+        # Zeros, not empty: a slot is never read before it is written, but stale
+        # memory should never be able to hold a NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch = max_batch
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in float32 whatever the activation dtype (fp16 Pythia overflows otherwise)."""
+    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(x.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, span: int, scale: float
+) -> torch.Tensor:
+    """Several new tokens per sequence against the cache, with torch's SDPA.
+
+    q ``[B, T, H, D]``; caches ``[Bc, H, L, D]``; positions ``[B, T]``; span:
+    ``max(positions) + 1``, the cache slots any query can see. Same contract as
+    ``ops.decode_attention`` (query ``(b, t)`` sees slots ``0..positions[b, t]``)
+    but through a library kernel built for many queries. A padding query is
+    pointed at slot 0 (every real sequence has written it) so no softmax row
+    is empty; its output is garbage that nothing reads. Returns ``[B, T, H, D]``.
+    """
+    B = q.shape[0]
+    slots = torch.arange(span, device=q.device)
+    visible = slots[None, None, :] <= positions.clamp(min=0)[:, :, None]  # [B, T, span]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=visible[:, None], scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PythiaConfig, make_linear):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.query_key_value = make_linear(h, 3 * h, config.attention_bias, "attention.query_key_value")
+        self.dense = make_linear(h, h, config.attention_bias, "attention.dense")
+        self.scale = config.head_dim**-0.5
+
+    def forward(self, x, positions, k_cache, v_cache, span: Optional[int]):
+        B, T, _ = x.shape
+        c = self.config
+        qkv = self.query_key_value(x)
+        q = ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, c.rotary_ndims, c.rope_theta)
+        if span is None:
+            a = ops.decode_attention(q, k_cache, v_cache, positions, self.scale)
+        else:
+            a = prefill_attention(q, k_cache, v_cache, positions, span, self.scale)
+        return self.dense(a.reshape(B, T, c.hidden_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PythiaConfig, make_linear):
+        super().__init__()
+        self.dense_h_to_4h = make_linear(config.hidden_size, config.intermediate_size, True, "mlp.dense_h_to_4h")
+        self.dense_4h_to_h = make_linear(config.intermediate_size, config.hidden_size, True, "mlp.dense_4h_to_h")
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: PythiaConfig, make_linear):
+        super().__init__()
+        h, eps = config.hidden_size, config.layer_norm_eps
+        self.input_layernorm = nn.LayerNorm(h, eps=eps)
+        self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
+        self.attention = Attention(config, make_linear)
+        self.mlp = MLP(config, make_linear)
+        self.parallel = config.use_parallel_residual
+
+    def forward(self, x, positions, k_cache, v_cache, span):
+        a = self.attention(_layer_norm(self.input_layernorm, x), positions, k_cache, v_cache, span)
+        if self.parallel:
+            return x + a + self.mlp(_layer_norm(self.post_attention_layernorm, x))
+        x = x + a
+        return x + self.mlp(_layer_norm(self.post_attention_layernorm, x))
+
+
+class Backbone(nn.Module):
+    """``gpt_neox``: embeddings, the blocks, the final LayerNorm."""
+
+    def __init__(self, config: PythiaConfig, make_linear, dtype):
+        super().__init__()
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(Layer(config, make_linear) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class PythiaModel(nn.Module):
+    """GPT-NeoX for causal LM with its four Linear layers per block in 4 bits.
+
+    Args:
+        config: the architecture.
+        quant_type: "nf4" or "fp4" for ``QuantizedLinear`` layers, or None for
+            dense ``nn.Linear`` layers in ``dtype`` (the baseline to compare with).
+        blocksize: elements per absmax block (64 in Pythia checkpoints bitsandbytes writes).
+        double_quant: keep the block scales double-quantized when saving
+            (bitsandbytes ``compress_statistics``); compute uses decoded scales.
+        quantize_embed_out: also store ``embed_out`` in 4 bits (off by default:
+            it costs logit accuracy, see the tests and benchmarks).
+        dtype: activation dtype: float32 or bfloat16 on the CPU; float16 or
+            bfloat16 on CUDA. LayerNorm, softmax and accumulation run in float32.
+    Parameters start as zeros; fill them with :meth:`load_tensors` (a checkpoint)
+    or :meth:`from_hf` (a transformers model).
+    """
+
+    def __init__(
+        self,
+        config: PythiaConfig,
+        *,
+        quant_type: Optional[str] = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = False,
+        quantize_embed_out: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.config = config
+        self.quant_type = check_quant_type(quant_type) if quant_type is not None else None
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.quantize_embed_out = quantize_embed_out
+        self.dtype = dtype
+
+        def make_linear(in_f: int, out_f: int, bias: bool, _name: str) -> nn.Module:
+            if self.quant_type is None:
+                return nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
+            return QuantizedLinear(in_f, out_f, bias, blocksize=blocksize, quant_type=self.quant_type, dtype=dtype, device=device)
+
+        with torch.device(device):
+            self.gpt_neox = Backbone(config, make_linear, dtype)
+        if quantize_embed_out and self.quant_type is not None:
+            self.embed_out = QuantizedLinear(
+                config.hidden_size, config.vocab_size, False, blocksize=blocksize, quant_type=self.quant_type,
+                dtype=dtype, device=device,
+            )
+        else:
+            self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt_neox.embed_in.weight.device
+
+    # ------------------------------------------------------------- compute --
+
+    def new_cache(self, max_batch: int, max_len: Optional[int] = None) -> KVCache:
+        return KVCache(self.config, max_batch, max_len or self.config.max_position_embeddings, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        *,
+        span: Optional[int] = None,
+        last_only: bool = True,
+        hidden_states: Optional[list] = None,
+    ) -> torch.Tensor:
+        """Run new tokens through the model, writing their keys/values to ``cache``.
+
+        input_ids, positions: int64 ``[B, T]`` (B <= cache.max_batch;
+        positions < cache.max_len; negative = padding). ``span``: None for a
+        decode step (attention through ``decode_attention``), else
+        ``max(positions) + 1`` for a prefill through SDPA. Returns float32
+        logits ``[B, vocab_size]`` of the last token of each row (all tokens:
+        ``[B, T, vocab_size]`` with ``last_only=False``). ``hidden_states``, if
+        a list, receives the residual stream after the embedding and after every block.
+        """
+        x = self.gpt_neox.embed_in(input_ids)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for i, layer in enumerate(self.gpt_neox.layers):
+            x = layer(x, positions, cache.k[i], cache.v[i], span)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if last_only:
+            x = x[:, -1]
+        x = _layer_norm(self.gpt_neox.final_layer_norm, x)
+        return self.embed_out(x).float()
+
+    # ------------------------------------------------------------- loading --
+
+    def _linear_prefixes(self) -> set[str]:
+        names = {f"gpt_neox.layers.{i}.{n}." for i in range(self.config.num_hidden_layers) for n in QUANTIZED_LINEARS}
+        names.add("embed_out.")
+        return names
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+        """Fill the model from ``(name, tensor)`` pairs in transformers' naming,
+        one at a time (peak memory: the model plus the tensor in hand).
+
+        Dense weights of 4-bit layers are quantized as they arrive. A layer
+        that is already 4-bit in bitsandbytes' layout (``weight`` uint8 plus
+        ``weight.absmax``, ``weight.quant_state.*``, ...) is taken as it is,
+        never re-quantized, once the whole checkpoint has been read (its
+        entries may sit in different shards). Dense tensors are cast to the
+        model's dtype (LayerNorm stays float32). Parameters are written in
+        place, so captured CUDA graphs stay valid. The buffers in
+        ``SKIPPED_BUFFERS`` are ignored. With ``strict``, a missing or unknown
+        key raises :class:`CheckpointError`.
+        """
+        own = {n: p for n, p in self.named_parameters()}
+        quantized = {p for p in self._linear_prefixes() if isinstance(self.get_submodule(p[:-1]), QuantizedLinear)}
+        pending: dict[str, dict[str, torch.Tensor]] = {}  # prefix -> bitsandbytes entries of one 4-bit layer
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        for name, t in tensors:
+            if is_skipped_buffer(name):
+                continue
+            if name.startswith("lm_head."):  # transformers 5 calls embed_out lm_head in memory (files keep embed_out)
+                name = "embed_out." + name[len("lm_head.") :]
+            layer_prefix = next((p for p in quantized if name.startswith(p + "weight")), None)
+            if layer_prefix is not None:
+                module = self.get_submodule(layer_prefix[:-1])
+                if name == layer_prefix + "weight" and t.is_floating_point():
+                    if tuple(t.shape) != (module.out_features, module.in_features):
+                        raise CheckpointError(
+                            f"{name}: shape {tuple(t.shape)} does not fit the config "
+                            f"(expected {(module.out_features, module.in_features)})"
+                        )
+                    module.quantize_(t.to(self.device), compress_statistics=self.double_quant)
+                    seen.add(name)
+                else:
+                    pending.setdefault(layer_prefix, {})[name] = t
+                continue
+            target = own.get(name)
+            if target is None:
+                unexpected.append(name)
+                continue
+            if tuple(t.shape) != tuple(target.shape):
+                raise CheckpointError(f"{name}: shape {tuple(t.shape)} does not fit the config (expected {tuple(target.shape)})")
+            if not t.is_floating_point():
+                raise CheckpointError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            target.copy_(t)
+            seen.add(name)
+        for prefix, entries in sorted(pending.items()):
+            if prefix + "weight" not in entries:
+                raise CheckpointError(f"{prefix}weight: 4-bit statistics present ({', '.join(sorted(entries))}) but no packed weight")
+            try:
+                self.get_submodule(prefix[:-1]).load_quantized_(entries, prefix)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(str(e).strip("'\"")) from None
+            seen.add(prefix + "weight")
+        if strict:
+            expected = {n for n in own if not any(n.startswith(q + "weight") for q in quantized)}
+            expected |= {q + "weight" for q in quantized}
+            missing = sorted(expected - seen)
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+                )
+            if unexpected:
+                raise CheckpointError(
+                    f"checkpoint has {len(unexpected)} tensor(s) this GPT-NeoX config does not: {', '.join(unexpected[:8])}"
+                    + (" ..." if len(unexpected) > 8 else "")
+                )
+
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, **kwargs) -> "PythiaModel":
+        """Quantize a transformers ``GPTNeoXForCausalLM`` (for tests and comparisons)."""
+        config = PythiaConfig.from_dict(hf_model.config.to_dict())
+        model = cls(config, **kwargs)
+        model.load_tensors(hf_model.state_dict().items())
+        return model
+

@@ -1,0 +1,77 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Definitions (the tests check the filtered distributions against them):
+
+* temperature ``t``: ``p = softmax(logits / t)``; ``t == 0`` is greedy (argmax,
+  the lowest id among equal maxima, as ``torch.argmax``).
+* top-k ``k``: keep the ``k`` largest logits (ties with the ``k``-th kept
+  too), the rest get probability 0.
+* top-p ``p``: sort by probability, keep the smallest prefix whose total is
+  ``>= p`` (always at least the most likely token), the rest get 0.
+* top-k is applied first, then top-p on what is left, then renormalization.
+
+Only the first ``vocab_size`` logits are candidates: the logits of Pythia are
+wider (50304+) than the tokenizer (50277), and the extra ids decode to nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def __post_init__(self):
+        if self.temperature is None or self.temperature < 0 or self.temperature != self.temperature:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Logits ``[B, V]`` (float32) with the tokens top-k/top-p remove set to -inf."""
+    logits = logits.float()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+        drop_sorted = before >= top_p  # the prefix up to the first token reaching top_p stays
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """The distribution ``sample`` draws from (``params`` not greedy): ``[B, vocab_size]``."""
+    logits = logits[:, :vocab_size].float() / params.temperature
+    return torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: Optional[torch.Generator] = None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Next ids ``[B]`` (int64, same device) from logits ``[B, V]``; only ids
+    ``< vocab_size`` can come out. Reproducible for a seeded ``generator``."""
+    if params.greedy:
+        return torch.argmax(logits[:, :vocab_size], dim=-1)
+    probs = probabilities(logits, params, vocab_size)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

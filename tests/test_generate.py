@@ -1,0 +1,242 @@
+"""The generate loop, sampling, streaming, stop conditions and scoring."""
+import math
+
+import pytest
+import torch
+
+from neox import hf_model, pair, tokenizer_path, trained_tokenizer
+from pythia_native.errors import GenerationError
+from pythia_native.generate import Pythia
+from pythia_native.sampling import SamplingParams, filter_logits, probabilities, sample
+from pythia_native.tokenizer import StreamDecoder, Tokenizer
+
+REAL_TOKENIZER = tokenizer_path()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = REAL_TOKENIZER or trained_tokenizer(tmp_path_factory.mktemp("tok"))
+    return Tokenizer.from_file(path)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    # A tiny model whose logits are as wide as Pythia's (50304 > the tokenizer's 50277).
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    return Pythia(model, tokenizer, max_len=128)
+
+
+# ---------------------------------------------------------------- sampling --
+
+
+def test_top_k_keeps_the_k_largest_and_ties():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, -2.0, 4.0]])
+    kept = filter_logits(logits, top_k=3).isfinite()
+    # k = 3: 5, 4 and the tie at 3 (both kept: ties with the k-th are kept)
+    assert kept.tolist() == [[False, True, True, True, False, True]]
+    assert filter_logits(logits, top_k=1).isfinite().sum() == 1
+    assert filter_logits(logits, top_k=100).isfinite().all()
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    logits = probs.log()
+    def kept(p):
+        return filter_logits(logits, top_p=p).isfinite()[0].tolist()
+    assert kept(0.5) == [True, False, False, False, False]  # 0.5 reaches 0.5
+    assert kept(0.51) == [True, True, False, False, False]
+    assert kept(0.85) == [True, True, True, False, False]
+    assert kept(0.86) == [True, True, True, True, False]
+    assert kept(1.0) == [True] * 5
+    assert kept(0.01) == [True, False, False, False, False]  # always the most likely one
+    # Unsorted input: the filter follows probability, not position.
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    assert filter_logits(logits[:, perm], top_p=0.51).isfinite()[0].tolist() == [False, True, False, True, False]
+
+
+def test_filtered_distribution_is_renormalized_over_kept_tokens():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
+    p = probabilities(logits, params)
+    base = torch.softmax(logits / 0.7, -1)[0]
+    # top-k drops index 4; of the rest (renormalized) the prefix reaching 0.9:
+    rest = base[:4] / base[:4].sum()
+    cum = torch.cumsum(rest, 0) - rest
+    keep = (cum < 0.9).tolist() + [False]
+    expected = torch.where(torch.tensor(keep), base, torch.zeros(5))
+    assert torch.allclose(p[0], expected / expected.sum(), atol=1e-6)
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -50.0]]).expand(20000, 4).contiguous()
+    params = SamplingParams(temperature=1.0)
+    ids = sample(logits, params, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=4).float() / len(ids)
+    expected = torch.softmax(logits[0], -1)
+    assert (freq - expected).abs().max() < 0.015
+
+
+def test_sampler_never_picks_ids_beyond_the_tokenizer():
+    logits = torch.zeros(4, 10)
+    logits[:, 8:] = 100.0  # untrained rows past the tokenizer would win
+    assert (torch.argmax(logits[:, :8], -1) < 8).all()
+    for params in (SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(1.0, top_k=2)):
+        ids = sample(logits, params, torch.Generator().manual_seed(0), vocab_size=8)
+        assert (ids < 8).all()
+
+
+def test_sampling_params_are_checked():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(1.0, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(1.0, top_p=1.5)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    kw = dict(temperature=1.0, top_k=50, top_p=0.95, ignore_eos=True)
+    a = engine.generate_ids([1000, 2000, 3000], 24, seed=7, **kw)
+    b = engine.generate_ids([1000, 2000, 3000], 24, seed=7, **kw)
+    c = engine.generate_ids([1000, 2000, 3000], 24, seed=8, **kw)
+    assert a == b and a != c
+    assert all(t < engine.tokenizer.vocab_size for t in a)
+
+
+def test_generation_never_emits_ids_beyond_the_tokenizer(tokenizer):
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    with torch.no_grad():
+        model.embed_out.weight[tokenizer.vocab_size :] = model.embed_out.weight[: 1].abs().mul(50)  # push the extra rows up
+        model.embed_out.weight[tokenizer.vocab_size :] += 10
+    e = Pythia(model, tokenizer, max_len=64)
+    out = e.generate_ids([5, 6, 7], 16, ignore_eos=True)
+    assert out and all(t < tokenizer.vocab_size for t in out)
+
+
+# -------------------------------------------------------------- generation --
+
+
+def test_eos_and_stop_ids_end_a_sequence(engine):
+    free = engine.generate_ids([10, 11, 12], 20, ignore_eos=True)
+    stop_at = free[5]
+    first = free.index(stop_at)
+    assert engine.generate_ids([10, 11, 12], 20, stop=stop_at) == free[:first]
+    assert engine.generate_ids([10, 11, 12], 20, stop=[stop_at, free[0]]) == []
+
+
+def test_eos_ends_a_sequence_unless_ignored(tokenizer):
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    free = Pythia(model, tokenizer, max_len=64).generate_ids([10, 11, 12], 20, ignore_eos=True)
+    # Make the model's config call the 4th generated token EOS.
+    import dataclasses
+
+    model.config = dataclasses.replace(model.config, eos_token_id=free[3])
+    e = Pythia(model, tokenizer, max_len=64)
+    assert e.generate_ids([10, 11, 12], 20) == free[: free.index(free[3])]
+    assert e.generate_ids([10, 11, 12], 20, ignore_eos=True) == free
+
+
+def test_stop_strings_cut_the_text(engine):
+    text = engine.generate([10, 11, 12], 30, ignore_eos=True)
+    assert len(text) > 6
+    needle = text[3:6]
+    cut = engine.generate([10, 11, 12], 30, ignore_eos=True, stop=needle)
+    assert cut == text[: text.find(needle)]
+    pieces = "".join(engine.stream([10, 11, 12], 30, ignore_eos=True, stop=needle))
+    assert pieces == cut
+
+
+def test_text_prompts_batches_and_single(engine):
+    one = engine.generate("Once upon a time", 8, ignore_eos=True)
+    many = engine.generate(["Once upon a time", "Hello"], 8, ignore_eos=True)
+    assert isinstance(one, str) and isinstance(many, list) and many[0] == one
+    assert engine.generate("Hello", 0) == ""
+
+
+def test_stream_joins_to_generate_and_never_splits_characters(engine):
+    full = engine.generate("Once upon a time", 40, ignore_eos=True, temperature=1.0, seed=3)
+    pieces = list(engine.stream("Once upon a time", 40, ignore_eos=True, temperature=1.0, seed=3))
+    assert "".join(pieces) == full
+    assert all("\ufffd" not in p for p in pieces[:-1])
+
+
+def test_stream_decoder_handles_multibyte_characters(tokenizer):
+    text = "naïve café — 日本語のテキスト 🙂🚀 done"
+    ids = tokenizer.encode(text)
+    d = StreamDecoder(tokenizer)
+    pieces = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # A byte-level tokenizer splits emoji over several ids: some pushes return "".
+    assert len([p for p in pieces if p]) < len(ids)
+
+
+def test_context_overflow_is_an_error_or_truncated(engine):
+    long_prompt = list(range(2, 2 + 120))
+    with pytest.raises(GenerationError, match="exceeds the context of 128"):
+        engine.generate_ids(long_prompt, 20)
+    out = engine.generate_ids(long_prompt, 20, truncate=True, ignore_eos=True)
+    assert out == engine.generate_ids(long_prompt[-109:], 20, ignore_eos=True)
+    with pytest.raises(GenerationError, match="no room"):
+        engine.generate_ids([5], 500)
+
+
+def test_bad_requests_raise_clear_errors(engine):
+    with pytest.raises(GenerationError, match="empty"):
+        engine.generate_ids([[]], 4)
+    with pytest.raises(GenerationError, match="no prompts"):
+        engine.generate_ids([], 4)
+    with pytest.raises(GenerationError, match="outside"):
+        engine.generate_ids([60000], 4)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        engine.generate_ids([5], -1)
+    with pytest.raises(GenerationError, match="one prompt"):
+        list(engine.stream(["a", "b"], 4))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate("a", 4, temperature=-0.5)
+
+
+def test_larger_batch_than_cache_reallocates(engine):
+    small = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=64)
+    out = small.generate_ids([[5, 6], [7, 8, 9]], 6, ignore_eos=True)
+    assert small.cache.max_batch == 2 and len(out) == 2
+
+
+# ----------------------------------------------------------------- scoring --
+
+
+def test_score_matches_transformers_log_softmax(tokenizer):
+    hf, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    e = Pythia(model, tokenizer, max_len=64)
+    ids = [5, 900, 77, 3000, 12, 8]
+    s = e.score(ids)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([[0] + ids])).logits[0].float(), -1)
+    ref = lp[:-1].gather(1, torch.tensor(ids).view(-1, 1)).squeeze(1)
+    assert torch.allclose(s.logprobs, ref, atol=1e-4)
+    assert s.tokens == ids
+    assert math.isclose(s.perplexity, math.exp(-ref.mean().item()), rel_tol=1e-4)
+    no_eos = e.score(ids, prepend_eos=False)
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    assert torch.allclose(no_eos.logprobs, lp[:-1].gather(1, torch.tensor(ids[1:]).view(-1, 1)).squeeze(1), atol=1e-4)
+
+
+def test_score_long_text_in_windows(tokenizer):
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    wide = Pythia(model, tokenizer, max_len=64)
+    narrow = Pythia(model, tokenizer, max_len=16)
+    ids = torch.randint(2, 50000, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    a, b = wide.score(ids), narrow.score(ids)
+    assert len(b.logprobs) == 40 and torch.isfinite(b.logprobs).all()
+    # The first window is scored with full context in both.
+    assert torch.allclose(a.logprobs[:15], b.logprobs[:15], atol=1e-5)
+    # Later tokens see at most 16 tokens of context: each window's new targets equal
+    # a direct score of that window.
+    direct = narrow.score(([0] + ids)[8:24], prepend_eos=False)
+    assert torch.allclose(b.logprobs[15:23], direct.logprobs[-8:], atol=1e-5)
+
+
+def test_score_batch_returns_one_result_per_text(engine):
+    out = engine.score(["Hello world", "Once upon a time"])
+    assert len(out) == 2 and all(math.isfinite(s.perplexity) for s in out)

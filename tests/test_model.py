@@ -1,0 +1,266 @@
+"""The engine against transformers' GPT-NeoX, on random checkpoints.
+
+Our model quantizes; transformers gets the same weights dequantized, so the
+comparisons isolate our arithmetic: rotary, the KV cache, attention, the
+4-bit GEMM, LayerNorm, GELU and the parallel residual.
+"""
+import pytest
+import torch
+
+from neox import SHAPES, hf_model, pair
+from pythia_native.config import PythiaConfig
+from pythia_native.errors import CheckpointError, ConfigError
+from pythia_native.generate import Pythia
+from pythia_native.model import KVCache, PythiaModel
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def full_positions(B, T):
+    return torch.arange(T).expand(B, T)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "14m", "hd80", "hd256", "160m"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_prefill_logits_match_transformers(shape, quant_type):
+    if shape == "160m" and quant_type == "fp4":
+        pytest.skip("one quant type is enough for the large shape")
+    hf, model = pair(shape, quant_type=quant_type)
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    cache = model.new_cache(2, 64)
+    ours = model(ids, full_positions(2, 37), cache, span=37, last_only=False)
+    assert rel_err(ours, ref) <= 1e-4
+
+
+def test_rotary_dims_and_head_dim_read_from_config():
+    hf, model = pair("hd80")
+    assert model.config.head_dim == 80 and model.config.rotary_ndims == 20
+    hf, model = pair("hd256")
+    assert model.config.head_dim == 256 and model.config.rotary_ndims == 64
+
+
+def test_sequential_residual_variant():
+    hf, model = pair("tiny", hf_overrides=dict(use_parallel_residual=False))
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = model(ids, full_positions(1, 9), model.new_cache(1, 16), span=9, last_only=False)
+    assert rel_err(ours, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("shape", ["tiny", "hd80"])
+def test_incremental_decode_equals_full_forward(shape):
+    _, model = pair(shape)
+    vocab = SHAPES[shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (2, 24))
+    cache = model.new_cache(2, 32)
+    logits = model(ids[:, :8], full_positions(2, 8), cache, span=8)
+    for t in range(8, 24):
+        full = model(ids[:, : t], full_positions(2, t), model.new_cache(2, 32), span=t)
+        assert rel_err(logits, full) <= 1e-5, f"step {t}"
+        logits = model(ids[:, t : t + 1], torch.full((2, 1), t), cache)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "14m", "hd80", "hd256", "160m"])
+def test_greedy_generation_matches_transformers(shape):
+    hf, model = pair(shape)
+    prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (1, 11))
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=1)[0, 11:]
+    engine = Pythia(model, max_len=128)
+    ours = engine.generate_ids(prompt[0].tolist(), 64, ignore_eos=True)
+    assert ours == ref.tolist()
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    _, model = pair("14m")
+    engine = Pythia(model, max_batch=4, max_len=128)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in (5, 17, 1, 12)]
+    batched = engine.generate_ids(prompts, 32, ignore_eos=True)
+    alone = [engine.generate_ids(p, 32, ignore_eos=True) for p in prompts]
+    assert batched == alone
+    # Sampling too: each row of a batch draws from its own distribution, so compare
+    # the distributions (logits) rather than draws: the prefill logits of a padded row
+    # equal the row alone.
+    B, T = len(prompts), max(map(len, prompts))
+    ids = torch.ones(B, T, dtype=torch.int64)
+    pos = torch.full((B, T), -1)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p) :] = torch.tensor(p)
+        pos[b, T - len(p) :] = torch.arange(len(p))
+    padded = model(ids, pos, model.new_cache(B, 64), span=T)
+    for b, p in enumerate(prompts):
+        single = model(torch.tensor([p]), full_positions(1, len(p)), model.new_cache(1, 64), span=len(p))
+        assert rel_err(padded[b : b + 1], single) <= 1e-5
+
+
+def test_generate_continues_after_earlier_calls_without_stale_cache():
+    _, model = pair("tiny")
+    engine = Pythia(model, max_len=64)
+    a = engine.generate_ids([5, 6, 7, 8, 9, 10, 11, 12], 16, ignore_eos=True)
+    engine.generate_ids([100, 101], 40, ignore_eos=True)  # writes further slots
+    assert engine.generate_ids([5, 6, 7, 8, 9, 10, 11, 12], 16, ignore_eos=True) == a
+
+
+def test_dense_model_matches_transformers_weights_exactly():
+    hf = hf_model("tiny")
+    model = PythiaModel.from_hf(hf, quant_type=None)
+    ids = torch.randint(0, 512, (1, 13))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    ours = model(ids, full_positions(1, 13), model.new_cache(1, 16), span=13, last_only=False)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_bf16_activations_error_within_twice_transformers_bf16():
+    hf, model32 = pair("14m")
+    ids = torch.randint(0, 1024, (2, 29))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        hf_bf16 = hf.to(torch.bfloat16)(ids).logits.float()
+    model = PythiaModel.from_hf(hf.float(), dtype=torch.bfloat16)
+    ours = model(ids, full_positions(2, 29), model.new_cache(2, 32), span=29, last_only=False)
+    assert ours.dtype == torch.float32
+    assert rel_err(ours, ref) <= 2 * rel_err(hf_bf16, ref)
+
+
+def test_quantized_embed_out_costs_bounded_logit_error():
+    hf, dense_head = pair("14m")
+    quant_head = PythiaModel.from_hf(hf_model("14m"), quantize_embed_out=True)
+    ids = torch.randint(0, 1024, (1, 16))
+    a = dense_head(ids, full_positions(1, 16), dense_head.new_cache(1, 16), span=16, last_only=False)
+    b = quant_head(ids, full_positions(1, 16), quant_head.new_cache(1, 16), span=16, last_only=False)
+    err = rel_err(b, a)
+    # 4-bit embed_out: a few percent of the logit range (NF4 step ~ 1/16 of the block max).
+    assert 1e-4 < err < 0.1
+    # And it is exactly the 4-bit matmul: transformers with the dequantized head agrees.
+    hf_q = hf_model("14m")
+    from neox import give_dequantized
+
+    give_dequantized(hf_q, quant_head)
+    with torch.no_grad():
+        ref = hf_q(ids).logits
+    assert rel_err(b, ref) <= 1e-4
+
+
+def test_double_quant_model_close_to_plain_absmax():
+    hf = hf_model("tiny")
+    plain = PythiaModel.from_hf(hf)
+    dq = PythiaModel.from_hf(hf, double_quant=True)
+    ids = torch.randint(0, 512, (1, 10))
+    a = plain(ids, full_positions(1, 10), plain.new_cache(1, 16), span=10, last_only=False)
+    b = dq(ids, full_positions(1, 10), dq.new_cache(1, 16), span=10, last_only=False)
+    assert 0 < rel_err(b, a) < 1e-2
+    assert dq.gpt_neox.layers[0].attention.dense.nested is not None
+
+
+def test_hidden_states_are_returned_per_layer():
+    hf, model = pair("tiny")
+    ids = torch.randint(0, 512, (1, 6))
+    hs = []
+    model(ids, full_positions(1, 6), model.new_cache(1, 8), span=6, hidden_states=hs)
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True).hidden_states
+    assert len(hs) == len(ref) == 3
+    for a, b in zip(hs[:-1], ref[:-1]):  # transformers applies the final LayerNorm to its last entry
+        assert rel_err(a, b) <= 1e-4
+
+
+# ----------------------------------------------------------------- loading --
+
+
+def test_load_tensors_reports_missing_unexpected_and_bad_shapes():
+    hf = hf_model("tiny")
+    model = PythiaModel(PythiaConfig.from_dict(hf.config.to_dict()))
+    sd = dict(hf.state_dict())
+    del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*layers.1.mlp.dense_4h_to_h.weight"):
+        model.load_tensors(sd.items())
+    sd = dict(hf.state_dict())
+    sd["gpt_neox.layers.9.attention.dense.weight"] = torch.zeros(64, 64)
+    with pytest.raises(CheckpointError, match="layers.9.attention.dense.weight"):
+        model.load_tensors(sd.items())
+    sd = dict(hf.state_dict())
+    sd["gpt_neox.layers.0.attention.dense.weight"] = torch.zeros(64, 65)
+    with pytest.raises(CheckpointError, match=r"attention.dense.weight: shape \(64, 65\)"):
+        model.load_tensors(sd.items())
+    sd = dict(hf.state_dict())
+    sd["gpt_neox.final_layer_norm.weight"] = torch.zeros(7)
+    with pytest.raises(CheckpointError, match="final_layer_norm.weight"):
+        model.load_tensors(sd.items())
+
+
+def test_load_tensors_skips_old_buffers_and_keeps_storage():
+    hf = hf_model("tiny")
+    model = PythiaModel.from_hf(hf)
+    ptr = model.gpt_neox.layers[0].attention.query_key_value.weight.data_ptr()
+    sd = dict(hf.state_dict())
+    sd["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    sd["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    sd["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    model.load_tensors(sd.items())
+    assert model.gpt_neox.layers[0].attention.query_key_value.weight.data_ptr() == ptr
+
+
+def test_kv_cache_bounds():
+    cfg = PythiaConfig.from_dict(hf_model("tiny").config.to_dict())
+    with pytest.raises(ValueError, match="max_len"):
+        KVCache(cfg, 1, cfg.max_position_embeddings + 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="max_batch"):
+        KVCache(cfg, 0, 8, torch.float32, "cpu")
+    c = KVCache(cfg, 2, 8, torch.float32, "cpu")
+    assert c.k.shape == (2, 2, 4, 8, 16) and c.nbytes == 2 * c.k.numel() * 4
+
+
+# ------------------------------------------------------------------ config --
+
+PUBLISHED_160M = {
+    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
+    "hidden_act": "gelu", "hidden_size": 768, "initializer_range": 0.02,
+    "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048, "model_type": "gpt_neox",
+    "num_attention_heads": 12, "num_hidden_layers": 12, "rotary_emb_base": 10000,
+    "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.24.0", "use_cache": True,
+    "use_parallel_residual": True, "vocab_size": 50304,
+}
+
+
+def test_config_reads_published_and_transformers5_spellings():
+    old = PythiaConfig.from_dict(PUBLISHED_160M)
+    assert (old.head_dim, old.rotary_ndims, old.rope_theta, old.vocab_size) == (64, 16, 10000.0, 50304)
+    new = PythiaConfig.from_dict(hf_model("hd80").config.to_dict())
+    assert new.rotary_ndims == 20 and new.rope_theta == 10000.0
+    custom = dict(PUBLISHED_160M)
+    del custom["rotary_pct"], custom["rotary_emb_base"]
+    custom["rope_parameters"] = {"partial_rotary_factor": 0.5, "rope_theta": 500.0, "rope_type": "default"}
+    c = PythiaConfig.from_dict(custom)
+    assert c.rotary_ndims == 32 and c.rope_theta == 500.0
+    assert PythiaConfig.from_dict(c.to_dict()) == c
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="model_type is 'llama'"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "model_type": "llama"})
+    with pytest.raises(ConfigError, match="missing hidden_size"):
+        PythiaConfig.from_dict({k: v for k, v in PUBLISHED_160M.items() if k != "hidden_size"})
+    with pytest.raises(ConfigError, match="not a multiple"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "num_attention_heads": 7})
+    with pytest.raises(ConfigError, match="hidden_act"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "hidden_act": "relu"})
+    with pytest.raises(ConfigError, match="no config.json"):
+        PythiaConfig.from_json(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        PythiaConfig.from_json(tmp_path)
+
+
+def test_model_rejects_unsupported_dtype():
+    cfg = PythiaConfig.from_dict(PUBLISHED_160M)
+    with pytest.raises(ValueError, match="dtype"):
+        PythiaModel(cfg, dtype=torch.float64)
