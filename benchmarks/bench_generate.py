@@ -1,0 +1,231 @@
+"""End-to-end decode speed and peak memory: pythia-native NF4 vs transformers
+(fp32, bf16) vs transformers + bitsandbytes NF4, on random models shaped like
+pythia-160m and pythia-1.4b, measured in the same run.
+
+Decode tokens/s excludes the prompt: each variant generates ``1`` and then
+``new`` tokens after the same prompt, and ``(new - 1) * batch / (t_new - t_1)``
+is the rate (median of ``--repeats`` runs). Every variant runs in its own
+process so its peak memory (max RSS on the CPU, max allocated on CUDA) is its
+own. "Bandwidth achieved" is the bytes of weights one decode step reads
+(4-bit layers, their absmax, the dense embed_out row block) over the step time,
+beside the copy bandwidth measured on this machine.
+
+    python benchmarks/bench_generate.py --device cpu --threads 2 --shapes 160m
+    python benchmarks/bench_generate.py --device cuda --shapes 160m 1.4b --batch 1 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+
+import torch
+
+SHAPES = {
+    "160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "1.4b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
+}
+VARIANTS = ["pythia-native-nf4", "transformers-fp32", "transformers-bf16", "transformers-bnb-nf4"]
+
+
+def hf_config(shape: str):
+    import transformers
+
+    return transformers.GPTNeoXConfig(
+        vocab_size=50304, max_position_embeddings=2048, eos_token_id=0, bos_token_id=0, pad_token_id=1, **SHAPES[shape]
+    )
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large tensor copy (read + write counted), the practical ceiling."""
+    n = 256 * 2**20 // 4
+    a = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * a.numel() * 4 / min(times) / 1e9
+
+
+def weight_bytes_per_token(config, dense_head_bytes: int) -> int:
+    """Bytes a decode step must read: packed 4-bit weights + float32 absmax
+    (blocksize 64) of the four Linears of every block, plus the dense embed_out."""
+    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    params = L * (3 * h * h + h * h + 2 * h * i)
+    return params // 2 + params // 64 * 4 + config.vocab_size * h * dense_head_bytes
+
+
+def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    import transformers
+
+    config = hf_config(shape)
+    ids = torch.randint(2, 50000, (batch, prompt), device=device)
+    if variant == "pythia-native-nf4":
+        from pythia_native.generate import Pythia
+        from pythia_native.model import PythiaModel
+
+        hf = transformers.GPTNeoXForCausalLM(config)
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        model = PythiaModel.from_hf(hf, dtype=dtype).to(device)
+        del hf
+        engine = Pythia(model, max_batch=batch, max_len=prompt + new)
+        prompts = ids.tolist()
+
+        def gen(n):
+            engine.generate_ids(prompts, n, ignore_eos=True)
+
+        head_bytes = torch.tensor([], dtype=dtype).element_size()
+    else:
+        if variant == "transformers-bnb-nf4":
+            # bitsandbytes quantizes while loading: save the random model, load it 4-bit.
+            tmp = tempfile.mkdtemp()
+            transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp)
+            compute = torch.float32 if device == "cpu" else torch.float16
+            q = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+            # On the CPU no device_map (that would need accelerate); on CUDA bitsandbytes quantizes on the GPU.
+            hf = transformers.GPTNeoXForCausalLM.from_pretrained(
+                tmp, quantization_config=q, **({"device_map": device} if device == "cuda" else {})
+            )
+            head_bytes = 4 if device == "cpu" else 2
+        else:
+            dtype = torch.float32 if variant == "transformers-fp32" else torch.bfloat16
+            hf = transformers.GPTNeoXForCausalLM(config).to(device=device, dtype=dtype)
+            head_bytes = torch.tensor([], dtype=dtype).element_size()
+        hf.eval()
+        mask = torch.ones_like(ids)
+
+        def gen(n):
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)
+
+    gen(2)  # warm-up (and CUDA graph capture for ours)
+    gen(new)
+    t1, tn = [], []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        gen(1)
+        sync(device)
+        t1.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        gen(new)
+        sync(device)
+        tn.append(time.perf_counter() - t)
+    decode_s = max(statistics.median(tn) - statistics.median(t1), 1e-9)
+    tok_s = (new - 1) * batch / decode_s
+    step_s = decode_s / (new - 1)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if variant.startswith("transformers-") and variant != "transformers-bnb-nf4":
+        h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        read = (L * (4 * h * h + 2 * h * i) + config.vocab_size * h) * head_bytes
+    else:
+        read = weight_bytes_per_token(config, head_bytes)
+    return dict(variant=variant, shape=shape, batch=batch, tok_s=tok_s, step_ms=step_s * 1e3, peak_mb=peak / 2**20,
+                weight_gb_s=read / step_s / 1e9)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shapes", nargs="+", default=["160m"], choices=list(SHAPES))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    ap.add_argument("--out", help="append the markdown table to this file")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    args = ap.parse_args()
+
+    if args.one:
+        v, shape, batch = args.one.split(",")
+        r = run_variant(v, shape, args.device, int(batch), args.prompt, args.new, args.repeats, args.threads)
+        print("RESULT " + json.dumps(r))
+        return
+
+    bw = copy_bandwidth(args.device)
+    rows = []
+    for shape in args.shapes:
+        for batch in args.batch:
+            for v in args.variants:
+                cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
+                       "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
+                       "--threads", str(args.threads)]
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"{v} {shape} b{batch}: FAILED ({err})", file=sys.stderr)
+                    rows.append(dict(variant=v, shape=shape, batch=batch, error=err))
+                    continue
+                r = json.loads(line[7:])
+                rows.append(r)
+                print(f"{v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  {r['step_ms']:7.2f} ms/step  "
+                      f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
+
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
+    try:
+        import bitsandbytes
+
+        bnb_v = bitsandbytes.__version__
+    except Exception:
+        bnb_v = "absent"
+    import transformers
+
+    lines = [
+        f"## Decode, {args.device} ({dev}), {args.threads} thread(s), prompt {args.prompt}, {args.new} new tokens, "
+        f"median of {args.repeats}",
+        "",
+        f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb_v}, {date.today()}; "
+        f"measured copy bandwidth {bw:.1f} GB/s.",
+        "",
+        "| shape | batch | variant | decode tok/s | ms/step | vs transformers+bnb | weights GB/s | % of copy bw | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | |")
+            continue
+        peer = next((q for q in rows if q["shape"] == r["shape"] and q["batch"] == r["batch"]
+                     and q["variant"] == "transformers-bnb-nf4" and "error" not in q), None)
+        ratio = f"{r['tok_s'] / peer['tok_s']:.2f}x" if peer else "n/a"
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | {ratio} | "
+            f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['peak_mb']:.0f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
