@@ -184,7 +184,20 @@ def close_matches(name: str, n: int = 5) -> list[str]:
     key = name.strip().lower()
     if "/" in key:
         key = key.split("/", 1)[1]
-    return difflib.get_close_matches(key, list(MODELS) + list(RENAMED), n=n, cutoff=0.6)
+    similar = difflib.get_close_matches(key, list(MODELS) + list(RENAMED), n=n, cutoff=0.6)
+    # A real size with a variant it lacks (pythia-14m-deduped): that size's models come first.
+    size_match = re.match(r"pythia-(\d+(?:\.\d+)?[mb])(?![\w.])", key)
+    size = RENAMED_SIZES.get(size_match.group(1), size_match.group(1)) if size_match else None
+    same_size = [m.name for m in MODELS.values() if m.size == size]
+    wants_seed, parts = "seed" in key, set(key.split("-"))
+    same_size.sort(
+        key=lambda m: (
+            parts != set(m.split("-")),  # the right parts in the wrong order (pythia-160m-v0-deduped)
+            wants_seed != (MODELS[m].seed is not None),
+            -difflib.SequenceMatcher(None, key, m).ratio(),
+        )
+    )
+    return list(dict.fromkeys(same_size[:n] + similar))[:n]
 
 
 def _unknown_pythia(name: str) -> ModelNotFoundError:
