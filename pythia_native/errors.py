@@ -1,20 +1,61 @@
-"""The exceptions pythia-native raises for bad input it can name.
+"""The exceptions and warnings of pythia-native.
 
-The command line catches :class:`PythiaNativeError` and prints its message as
-one line; everything else is a bug and keeps its traceback.
+Every error the package raises on purpose derives from ``PythiaNativeError``,
+so a command line can catch that one class and print ``str(error)``: each
+message names the problem *and* the fix on its own. The subclasses also derive
+from the closest built-in class, so ``except ValueError`` / ``except
+FileNotFoundError`` in caller code keeps working.
+
+| class | raised when |
+| --- | --- |
+| ``ModelNotFoundError`` | unknown Pythia name, repo not on the hub (or private/gated), missing local directory |
+| ``RevisionError`` | a revision that the suite does not have (checked before any network access), or one the hub does not have |
+| ``OfflineError`` | offline (``HF_HUB_OFFLINE=1`` / ``local_files_only``) and the revision or some of its files are not cached |
+| ``HubConnectionError`` | the hub could not be reached (or answered with a server error) and nothing usable is cached |
+| ``CheckpointError`` | a weight file is missing, truncated, corrupt, or an index names a shard that is not there |
+| ``ConfigError`` | ``config.json`` missing, not JSON, or not a GPT-NeoX causal LM |
 """
+from __future__ import annotations
 
 
 class PythiaNativeError(Exception):
-    """Base class: the message names the problem and, where there is one, the fix."""
+    """Base class of the errors pythia-native raises on purpose (one-line, actionable messages)."""
+
+
+class ModelNotFoundError(PythiaNativeError, LookupError):
+    """The model name, hub repository or local directory does not exist (or is not accessible)."""
+
+
+class RevisionError(PythiaNativeError, ValueError):
+    """The revision is not one the model has (invalid ``stepN``, unknown branch, bad hash)."""
+
+
+class OfflineError(PythiaNativeError, FileNotFoundError):
+    """Network use is disabled and the requested revision (or some of its files) is not cached."""
+
+
+class HubConnectionError(PythiaNativeError, ConnectionError):
+    """The Hugging Face hub could not be reached and the files are not cached either."""
+
+
+class CheckpointError(PythiaNativeError, OSError):
+    """A checkpoint file is missing, truncated, corrupt or inconsistent with its index."""
 
 
 class ConfigError(PythiaNativeError, ValueError):
-    """A config.json that is missing, malformed, or not GPT-NeoX."""
+    """``config.json`` is missing, not valid JSON, or does not describe a GPT-NeoX causal LM."""
 
 
-class CheckpointError(PythiaNativeError, ValueError):
-    """A weight file that is missing, truncated, corrupt, or does not fit the config."""
+class PythiaNativeWarning(UserWarning):
+    """Base class of the warnings pythia-native issues."""
+
+
+class RenamedModelWarning(PythiaNativeWarning):
+    """A Pythia name from before the January 2023 rename was used; the new name is used instead."""
+
+
+class CheckpointDataWarning(PythiaNativeWarning):
+    """The requested hub branch is known to hold wrong or duplicated weights (a data problem upstream)."""
 
 
 class GenerationError(PythiaNativeError, ValueError):
