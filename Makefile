@@ -25,7 +25,7 @@ $(VENV)/.deps: pyproject.toml Makefile | $(PY)
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
-	    "pytest>=8" expecttest "bitsandbytes>=0.45" "transformers>=4.45"
+	    "pytest>=8" expecttest "bitsandbytes>=0.45" "transformers>=4.45" "accelerate>=1.1"
 	touch $@
 
 # Incremental: ninja recompiles only what changed (build/ keeps the objects).

@@ -15,6 +15,7 @@ every sequence's positions start at 0 at its own first token.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -346,6 +347,19 @@ class Pythia:
         if not ignore_eos and self.config.eos_token_id is not None:
             ids.add(int(self.config.eos_token_id))
         return ids, strings
+
+    # -------------------------------------------------------------- export --
+
+    def save_pretrained(self, directory) -> "os.PathLike":
+        """Write a bitsandbytes-format 4-bit checkpoint (config, safetensors,
+        tokenizer) that transformers + bitsandbytes and :func:`pythia_native.load` read."""
+        from .export import save_pretrained
+
+        source = getattr(self, "source", None)
+        out = save_pretrained(self.model, directory, tokenizer_dir=source[2] if source else None)
+        if self.tokenizer is not None and not (out / "tokenizer.json").is_file():
+            self.tokenizer.save(out / "tokenizer.json")
+        return out
 
     # ------------------------------------------------------------- scoring --
 

@@ -21,8 +21,7 @@ left-padded batch computes exactly what each sequence would alone.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from .config import PythiaConfig
 from .errors import CheckpointError
 from .format import check_quant_type
 from .quantized_linear import QuantizedLinear
+from .weights import is_skipped_buffer
 
 # The four Linear layers of a block that are stored in 4 bits.
 QUANTIZED_LINEARS = (
@@ -41,13 +41,6 @@ QUANTIZED_LINEARS = (
     "mlp.dense_h_to_4h",
     "mlp.dense_4h_to_h",
 )
-
-# Checkpoint entries that are not weights (causal-mask and rotary buffers of old transformers).
-SKIPPED_BUFFERS = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
-
-
-def is_skipped_buffer(name: str) -> bool:
-    return name.endswith(SKIPPED_BUFFERS)
 
 
 class KVCache:
@@ -283,7 +276,7 @@ class PythiaModel(nn.Module):
         entries may sit in different shards). Dense tensors are cast to the
         model's dtype (LayerNorm stays float32). Parameters are written in
         place, so captured CUDA graphs stay valid. The buffers in
-        ``SKIPPED_BUFFERS`` are ignored. With ``strict``, a missing or unknown
+        ``weights.SKIPPED_BUFFERS`` are ignored. With ``strict``, a missing or unknown
         key raises :class:`CheckpointError`.
         """
         own = {n: p for n, p in self.named_parameters()}

@@ -50,6 +50,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def save(self, path: str | os.PathLike) -> None:
+        self._tok.save(os.fspath(path))
+
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
 

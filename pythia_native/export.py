@@ -1,0 +1,75 @@
+"""Writing a bitsandbytes-format 4-bit checkpoint that transformers + bitsandbytes load.
+
+Layout (FORMAT.md): ``config.json`` with a ``quantization_config`` as
+transformers writes it, ``model.safetensors`` with each 4-bit Linear as
+``weight`` (packed uint8), ``weight.absmax``, ``weight.quant_map``,
+``weight.quant_state.bitsandbytes__<nf4|fp4>`` (plus ``nested_*`` with double
+quantization), everything else dense, and the tokenizer files copied along.
+pythia-native reloads it without re-quantizing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from .model import PythiaModel
+from .quantized_linear import QuantizedLinear
+from .weights import TOKENIZER_FILES
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def quantization_config(model: PythiaModel) -> dict:
+    """The ``quantization_config`` transformers' BitsAndBytesConfig serializes for this model."""
+    if model.quant_type is None:
+        raise ValueError("a dense model (quant_type=None) has no 4-bit checkpoint to export")
+    # None lets transformers keep the output head dense, as it does by default (it
+    # finds the head under its own module name, lm_head or embed_out); an empty
+    # list converts every Linear, the head included.
+    skip = [] if isinstance(model.embed_out, QuantizedLinear) else None
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": model.quant_type,
+        "bnb_4bit_use_double_quant": bool(model.double_quant),
+        "bnb_4bit_compute_dtype": _DTYPE_NAMES[model.dtype],
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": skip,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def save_pretrained(
+    model: PythiaModel,
+    directory: Union[str, os.PathLike],
+    tokenizer_dir: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """Write ``model`` as a 4-bit checkpoint into ``directory`` (created if needed).
+    ``tokenizer_dir``: where to copy the tokenizer files from (the source checkpoint)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["torch_dtype"] = _DTYPE_NAMES[model.dtype]
+    config["quantization_config"] = quantization_config(model)
+    # safetensors stores each tensor once, contiguous, on the CPU.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+    return out

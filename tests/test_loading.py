@@ -1,0 +1,201 @@
+"""load() from checkpoint directories: dense (quantized while loading),
+bitsandbytes 4-bit written by transformers itself (used as is), and our export
+read back by transformers + bitsandbytes and by us."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from neox import hf_model, tokenizer_path, trained_tokenizer
+from pythia_native.errors import CheckpointError, ConfigError, PythiaNativeError
+from pythia_native.loading import DeviceError, load, resolve_device
+from pythia_native.model import PythiaModel
+from pythia_native.quantized_linear import QuantizedLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def tok_file(tmp_path_factory):
+    return tokenizer_path() or trained_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def save_dense(hf, directory, tok_file, **kw):
+    hf.save_pretrained(directory, **kw)
+    shutil.copyfile(tok_file, directory / "tokenizer.json")
+    return directory
+
+
+def exact_bnb(model):
+    """bitsandbytes' CPU Linear4bit multiplies in bf16 on AVX512-BF16 CPUs; the
+    float32 path is the one our float32 model must match to 1e-4."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def logits_of(engine_or_model, ids):
+    model = getattr(engine_or_model, "model", engine_or_model)
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, pos, model.new_cache(ids.shape[0], 64), span=ids.shape[1], last_only=False)
+
+
+def test_load_dense_checkpoint_quantizes_like_from_hf(tmp_path, tok_file):
+    hf = hf_model("tiny", vocab_size=50304)
+    d = save_dense(hf, tmp_path / "ckpt", tok_file)
+    engine = load(d, device="cpu")
+    ref = PythiaModel.from_hf(hf)
+    ids = torch.randint(0, 50000, (2, 9))
+    assert torch.equal(logits_of(engine, ids), logits_of(ref, ids))
+    assert engine.tokenizer is not None and isinstance(engine.generate("Hello", 4, ignore_eos=True), str)
+
+
+def test_load_bin_checkpoint(tmp_path, tok_file):
+    hf = hf_model("tiny", vocab_size=50304)
+    d = tmp_path / "bin"
+    d.mkdir()
+    hf.config.save_pretrained(d)
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf.state_dict().items()}
+    torch.save(sd, d / "pytorch_model.bin")
+    shutil.copyfile(tok_file, d / "tokenizer.json")
+    ids = torch.randint(0, 50000, (1, 7))
+    assert torch.equal(logits_of(load(d, device="cpu"), ids), logits_of(PythiaModel.from_hf(hf), ids))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_checkpoint_from_transformers_is_used_as_is(tmp_path, tok_file, quant_type, double_quant):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    hf = hf_model("tiny", vocab_size=50304)
+    dense = save_dense(hf, tmp_path / "dense", tok_file)
+    q = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    bnb_model = transformers.GPTNeoXForCausalLM.from_pretrained(dense, quantization_config=q).eval()
+    exact_bnb(bnb_model)
+    qdir = tmp_path / "bnb"
+    bnb_model.save_pretrained(qdir)
+    shutil.copyfile(tok_file, qdir / "tokenizer.json")
+
+    engine = load(qdir, device="cpu")
+    layer = engine.model.gpt_neox.layers[1].mlp.dense_h_to_4h
+    assert isinstance(layer, QuantizedLinear) and layer.quant_type == quant_type
+    assert (layer.nested is not None) == double_quant
+    # The packed bytes are the file's: never re-quantized.
+    from safetensors import safe_open
+
+    with safe_open(qdir / "model.safetensors", "pt") as f:
+        assert torch.equal(layer.weight.reshape(-1), f.get_tensor("gpt_neox.layers.1.mlp.dense_h_to_4h.weight").reshape(-1))
+    ids = torch.randint(0, 50000, (2, 11))
+    with torch.no_grad():
+        ref = bnb_model(ids).logits
+    assert rel_err(logits_of(engine, ids), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_export_loads_in_transformers_and_back_without_requantizing(tmp_path, tok_file, double_quant):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    hf = hf_model("tiny", vocab_size=50304)
+    engine = load(save_dense(hf, tmp_path / "dense", tok_file), device="cpu", double_quant=double_quant)
+    out = engine.save_pretrained(tmp_path / "export")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert (out / "tokenizer.json").is_file()
+
+    ids = torch.randint(0, 50000, (2, 10))
+    ours = logits_of(engine, ids)
+    theirs = exact_bnb(transformers.GPTNeoXForCausalLM.from_pretrained(out).eval())
+    with torch.no_grad():
+        assert rel_err(theirs(ids).logits, ours) <= 1e-4
+
+    back = load(out, device="cpu")
+    for a, b in zip(engine.model.gpt_neox.layers, back.model.gpt_neox.layers):
+        assert torch.equal(a.attention.query_key_value.weight, b.attention.query_key_value.weight)
+        assert torch.equal(a.attention.query_key_value.absmax, b.attention.query_key_value.absmax)
+    assert torch.equal(logits_of(back, ids), ours)
+
+
+def test_export_with_quantized_embed_out_loads_in_transformers(tmp_path, tok_file):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    hf = hf_model("tiny", vocab_size=50304)
+    engine = load(save_dense(hf, tmp_path / "dense", tok_file), device="cpu", quantize_embed_out=True)
+    out = engine.save_pretrained(tmp_path / "export")
+    ids = torch.randint(0, 50000, (1, 8))
+    theirs = exact_bnb(transformers.GPTNeoXForCausalLM.from_pretrained(out).eval())
+    with torch.no_grad():
+        assert rel_err(theirs(ids).logits, logits_of(engine, ids)) <= 1e-4
+    back = load(out, device="cpu")
+    assert isinstance(back.model.embed_out, QuantizedLinear)
+    assert torch.equal(logits_of(back, ids), logits_of(engine, ids))
+
+
+def test_export_of_dense_model_is_refused(tmp_path):
+    model = PythiaModel.from_hf(hf_model("tiny"), quant_type=None)
+    from pythia_native.export import save_pretrained
+
+    with pytest.raises(ValueError, match="dense model"):
+        save_pretrained(model, tmp_path)
+
+
+def test_load_errors_name_the_problem(tmp_path, tok_file):
+    hf = hf_model("tiny", vocab_size=50304)
+    d = save_dense(hf, tmp_path / "ok", tok_file)
+    # Truncated weights.
+    bad = tmp_path / "truncated"
+    shutil.copytree(d, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load(bad, device="cpu")
+    # Not GPT-NeoX.
+    other = tmp_path / "llama"
+    shutil.copytree(d, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="llama"):
+        load(other, device="cpu")
+    # No tokenizer.
+    notok = tmp_path / "notok"
+    shutil.copytree(d, notok)
+    (notok / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load(notok, device="cpu")
+    # A config whose shapes do not fit the weights.
+    wrong = tmp_path / "wrong"
+    shutil.copytree(d, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp.dense_(h_to_4h|4h_to_h).weight: shape .* does not fit the config"):
+        load(wrong, device="cpu")
+    # 8-bit bitsandbytes checkpoints are refused by name.
+    eight = tmp_path / "eight"
+    shutil.copytree(d, eight)
+    cfg = json.loads((eight / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (eight / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="8-bit"):
+        load(eight, device="cpu")
+    assert issubclass(DeviceError, PythiaNativeError)
+
+
+def test_devices_are_checked():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(DeviceError, match="not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(DeviceError, match="cpu' and 'cuda' only"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
