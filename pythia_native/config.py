@@ -24,6 +24,24 @@ from .errors import ConfigError
 _ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
 
 
+# The architectures of the suite (../shared/docs/PYTHIA.md), for random-weight
+# models (benchmarks, `pythia-native bench --random-weights`). Real checkpoints
+# are always described by their own config.json, never by this table.
+SUITE_ARCHITECTURES = {
+    # size: (layers, hidden, heads, intermediate, vocab)
+    "14m": (6, 128, 4, 512, 50304),
+    "31m": (6, 256, 8, 1024, 50304),
+    "70m": (6, 512, 8, 2048, 50304),
+    "160m": (12, 768, 12, 3072, 50304),
+    "410m": (24, 1024, 16, 4096, 50304),
+    "1b": (16, 2048, 8, 8192, 50304),
+    "1.4b": (24, 2048, 16, 8192, 50304),
+    "2.8b": (32, 2560, 32, 10240, 50304),
+    "6.9b": (32, 4096, 32, 16384, 50432),
+    "12b": (36, 5120, 40, 20480, 50688),
+}
+
+
 @dataclass(frozen=True)
 class PythiaConfig:
     """The architecture facts the engine needs; field names follow transformers'."""
@@ -64,6 +82,17 @@ class PythiaConfig:
             raise ConfigError(f"config: hidden_act {self.hidden_act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
         if self.tie_word_embeddings:
             raise ConfigError("config: tie_word_embeddings=true is not GPT-NeoX as Pythia ships it (embed_out is its own matrix)")
+
+    @classmethod
+    def for_size(cls, size: str, **overrides) -> "PythiaConfig":
+        """The architecture of a suite size ("160m", "1.4b", ...), for random-weight models."""
+        if size not in SUITE_ARCHITECTURES:
+            raise ConfigError(f"unknown Pythia size {size!r} (known: {', '.join(SUITE_ARCHITECTURES)})")
+        layers, hidden, heads, inter, vocab = SUITE_ARCHITECTURES[size]
+        kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=inter)
+        kw.update(overrides)
+        return cls(**kw)
 
     @property
     def head_dim(self) -> int:

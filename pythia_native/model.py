@@ -336,6 +336,24 @@ class PythiaModel(nn.Module):
                 )
 
     @classmethod
+    def random(cls, config: PythiaConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "PythiaModel":
+        """A model with random weights (normal, ``std``; LayerNorm at 1/0), quantized
+        like a checkpoint would be: for benchmarks and smoke tests with no download."""
+        shapes = PythiaModel(config, quant_type=None, device="meta")
+        model = cls(config, **kwargs)
+        g = torch.Generator().manual_seed(seed)
+
+        def tensors():
+            for name, p in shapes.named_parameters():
+                if "layernorm" in name or "layer_norm" in name:
+                    yield name, (torch.ones if name.endswith("weight") else torch.zeros)(p.shape)
+                else:
+                    yield name, torch.randn(p.shape, generator=g) * std
+
+        model.load_tensors(tensors())
+        return model
+
+    @classmethod
     def from_hf(cls, hf_model: nn.Module, **kwargs) -> "PythiaModel":
         """Quantize a transformers ``GPTNeoXForCausalLM`` (for tests and comparisons)."""
         config = PythiaConfig.from_dict(hf_model.config.to_dict())
