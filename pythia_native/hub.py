@@ -108,7 +108,8 @@ def _cache_location(cache_dir: Optional[Union[str, os.PathLike]]) -> str:
 
 def _fetch_hint(repo_id: str, revision: str) -> str:
     return (
-        f"run the same command once with network access (HF_HUB_OFFLINE unset, not --offline), or fetch it with "
+        f"run the same pythia-native command once with network access (without HF_HUB_OFFLINE=1 or "
+        f"local_files_only), or fetch it with "
         f"`hf download {repo_id} --revision {revision}`"
     )
 

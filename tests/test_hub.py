@@ -1,5 +1,6 @@
 """Downloads and the hub cache (pythia_native.hub). No network: caches are built on disk in the
 huggingface_hub layout, and the online calls are replaced by fakes that record what was asked."""
+import inspect
 import json
 import os
 import warnings
@@ -91,11 +92,18 @@ class FakeHub:
     def data(self, name):
         return self.contents.get(name, b"weights")
 
+    @staticmethod
+    def check_signature(real, *args, **kwargs):
+        inspect.signature(real).bind(*args, **kwargs)  # the call must also be valid for the real function
+
     def list_repo_files(self, repo_id, revision=None, token=None):
+        self.check_signature(huggingface_hub.list_repo_files, repo_id, revision=revision, token=token)
         self.calls.append(("list", repo_id, revision))
         return list(self.listing)
 
     def hf_hub_download(self, repo_id, filename, revision=None, cache_dir=None, token=None):
+        self.check_signature(huggingface_hub.hf_hub_download, repo_id, filename, revision=revision,
+                             cache_dir=cache_dir, token=token)
         self.calls.append(("file", repo_id, filename, revision))
         folder = add_snapshot(Path(cache_dir), repo_id, {filename: self.data(filename)}, refs=(revision,),
                               commit=commit_hash(7))
@@ -106,6 +114,8 @@ class FakeHub:
         if local_files_only:
             return REAL_SNAPSHOT_DOWNLOAD(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
                                           allow_patterns=allow_patterns)
+        self.check_signature(REAL_SNAPSHOT_DOWNLOAD, repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                             allow_patterns=allow_patterns)
         self.calls.append(("snapshot", repo_id, revision, tuple(allow_patterns)))
         files = {n: self.data(n) for n in self.listing if n in allow_patterns}
         storage = Path(cache_dir) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit_hash(7)
