@@ -84,7 +84,7 @@ _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*
 
 
 @dataclass(frozen=True)
-class PythiaModel:
+class SuiteModel:
     """One entry of the suite table.
 
     ``name`` is the hub repo name without the org (``"pythia-160m-deduped-v0"``),
@@ -108,31 +108,31 @@ class PythiaModel:
         return V0_STEPS if self.suite == "v0" else CURRENT_STEPS
 
 
-def _build_table() -> dict[str, PythiaModel]:
-    table: dict[str, PythiaModel] = {}
+def _build_table() -> dict[str, SuiteModel]:
+    table: dict[str, SuiteModel] = {}
 
-    def add(model: PythiaModel) -> None:
+    def add(model: SuiteModel) -> None:
         assert model.name not in table, model.name
         table[model.name] = model
 
     for size in SIZES:
-        add(PythiaModel(f"pythia-{size}", size, False, "current"))
+        add(SuiteModel(f"pythia-{size}", size, False, "current"))
         if size in DEDUPED_SIZES:
-            add(PythiaModel(f"pythia-{size}-deduped", size, True, "current"))
+            add(SuiteModel(f"pythia-{size}-deduped", size, True, "current"))
     for size in V0_SIZES:
-        add(PythiaModel(f"pythia-{size}-v0", size, False, "v0"))
-        add(PythiaModel(f"pythia-{size}-deduped-v0", size, True, "v0"))
+        add(SuiteModel(f"pythia-{size}-v0", size, False, "v0"))
+        add(SuiteModel(f"pythia-{size}-deduped-v0", size, True, "v0"))
     for size in SEED_SIZES:
         for seed in SEEDS:
-            add(PythiaModel(f"pythia-{size}-seed{seed}", size, False, "current", f"seed{seed}"))
+            add(SuiteModel(f"pythia-{size}-seed{seed}", size, False, "current", f"seed{seed}"))
     for kind in ("data", "weight"):
         for seed in DECOUPLED_SEEDS:
-            add(PythiaModel(f"pythia-160m-{kind}-seed{seed}", "160m", False, "current", f"{kind}-seed{seed}"))
+            add(SuiteModel(f"pythia-160m-{kind}-seed{seed}", "160m", False, "current", f"{kind}-seed{seed}"))
     return table
 
 
 #: name (lower case, no org) -> table entry; the only list of Pythia repos in the code
-MODELS: dict[str, PythiaModel] = _build_table()
+MODELS: dict[str, SuiteModel] = _build_table()
 
 
 def _build_renamed() -> dict[str, str]:
@@ -169,7 +169,7 @@ class ModelRef:
     suite: Optional[str]
     renamed_from: Optional[str] = None
     local_path: Optional[Path] = None
-    model: Optional[PythiaModel] = None
+    model: Optional[SuiteModel] = None
 
     @property
     def is_local(self) -> bool:
@@ -292,8 +292,8 @@ def resolve_model(name_or_path: Union[str, os.PathLike, ModelRef], *, warn: bool
     )
 
 
-def _pythia_model(model: Union[str, ModelRef, PythiaModel]) -> PythiaModel:
-    if isinstance(model, PythiaModel):
+def _pythia_model(model: Union[str, ModelRef, SuiteModel]) -> SuiteModel:
+    if isinstance(model, SuiteModel):
         return model
     ref = resolve_model(model, warn=False)
     if ref.model is None:
@@ -304,7 +304,7 @@ def _pythia_model(model: Union[str, ModelRef, PythiaModel]) -> PythiaModel:
     return ref.model
 
 
-def revisions(model: Union[str, ModelRef, PythiaModel]) -> list[str]:
+def revisions(model: Union[str, ModelRef, SuiteModel]) -> list[str]:
     """The step branches of a Pythia model, in training order (no network).
 
     154 for the current suite and seeds (``step0, step1, step2, step4, ...,
@@ -320,14 +320,14 @@ def nearest_steps(steps: tuple[int, ...], step: int, k: int = 3) -> list[int]:
     return sorted(sorted(steps, key=lambda s: (abs(s - step), s))[:k])
 
 
-def _describe_branches(model: PythiaModel) -> str:
+def _describe_branches(model: SuiteModel) -> str:
     if model.suite == "v0":
         return "its 143 branches step1000, step2000, ..., step143000 (v0 models have no earlier branches)"
     return "its 154 branches step0, step1, step2, step4, ..., step512, step1000, step2000, ..., step143000"
 
 
 def resolve_revision(
-    model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None] = None
+    model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None] = None
 ) -> str:
     """Validate and normalize a revision for ``model``, before any network access.
 
@@ -339,7 +339,7 @@ def resolve_revision(
     - repos outside the suite: any non-empty string, unchanged;
     - local directories: only ``None`` / ``"main"`` (a directory has no branches).
     """
-    if isinstance(model, PythiaModel):
+    if isinstance(model, SuiteModel):
         ref = ModelRef(model.repo_id, True, model.suite, model=model)
     else:
         ref = resolve_model(model, warn=False)
@@ -382,7 +382,7 @@ def resolve_revision(
     )
 
 
-def revision_step(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> Optional[int]:
+def revision_step(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> Optional[int]:
     """The branch step of a Pythia revision: ``main`` -> 143000, ``stepN`` -> N; ``None`` for a commit hash."""
     rev = resolve_revision(model, revision)
     if rev == "main":
@@ -392,7 +392,7 @@ def revision_step(model: Union[str, ModelRef, PythiaModel], revision: Union[str,
     return None
 
 
-def canonical_revision(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> str:
+def canonical_revision(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> str:
     """One name per checkpoint: ``main`` -> ``step143000`` (the same checkpoint), ``stepN`` -> ``stepN``.
 
     Use it to compare or de-duplicate revisions; download with the name the
@@ -400,13 +400,13 @@ def canonical_revision(model: Union[str, ModelRef, PythiaModel], revision: Union
     ``resolve_revision`` returns them.
     """
     rev = resolve_revision(model, revision)
-    ref = model if isinstance(model, PythiaModel) else resolve_model(model, warn=False).model
+    ref = model if isinstance(model, SuiteModel) else resolve_model(model, warn=False).model
     if rev == "main" and ref is not None:
         return f"step{FINAL_STEP}"
     return rev
 
 
-def optimizer_step(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> Optional[int]:
+def optimizer_step(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> Optional[int]:
     """The real optimizer step of a Pythia branch.
 
     Branch names count 2M-token steps. v0 160m, 410m and 1.4b were trained
@@ -421,7 +421,7 @@ def optimizer_step(model: Union[str, ModelRef, PythiaModel], revision: Union[str
     return step
 
 
-def tokens_seen(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> Optional[int]:
+def tokens_seen(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> Optional[int]:
     """Training tokens seen at a Pythia branch: ``step * 2,097,152`` (every model, v0 included)."""
     _pythia_model(model)
     step = revision_step(model, revision)
@@ -438,7 +438,7 @@ _28B_SECOND_BLOB = frozenset((54000, 56000, 57000, 58000, 59000, 61000, 62000, 6
 _12B_FINAL_FIRST_SHARD = frozenset((50000, 58000))
 
 
-def known_data_problems(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> list[str]:
+def known_data_problems(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> list[str]:
     """Reported problems with the weights a Pythia branch serves on the hub (empty if none known).
 
     - step0, step1 and step2 were reported to hold identical weights for the
@@ -454,7 +454,7 @@ def known_data_problems(model: Union[str, ModelRef, PythiaModel], revision: Unio
 
     These are warnings for researchers, not errors: the weights load.
     """
-    ref = model if isinstance(model, PythiaModel) else resolve_model(model, warn=False).model
+    ref = model if isinstance(model, SuiteModel) else resolve_model(model, warn=False).model
     if ref is None:
         return []
     rev = resolve_revision(ref, revision)
@@ -497,7 +497,7 @@ def known_data_problems(model: Union[str, ModelRef, PythiaModel], revision: Unio
     return problems
 
 
-def warn_known_data_problems(model: Union[str, ModelRef, PythiaModel], revision: Union[str, int, None]) -> list[str]:
+def warn_known_data_problems(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> list[str]:
     """Issue a ``CheckpointDataWarning`` for each ``known_data_problems`` entry; return the messages."""
     problems = known_data_problems(model, revision)
     for message in problems:
