@@ -9,9 +9,19 @@ from ._C import build_info
 from .format import QUANT_TYPES, code_table
 from .ops import dequantize_4bit, dequantize_absmax, gemm_4bit, quantize_4bit
 from .quantized_linear import QuantizedLinear
+from .config import PythiaConfig
+from .model import KVCache, PythiaModel
+from .generate import Pythia, Score
+from .loading import load
 
 __all__ = [
+    "KVCache",
+    "Pythia",
+    "PythiaConfig",
+    "PythiaModel",
     "QUANT_TYPES",
+    "Score",
+    "load",
     "QuantizedLinear",
     "build_info",
     "code_table",

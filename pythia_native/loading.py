@@ -61,11 +61,11 @@ def check_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> t
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
         if dtype not in names:
-            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(names)}")
+            raise DeviceError(f"dtype {dtype!r}: expected one of {sorted(names)}")
         dtype = names[dtype]
     allowed = (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
     if dtype not in allowed:
-        raise ValueError(f"dtype {dtype} is not supported on {device.type} (use one of {[str(d) for d in allowed]})")
+        raise DeviceError(f"dtype {dtype} is not supported on {device.type} (use one of {[str(d) for d in allowed]})")
     return dtype
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import ops
 from .config import PythiaConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, GenerationError
 from .format import check_quant_type
 from .quantized_linear import QuantizedLinear
 from .weights import is_skipped_buffer
@@ -54,9 +54,9 @@ class KVCache:
 
     def __init__(self, config: PythiaConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
         if max_batch < 1:
-            raise ValueError(f"KVCache: max_batch must be >= 1, got {max_batch}")
+            raise GenerationError(f"KVCache: max_batch must be >= 1, got {max_batch}")
         if not 1 <= max_len <= config.max_position_embeddings:
-            raise ValueError(
+            raise GenerationError(
                 f"KVCache: max_len must be in [1, max_position_embeddings={config.max_position_embeddings}], got {max_len}"
             )
         shape = (config.num_hidden_layers, max_batch, config.num_attention_heads, max_len, config.head_dim)

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from .errors import GenerationError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,11 +31,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature is None or self.temperature < 0 or self.temperature != self.temperature:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+            raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,247 @@
+"""The ``pythia-native`` command line.
+
+    pythia-native generate "Once upon a time"                     # pythia-160m, streamed
+    pythia-native generate --model pythia-1.4b-deduped --revision step71000 --temperature 0.8 "..."
+    pythia-native score --model pythia-410m text.txt              # perplexity
+    pythia-native revisions pythia-160m                           # the 154 branches
+    pythia-native export --model pythia-160m out/                 # a bitsandbytes 4-bit checkpoint
+    pythia-native bench --random-weights --size 160m              # tokens/s, no download
+
+Errors a user can fix (unknown model, bad revision, offline without a cache,
+corrupt file, not GPT-NeoX, missing tokenizer, no GPU) end with one line on
+stderr and exit code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from typing import Optional, Sequence
+
+DEFAULT_MODEL = "EleutherAI/pythia-160m"
+
+
+def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    if not positional_model:
+        p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                       help=f"Pythia name, hub repo id or local directory (default {DEFAULT_MODEL})")
+    p.add_argument("--revision", "-r", default=None, help="main (default), stepN, or a commit hash")
+    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit format for dense checkpoints")
+    p.add_argument("--double-quant", action="store_true", help="double-quantize the block scales (saving)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="activation dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
+    p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="cut the prompt from the left to fit the context")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pythia-native", description="EleutherAI Pythia with 4-bit weights.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue a prompt (streamed to stdout)")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' or omitted reads stdin")
+    _add_model_args(g)
+    _sampling_args(g)
+    g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
+    g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+
+    s = sub.add_parser("score", help="per-token log-probabilities and perplexity of a text file")
+    s.add_argument("file", help="text file ('-' for stdin)")
+    _add_model_args(s)
+    s.add_argument("--per-line", action="store_true", help="score each non-empty line as its own text")
+    s.add_argument("--no-eos", action="store_true", help="do not score the first token after <|endoftext|>")
+
+    r = sub.add_parser("revisions", help="list the valid revisions of a Pythia model")
+    r.add_argument("model")
+
+    e = sub.add_parser("export", help="write a bitsandbytes 4-bit checkpoint (transformers + bitsandbytes load it)")
+    e.add_argument("output", help="output directory")
+    _add_model_args(e)
+    e.add_argument("--quantize-embed-out", action="store_true", help="store embed_out in 4 bits too")
+
+    b = sub.add_parser("bench", help="quick decode tokens/s")
+    _add_model_args(b)
+    b.add_argument("--random-weights", action="store_true", help="a random model of --size (no download)")
+    b.add_argument("--size", default="160m", help="suite size for --random-weights (default 160m)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3)
+    return ap
+
+
+def _load(args, **extra):
+    from .loading import load
+
+    return load(
+        args.model, args.revision, quant_type=args.quant_type, double_quant=args.double_quant, device=args.device,
+        dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None, **extra,
+    )
+
+
+def _read_text(path: Optional[str]) -> str:
+    if path is None or path == "-":
+        if sys.stdin.isatty() and path is None:
+            from .errors import GenerationError
+
+            raise GenerationError("no prompt: give one as an argument or pipe it on stdin")
+        return sys.stdin.read()
+    from .errors import PythiaNativeError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise PythiaNativeError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise PythiaNativeError(f"{path}: not UTF-8 text") from None
+
+
+def cmd_generate(args) -> int:
+    prompt = args.prompt if args.prompt not in (None, "-") else _read_text(args.prompt)
+    engine = _load(args)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+              ignore_eos=args.ignore_eos, truncate=args.truncate)
+    out = sys.stdout
+    if args.echo:
+        out.write(prompt)
+    if args.no_stream:
+        out.write(engine.generate(prompt, args.max_new_tokens, **kw))
+    else:
+        for piece in engine.stream(prompt, args.max_new_tokens, **kw):
+            out.write(piece)
+            out.flush()
+    out.write("\n")
+    return 0
+
+
+def cmd_score(args) -> int:
+    text = _read_text(args.file)
+    engine = _load(args)
+    texts = [line for line in text.splitlines() if line.strip()] if args.per_line else [text]
+    if not texts or not any(t.strip() for t in texts):
+        from .errors import GenerationError
+
+        raise GenerationError(f"{args.file}: nothing to score (empty text)")
+    scores = engine.score(texts, prepend_eos=not args.no_eos)
+    total_lp = sum(s.total for s in scores)
+    total_n = sum(len(s.tokens) for s in scores)
+    if args.per_line:
+        for i, s in enumerate(scores, 1):
+            print(f"line {i}\ttokens {len(s.tokens)}\tlogprob {s.total:.4f}\tppl {s.perplexity:.4f}")
+    import math
+
+    print(f"tokens {total_n}\tlogprob {total_lp:.4f}\tmean {total_lp / total_n:.6f}\tperplexity {math.exp(-total_lp / total_n):.4f}")
+    return 0
+
+
+def cmd_revisions(args) -> int:
+    from .suite import resolve_model, revisions
+
+    ref = resolve_model(args.model)
+    if not ref.is_pythia:
+        from .errors import ModelNotFoundError
+
+        raise ModelNotFoundError(f"{args.model}: not a model of the Pythia suite; its revisions are its hub branches")
+    print("\n".join(revisions(ref)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    engine = _load(args, quantize_embed_out=args.quantize_embed_out)
+    out = engine.save_pretrained(args.output)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .generate import Pythia
+    from .loading import check_dtype, resolve_device
+
+    if args.random_weights:
+        from .config import PythiaConfig
+        from .model import PythiaModel
+
+        dev = resolve_device(args.device)
+        dt = check_dtype(args.dtype, dev)
+        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type, dtype=dt, device=dev)
+        engine = Pythia(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
+        name = f"random pythia-{args.size}"
+    else:
+        engine = _load(args, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
+        name = args.model
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, 50000, (args.batch, args.prompt_len), generator=g).tolist()
+
+    def timed(n):
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate_ids(prompts, n, ignore_eos=True)
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(2)
+    t1 = sorted(timed(1) for _ in range(args.repeats))[args.repeats // 2]
+    tn = sorted(timed(args.new_tokens) for _ in range(args.repeats))[args.repeats // 2]
+    decode = (args.new_tokens - 1) * args.batch / max(tn - t1, 1e-9)
+    print(f"{name} ({engine.model.quant_type or 'dense'}, {engine.model.dtype}, {engine.device}, "
+          f"{torch.get_num_threads()} threads): batch {args.batch}, prompt {args.prompt_len}: "
+          f"prefill {args.batch * args.prompt_len / t1:.1f} tok/s, decode {decode:.1f} tok/s")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "score": cmd_score, "revisions": cmd_revisions, "export": cmd_export,
+            "bench": cmd_bench}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            print("pythia-native: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(threads)
+    from .errors import PythiaNativeError, PythiaNativeWarning
+
+    # Our own warnings (renamed models, known data problems) as one line each.
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PythiaNativeWarning):
+            print(f"pythia-native: warning: {message}", file=sys.stderr)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+    try:
+        return COMMANDS[args.command](args)
+    except PythiaNativeError as e:
+        print(f"pythia-native: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `pythia-native generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The pythia-native command line: the happy paths on a local random
+checkpoint, and every user error ending in one line and exit code 2."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neox import hf_model, tokenizer_path, trained_tokenizer
+from pythia_native.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    hf_model("tiny", vocab_size=50304).save_pretrained(d)
+    tok = tokenizer_path() or trained_tokenizer(tmp_path_factory.mktemp("tok"))
+    shutil.copyfile(tok, d / "tokenizer.json")
+    return d
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_streams_and_matches_no_stream(capsys, ckpt):
+    code, streamed, _ = run(capsys, "generate", "--model", ckpt, "--device", "cpu", "-n", "12", "--ignore-eos",
+                            "Once upon a time")
+    assert code == 0 and streamed.endswith("\n")
+    code, whole, _ = run(capsys, "generate", "--model", ckpt, "--device", "cpu", "-n", "12", "--ignore-eos",
+                         "--no-stream", "Once upon a time")
+    assert code == 0 and whole == streamed and len(whole) > 1
+    code, echoed, _ = run(capsys, "generate", "--model", ckpt, "--device", "cpu", "-n", "12", "--ignore-eos",
+                          "--echo", "Once upon a time")
+    assert echoed == "Once upon a time" + whole
+
+
+def test_generate_reads_the_prompt_from_stdin(capsys, ckpt, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time"))
+    code, out, _ = run(capsys, "generate", "--model", ckpt, "--device", "cpu", "-n", "5", "--ignore-eos", "-",
+                       "--temperature", "0.9", "--top-p", "0.9", "--seed", "1")
+    assert code == 0 and out.strip()
+
+
+def test_score_prints_perplexity(capsys, ckpt, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("Hello world.\nOnce upon a time.\n")
+    code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", f)
+    assert code == 0 and "perplexity" in out
+    code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", "--per-line", f)
+    assert code == 0 and out.count("line ") == 2
+
+
+def test_revisions_lists_the_suite(capsys):
+    code, out, _ = run(capsys, "revisions", "pythia-160m")
+    lines = out.split()
+    assert code == 0 and len(lines) == 154 and lines[0] == "step0" and lines[-1] == "step143000"
+    code, out, _ = run(capsys, "revisions", "pythia-410m-deduped-v0")
+    assert len(out.split()) == 143
+
+
+def test_export_and_reload(capsys, ckpt, tmp_path):
+    code, _, err = run(capsys, "export", "--model", ckpt, "--device", "cpu", tmp_path / "q")
+    assert code == 0 and (tmp_path / "q" / "model.safetensors").is_file()
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_4bit"] is True
+    code, out, _ = run(capsys, "generate", "--model", tmp_path / "q", "--device", "cpu", "-n", "4", "--ignore-eos", "Hi")
+    assert code == 0
+
+
+def test_bench_random_weights(capsys):
+    code, out, _ = run(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--new-tokens", "4",
+                       "--prompt-len", "8", "--repeats", "1", "--threads", "1")
+    assert code == 0 and "decode" in out and "tok/s" in out
+
+
+def one_line_error(capsys, *argv, match):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("pythia-native: error:") and "Traceback" not in err, err
+    assert match in err, err
+
+
+def test_user_errors_are_one_line(capsys, ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    one_line_error(capsys, "generate", "--model", "pythia-161m", "hi", match="pythia-160m")
+    one_line_error(capsys, "generate", "--model", "pythia-160m", "--revision", "step1500", "hi", match="step2000")
+    one_line_error(capsys, "generate", "--model", "pythia-160m", "--offline", "--device", "cpu", "hi",
+                   match="EleutherAI/pythia-160m")
+    one_line_error(capsys, "revisions", "pythia-9000m", match="pythia")
+    bad = tmp_path / "truncated"
+    shutil.copytree(ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:1000])
+    one_line_error(capsys, "generate", "--model", bad, "--device", "cpu", "hi", match="model.safetensors")
+    notneox = tmp_path / "notneox"
+    shutil.copytree(ckpt, notneox)
+    cfg = json.loads((notneox / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (notneox / "config.json").write_text(json.dumps(cfg))
+    one_line_error(capsys, "generate", "--model", notneox, "--device", "cpu", "hi", match="gpt2")
+    notok = tmp_path / "notok"
+    shutil.copytree(ckpt, notok)
+    (notok / "tokenizer.json").unlink()
+    one_line_error(capsys, "generate", "--model", notok, "--device", "cpu", "hi", match="tokenizer.json")
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "--temperature", "-1", "hi",
+                   match="temperature")
+    one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", tmp_path / "nope.txt", match="nope.txt")
+    if not torch.cuda.is_available():
+        one_line_error(capsys, "generate", "--model", ckpt, "--device", "cuda", "hi", match="no CUDA GPU")
+
+
+def test_module_entry_point_runs():
+    p = subprocess.run([sys.executable, "-m", "pythia_native", "revisions", "pythia-70m-v0"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and len(p.stdout.split()) == 143
