@@ -40,7 +40,8 @@ namespace cpu {
 // k and v are written at cache[b, h, pos]; q goes to q_out[b, t, h]. A token
 // with pos < 0 (padding) gets its q unrotated and writes nothing; pos >= L is
 // refused by the entry point and skipped here. qkv, caches and q_out share dt.
-// Tokens with equal (b, pos) write the same slot: the last one wins.
+// Tokens with equal (b, pos) write the same slot; which one lands is
+// unspecified (tokens run in parallel), as in the reference's index_put.
 void rotary_kv_cache_tokens(const void* qkv, DType dt, int64_t T, int64_t stride_b,
                             int64_t stride_t, const int64_t* positions, int64_t H, int64_t D,
                             int64_t L, int64_t rotary_ndims, float rope_theta, void* k_cache,
