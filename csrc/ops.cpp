@@ -7,6 +7,9 @@
 //   dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> W
 //   dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, nested_blocksize) -> absmax
 //   gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type) -> x @ W.T + bias
+//   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
+//   decode_attention(q, k_cache, v_cache, positions, scale) -> out
+// (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -282,6 +285,11 @@ TORCH_LIBRARY(pythia_native, m) {
         "float offset, int nested_blocksize) -> Tensor");
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? bias, int n, int k, "
         "int blocksize, str quant_type) -> Tensor");
+  // Writes k and v of every token into the caches (a!, b!), returns rotated q.
+  m.def("rotary_kv_cache_(Tensor qkv, Tensor positions, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, int rotary_ndims, float rope_theta) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, "
+        "float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {

@@ -7,7 +7,14 @@ each (``pythia_native.reference``) and builds modules on top of them.
 from . import ops  # noqa: F401  (loads _C, registers the ops and their fake kernels)
 from ._C import build_info
 from .format import QUANT_TYPES, code_table
-from .ops import dequantize_4bit, dequantize_absmax, gemm_4bit, quantize_4bit
+from .ops import (
+    decode_attention,
+    dequantize_4bit,
+    dequantize_absmax,
+    gemm_4bit,
+    quantize_4bit,
+    rotary_kv_cache_,
+)
 from .quantized_linear import QuantizedLinear
 from .config import PythiaConfig
 from .model import KVCache, PythiaModel
@@ -25,8 +32,10 @@ __all__ = [
     "QuantizedLinear",
     "build_info",
     "code_table",
+    "decode_attention",
     "dequantize_4bit",
     "dequantize_absmax",
     "gemm_4bit",
     "quantize_4bit",
+    "rotary_kv_cache_",
 ]

@@ -86,6 +86,66 @@ def gemm_4bit(
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type)
 
 
+def rotary_kv_cache_(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rotary_ndims: int,
+    rope_theta: float = 10000.0,
+) -> torch.Tensor:
+    """Rotary embedding of q and k, and the write of k and v into the KV cache,
+    in one pass over the fused QKV activation. Returns q.
+
+    qkv: ``[B, T, H * 3 * D]`` float32/float16/bfloat16, the ``query_key_value``
+    output viewed per head as ``[H, 3, D]`` (GPT-NeoX order); rows may be
+    strided. positions: int64 ``[B, T]``, each token's rotary position and cache
+    slot; negative marks padding (left padding). k_cache, v_cache:
+    ``[Bc >= B, H, L, D]`` contiguous in qkv's dtype, **written in place**:
+    ``cache[b, :, positions[b, t]] = k / v of token (b, t)`` for every
+    non-padding token; nothing else changes.
+
+    Rotate-half (non-interleaved) rotary on the first ``rotary_ndims`` dims
+    (even, ``0 <= rotary_ndims <= D``), angles ``pos * inv_freq`` with
+    ``inv_freq = rope_inv_freq(rotary_ndims, rope_theta)``, in float32.
+    Returns q ``[B, T, H, D]`` in qkv's dtype (left unrotated for padding).
+
+    Positions must be < L. The CPU kernel raises otherwise; the CUDA kernel
+    cannot look without a host sync (it would break graph capture), so it
+    writes nothing for such a token and still returns its rotated q.
+    """
+    return _ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, rotary_ndims, float(rope_theta))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of new queries over the KV cache (decode, or a chunk of new
+    tokens, or a left-padded prefill whose keys are already in the cache).
+
+    q: ``[B, T, H, D]``; k_cache, v_cache: ``[Bc >= B, H, L, D]`` contiguous in
+    q's dtype (float32/float16/bfloat16); ``D % 8 == 0`` and ``D <= 256``.
+    positions: int64 ``[B, T]``. Query ``(b, t)`` attends to slots
+    ``0 .. positions[b, t]`` (inclusive) of sequence b; for positions 4 and 6
+    of one sequence (``x`` visible, ``.`` masked)::
+
+        slot      0 1 2 3 4 5 6 7 ... L-1
+        pos = 4   x x x x x . . .      .
+        pos = 6   x x x x x x x .      .
+
+    A negative position (padding) gives a zero output row; a position >= L
+    sees all L slots. ``scale`` defaults to ``1 / sqrt(D)``. Scores, softmax
+    and the weighted sum are float32; returns ``[B, T, H, D]`` in q's dtype.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops.decode_attention(q, k_cache, v_cache, positions, float(scale))
+
+
 # ----------------------------------------------------------- fake kernels ---
 # Shapes only, for torch.compile / FakeTensor / meta tracing.
 
@@ -112,3 +172,17 @@ def _dequantize_absmax_fake(absmax_q, nested_absmax, nested_code, offset, nested
 def _gemm_4bit_fake(x, packed, absmax, bias, n, k, blocksize, quant_type):
     torch._check(x.shape[-1] == k, lambda: f"gemm_4bit: x must have shape [..., {k}], got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("pythia_native::rotary_kv_cache_")
+def _rotary_kv_cache_fake(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta):
+    # The caches are mutated in place (shapes unchanged); the result is a new q.
+    B, T = qkv.shape[0], qkv.shape[1]
+    H, D = k_cache.shape[1], k_cache.shape[3]
+    torch._check(qkv.shape[2] == H * 3 * D, lambda: f"rotary_kv_cache_: qkv must have shape [B, T, {H * 3 * D}], got {tuple(qkv.shape)}")
+    return qkv.new_empty((B, T, H, D))
+
+
+@torch.library.register_fake("pythia_native::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
+    return q.new_empty(q.shape)

@@ -78,3 +78,91 @@ def test_cuda_device_mismatch(q):
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="expected 'avx512_bf16', 'avx512', 'avx2'"):
         pn._C.set_cpu_isa("sse9")
+
+
+def _attn_args(dtype=torch.float32):
+    B, T, H, D, L = 2, 3, 2, 32, 7
+    qkv = torch.randn(B, T, H * 3 * D, dtype=dtype)
+    q = torch.randn(B, T, H, D, dtype=dtype)
+    k = torch.zeros(B, H, L, D, dtype=dtype)
+    v = torch.zeros(B, H, L, D, dtype=dtype)
+    pos = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    return qkv, q, k, v, pos
+
+
+def test_rotary_kv_cache_bad_args():
+    qkv, _, k, v, pos = _attn_args()
+    with pytest.raises(RuntimeError, match="qkv must be float32, float16 or bfloat16"):
+        pn.rotary_kv_cache_(qkv.double(), pos, k, v, 8)
+    with pytest.raises(RuntimeError, match=r"qkv must have shape \[B, T, H \* 3 \* D\]"):
+        pn.rotary_kv_cache_(qkv[0], pos, k, v, 8)
+    with pytest.raises(RuntimeError, match=r"qkv must have shape \[B, T, H \* 3 \* D\] = \[2, 3, 192\]"):
+        pn.rotary_kv_cache_(qkv[..., :-1], pos, k, v, 8)
+    with pytest.raises(RuntimeError, match="k_cache must have qkv's dtype"):
+        pn.rotary_kv_cache_(qkv, pos, k.half(), v, 8)
+    with pytest.raises(RuntimeError, match="v_cache must have qkv's dtype"):
+        pn.rotary_kv_cache_(qkv, pos, k, v.bfloat16(), 8)
+    with pytest.raises(RuntimeError, match=r"k_cache must have shape \[Bc, H, L, D\]"):
+        pn.rotary_kv_cache_(qkv, pos, k[0], v, 8)
+    with pytest.raises(RuntimeError, match="k_cache must be contiguous"):
+        pn.rotary_kv_cache_(qkv, pos, k.transpose(2, 3).contiguous().transpose(2, 3), v, 8)
+    with pytest.raises(RuntimeError, match="k_cache and v_cache must have one shape"):
+        pn.rotary_kv_cache_(qkv, pos, k, v[:, :, :5].contiguous(), 8)
+    with pytest.raises(RuntimeError, match="k_cache holds 1 sequences, fewer than qkv's batch B = 2"):
+        pn.rotary_kv_cache_(qkv, pos, k[:1], v[:1], 8)
+    with pytest.raises(RuntimeError, match="positions must be int64"):
+        pn.rotary_kv_cache_(qkv, pos.int(), k, v, 8)
+    with pytest.raises(RuntimeError, match=r"positions must have shape \[B, T\] = \[2, 3\]"):
+        pn.rotary_kv_cache_(qkv, pos[:, :2], k, v, 8)
+    for r in (-2, 7, 34):
+        with pytest.raises(RuntimeError, match="rotary_ndims must be even and in"):
+            pn.rotary_kv_cache_(qkv, pos, k, v, r)
+    with pytest.raises(RuntimeError, match=r"positions must be < L = 7 \(the cache length\), got 7"):
+        pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1, 2], [3, 4, 7]]), k, v, 8)
+
+
+def test_decode_attention_bad_args():
+    _, q, k, v, pos = _attn_args()
+    with pytest.raises(RuntimeError, match="q must be float32, float16 or bfloat16"):
+        pn.decode_attention(q.double(), k, v, pos)
+    with pytest.raises(RuntimeError, match=r"q must have shape \[B, T, H, D\]"):
+        pn.decode_attention(q[0], k, v, pos)
+    with pytest.raises(RuntimeError, match="k_cache must have q's dtype"):
+        pn.decode_attention(q, k.bfloat16(), v, pos)
+    with pytest.raises(RuntimeError, match="v_cache must have q's dtype"):
+        pn.decode_attention(q, k, v.half(), pos)
+    with pytest.raises(RuntimeError, match="v_cache must be contiguous"):
+        pn.decode_attention(q, k, v.transpose(0, 1).contiguous().transpose(0, 1), pos)
+    with pytest.raises(RuntimeError, match=r"k_cache must have shape \[Bc, H, L, D\] with q's H = 2 and D = 32"):
+        pn.decode_attention(q, k[:, :1].contiguous(), v[:, :1].contiguous(), pos)
+    with pytest.raises(RuntimeError, match="k_cache holds 1 sequences, fewer than q's batch B = 2"):
+        pn.decode_attention(q, k[:1], v[:1], pos)
+    with pytest.raises(RuntimeError, match="k_cache must have L >= 1 slots"):
+        pn.decode_attention(q, k[:, :, :0], v[:, :, :0], pos)
+    with pytest.raises(RuntimeError, match="head dim D must be a multiple of 8 and at most 256"):
+        pn.decode_attention(q[..., :20].contiguous(), k[..., :20].contiguous(), v[..., :20].contiguous(), pos)
+    with pytest.raises(RuntimeError, match="head dim D must be a multiple of 8 and at most 256"):
+        big = torch.zeros(2, 1, 1, 264)
+        pn.decode_attention(torch.zeros(2, 3, 1, 264), big, big, pos)
+    with pytest.raises(RuntimeError, match="positions must be int64"):
+        pn.decode_attention(q, k, v, pos.float())
+    with pytest.raises(RuntimeError, match=r"positions must have shape \[B, T\] = \[2, 3\]"):
+        pn.decode_attention(q, k, v, pos.view(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_attention_cuda_device_mismatch():
+    qkv, q, k, v, pos = _attn_args()
+    with pytest.raises(RuntimeError, match="k_cache must be on qkv's device"):
+        pn.rotary_kv_cache_(qkv.cuda(), pos.cuda(), k, v.cuda(), 8)
+    with pytest.raises(RuntimeError, match="positions must be on the device of the other tensors"):
+        pn.rotary_kv_cache_(qkv.cuda(), pos, k.cuda(), v.cuda(), 8)
+    with pytest.raises(RuntimeError, match="v_cache must be on q's device"):
+        pn.decode_attention(q.cuda(), k.cuda(), v, pos.cuda())
+    with pytest.raises(RuntimeError, match="positions must be on the device of the other tensors"):
+        pn.decode_attention(q.cuda(), k.cuda(), v.cuda(), pos)
+    # A cache view that starts off a 16-byte boundary (the kernel reads 16-byte rows).
+    flat = torch.zeros(k.numel() + 1, device="cuda")
+    odd = flat[1:].view(k.shape)
+    with pytest.raises(RuntimeError, match="must start on a 16-byte boundary"):
+        pn.decode_attention(q.cuda(), odd, odd, pos.cuda())

@@ -48,3 +48,41 @@ def test_gemm_4bit_under_torch_compile():
         return pn.gemm_4bit(x, packed, absmax, (33, 128)) * 2
 
     torch.testing.assert_close(f(x), pn.gemm_4bit(x, packed, absmax, (33, 128)) * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rotary_kv_cache_(dtype, device):
+    B, T, H, D, L = 2, 3, 2, 32, 7
+    qkv = torch.randn(B, T, H * 3 * D, device=device, dtype=dtype)
+    positions = torch.tensor([[0, 1, 2], [-1, 3, 4]], device=device)
+    k = torch.zeros(B + 1, H, L, D, device=device, dtype=dtype)
+    v = torch.zeros_like(k)
+    torch.library.opcheck(ops.rotary_kv_cache_, (qkv, positions, k, v, 8, 10000.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_attention(dtype, device):
+    B, T, H, D, L = 2, 3, 2, 32, 7
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    k = torch.randn(B + 1, H, L, D, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    positions = torch.tensor([[0, 1, 2], [-1, 3, 6]], device=device)
+    torch.library.opcheck(ops.decode_attention, (q, k, v, positions, 0.125))
+
+
+def test_attention_under_torch_compile():
+    B, T, H, D, L = 1, 2, 2, 32, 5
+    qkv = torch.randn(B, T, H * 3 * D)
+    positions = torch.tensor([[1, 2]])
+    k, v = torch.zeros(B, H, L, D), torch.zeros(B, H, L, D)
+    k2, v2 = k.clone(), v.clone()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(qkv, k, v):
+        q = pn.rotary_kv_cache_(qkv, positions, k, v, 8)
+        return pn.decode_attention(q, k, v, positions) * 2
+
+    out = f(qkv, k, v)
+    q = pn.rotary_kv_cache_(qkv, positions, k2, v2, 8)
+    torch.testing.assert_close(out, pn.decode_attention(q, k2, v2, positions) * 2)
+    assert torch.equal(k, k2) and torch.equal(v, v2)  # the in-place writes happened

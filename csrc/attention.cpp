@@ -1,0 +1,169 @@
+// Entry points of the attention ops: the argument checks both devices share,
+// and the CPU kernels' registrations (the CUDA ones are in attention_cuda.cpp).
+// Schemas are declared with the others in ops.cpp:
+//   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
+//   decode_attention(q, k_cache, v_cache, positions, scale) -> out
+#include "attention.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/attention_kernels.h"
+#include "ops.h"
+
+namespace pythia_native {
+
+namespace {
+
+void check_cache(const at::Tensor& cache, const char* name, const at::Tensor& like,
+                 const char* like_name, const char* op) {
+  TORCH_CHECK(cache.dim() == 4, "pythia_native.", op, ": ", name,
+              " must have shape [Bc, H, L, D], got ", cache.sizes());
+  TORCH_CHECK(cache.scalar_type() == like.scalar_type(), "pythia_native.", op, ": ", name,
+              " must have ", like_name, "'s dtype ", like.scalar_type(), ", got ",
+              cache.scalar_type());
+  TORCH_CHECK(cache.device() == like.device(), "pythia_native.", op, ": ", name,
+              " must be on ", like_name, "'s device ", like.device(), ", got ", cache.device());
+  TORCH_CHECK(cache.is_contiguous(), "pythia_native.", op, ": ", name, " must be contiguous");
+}
+
+void check_positions(const at::Tensor& positions, int64_t B, int64_t T, const at::Tensor& like,
+                     const char* op) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong, "pythia_native.", op,
+              ": positions must be int64, got ", positions.scalar_type());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == T,
+              "pythia_native.", op, ": positions must have shape [B, T] = [", B, ", ", T,
+              "], got ", positions.sizes());
+  TORCH_CHECK(positions.device() == like.device(), "pythia_native.", op,
+              ": positions must be on the device of the other tensors ", like.device(), ", got ",
+              positions.device());
+}
+
+}  // namespace
+
+RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& positions,
+                                      const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      int64_t rotary_ndims) {
+  const char* op = "rotary_kv_cache_";
+  check_float_dtype(qkv, "qkv", op);
+  TORCH_CHECK(qkv.dim() == 3, "pythia_native.rotary_kv_cache_: qkv must have shape "
+              "[B, T, H * 3 * D], got ", qkv.sizes());
+  check_cache(k_cache, "k_cache", qkv, "qkv", op);
+  check_cache(v_cache, "v_cache", qkv, "qkv", op);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "pythia_native.rotary_kv_cache_: k_cache and "
+              "v_cache must have one shape, got ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = qkv.size(0), T = qkv.size(1);
+  const int64_t Bc = k_cache.size(0), H = k_cache.size(1), L = k_cache.size(2),
+                D = k_cache.size(3);
+  TORCH_CHECK(H >= 1 && D >= 1, "pythia_native.rotary_kv_cache_: k_cache must have H >= 1 and "
+              "D >= 1, got ", k_cache.sizes());
+  TORCH_CHECK(qkv.size(2) == H * 3 * D, "pythia_native.rotary_kv_cache_: qkv must have shape "
+              "[B, T, H * 3 * D] = [", B, ", ", T, ", ", H * 3 * D, "] for the cache's H = ", H,
+              " and D = ", D, ", got ", qkv.sizes());
+  TORCH_CHECK(Bc >= B, "pythia_native.rotary_kv_cache_: k_cache holds ", Bc,
+              " sequences, fewer than qkv's batch B = ", B);
+  check_positions(positions, B, T, qkv, op);
+  TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims <= D && rotary_ndims % 2 == 0 &&
+                  rotary_ndims <= kAttnMaxHeadDim,
+              "pythia_native.rotary_kv_cache_: rotary_ndims must be even and in [0, min(D, ",
+              kAttnMaxHeadDim, ")] with D = ", D, ", got ", rotary_ndims);
+  return {B, T, H, D, L};
+}
+
+DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& positions) {
+  const char* op = "decode_attention";
+  check_float_dtype(q, "q", op);
+  TORCH_CHECK(q.dim() == 4, "pythia_native.decode_attention: q must have shape [B, T, H, D], "
+              "got ", q.sizes());
+  check_cache(k_cache, "k_cache", q, "q", op);
+  check_cache(v_cache, "v_cache", q, "q", op);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "pythia_native.decode_attention: k_cache and "
+              "v_cache must have one shape, got ", k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Bc = k_cache.size(0), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == H && k_cache.size(3) == D, "pythia_native.decode_attention: "
+              "k_cache must have shape [Bc, H, L, D] with q's H = ", H, " and D = ", D, ", got ",
+              k_cache.sizes());
+  TORCH_CHECK(Bc >= B, "pythia_native.decode_attention: k_cache holds ", Bc,
+              " sequences, fewer than q's batch B = ", B);
+  TORCH_CHECK(L >= 1, "pythia_native.decode_attention: k_cache must have L >= 1 slots, got ",
+              k_cache.sizes());
+  TORCH_CHECK(D % kAttnHeadDimMultiple == 0 && D <= kAttnMaxHeadDim && D >= 1,
+              "pythia_native.decode_attention: the head dim D must be a multiple of ",
+              kAttnHeadDimMultiple, " and at most ", kAttnMaxHeadDim, ", got q of shape ",
+              q.sizes());
+  check_positions(positions, B, T, q, op);
+  return {B, T, H, D, L};
+}
+
+namespace {
+
+// ------------------------------------------------------------ CPU kernels ---
+
+at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& positions_in,
+                               at::Tensor& k_cache, at::Tensor& v_cache, int64_t rotary_ndims,
+                               double rope_theta) {
+  const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
+                                                   rotary_ndims);
+  at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
+  const int64_t tokens = s.B * s.T;
+  if (tokens == 0) return q;
+  const at::Tensor positions = positions_in.contiguous();
+  // A slot >= L does not exist: refuse it here (the CUDA kernel, which cannot
+  // check without a host sync, skips such tokens instead).
+  const int64_t max_pos = positions.max().item<int64_t>();
+  TORCH_CHECK(max_pos < s.L, "pythia_native.rotary_kv_cache_: positions must be < L = ", s.L,
+              " (the cache length), got ", max_pos);
+  // Rows may be strided (a view of a wider activation); elements must not.
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  const DType dt = to_dtype(qkv.scalar_type());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const void* x = qkv.data_ptr();
+  void* kc = k_cache.data_ptr();
+  void* vc = v_cache.data_ptr();
+  void* qo = q.data_ptr();
+  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (3 * s.H * s.D));
+  at::parallel_for(0, tokens, grain, [&](int64_t i0, int64_t i1) {
+    cpu::rotary_kv_cache_tokens(x, dt, s.T, sb, st, pos, s.H, s.D, s.L, rotary_ndims,
+                                static_cast<float>(rope_theta), kc, vc, qo, i0, i1);
+  });
+  return q;
+}
+
+at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& positions_in,
+                                double scale) {
+  const DecodeDims s = check_decode_attention_args(q_in, k_cache, v_cache, positions_in);
+  at::Tensor out = at::empty({s.B, s.T, s.H, s.D}, q_in.options());
+  const int64_t rows = s.B * s.T * s.H;
+  if (rows == 0) return out;
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor positions = positions_in.contiguous();
+  const DType dt = to_dtype(q.scalar_type());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const void* qp = q.data_ptr();
+  const void* kc = k_cache.data_ptr();
+  const void* vc = v_cache.data_ptr();
+  void* op = out.data_ptr();
+  const cpu::Isa isa = cpu::active_isa();
+  // One (b, t, h) row is a pass over up to L keys: grain 1. Rows are ordered
+  // (b, t, h), so a thread's range is the heads of a few tokens in order.
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    cpu::decode_attention_rows(qp, kc, vc, dt, pos, s.T, s.H, s.L, s.D,
+                               static_cast<float>(scale), op, r0, r1, isa);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
+  m.impl("rotary_kv_cache_", &rotary_kv_cache_cpu);
+  m.impl("decode_attention", &decode_attention_cpu);
+}
+
+}  // namespace pythia_native

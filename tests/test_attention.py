@@ -1,0 +1,390 @@
+"""rotary_kv_cache_ and decode_attention against their twins in reference.py:
+every Pythia head dim, dtype, batch/token count, left padding, odd and long
+caches, decode with existing cache content, strided qkv, every CPU ISA."""
+import math
+
+import pytest
+import torch
+
+import pythia_native as pn
+from pythia_native import _C
+from pythia_native import reference as ref
+
+# (head_dim, rotary_ndims) of the Pythia configs (rotary_pct 0.25).
+HEAD_DIMS = [(32, 8), (64, 16), (80, 20), (128, 32), (256, 64)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_ISAS = ["avx512_bf16", "avx512", "avx2", "scalar"]
+THETA = 10000.0
+
+
+def _isa_supported(isa):
+    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    return order.index(isa) <= order.index(pn.build_info()["cpu_isa_best"])
+
+
+@pytest.fixture
+def cpu_isa(request):
+    isa = request.param
+    if not _isa_supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    _C.set_cpu_isa(isa)
+    yield isa
+    _C.set_cpu_isa("auto")
+
+
+def _rel_err(y, y_ref):
+    return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def _positions(B, T, L, seed, pad=True):
+    """[B, T] positions: sequence b's new tokens end at a slot somewhere in the
+    cache (decode over existing content); with pad, sequence 1 is left-padded
+    (its first tokens negative) and, when T > 1, sequence 2 starts at 0."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.empty(B, T, dtype=torch.int64)
+    for b in range(B):
+        end = int(torch.randint(T - 1, L, (1,), generator=g))  # last token's slot
+        pos[b] = torch.arange(end - T + 1, end + 1)
+    if pad and B > 1:
+        n_pad = max(1, T // 2)
+        pos[1] = torch.arange(T) - n_pad  # -n_pad .. T - 1 - n_pad
+    if pad and B > 2 and T > 1:
+        pos[2] = torch.arange(T)
+    return pos
+
+
+def _caches(Bc, H, L, D, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(Bc, H, L, D, generator=g).to(dtype).to(device)
+    v = torch.randn(Bc, H, L, D, generator=g).to(dtype).to(device)
+    return k, v
+
+
+# ----------------------------------------------------- low-precision twins ---
+# The same computations done by plain PyTorch in the low-precision dtype: the
+# yardstick of the bf16/fp16 tolerances (as test_gemm_4bit.py does).
+
+
+def _rotary_q_plain(qkv, positions, H, D, R):
+    """q of rotary_kv_cache_ computed in qkv's dtype throughout."""
+    B, T, _ = qkv.shape
+    q = qkv.reshape(B, T, H, 3, D)[:, :, :, 0]
+    half = R // 2
+    ang = positions.clamp(min=0).float()[..., None] * ref.rope_inv_freq(R, THETA).to(qkv.device)
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, :, None, :].to(qkv.dtype)
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, :, None, :].to(qkv.dtype)
+    r = q[..., :R]
+    rot = torch.cat([r * cos + torch.cat([-r[..., half:], r[..., :half]], -1) * sin, q[..., R:]], -1)
+    return torch.where((positions >= 0)[..., None, None], rot, q)
+
+
+def _attention_plain(q, k_cache, v_cache, positions, scale):
+    """decode_attention computed in q's dtype throughout."""
+    B, T, H, D = q.shape
+    L = k_cache.shape[2]
+    scores = torch.einsum("bthd,bhld->bhtl", q, k_cache[:B]) * scale
+    visible = torch.arange(L, device=q.device)[None, None, :] <= positions[:, :, None]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhtl,bhld->bthd", probs, v_cache[:B])
+
+
+def _check_close(y, exact, plain):
+    """fp32: ~1e-5 relative to the reference; fp16/bf16: within 2x the error of
+    plain PyTorch in that dtype (plus a hair for the all-exact cases)."""
+    if y.dtype == torch.float32:
+        assert _rel_err(y, exact) <= 1e-5, _rel_err(y, exact)
+    else:
+        assert _rel_err(y, exact) <= 2 * _rel_err(plain, exact) + 1e-6, (_rel_err(y, exact), _rel_err(plain, exact))
+
+
+# ----------------------------------------------------------- rotary_kv_cache_
+
+
+def _run_rotary(B, T, H, D, R, L, dtype, device, seed=0, Bc=None, qkv=None, pos=None):
+    Bc = B + 1 if Bc is None else Bc
+    g = torch.Generator().manual_seed(seed)
+    if qkv is None:
+        qkv = torch.randn(B, T, H * 3 * D, generator=g).to(dtype).to(device)
+    if pos is None:
+        pos = _positions(B, T, L, seed)
+    pos = pos.to(device)
+    k, v = _caches(Bc, H, L, D, dtype, device, seed + 1)
+    k_ref, v_ref = k.clone(), v.clone()
+    q = pn.rotary_kv_cache_(qkv, pos, k, v, R, THETA)
+    # The twin, computed in float32 on the same inputs.
+    q_ref = ref.rotary_kv_cache_(qkv, pos, k_ref, v_ref, R, THETA)
+    assert q.shape == (B, T, H, D) and q.dtype == dtype and q.device == qkv.device
+    return qkv, pos, q, q_ref, (k, v), (k_ref, v_ref)
+
+
+@pytest.mark.parametrize("T", [1, 4, 17])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("D,R", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_kv_cache(dtype, D, R, B, T, device):
+    H, L = 3, 37
+    qkv, pos, q, q_ref, (k, v), (k_ref, v_ref) = _run_rotary(B, T, H, D, R, L, dtype, device, seed=D + B + T)
+    # v and untouched slots are copies: bit-exact. k: rotated like q.
+    assert torch.equal(v, v_ref)
+    if dtype == torch.float32:
+        _check_close(q, q_ref, None)
+        _check_close(k, k_ref, None)
+    else:
+        exact = ref.rotary_kv_cache_(qkv.double(), pos, k_ref.double().clone(), v_ref.double().clone(), R, THETA)
+        plain = _rotary_q_plain(qkv, pos, H, D, R)
+        _check_close(q, exact, plain)
+        # k is rounded once from the same float32 value: at most one step from the twin.
+        assert _rel_err(k, k_ref) <= 2 * _rel_err(plain, exact) + 1e-6
+    # Slots no token wrote are untouched (compare against the original caches).
+    k0, v0 = _caches(B + 1, H, L, D, dtype, device, D + B + T + 1)
+    written = torch.zeros(B + 1, L, dtype=torch.bool)
+    for b in range(B):
+        for p in pos[b].tolist():
+            if p >= 0:
+                written[b, p] = True
+    keep = ~written.to(device)[:, None, :, None].expand_as(k)
+    assert torch.equal(k[keep], k0[keep]) and torch.equal(v[keep], v0[keep])
+
+
+@pytest.mark.parametrize("R", [0, 2, 80])
+def test_rotary_ndims_edges(R, device):
+    # No rotation (R = 0), the smallest, and the whole head (R = D).
+    qkv, pos, q, q_ref, (k, v), (k_ref, v_ref) = _run_rotary(2, 3, 2, 80, R, 11, torch.float32, device)
+    _check_close(q, q_ref, None)
+    _check_close(k, k_ref, None)
+    assert torch.equal(v, v_ref)
+    if R == 0:
+        assert torch.equal(q, qkv.view(2, 3, 2, 3, 80)[:, :, :, 0])
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "transposed", "strided_elements"])
+def test_rotary_noncontiguous_qkv(layout, device):
+    B, T, H, D, R, L = 3, 4, 2, 64, 16, 19
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(B, T, H * 3 * D, generator=g).to(device)
+    if layout == "row_slice":  # a view of a wider activation: rows strided, elements not
+        wide = torch.randn(B, T, H * 3 * D + 40, device=device)
+        wide[..., 5 : 5 + H * 3 * D] = base
+        qkv = wide[..., 5 : 5 + H * 3 * D]
+    elif layout == "transposed":  # [T, B, W] storage viewed as [B, T, W]
+        qkv = base.transpose(0, 1).contiguous().transpose(0, 1)
+    else:  # every other element: the entry point makes it contiguous
+        wide = torch.zeros(B, T, 2 * H * 3 * D, device=device)
+        wide[..., ::2] = base
+        qkv = wide[..., ::2]
+    assert not qkv.is_contiguous()
+    _, _, q, _, (k, v), _ = _run_rotary(B, T, H, D, R, L, torch.float32, device, qkv=qkv)
+    _, _, q2, _, (k2, v2), _ = _run_rotary(B, T, H, D, R, L, torch.float32, device, qkv=base)
+    assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_rotary_matches_transformers_rope():
+    """The rotary angles and layout agree with transformers' GPT-NeoX code."""
+    modeling = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
+    B, T, H, D, R, L = 1, 5, 2, 64, 16, 8
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(B, T, H * 3 * D, generator=g)
+    pos = torch.arange(T)[None]
+    k, v = torch.zeros(1, H, L, D), torch.zeros(1, H, L, D)
+    q = pn.rotary_kv_cache_(qkv, pos, k, v, R, THETA)
+    x = qkv.view(B, T, H, 3 * D).transpose(1, 2)  # [B, H, T, 3D]
+    q0, k0 = x[..., :D], x[..., D : 2 * D]
+    ang = pos.float()[..., None] * ref.rope_inv_freq(R, THETA)
+    emb = torch.cat([ang, ang], -1)
+    q_rot, k_rot = modeling.apply_rotary_pos_emb(q0[..., :R], k0[..., :R], emb.cos(), emb.sin())
+    torch.testing.assert_close(q.transpose(1, 2)[..., :R], q_rot, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k[:, :, :T, :R], k_rot, rtol=1e-6, atol=1e-6)
+    assert torch.equal(q.transpose(1, 2)[..., R:], q0[..., R:])
+
+
+def test_rotary_empty(device):
+    k, v = _caches(2, 2, 5, 32, torch.float32, device, 0)
+    k0 = k.clone()
+    q = pn.rotary_kv_cache_(torch.zeros(0, 3, 2 * 3 * 32, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device), k, v, 8)
+    assert q.shape == (0, 3, 2, 32) and torch.equal(k, k0)
+
+
+def test_rotary_positions_beyond_cache_cpu():
+    k, v = _caches(1, 2, 5, 32, torch.float32, "cpu", 0)
+    k0 = k.clone()
+    qkv = torch.randn(1, 2, 2 * 3 * 32)
+    with pytest.raises(RuntimeError, match=r"positions must be < L = 5 \(the cache length\), got 5"):
+        pn.rotary_kv_cache_(qkv, torch.tensor([[4, 5]]), k, v, 8)
+    assert torch.equal(k, k0)  # refused before anything was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rotary_positions_beyond_cache_cuda_skip_write():
+    # Documented CUDA behaviour: no host check, the token's k/v are not written.
+    B, H, L, D, R = 1, 2, 5, 32, 8
+    k = torch.zeros(B + 1, H, L, D, device="cuda")
+    v = torch.zeros_like(k)
+    qkv = torch.randn(1, 2, H * 3 * D, device="cuda")
+    q = pn.rotary_kv_cache_(qkv, torch.tensor([[4, 5]], device="cuda"), k, v, R)
+    k_ref, v_ref = torch.zeros_like(k), torch.zeros_like(v)
+    q_ref = ref.rotary_kv_cache_(qkv[:, :1], torch.tensor([[4]], device="cuda"), k_ref, v_ref, R)
+    torch.testing.assert_close(q[:, :1], q_ref)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # slot 5 does not exist; nothing else moved
+
+
+# ----------------------------------------------------------- decode_attention
+
+
+def _run_decode(B, T, H, D, L, dtype, device, seed=0, pos=None, Bc=None):
+    Bc = B + 1 if Bc is None else Bc
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype).to(device)
+    k, v = _caches(Bc, H, L, D, dtype, device, seed + 1)
+    pos = (_positions(B, T, L, seed) if pos is None else pos).to(device)
+    scale = 1 / math.sqrt(D)
+    out = pn.decode_attention(q, k, v, pos, scale)
+    assert out.shape == (B, T, H, D) and out.dtype == dtype and out.device == q.device
+    exact = ref.decode_attention(q.double(), k.double(), v.double(), pos, scale)
+    plain = None if dtype == torch.float32 else _attention_plain(q, k, v, pos, scale)
+    _check_close(out, exact, plain)
+    # Padding queries give exact zeros.
+    assert torch.all(out[pos < 0] == 0)
+    return out
+
+
+@pytest.mark.parametrize("T", [1, 4, 17])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("D,R", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention(dtype, D, R, B, T, device):
+    _run_decode(B, T, 3, D, 37, dtype, device, seed=D + B + T)
+
+
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_long_cache(dtype, D, T, device):
+    # 1000 slots: many key blocks (CPU) and 8 splits, the last one partial (CUDA).
+    L = 1000
+    pos = torch.stack([torch.arange(L - T, L), torch.arange(500, 500 + T)])
+    _run_decode(2, T, 4, D, L, dtype, device, seed=D + T, pos=pos)
+
+
+@pytest.mark.parametrize("L", [1, 2, 15, 16, 17, 127, 128, 129, 257])
+def test_decode_attention_block_edges(L, device):
+    # Every position of caches around the CPU key block (16) and CUDA split (128).
+    T = min(L, 5)
+    pos = torch.stack([torch.arange(L - T, L), torch.arange(T) - 2, torch.arange(T) + max(0, L // 2 - T)])
+    _run_decode(3, T, 2, 64, L, torch.float32, device, seed=L, pos=pos)
+
+
+def test_decode_attention_positions_beyond_cache(device):
+    # The twin's definition: a position >= L sees all L slots.
+    pos = torch.tensor([[36, 37, 100]])
+    _run_decode(1, 3, 2, 32, 37, torch.float32, device, pos=pos)
+
+
+def test_decode_attention_bc_equals_b_and_noncontiguous_q(device):
+    B, T, H, D, L = 2, 3, 4, 64, 21
+    q = torch.randn(B, H, T, D, device=device).transpose(1, 2)  # [B, T, H, D] view
+    assert not q.is_contiguous()
+    k, v = _caches(B, H, L, D, torch.float32, device, 1)
+    pos = _positions(B, T, L, 2).to(device)
+    out = pn.decode_attention(q, k, v, pos)
+    exact = ref.decode_attention(q.double(), k.double(), v.double(), pos, D**-0.5)
+    assert _rel_err(out, exact) <= 1e-5
+
+
+def test_decode_attention_default_scale_and_empty(device):
+    B, T, H, D, L = 1, 2, 2, 32, 9
+    q = torch.randn(B, T, H, D, device=device)
+    k, v = _caches(B, H, L, D, torch.float32, device, 0)
+    pos = torch.tensor([[3, 4]], device=device)
+    torch.testing.assert_close(pn.decode_attention(q, k, v, pos), pn.decode_attention(q, k, v, pos, D**-0.5), rtol=0, atol=0)
+    empty = pn.decode_attention(q[:0], k, v, pos[:0])
+    assert empty.shape == (0, T, H, D)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("D", [8, 32, 80, 256])
+@pytest.mark.parametrize("L", [1, 37, 300])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_every_cpu_isa(cpu_isa, dtype, D, L):
+    T = min(L, 6)
+    pos = torch.stack([torch.arange(L - T, L), torch.arange(T) - 3])
+    _run_decode(2, T, 2, D, L, dtype, "cpu", seed=D + L, pos=pos)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+def test_rotary_every_cpu_isa(cpu_isa):
+    # The rotary kernel is scalar on every ISA; this pins that the ISA switch
+    # does not change it.
+    qkv, pos, q, q_ref, (k, v), (k_ref, v_ref) = _run_rotary(3, 4, 2, 80, 20, 37, torch.float32, "cpu")
+    _check_close(q, q_ref, None)
+    _check_close(k, k_ref, None)
+
+
+def test_decode_attention_respects_thread_count():
+    B, T, H, D, L = 2, 3, 6, 64, 200
+    q = torch.randn(B, T, H, D)
+    k, v = _caches(B, H, L, D, torch.float32, "cpu", 0)
+    pos = _positions(B, T, L, 1)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = pn.decode_attention(q, k, v, pos)
+    finally:
+        torch.set_num_threads(n)
+    # Each row is computed whole by one thread: the result does not depend on the split.
+    assert torch.equal(y1, pn.decode_attention(q, k, v, pos))
+
+
+# ------------------------------------------------------- the two together ---
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefill_then_decode_steps(dtype, device):
+    """A left-padded batch: prefill 6 tokens, then 3 decode steps, each step
+    rotating and caching its token and attending over the cache. The same loop
+    on the twins gives the same outputs."""
+    B, H, D, R, L, P = 3, 4, 80, 20, 16, 6
+    n_pad = torch.tensor([0, 2, 5])
+    k, v = torch.zeros(B, H, L, D, dtype=dtype, device=device), torch.zeros(B, H, L, D, dtype=dtype, device=device)
+    k_ref, v_ref = k.clone(), v.clone()
+    pos = (torch.arange(P)[None] - n_pad[:, None]).to(device)  # [B, P], negative = padding
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        qkv = torch.randn(B, pos.shape[1], H * 3 * D, generator=g).to(dtype).to(device)
+        q = pn.rotary_kv_cache_(qkv, pos, k, v, R)
+        out = pn.decode_attention(q, k, v, pos)
+        q_r = ref.rotary_kv_cache_(qkv, pos, k_ref, v_ref, R, THETA)
+        out_r = ref.decode_attention(q_r, k_ref, v_ref, pos, D**-0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert _rel_err(out, out_r) <= tol, (step, _rel_err(out, out_r))
+        pos = pos[:, -1:] + 1  # next token of every sequence
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_step_in_cuda_graph():
+    """One capture, replays with advancing positions: the launch configuration
+    does not depend on the positions."""
+    B, H, D, R, L = 2, 4, 64, 16, 300
+    dev = "cuda"
+    k = torch.zeros(B, H, L, D, device=dev, dtype=torch.float16)
+    v = torch.zeros_like(k)
+    qkv = torch.randn(B, 1, H * 3 * D, device=dev, dtype=torch.float16)
+    pos = torch.zeros(B, 1, dtype=torch.int64, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        pn.decode_attention(pn.rotary_kv_cache_(qkv, pos, k, v, R), k, v, pos)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pn.decode_attention(pn.rotary_kv_cache_(qkv, pos, k, v, R), k, v, pos)
+    k_ref, v_ref = torch.zeros_like(k), torch.zeros_like(v)
+    for step in range(0, 260, 37):
+        qkv.copy_(torch.randn_like(qkv))
+        pos.copy_(torch.tensor([[step], [max(step - 40, -1)]], device=dev))
+        graph.replay()
+        q_r = ref.rotary_kv_cache_(qkv, pos, k_ref, v_ref, R, THETA)
+        out_r = ref.decode_attention(q_r, k_ref, v_ref, pos, D**-0.5)
+        # fp16 storage of q and of the caches on both sides: a few ulps apart.
+        assert _rel_err(out, out_r) <= 1e-2, step
+        assert _rel_err(k, k_ref) <= 1e-3 and torch.equal(v, v_ref), step
