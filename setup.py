@@ -76,7 +76,11 @@ def extension():
     cpp = [p for p in cpp if with_cuda or not p.endswith("_cuda.cpp")]
     cu = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) if with_cuda else []
     # torch >= 2.12 headers need C++20; the torch-free .cu files stay C++17 (faster nvcc).
-    cxx_flags = ["-O3", "-std=c++20", "-fno-fast-math", "-Wall", "-Wno-unused-function"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the
+    # including file is compiled with OpenMP (_OPENMP defined); torch's CPU build
+    # uses OpenMP, so this is what makes our kernels use torch's thread pool.
+    cxx_flags = ["-O3", "-std=c++20", "-fno-fast-math", "-Wall", "-Wno-unused-function", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -95,6 +99,7 @@ def extension():
                 "cxx": cxx_flags,
                 "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
             },
+            extra_link_args=link_flags,
         )
     return CppExtension(
         "pythia_native._C",
@@ -102,6 +107,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 
