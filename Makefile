@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test build native-test bench install clean
+.PHONY: test build native-test bench install generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: build native-test
 # Registers the package (and, later, its command line) in the venv.
 install: $(VENV)/.deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
+
+# The main job: generate with pythia-160m (downloaded once into the Hugging Face cache).
+PROMPT ?= Once upon a time
+MODEL ?= EleutherAI/pythia-160m
+generate: build
+	$(PY) -m pythia_native generate --model "$(MODEL)" "$(PROMPT)"
 
 # The gemm_4bit benchmark against bitsandbytes and dense torch (CPU, 1 and 2 threads).
 bench: build

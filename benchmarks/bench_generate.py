@@ -32,7 +32,10 @@ SHAPES = {
     "160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "1.4b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
 }
-VARIANTS = ["pythia-native-nf4", "transformers-fp32", "transformers-bf16", "transformers-bnb-nf4"]
+# pythia-native-nf4: activations float32 on the CPU, float16 on CUDA; -bf16: bfloat16
+# activations; -qhead: embed_out in 4 bits too (costs logit accuracy, see --head-error).
+VARIANTS = ["pythia-native-nf4", "pythia-native-nf4-bf16", "pythia-native-nf4-qhead", "transformers-fp32",
+            "transformers-bf16", "transformers-bnb-nf4"]
 
 
 def hf_config(shape: str):
@@ -69,7 +72,7 @@ def weight_bytes_per_token(config, dense_head_bytes: int) -> int:
     (blocksize 64) of the four Linears of every block, plus the dense embed_out."""
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     params = L * (3 * h * h + h * h + 2 * h * i)
-    return params // 2 + params // 64 * 4 + config.vocab_size * h * dense_head_bytes
+    return int(params // 2 + params // 64 * 4 + config.vocab_size * h * dense_head_bytes)
 
 
 def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int):
@@ -79,13 +82,16 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
 
     config = hf_config(shape)
     ids = torch.randint(2, 50000, (batch, prompt), device=device)
-    if variant == "pythia-native-nf4":
+    if variant.startswith("pythia-native-nf4"):
         from pythia_native.generate import Pythia
         from pythia_native.model import PythiaModel
 
         hf = transformers.GPTNeoXForCausalLM(config)
         dtype = torch.float32 if device == "cpu" else torch.float16
-        model = PythiaModel.from_hf(hf, dtype=dtype).to(device)
+        if variant.endswith("-bf16"):
+            dtype = torch.bfloat16
+        qhead = variant.endswith("-qhead")
+        model = PythiaModel.from_hf(hf, dtype=dtype, quantize_embed_out=qhead).to(device)
         del hf
         engine = Pythia(model, max_batch=batch, max_len=prompt + new)
         prompts = ids.tolist()
@@ -93,7 +99,7 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         def gen(n):
             engine.generate_ids(prompts, n, ignore_eos=True)
 
-        head_bytes = torch.tensor([], dtype=dtype).element_size()
+        head_bytes = 0.5 + 4 / 64 if qhead else torch.tensor([], dtype=dtype).element_size()
     else:
         if variant == "transformers-bnb-nf4":
             # bitsandbytes quantizes while loading: save the random model, load it 4-bit.
