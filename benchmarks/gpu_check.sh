@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine: build the CUDA extension, run the
-# CUDA tests and the full test suite, then benchmark gemm_4bit on the GPU.
+# CUDA tests and the full test suite, then benchmark gemm_4bit and end-to-end
+# decode (pythia-160m- and 1.4b-shaped random models, batch 1 and 8, against
+# transformers fp16/bf16 and transformers + bitsandbytes NF4) on the GPU.
 #
 #   bash benchmarks/gpu_check.sh                  # every stage
-#   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench
+#   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate
 #
 # Expects the machine's own python with torch (CUDA build), nvcc, ninja,
 # pytest and transformers; no network. bitsandbytes (the benchmark's peer) is
@@ -18,7 +20,7 @@ OUT="${OUT:-$REPO/benchmarks/results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench bench-generate)
 
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
@@ -67,13 +69,13 @@ command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not on PAT
 
 if want install; then
   shopt -s nullglob
-  wheels=(.wheels/bitsandbytes-*.whl)
+  wheels=(.wheels/bitsandbytes-*.whl .wheels/accelerate-*.whl)
   shopt -u nullglob
   if [ ${#wheels[@]} -gt 0 ]; then
     stage bnb-wheel "$PY" -m pip install --no-deps --no-index "${wheels[@]}" \
       || echo "bitsandbytes wheel did not install: the benchmark runs without its peers"
   else
-    echo "no .wheels/bitsandbytes-*.whl: the benchmark's bitsandbytes columns will read n/a unless it is installed"
+    echo "no .wheels/{bitsandbytes,accelerate}-*.whl: the benchmarks' bitsandbytes columns read n/a unless installed"
   fi
   if ! QUIET=1 stage install "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
     echo "BUILD FAILED: see $OUT/install.log"
@@ -96,6 +98,12 @@ if want bench; then
     || echo "BENCHMARK FAILED"
 fi
 
+if want bench-generate; then
+  stage bench-generate "$PY" benchmarks/bench_generate.py --device cuda --shapes 160m 1.4b --batch 1 8 \
+    --variants pythia-native-nf4 pythia-native-nf4-bf16 transformers-bf16 transformers-bnb-nf4 \
+    --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate)"
+fi
+
 # Results written elsewhere (an earlier run into benchmarks/results) travel with $OUT too.
 if [ "$(cd "$OUT" && pwd)" != "$REPO/benchmarks/results" ]; then
   for f in "$REPO"/benchmarks/results/*.md; do
@@ -110,6 +118,11 @@ if [ -f "$OUT/gemm_4bit_cuda.md" ]; then
   echo
   echo "--- gemm_4bit_cuda.md (summary) ---"
   sed -n '/^Summary:/,$p' "$OUT/gemm_4bit_cuda.md"
+fi
+if [ -f "$OUT/generate_cuda.md" ]; then
+  echo
+  echo "--- generate_cuda.md ---"
+  cat "$OUT/generate_cuda.md"
 fi
 # Non-zero when any stage failed (after everything that could run has run).
 ! printf '%s\n' "${SUMMARY[@]}" | grep -q -e FAILED -e "TIMED OUT"

@@ -14,6 +14,8 @@ FileNotFoundError`` in caller code keeps working.
 | ``HubConnectionError`` | the hub could not be reached (or answered with a server error) and nothing usable is cached |
 | ``CheckpointError`` | a weight file is missing, truncated, corrupt, or an index names a shard that is not there |
 | ``ConfigError`` | ``config.json`` missing, not JSON, or not a GPT-NeoX causal LM |
+| ``GenerationError`` | a generate/score request that cannot be served (prompt + new tokens beyond the context, bad sampling values) |
+| ``DeviceError`` | a device or dtype this machine or build cannot use (``cuda`` without a GPU, fp16 on the CPU) |
 """
 from __future__ import annotations
 
@@ -60,3 +62,7 @@ class CheckpointDataWarning(PythiaNativeWarning):
 
 class GenerationError(PythiaNativeError, ValueError):
     """A generate/score request that cannot be served (too long for the context, bad arguments)."""
+
+
+class DeviceError(PythiaNativeError, ValueError):
+    """A device (or activation dtype) that this machine or this build cannot use."""

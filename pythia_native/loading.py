@@ -15,16 +15,12 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import PythiaConfig
-from .errors import CheckpointError, ConfigError, PythiaNativeError
+from .errors import CheckpointError, ConfigError, DeviceError
 from .generate import Pythia
 from .hub import download_checkpoint
 from .model import PythiaModel
 from .tokenizer import Tokenizer
 from .weights import CheckpointReader, read_config
-
-
-class DeviceError(PythiaNativeError, ValueError):
-    """A device that this machine or this build cannot use."""
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
