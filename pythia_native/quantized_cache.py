@@ -37,7 +37,11 @@ There is no checksum of the tensor bytes (safetensors has none): a flipped
 bit inside the data is not detected.
 
 What it saves (``benchmarks/results/sweep_cache_cpu.md``, shared 2-core VM):
-XXFILLXX
+random fp16 checkpoints of the Pythia shapes, float32 CPU model: a
+pythia-160m entry is 193 MiB vs 310 MiB for the fp16 checkpoint (0.62x: the
+dense fp16 embeddings are 147 MiB of it) and loaded in 1.40 s vs 2.89 s; a
+pythia-1.4b entry is 1,042 MiB vs 2,698 MiB (0.39x) and loaded in 3.45 s vs
+24.1 s (7.0x; quantizing on the CPU is most of the dense load).
 """
 from __future__ import annotations
 

@@ -226,3 +226,17 @@ def test_cli_scores_each_revision(hub_cache, tmp_path, capsys):
                  "--offline", "--device", "cpu", str(text)])
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and "step1234" in err and "nearest" in err and out == ""
+
+
+def test_cache_entry_keeps_double_quant_and_4bit_head(hub_cache, tmp_path):
+    q = tmp_path / "q4"
+    kw = dict(OPTS, cache_dir=hub_cache, quant_type="fp4", double_quant=True, quantize_embed_out=True)
+    fresh = load("pythia-14m", "step4000", quantized_cache=q, **kw)
+    assert entry(q, "step4000", "fp4-b64-dq-qhead").is_dir()
+    cached = load("pythia-14m", "step4000", quantized_cache=q, **kw)
+    assert Path(cached.source[2]) == entry(q, "step4000", "fp4-b64-dq-qhead")
+    assert torch.equal(logits(cached), logits(fresh))
+    assert all(m.nested is not None for m in cached.model.modules() if hasattr(m, "nested"))
+    # another setting is another entry, never a wrong hit
+    nf4 = load("pythia-14m", "step4000", quantized_cache=q, **OPTS, cache_dir=hub_cache)
+    assert nf4.model.quant_type == "nf4" and entry(q, "step4000").is_dir()
