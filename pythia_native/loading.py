@@ -230,7 +230,9 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
     the new weights. The revision is validated (``suite``) before any
     download. Raises ``CheckpointError`` when the revision's architecture
     differs from the loaded one, or when it is a bitsandbytes 4-bit checkpoint
-    with other quantization settings (load it with :func:`load` instead). A
+    with another quant type or ``embed_out`` layout (load it with :func:`load`
+    instead); one with another blocksize loads, but its buffers are
+    reallocated and captured CUDA graphs are dropped (recaptured on next use). A
     failure while reading the weights leaves the model partly overwritten:
     load a revision again before using it.
     """
@@ -241,21 +243,32 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
             "load the checkpoint with load()"
         )
     rev = resolve_revision(options.ref, revision)
-    directory, entry = _locate(options, rev)
-    if entry is not None:
-        try:
-            fill_model_(engine.model, entry)
-            engine.source = (engine.source[0], rev, str(entry))
-            return engine
-        except PythiaNativeError as e:
-            from . import quantized_cache as qc
+    before = _storages(engine.model)
+    try:
+        directory, entry = _locate(options, rev)
+        if entry is not None:
+            try:
+                fill_model_(engine.model, entry)
+                engine.source = (engine.source[0], rev, str(entry))
+                return engine
+            except PythiaNativeError as e:
+                from . import quantized_cache as qc
 
-            qc.discard(entry, str(e))
-            directory = _download(options, rev)
-    fill_model_(engine.model, directory)
-    _maybe_store(options, rev, engine.model, directory)
-    engine.source = (engine.source[0], rev, str(directory))
-    return engine
+                qc.discard(entry, str(e))
+                directory = _download(options, rev)
+        fill_model_(engine.model, directory)
+        _maybe_store(options, rev, engine.model, directory)
+        engine.source = (engine.source[0], rev, str(directory))
+        return engine
+    finally:
+        if _storages(engine.model) != before:
+            # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
+            # captured on the old storage would read freed memory; they are recaptured on next use.
+            engine._graphs.clear()
+
+
+def _storages(model: PythiaModel) -> list[tuple[str, int]]:
+    return [(n, t.data_ptr()) for n, t in model.state_dict(keep_vars=True).items()]
 
 
 def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:

@@ -85,13 +85,20 @@ def test_sweep_matches_fresh_loads_in_the_same_storage(hub_cache):
     assert not torch.equal(seen["step1000"], seen["step2000"])  # the branches really differ
 
 
-def test_load_revision_keeps_generating(hub_cache):
-    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+def test_load_revision_keeps_generating(hub_cache, device):
+    # On CUDA the first generate captures the decode step as a graph; after load_revision the same
+    # graph object must replay with the new weights.
+    opts = dict(cache_dir=hub_cache, local_files_only=True, device=device)
+    engine = load("pythia-14m", "step1000", **opts)
+    out_1000 = engine.generate_ids([5, 6, 7], 6, ignore_eos=True)
+    graphs = dict(engine._graphs)
     before = storage(engine)
-    out_2000 = load("pythia-14m", 2000, cache_dir=hub_cache, **OPTS).generate_ids([5, 6, 7], 6, ignore_eos=True)
+    out_2000 = load("pythia-14m", 2000, **opts).generate_ids([5, 6, 7], 6, ignore_eos=True)
+    assert out_2000 != out_1000
     assert engine.load_revision(2000) is engine
     assert engine.generate_ids([5, 6, 7], 6, ignore_eos=True) == out_2000
-    assert storage(engine) == before
+    assert storage(engine) == before and engine._graphs == graphs
+    assert (len(graphs) == 1) == (device == "cuda")
     with pytest.raises(CheckpointError, match=r"architecture differs.*hidden_size 128 \(loaded: 64\)"):
         engine.load_revision("step8000")
     with pytest.raises(pythia_native.errors.PythiaNativeError, match="made by pythia_native.load"):
@@ -240,3 +247,23 @@ def test_cache_entry_keeps_double_quant_and_4bit_head(hub_cache, tmp_path):
     # another setting is another entry, never a wrong hit
     nf4 = load("pythia-14m", "step4000", quantized_cache=q, **OPTS, cache_dir=hub_cache)
     assert nf4.model.quant_type == "nf4" and entry(q, "step4000").is_dir()
+
+
+def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_cache, tmp_path, tok):
+    # a bitsandbytes checkpoint quantized with blocksize 128 on a branch: its absmax has another
+    # shape, so that buffer cannot be written in place; captured graphs must not survive it.
+    from pythia_native.export import save_pretrained
+    from pythia_native.model import PythiaModel
+
+    src = tmp_path / "bs128"
+    save_pretrained(PythiaModel.from_hf(hf_model("tiny", 3, vocab_size=50304), blocksize=128), src, tokenizer_dir=None)
+    shutil.copyfile(tok, src / "tokenizer.json")
+    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir()}, refs=("step16",),
+                 commit=commit_hash(16))
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    engine._graphs[1] = "captured on the old buffers"  # stands in for a CUDA graph (CPU engines capture none)
+    ptrs = storage(engine)[0]
+    engine.load_revision("step16")
+    assert engine._graphs == {}
+    assert storage(engine)[0] != ptrs
+    assert torch.equal(logits(engine), logits(load("pythia-14m", "step16", cache_dir=hub_cache, **OPTS)))
