@@ -26,6 +26,7 @@ import torch
 
 from .config import PythiaConfig
 from .errors import CheckpointError, ConfigError, PythiaNativeError
+from .format import check_quant_type
 from .generate import Pythia
 from .hub import download_checkpoint
 from .model import PythiaModel
@@ -142,6 +143,7 @@ def load(
     """
     dev = resolve_device(device)
     dt = check_dtype(dtype, dev)
+    check_quant_type(quant_type)  # before any download
     ref = resolve_model(name_or_path)
     rev = resolve_revision(ref, revision)
     options = LoadOptions(ref, QuantSettings(quant_type, double_quant, quantize_embed_out), cache_dir,
@@ -160,7 +162,7 @@ def load(
     if model is None:
         model = build_model(directory, quant_type=quant_type, double_quant=double_quant,
                             quantize_embed_out=quantize_embed_out, device=dev, dtype=dt)
-        directory = _maybe_store(options, rev, model, directory)
+        _maybe_store(options, rev, model, directory)
     tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
     engine = Pythia(model, tokenizer, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs)
     engine.source = (str(name_or_path), rev, str(directory))
@@ -202,10 +204,10 @@ def _locate(options: LoadOptions, rev: str) -> tuple[Optional[Path], Optional[Pa
     return _download(options, rev), None
 
 
-def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> Path:
-    """Write the quantized-cache entry of a dense checkpoint just loaded; returns where the tokenizer is."""
+def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> None:
+    """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns)."""
     if not options.caches or model.source_quantization is not None:
-        return directory
+        return
     import warnings
 
     from . import quantized_cache as qc
@@ -217,7 +219,6 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
                       f"{options.quantized_cache} ({e}); the model is loaded, the next load quantizes again",
                       QuantizedCacheWarning, stacklevel=3)
-    return directory
 
 
 def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:

@@ -113,7 +113,12 @@ def sweep(
     :func:`pythia_native.load`; ``free_hub_files`` deletes each revision's
     snapshot from the Hugging Face cache after loading it (off by default).
     """
+    from .format import check_quant_type
+    from .loading import check_dtype, resolve_device
+
     chosen = select_revisions(model, revisions, every=every, steps=steps)
+    check_dtype(dtype, resolve_device(device))  # fail now, not at the first next()
+    check_quant_type(quant_type)
     ref = resolve_model(model, warn=False)
     load_kwargs = dict(quant_type=quant_type, double_quant=double_quant, quantize_embed_out=quantize_embed_out,
                        device=device, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only,

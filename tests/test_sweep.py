@@ -116,6 +116,10 @@ def test_invalid_revisions_fail_before_anything_loads(hub_cache, monkeypatch):
         sweep("pythia-14m", every=0)
     with pytest.raises(RevisionError, match="not a repo of the Pythia suite"):
         sweep("someone/neox", steps=[1000])
+    with pytest.raises(ValueError, match="quant_type"):
+        sweep("pythia-14m", ["step1000"], quant_type="nf5", cache_dir=hub_cache, **OPTS)
+    with pytest.raises(loading.DeviceError, match="tpu"):
+        sweep("pythia-14m", ["step1000"], device="tpu")
     assert calls == []
 
 
