@@ -15,7 +15,9 @@ Disk: by default each revision's files stay in the Hugging Face cache (as
 snapshot from the hub cache once it is loaded (and, with
 ``quantized_cache``, written there as 4 bits), so a sweep holds one dense
 checkpoint on disk at a time; without ``quantized_cache`` a second sweep then
-downloads again.
+downloads again. Deletion is by commit: revisions that are one commit on the
+hub (``main`` and ``step143000``) are deleted together, and the later one is
+downloaded again.
 """
 from __future__ import annotations
 

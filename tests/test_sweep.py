@@ -271,3 +271,17 @@ def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_c
     assert engine._graphs == {}
     assert storage(engine)[0] != ptrs
     assert torch.equal(logits(engine), logits(load("pythia-14m", "step16", cache_dir=hub_cache, **OPTS)))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--every", "0"], "positive"),
+    (["--every", "1000", "--revisions", "step1000"], "not both"),
+    (["--revision", "step1000", "--revisions", "step2000"], "list them all there"),
+])
+def test_cli_sweep_argument_errors_are_one_line(capsys, tmp_path, argv, match):
+    text = tmp_path / "t.txt"
+    text.write_text("Hello.")
+    code = main(["score", "--model", "pythia-14m", "--offline", "--device", "cpu", *argv, str(text)])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and err.startswith("pythia-native: error:") and match in err, err
+
