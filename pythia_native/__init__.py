@@ -20,6 +20,7 @@ from .config import PythiaConfig
 from .model import KVCache, PythiaModel
 from .generate import Pythia, Score
 from .loading import load
+from .sweep import select_revisions, sweep
 
 __all__ = [
     "KVCache",
@@ -29,6 +30,8 @@ __all__ = [
     "QUANT_TYPES",
     "Score",
     "load",
+    "select_revisions",
+    "sweep",
     "QuantizedLinear",
     "build_info",
     "code_table",

@@ -3,6 +3,7 @@
     pythia-native generate "Once upon a time"                     # pythia-160m, streamed
     pythia-native generate --model pythia-1.4b-deduped --revision step71000 --temperature 0.8 "..."
     pythia-native score --model pythia-410m text.txt              # perplexity
+    pythia-native score --model pythia-160m --every 20000 --quantized-cache ~/pn4 text.txt   # perplexity by revision
     pythia-native revisions pythia-160m                           # the 154 branches
     pythia-native export --model pythia-160m out/                 # a bitsandbytes 4-bit checkpoint
     pythia-native bench --random-weights --size 160m              # tokens/s, no download
@@ -33,6 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="activation dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--cache-dir", default=None, help="Hugging Face cache directory")
+    p.add_argument("--quantized-cache", default=None, metavar="DIR",
+                   help="keep 4-bit copies of loaded revisions here and load them from here (no download)")
     p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
 
@@ -64,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--per-line", action="store_true", help="score each non-empty line as its own text")
     s.add_argument("--no-eos", action="store_true", help="do not score the first token after <|endoftext|>")
+    s.add_argument("--revisions", default=None, metavar="LIST",
+                   help="score under each of these revisions, comma-separated (step1000,step2000,main): one line each")
+    s.add_argument("--every", type=int, default=None, metavar="N",
+                   help="score under every suite branch whose step is a multiple of N, one line each")
+    s.add_argument("--free-hub-files", action="store_true",
+                   help="with --revisions/--every: delete each revision's files from the Hugging Face cache once loaded")
 
     r = sub.add_parser("revisions", help="list the valid revisions of a Pythia model")
     r.add_argument("model")
@@ -89,7 +98,8 @@ def _load(args, **extra):
 
     return load(
         args.model, args.revision, quant_type=args.quant_type, double_quant=args.double_quant, device=args.device,
-        dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None, **extra,
+        dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None,
+        quantized_cache=args.quantized_cache, **extra,
     )
 
 
@@ -130,13 +140,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    if args.revisions is not None or args.every is not None:
+        return _score_revisions(args)
     text = _read_text(args.file)
+    texts = _texts_to_score(args, text)
     engine = _load(args)
-    texts = [line for line in text.splitlines() if line.strip()] if args.per_line else [text]
-    if not texts or not any(t.strip() for t in texts):
-        from .errors import GenerationError
-
-        raise GenerationError(f"{args.file}: nothing to score (empty text)")
     scores = engine.score(texts, prepend_eos=not args.no_eos)
     total_lp = sum(s.total for s in scores)
     total_n = sum(len(s.tokens) for s in scores)
@@ -146,6 +154,39 @@ def cmd_score(args) -> int:
     import math
 
     print(f"tokens {total_n}\tlogprob {total_lp:.4f}\tmean {total_lp / total_n:.6f}\tperplexity {math.exp(-total_lp / total_n):.4f}")
+    return 0
+
+
+def _texts_to_score(args, text: str) -> list[str]:
+    texts = [line for line in text.splitlines() if line.strip()] if args.per_line else [text]
+    if not texts or not any(t.strip() for t in texts):
+        from .errors import GenerationError
+
+        raise GenerationError(f"{args.file}: nothing to score (empty text)")
+    return texts
+
+
+def _score_revisions(args) -> int:
+    """One line per revision: ``revision, tokens, logprob, mean, perplexity`` (a sweep, one model in memory)."""
+    import math
+
+    from .errors import RevisionError
+    from .sweep import sweep
+
+    if args.revision is not None:
+        raise RevisionError("--revision names one revision; with --revisions/--every, list them all there")
+    if args.revisions is not None and args.every is not None:
+        raise RevisionError("give either --revisions or --every, not both")
+    texts = _texts_to_score(args, _read_text(args.file))
+    revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type,
+                 double_quant=args.double_quant, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+                 quantized_cache=args.quantized_cache, local_files_only=True if args.offline else None,
+                 free_hub_files=args.free_hub_files)
+    print("revision\ttokens\tlogprob\tmean\tperplexity")
+    for rev, engine in revs:
+        scores = engine.score(texts, prepend_eos=not args.no_eos)
+        lp, n = sum(s.total for s in scores), sum(len(s.tokens) for s in scores)
+        print(f"{rev}\t{n}\t{lp:.4f}\t{lp / n:.6f}\t{math.exp(-lp / n):.4f}", flush=True)
     return 0
 
 

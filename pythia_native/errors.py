@@ -60,6 +60,10 @@ class CheckpointDataWarning(PythiaNativeWarning):
     """The requested hub branch is known to hold wrong or duplicated weights (a data problem upstream)."""
 
 
+class QuantizedCacheWarning(PythiaNativeWarning):
+    """An entry of the on-disk quantized cache was unreadable or incomplete; it is rebuilt from the checkpoint."""
+
+
 class GenerationError(PythiaNativeError, ValueError):
     """A generate/score request that cannot be served (too long for the context, bad arguments)."""
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -52,9 +52,17 @@ def save_pretrained(
     model: PythiaModel,
     directory: Union[str, os.PathLike],
     tokenizer_dir: Optional[Union[str, os.PathLike]] = None,
+    *,
+    dense: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Path:
     """Write ``model`` as a 4-bit checkpoint into ``directory`` (created if needed).
-    ``tokenizer_dir``: where to copy the tokenizer files from (the source checkpoint)."""
+
+    ``tokenizer_dir``: where to copy the tokenizer files from (the source checkpoint).
+    ``dense``: tensors to write instead of the model's own for the same keys
+    (the dense ones: embeddings, LayerNorms, biases), e.g. the source
+    checkpoint's fp16 values, so that they are not stored widened to the
+    model's float32 nor rounded through its bfloat16. Shapes must match.
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -62,6 +70,12 @@ def save_pretrained(
     config["quantization_config"] = quantization_config(model)
     # safetensors stores each tensor once, contiguous, on the CPU.
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for k, v in (dense or {}).items():
+        if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape):
+            raise ValueError(f"dense tensor {k!r} {tuple(v.shape)} does not replace a model tensor of that shape")
+        tensors[k] = v.detach().contiguous().cpu()
+    if dense:
+        config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(dense.values())).dtype, config["torch_dtype"])
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name

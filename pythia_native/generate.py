@@ -348,6 +348,20 @@ class Pythia:
             ids.add(int(self.config.eos_token_id))
         return ids, strings
 
+    # ------------------------------------------------------------- loading --
+
+    def load_revision(self, revision: Union[str, int, None]) -> "Pythia":
+        """Load another revision of the same model into this engine, in place.
+
+        Parameters, buffers and the KV cache keep their storage, so captured
+        CUDA graphs replay with the new weights; the tokenizer is kept. Needs
+        an engine made by :func:`pythia_native.load` (it reuses its name,
+        quantization and cache options). See ``loading.load_revision_``.
+        """
+        from .loading import load_revision_
+
+        return load_revision_(self, revision)
+
     # -------------------------------------------------------------- export --
 
     def save_pretrained(self, directory) -> "os.PathLike":

@@ -4,21 +4,35 @@ Steps: resolve the name and revision (``suite``; an invalid step fails before
 any network access), fetch only the needed files (``hub``; cache, offline),
 read ``config.json``, build the model, stream the weights into it one tensor at
 a time (``weights``): dense checkpoints are quantized as they arrive,
-bitsandbytes 4-bit checkpoints are taken as they are.
+bitsandbytes 4-bit checkpoints are taken as they are. With
+``quantized_cache``, a revision quantized before is read from its 4-bit
+entry instead (``quantized_cache``), with no download and no quantization.
+
+``load_revision_`` (``Pythia.load_revision``) loads another revision of the
+same model into an engine's existing tensors (see ``sweep``).
+
+Peak memory of loading a dense checkpoint: the model's own tensors plus the
+one tensor in hand (read, quantized, dropped), measured in
+``benchmarks/results/sweep_cache_cpu.md``.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
 from .config import PythiaConfig
-from .errors import CheckpointError, ConfigError, DeviceError
+from .errors import CheckpointError, ConfigError, DeviceError, PythiaNativeError
+from .format import check_quant_type
 from .generate import Pythia
 from .hub import download_checkpoint
 from .model import PythiaModel
+from .quantized_cache import QuantSettings
+from .quantized_linear import QuantizedLinear
+from .suite import ModelRef, resolve_model, resolve_revision, warn_known_data_problems
 from .tokenizer import Tokenizer
 from .weights import CheckpointReader, read_config
 
@@ -97,6 +111,7 @@ def load(
     max_batch: int = 1,
     max_len: Optional[int] = None,
     cuda_graphs: bool = True,
+    quantized_cache: Optional[Union[str, os.PathLike]] = None,
 ) -> Pythia:
     """Load a Pythia (or any GPT-NeoX) checkpoint with 4-bit Linear layers.
 
@@ -114,17 +129,175 @@ def load(
         cache_dir, local_files_only, token: passed to huggingface_hub
             (``HF_HUB_OFFLINE=1`` is honoured when ``local_files_only`` is None).
         max_batch, max_len, cuda_graphs: see :class:`Pythia`.
+        quantized_cache: a directory for 4-bit copies of hub checkpoints
+            (``pythia_native.quantized_cache``): a revision quantized before is
+            read from there (no download, works offline); a new one is written
+            there after loading. None: no such cache.
+
+    The engine remembers these options: ``engine.load_revision(rev)`` loads
+    another revision into the same tensors (see :func:`pythia_native.sweep`).
     """
     dev = resolve_device(device)
     dt = check_dtype(dtype, dev)
-    directory = download_checkpoint(name_or_path, revision, cache_dir=cache_dir, local_files_only=local_files_only,
-                                    token=token)
-    model = build_model(directory, quant_type=quant_type, double_quant=double_quant,
-                        quantize_embed_out=quantize_embed_out, device=dev, dtype=dt)
+    check_quant_type(quant_type)  # before any download
+    ref = resolve_model(name_or_path)
+    rev = resolve_revision(ref, revision)
+    options = LoadOptions(ref, QuantSettings(quant_type, double_quant, quantize_embed_out), cache_dir,
+                          local_files_only, token, quantized_cache)
+    directory, entry = _locate(options, rev)
+    model = None
+    if entry is not None:
+        try:
+            model = build_model(entry, device=dev, dtype=dt)
+            directory = entry
+        except PythiaNativeError as e:
+            from . import quantized_cache as qc
+
+            qc.discard(entry, str(e))
+            directory = _download(options, rev)
+    if model is None:
+        model = build_model(directory, quant_type=quant_type, double_quant=double_quant,
+                            quantize_embed_out=quantize_embed_out, device=dev, dtype=dt)
+        _maybe_store(options, rev, model, directory)
     tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
     engine = Pythia(model, tokenizer, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs)
-    engine.source = (str(name_or_path), revision or "main", str(directory))
+    engine.source = (str(name_or_path), rev, str(directory))
+    engine.load_options = options
     return engine
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What ``load()`` was asked for, kept on the engine so ``load_revision_`` fetches alike."""
+
+    ref: ModelRef
+    settings: QuantSettings
+    cache_dir: Optional[Union[str, os.PathLike]] = None
+    local_files_only: Optional[bool] = None
+    token: Union[str, bool, None] = None
+    quantized_cache: Optional[Union[str, os.PathLike]] = None
+
+    @property
+    def caches(self) -> bool:
+        """Whether the quantized cache applies: one was given and the model is a hub repo."""
+        return self.quantized_cache is not None and self.ref.repo_id is not None
+
+
+def _download(options: LoadOptions, rev: str) -> Path:
+    return download_checkpoint(options.ref, rev, cache_dir=options.cache_dir,
+                               local_files_only=options.local_files_only, token=options.token)
+
+
+def _locate(options: LoadOptions, rev: str) -> tuple[Optional[Path], Optional[Path]]:
+    """``(checkpoint directory, None)``, or ``(None, quantized-cache entry)`` on a cache hit (no download)."""
+    if options.caches:
+        from . import quantized_cache as qc
+
+        entry = qc.find(options.quantized_cache, options.ref, rev, options.settings)
+        if entry is not None:
+            warn_known_data_problems(options.ref, rev)  # download_checkpoint would have
+            return None, entry
+    return _download(options, rev), None
+
+
+def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> None:
+    """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns)."""
+    if not options.caches or model.source_quantization is not None:
+        return
+    import warnings
+
+    from . import quantized_cache as qc
+    from .errors import QuantizedCacheWarning
+
+    try:
+        qc.store(options.quantized_cache, options.ref, rev, options.settings, model, directory)
+    except OSError as e:  # a full disk or a read-only cache must not fail the load itself
+        warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
+                      f"{options.quantized_cache} ({e}); the model is loaded, the next load quantizes again",
+                      QuantizedCacheWarning, stacklevel=3)
+
+
+def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
+    """Load ``revision`` of the engine's model into the engine's existing tensors.
+
+    The engine must come from :func:`load` (it remembers the model name, the
+    quantization settings and the cache options). Every parameter and buffer is
+    written in place (same storage, same ``data_ptr``); the KV cache, the
+    tokenizer and captured CUDA graphs are kept, and the graphs replay with
+    the new weights. The revision is validated (``suite``) before any
+    download. Raises ``CheckpointError`` when the revision's architecture
+    differs from the loaded one, or when it is a bitsandbytes 4-bit checkpoint
+    with another quant type or ``embed_out`` layout (load it with :func:`load`
+    instead); one with another blocksize loads, but its buffers are
+    reallocated and captured CUDA graphs are dropped (recaptured on next use). A
+    failure while reading the weights leaves the model partly overwritten:
+    load a revision again before using it.
+    """
+    options: Optional[LoadOptions] = getattr(engine, "load_options", None)
+    if options is None:
+        raise PythiaNativeError(
+            "load_revision needs an engine made by pythia_native.load() (it reloads from the same model name); "
+            "load the checkpoint with load()"
+        )
+    rev = resolve_revision(options.ref, revision)
+    before = _storages(engine.model)
+    try:
+        directory, entry = _locate(options, rev)
+        if entry is not None:
+            try:
+                fill_model_(engine.model, entry)
+                engine.source = (engine.source[0], rev, str(entry))
+                return engine
+            except PythiaNativeError as e:
+                from . import quantized_cache as qc
+
+                qc.discard(entry, str(e))
+                directory = _download(options, rev)
+        fill_model_(engine.model, directory)
+        _maybe_store(options, rev, engine.model, directory)
+        engine.source = (engine.source[0], rev, str(directory))
+        return engine
+    finally:
+        if _storages(engine.model) != before:
+            # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
+            # captured on the old storage would read freed memory; they are recaptured on next use.
+            engine._graphs.clear()
+
+
+def _storages(model: PythiaModel) -> list[tuple[str, int]]:
+    return [(n, t.data_ptr()) for n, t in model.state_dict(keep_vars=True).items()]
+
+
+def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
+    """Stream the checkpoint in ``directory`` into ``model``'s existing tensors (in place).
+
+    A dense checkpoint is quantized with the model's settings; a bitsandbytes
+    4-bit one must have the model's quant type and the same ``embed_out``
+    layout. Raises ``CheckpointError`` when the architecture differs.
+    """
+    raw = read_config(directory)
+    config = PythiaConfig.from_dict(raw)
+    if config != model.config:
+        diff = [f"{f.name} {getattr(config, f.name)!r} (loaded: {getattr(model.config, f.name)!r})"
+                for f in fields(config) if getattr(config, f.name) != getattr(model.config, f.name)]
+        raise CheckpointError(
+            f"{directory}: this checkpoint's architecture differs from the loaded model's ({'; '.join(diff)}); "
+            "one engine holds one architecture: load() this checkpoint on its own"
+        )
+    q = bnb_quantization(raw)
+    with CheckpointReader(directory) as reader:
+        if q is not None:
+            keys = reader.keys()
+            quant_type = q.get("bnb_4bit_quant_type", "fp4")
+            head_4bit = "embed_out.weight.absmax" in keys or "lm_head.weight.absmax" in keys
+            if quant_type != model.quant_type or head_4bit != isinstance(model.embed_out, QuantizedLinear):
+                raise CheckpointError(
+                    f"{directory}: a bitsandbytes 4-bit checkpoint ({quant_type}, embed_out "
+                    f"{'4-bit' if head_4bit else 'dense'}) that does not match the loaded model ({model.quant_type}, "
+                    f"embed_out {'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}); load() it on its own"
+                )
+        model.load_tensors(reader)
+    model.source_quantization = q
 
 
 def build_model(

@@ -395,13 +395,17 @@ def revision_step(model: Union[str, ModelRef, SuiteModel], revision: Union[str, 
 def canonical_revision(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> str:
     """One name per checkpoint: ``main`` -> ``step143000`` (the same checkpoint), ``stepN`` -> ``stepN``.
 
+    Except for the repos in ``MAIN_IS_NOT_FINAL_STEP`` (pythia-2.8b, whose
+    ``main`` was reported to serve another file than ``step143000``): their
+    ``main`` stays ``main``.
+
     Use it to compare or de-duplicate revisions; download with the name the
     user gave. Commit hashes and revisions of non-Pythia repos come back as
     ``resolve_revision`` returns them.
     """
     rev = resolve_revision(model, revision)
     ref = model if isinstance(model, SuiteModel) else resolve_model(model, warn=False).model
-    if rev == "main" and ref is not None:
+    if rev == "main" and ref is not None and ref.name not in MAIN_IS_NOT_FINAL_STEP:
         return f"step{FINAL_STEP}"
     return rev
 
@@ -436,6 +440,8 @@ _28B_SAME_AS_MAIN = frozenset(
 )
 _28B_SECOND_BLOB = frozenset((54000, 56000, 57000, 58000, 59000, 61000, 62000, 63000, 64000, 143000))
 _12B_FINAL_FIRST_SHARD = frozenset((50000, 58000))
+#: Repos whose ``main`` is not the same checkpoint as ``step143000`` (EleutherAI/pythia#205).
+MAIN_IS_NOT_FINAL_STEP = frozenset(("pythia-2.8b",))
 
 
 def known_data_problems(model: Union[str, ModelRef, SuiteModel], revision: Union[str, int, None]) -> list[str]:

@@ -1,0 +1,198 @@
+"""An on-disk cache of quantized checkpoints: quantize a revision once, load its 4 bits after.
+
+``load(..., quantized_cache=dir)`` and ``sweep(..., quantized_cache=dir)``
+look for an entry before downloading anything; on a miss they load the hub
+checkpoint as usual (read + quantize) and then write the entry. Layout::
+
+    <dir>/<org>--<name>/<revision>/<tag>/
+        config.json              with the bitsandbytes ``quantization_config``
+        model.safetensors        the layout ``export.save_pretrained`` writes (FORMAT.md)
+        tokenizer.json, ...      copied from the checkpoint
+        pythia-native-cache.json written last: what the entry holds and its file size
+
+- ``<revision>``: ``suite.canonical_revision``, so ``main`` and ``step143000``
+  of a Pythia repo share one entry (not for pythia-2.8b, whose ``main`` is
+  another file: ``suite.MAIN_IS_NOT_FINAL_STEP``); commit hashes as given;
+  branch names of other repos with ``/`` written ``--``. A branch name is
+  trusted to name fixed weights (Pythia branches are never rewritten); for a
+  third-party repo whose ``main`` moves, delete its entry to refresh it.
+- ``<tag>``: ``<quant_type>-b<blocksize>`` plus ``-dq`` (double quantization)
+  and ``-qhead`` (``quantize_embed_out``), e.g. ``nf4-b64``.
+
+Dense tensors (embeddings, LayerNorms, biases) are stored as the source
+checkpoint holds them (float16 for the hub's Pythia files), not in the model's
+dtype: an entry is the same for float32 and bfloat16 models and loads into
+either exactly as a fresh ``load()`` of the hub checkpoint would (the 4-bit
+bytes do not depend on the model's dtype). Checkpoints that are already
+bitsandbytes 4-bit are not cached (they would be copied byte for byte), and
+neither are local directories (they have no repo and revision to key by).
+
+Writes are atomic: the entry is written into ``<tag>.tmp-<pid>-<random>``
+next to it and renamed into place, so a reader never sees half an entry; a
+writer that loses a race to another one discards its copy. An entry that
+fails its check (marker missing or unreadable, ``config.json`` or
+``model.safetensors`` missing, file size not the recorded one) or fails to
+load is reported with a ``QuantizedCacheWarning``, removed, and rebuilt.
+There is no checksum of the tensor bytes (safetensors has none): a flipped
+bit inside the data is not detected.
+
+What it saves (``benchmarks/results/sweep_cache_cpu.md``, shared 2-core VM):
+random fp16 checkpoints of the Pythia shapes, float32 CPU model: a
+pythia-160m entry is 193 MiB vs 310 MiB for the fp16 checkpoint (0.62x: the
+dense fp16 embeddings are 147 MiB of it) and loaded in 1.40 s vs 2.89 s; a
+pythia-1.4b entry is 1,042 MiB vs 2,698 MiB (0.39x) and loaded in 3.45 s vs
+24.1 s (7.0x; quantizing on the CPU is most of the dense load).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import QuantizedCacheWarning
+from .suite import ModelRef, canonical_revision
+from .weights import CONFIG_FILE, CheckpointReader
+
+ENTRY_FILE = "pythia-native-cache.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a dense checkpoint is quantized; one cache entry per distinct value."""
+
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    quantize_embed_out: bool = False
+    blocksize: int = 64
+
+    @property
+    def tag(self) -> str:
+        return (f"{self.quant_type}-b{self.blocksize}" + ("-dq" if self.double_quant else "")
+                + ("-qhead" if self.quantize_embed_out else ""))
+
+
+def _safe_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", text.replace("/", "--"))
+
+
+def entry_dir(root: Union[str, os.PathLike], ref: ModelRef, revision: str, settings: QuantSettings) -> Path:
+    """Where the entry of ``ref@revision`` quantized with ``settings`` lives (whether or not it exists)."""
+    if ref.repo_id is None:
+        raise ValueError("a local directory has no quantized-cache entry (no repo and revision to key it by)")
+    rev = canonical_revision(ref, revision) if ref.is_pythia else revision
+    return Path(root).expanduser() / _safe_part(ref.repo_id) / _safe_part(rev) / settings.tag
+
+
+def _check(entry: Path) -> Optional[str]:
+    """None if ``entry`` is complete, else what is wrong with it."""
+    try:
+        marker = json.loads((entry / ENTRY_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{ENTRY_FILE} is missing (an interrupted or foreign write)"
+    except (OSError, ValueError) as e:
+        return f"{ENTRY_FILE} is unreadable ({e})"
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
+        return f"{ENTRY_FILE} is not format {FORMAT_VERSION}"
+    if not (entry / CONFIG_FILE).is_file():
+        return f"{CONFIG_FILE} is missing"
+    weights = entry / WEIGHTS_FILE
+    if not weights.is_file():
+        return f"{WEIGHTS_FILE} is missing"
+    if weights.stat().st_size != marker.get("weights_bytes"):
+        return f"{WEIGHTS_FILE} is {weights.stat().st_size} bytes, the entry recorded {marker.get('weights_bytes')}"
+    return None
+
+
+def discard(entry: Path, reason: str) -> None:
+    """Warn that ``entry`` is unusable and remove it (it is rebuilt from the checkpoint)."""
+    warnings.warn(
+        f"quantized cache entry {entry} is unusable ({reason}); removing it and rebuilding it from the checkpoint.",
+        QuantizedCacheWarning,
+        stacklevel=3,
+    )
+    _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    # Renamed first, so a concurrent reader sees the entry either whole or absent.
+    if not path.exists():
+        return
+    trash = path.with_name(f"{path.name}.del-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def find(root, ref: ModelRef, revision: str, settings: QuantSettings) -> Optional[Path]:
+    """The complete entry for ``ref@revision`` and ``settings``, or None. An
+    incomplete one is discarded with a ``QuantizedCacheWarning``."""
+    entry = entry_dir(root, ref, revision, settings)
+    if not entry.exists():
+        return None
+    problem = _check(entry)
+    if problem is None:
+        return entry
+    discard(entry, problem)
+    return None
+
+
+def _source_dense_tensors(model, source_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's own values of the model's dense tensors (in the checkpoint's dtype)."""
+    wanted = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    out: dict[str, torch.Tensor] = {}
+    with CheckpointReader(source_dir) as reader:
+        for key in reader.keys():  # file order: each file opened once
+            name = "embed_out." + key[len("lm_head."):] if key.startswith("lm_head.") else key
+            target = wanted.get(name)
+            if target is None:
+                continue
+            t = reader.get(key)
+            if t.is_floating_point() and tuple(t.shape) == tuple(target.shape):
+                out[name] = t
+    return out
+
+
+def store(root, ref: ModelRef, revision: str, settings: QuantSettings, model, source_dir: Union[str, os.PathLike]) -> Path:
+    """Write ``model`` (just loaded from the dense checkpoint in ``source_dir``) as the entry of
+    ``ref@revision``; atomically. Returns the entry directory."""
+    from .export import save_pretrained
+
+    entry = entry_dir(root, ref, revision, settings)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        save_pretrained(model, tmp, tokenizer_dir=source_dir, dense=_source_dense_tensors(model, Path(source_dir)))
+        marker = {
+            "format": FORMAT_VERSION,
+            "repo_id": ref.repo_id,
+            "revision": revision,
+            "entry_revision": entry.parent.name,
+            "settings": asdict(settings),
+            "source": str(source_dir),
+            "weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / ENTRY_FILE).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if _check(entry) is not None:  # not a complete entry from a concurrent writer: replace it
+                _remove(entry)
+                os.rename(tmp, entry)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return entry

@@ -1,0 +1,159 @@
+"""Checkpoint sweeps: many revisions of one model, loaded one after another into the same tensors.
+
+    for rev, engine in pythia_native.sweep("pythia-160m", every=10000, quantized_cache="~/.cache/pn-4bit"):
+        print(rev, engine.score(text).perplexity)
+
+The first revision is loaded with :func:`pythia_native.load`; each next one
+is streamed into the same parameters, buffers and KV cache
+(``Pythia.load_revision``): nothing is reallocated, every ``data_ptr`` stays
+the same, captured CUDA graphs stay valid, and peak memory stays that of one
+model plus one tensor in hand. The tokenizer is loaded once. Every revision
+is validated against the suite before anything is downloaded.
+
+Disk: by default each revision's files stay in the Hugging Face cache (as
+``load()`` leaves them). ``free_hub_files=True`` deletes each revision's
+snapshot from the hub cache once it is loaded (and, with
+``quantized_cache``, written there as 4 bits), so a sweep holds one dense
+checkpoint on disk at a time; without ``quantized_cache`` a second sweep then
+downloads again. Deletion is by commit: revisions that are one commit on the
+hub (``main`` and ``step143000``) are deleted together, and the later one is
+downloaded again.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+
+from .errors import RevisionError
+from .generate import Pythia
+from .suite import ModelRef, resolve_model, resolve_revision
+from .suite import revisions as suite_revisions
+
+
+def select_revisions(
+    model: Union[str, os.PathLike, ModelRef],
+    revisions: Union[str, Sequence[Union[str, int]], None] = None,
+    *,
+    every: Optional[int] = None,
+    steps: Optional[Iterable[int]] = None,
+) -> list[str]:
+    """The revisions a sweep visits, each validated and normalized (``suite.resolve_revision``); no network.
+
+    Exactly one of:
+        revisions: a list (``["step1000", 2000, "main"]``) or a comma-separated string;
+        every: the suite branches whose step is a multiple of ``every``, in training order
+            (``every=10000``: step0, step10000, ..., step140000 for the current suite;
+            add ``"step143000"`` through ``revisions`` if you want the last one);
+        steps: step numbers (``range(1000, 11000, 1000)``), each a branch of the suite.
+    Raises ``RevisionError`` naming every invalid entry (and the nearest valid steps of the first).
+    """
+    given = sum(x is not None for x in (revisions, every, steps))
+    if given != 1:
+        raise RevisionError("pass exactly one of revisions=[...], every=N or steps=range(...) to choose the revisions")
+    ref = resolve_model(model)
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise RevisionError(f"every must be a positive number of steps, got {every!r}")
+        chosen = [r for r in suite_revisions(ref) if int(r[4:]) % every == 0]
+        if not chosen:
+            raise RevisionError(f"{ref} has no branch whose step is a multiple of {every}; see suite.revisions()")
+        return chosen
+    if steps is not None:
+        wanted: list[Union[str, int]] = list(steps)
+        if ref.model is None:
+            raise RevisionError(f"{ref} is not a repo of the Pythia suite: pass its branch names as revisions=[...]")
+    elif isinstance(revisions, str):
+        wanted = [r.strip() for r in revisions.split(",")]
+    else:
+        wanted = list(revisions)
+    if not wanted:
+        raise RevisionError("no revisions to sweep: the list is empty")
+    out, errors = [], []
+    for r in wanted:
+        try:
+            out.append(resolve_revision(ref, r))
+        except RevisionError as e:
+            errors.append((r, e))
+    if errors:
+        first, error = errors[0]
+        more = f" Also invalid: {', '.join(repr(r) for r, _ in errors[1:])}." if len(errors) > 1 else ""
+        raise RevisionError(f"revision {first!r}: {error}{more} Nothing was loaded.")
+    return out
+
+
+def sweep(
+    model: Union[str, os.PathLike, ModelRef],
+    revisions: Union[str, Sequence[Union[str, int]], None] = None,
+    *,
+    every: Optional[int] = None,
+    steps: Optional[Iterable[int]] = None,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    quantize_embed_out: bool = False,
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    quantized_cache: Optional[Union[str, os.PathLike]] = None,
+    local_files_only: Optional[bool] = None,
+    token: Union[str, bool, None] = None,
+    free_hub_files: bool = False,
+    max_batch: int = 1,
+    max_len: Optional[int] = None,
+    cuda_graphs: bool = True,
+) -> Iterator[tuple[str, Pythia]]:
+    """Yield ``(revision, engine)`` for each revision of ``model``, in the order given.
+
+    The revisions (``select_revisions``: a list, ``every=N`` or ``steps=...``)
+    are all validated when ``sweep`` is called, before any download: a typo
+    raises ``RevisionError`` at once. The same :class:`Pythia` object is
+    yielded every time, holding the revision just loaded (use it before
+    advancing the iterator). The other arguments are those of
+    :func:`pythia_native.load`; ``free_hub_files`` deletes each revision's
+    snapshot from the Hugging Face cache after loading it (off by default).
+    """
+    from .format import check_quant_type
+    from .loading import check_dtype, resolve_device
+
+    chosen = select_revisions(model, revisions, every=every, steps=steps)
+    check_dtype(dtype, resolve_device(device))  # fail now, not at the first next()
+    check_quant_type(quant_type)
+    ref = resolve_model(model, warn=False)
+    load_kwargs = dict(quant_type=quant_type, double_quant=double_quant, quantize_embed_out=quantize_embed_out,
+                       device=device, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only,
+                       token=token, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs,
+                       quantized_cache=quantized_cache)
+    return _sweep(ref, chosen, load_kwargs, free_hub_files)
+
+
+def _sweep(ref: ModelRef, chosen: list[str], load_kwargs: dict, free_hub_files: bool) -> Iterator[tuple[str, Pythia]]:
+    from .loading import load
+
+    engine: Optional[Pythia] = None
+    for rev in chosen:
+        if engine is None:
+            engine = load(ref, rev, **load_kwargs)
+        else:
+            engine.load_revision(rev)
+        if free_hub_files:
+            _free_snapshot(Path(engine.source[2]))
+        yield rev, engine
+
+
+def _free_snapshot(directory: Path) -> None:
+    """Delete a hub-cache snapshot (``.../models--org--name/snapshots/<commit>``), its blobs
+    and the refs naming it, through huggingface_hub; anything else (a local directory, a
+    quantized-cache entry) is left alone."""
+    if directory.parent.name != "snapshots" or not directory.parent.parent.name.startswith("models--"):
+        return
+    from huggingface_hub import scan_cache_dir
+
+    info = scan_cache_dir(directory.parents[2])  # the cache root holding models--org--name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info.delete_revisions(directory.name).execute()
+
+
