@@ -156,6 +156,29 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
                 weight_gb_s=read / step_s / 1e9)
 
 
+def head_error(shape: str, seed: int = 0) -> str:
+    """What a 4-bit embed_out costs in logits: the same model with a dense and a
+    4-bit head, on random prompts (random weights: a real checkpoint's numbers differ)."""
+    import transformers
+
+    from pythia_native.model import PythiaModel
+
+    torch.manual_seed(seed)
+    hf = transformers.GPTNeoXForCausalLM(hf_config(shape))
+    dense = PythiaModel.from_hf(hf)
+    quant = PythiaModel.from_hf(hf, quantize_embed_out=True)
+    ids = torch.randint(2, 50000, (4, 32))
+    pos = torch.arange(32).expand(4, 32)
+    a = dense(ids, pos, dense.new_cache(4, 32), span=32, last_only=False)
+    b = quant(ids, pos, quant.new_cache(4, 32), span=32, last_only=False)
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    rms = ((a - b).pow(2).mean().sqrt() / a.std()).item()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    return (f"4-bit embed_out ({shape}-shaped random weights, 4 x 32 tokens): max |dlogit| / max |logit| = {rel:.2e}, "
+            f"rms dlogit / logit std = {rms:.2e}, top-1 agreement {100 * top1:.1f}%, KL(dense || 4-bit) = {kl:.2e} nats/token")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -167,6 +190,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--out", help="append the markdown table to this file")
+    ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
 
@@ -226,6 +250,8 @@ def main():
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | {ratio} | "
             f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['peak_mb']:.0f} |"
         )
+    if args.head_error:
+        lines += ["", head_error(args.shapes[0])]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
