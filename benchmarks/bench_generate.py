@@ -86,13 +86,16 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         from pythia_native.generate import Pythia
         from pythia_native.model import PythiaModel
 
-        hf = transformers.GPTNeoXForCausalLM(config)
+        from pythia_native.config import PythiaConfig
+
         dtype = torch.float32 if device == "cpu" else torch.float16
         if variant.endswith("-bf16"):
             dtype = torch.bfloat16
         qhead = variant.endswith("-qhead")
-        model = PythiaModel.from_hf(hf, dtype=dtype, quantize_embed_out=qhead).to(device)
-        del hf
+        # Random weights quantized straight into the model (no transformers copy in
+        # memory, so the peak below is the engine's own).
+        model = PythiaModel.random(PythiaConfig.from_dict(config.to_dict()), dtype=dtype, quantize_embed_out=qhead,
+                                   device=device)
         engine = Pythia(model, max_batch=batch, max_len=prompt + new)
         prompts = ids.tolist()
 
@@ -144,9 +147,9 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss into an exec'd child.
+        with open("/proc/self/status") as f:
+            peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     if variant.startswith("transformers-") and variant != "transformers-bnb-nf4":
         h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
         read = (L * (4 * h * h + 2 * h * i) + config.vocab_size * h) * head_bytes
