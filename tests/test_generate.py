@@ -156,8 +156,13 @@ def test_text_prompts_batches_and_single(engine):
 def test_stream_joins_to_generate_and_never_splits_characters(engine):
     full = engine.generate("Once upon a time", 40, ignore_eos=True, temperature=1.0, seed=3)
     pieces = list(engine.stream("Once upon a time", 40, ignore_eos=True, temperature=1.0, seed=3))
+    # A piece cut inside a character would leave a U+FFFD that the full decode does
+    # not have at that place, so the join would differ. (Random sampling can also
+    # produce byte sequences that are invalid UTF-8 for good; those decode to
+    # U+FFFD in both.)
     assert "".join(pieces) == full
-    assert all("\ufffd" not in p for p in pieces[:-1])
+    if "\ufffd" not in full:
+        assert all("\ufffd" not in p for p in pieces)
 
 
 def test_stream_decoder_handles_multibyte_characters(tokenizer):
