@@ -7,29 +7,13 @@ import pytest
 import torch
 
 import pythia_native as pn
-from pythia_native import _C
+from conftest import CPU_ISAS
 from pythia_native import reference as ref
 
 # (head_dim, rotary_ndims) of the Pythia configs (rotary_pct 0.25).
 HEAD_DIMS = [(32, 8), (64, 16), (80, 20), (128, 32), (256, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_ISAS = ["avx512_bf16", "avx512", "avx2", "scalar"]
 THETA = 10000.0
-
-
-def _isa_supported(isa):
-    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    return order.index(isa) <= order.index(pn.build_info()["cpu_isa_best"])
-
-
-@pytest.fixture
-def cpu_isa(request):
-    isa = request.param
-    if not _isa_supported(isa):
-        pytest.skip(f"this CPU has no {isa}")
-    _C.set_cpu_isa(isa)
-    yield isa
-    _C.set_cpu_isa("auto")
 
 
 def _rel_err(y, y_ref):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pythia_native as pn
+from conftest import CPU_ISAS
 from pythia_native import reference as ref
 from pythia_native.format import code_table, dynamic_map, quantize_absmax
 
@@ -146,18 +147,13 @@ def test_double_quant_encode_close_to_bitsandbytes(bnb_functional):
     assert err <= 0.01 * absmax.max().item()
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
-def test_quantize_identical_under_every_cpu_isa(isa, quant_type, blocksize):
+def test_quantize_identical_under_every_cpu_isa(cpu_isa, quant_type, blocksize):
     """The AVX-512 quantizer (full blocks) and the scalar one give the same bytes
     as the reference, including zeros, -0.0, values on the midpoints, clamping,
     a partial last block, an odd count, and a block holding a NaN (scalar path)."""
-    from pythia_native import _C
-
-    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    if order.index(isa) > order.index(pn.build_info()["cpu_isa_best"]):
-        pytest.skip(f"this CPU has no {isa}")
     g = torch.Generator().manual_seed(blocksize)
     w = torch.randn(5 * blocksize + 7, generator=g)
     w[3] = 0.0
@@ -167,11 +163,7 @@ def test_quantize_identical_under_every_cpu_isa(isa, quant_type, blocksize):
     w[2 * blocksize : 2 * blocksize + 15] = bounds  # exactly on the midpoints (absmax 1 below)
     w[2 * blocksize + 15] = 1.0
     w[3 * blocksize + 1] = float("nan")
-    _C.set_cpu_isa(isa)
-    try:
-        packed, absmax = pn.quantize_4bit(w, blocksize, quant_type)
-    finally:
-        _C.set_cpu_isa("auto")
+    packed, absmax = pn.quantize_4bit(w, blocksize, quant_type)
     rp, ra = ref.quantize_4bit(w, blocksize, quant_type)
     nan_block = slice(3 * blocksize // 2, 4 * blocksize // 2)
     keep = torch.ones(packed.shape[0], dtype=torch.bool)

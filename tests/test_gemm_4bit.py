@@ -3,25 +3,9 @@ import pytest
 import torch
 
 import pythia_native as pn
-from pythia_native import _C
+from conftest import CPU_ISAS
 from pythia_native import reference as ref
 
-CPU_ISAS = [i for i in ("avx512_bf16", "avx512", "avx2", "scalar")]
-
-
-def _isa_supported(isa):
-    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    return order.index(isa) <= order.index(pn.build_info()["cpu_isa_best"])
-
-
-@pytest.fixture
-def cpu_isa(request):
-    isa = request.param
-    if not _isa_supported(isa):
-        pytest.skip(f"this CPU has no {isa}")
-    _C.set_cpu_isa(isa)
-    yield isa
-    _C.set_cpu_isa("auto")
 
 
 def _problem(M, K, N, dtype, device, bias=True, blocksize=64, quant_type="nf4", seed=0):
