@@ -77,23 +77,29 @@ def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(x.dtype)
 
 
+def prefill_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
+    """Which cache slots each query may see: bool ``[B, 1, T, span]``, slot ``s``
+    visible to token ``(b, t)`` iff ``s <= positions[b, t]``. A padding query is
+    pointed at slot 0 (every real sequence has written it) so no softmax row is
+    empty; its output is garbage that nothing reads. Built once per forward and
+    shared by every layer."""
+    slots = torch.arange(span, device=positions.device)
+    return (slots[None, None, :] <= positions.clamp(min=0)[:, :, None])[:, None]
+
+
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor, span: int, scale: float
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Several new tokens per sequence against the cache, with torch's SDPA.
 
-    q ``[B, T, H, D]``; caches ``[Bc, H, L, D]``; positions ``[B, T]``; span:
-    ``max(positions) + 1``, the cache slots any query can see. Same contract as
-    ``ops.decode_attention`` (query ``(b, t)`` sees slots ``0..positions[b, t]``)
-    but through a library kernel built for many queries. A padding query is
-    pointed at slot 0 (every real sequence has written it) so no softmax row
-    is empty; its output is garbage that nothing reads. Returns ``[B, T, H, D]``.
+    q ``[B, T, H, D]``; caches ``[Bc, H, L, D]``; mask: :func:`prefill_mask`
+    ``[B, 1, T, span]``. Same contract as ``ops.decode_attention`` (query
+    ``(b, t)`` sees slots ``0..positions[b, t]``) but through a library kernel
+    built for many queries. Returns ``[B, T, H, D]``.
     """
-    B = q.shape[0]
-    slots = torch.arange(span, device=q.device)
-    visible = slots[None, None, :] <= positions.clamp(min=0)[:, :, None]  # [B, T, span]
+    B, span = q.shape[0], mask.shape[-1]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=visible[:, None], scale=scale
+        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=mask, scale=scale
     )
     return out.transpose(1, 2)
 
@@ -107,15 +113,15 @@ class Attention(nn.Module):
         self.dense = make_linear(h, h, config.attention_bias, "attention.dense")
         self.scale = config.head_dim**-0.5
 
-    def forward(self, x, positions, k_cache, v_cache, span: Optional[int]):
+    def forward(self, x, positions, k_cache, v_cache, mask: Optional[torch.Tensor]):
         B, T, _ = x.shape
         c = self.config
         qkv = self.query_key_value(x)
         q = ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, c.rotary_ndims, c.rope_theta)
-        if span is None:
+        if mask is None:
             a = ops.decode_attention(q, k_cache, v_cache, positions, self.scale)
         else:
-            a = prefill_attention(q, k_cache, v_cache, positions, span, self.scale)
+            a = prefill_attention(q, k_cache, v_cache, mask, self.scale)
         return self.dense(a.reshape(B, T, c.hidden_size))
 
 
@@ -140,8 +146,8 @@ class Layer(nn.Module):
         self.mlp = MLP(config, make_linear)
         self.parallel = config.use_parallel_residual
 
-    def forward(self, x, positions, k_cache, v_cache, span):
-        a = self.attention(_layer_norm(self.input_layernorm, x), positions, k_cache, v_cache, span)
+    def forward(self, x, positions, k_cache, v_cache, mask):
+        a = self.attention(_layer_norm(self.input_layernorm, x), positions, k_cache, v_cache, mask)
         if self.parallel:
             return x + a + self.mlp(_layer_norm(self.post_attention_layernorm, x))
         x = x + a
@@ -245,11 +251,12 @@ class PythiaModel(nn.Module):
         ``[B, T, vocab_size]`` with ``last_only=False``). ``hidden_states``, if
         a list, receives the residual stream after the embedding and after every block.
         """
+        mask = None if span is None else prefill_mask(positions, span)
         x = self.gpt_neox.embed_in(input_ids)
         if hidden_states is not None:
             hidden_states.append(x)
         for i, layer in enumerate(self.gpt_neox.layers):
-            x = layer(x, positions, cache.k[i], cache.v[i], span)
+            x = layer(x, positions, cache.k[i], cache.v[i], mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         if last_only:

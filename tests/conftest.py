@@ -5,6 +5,18 @@ import torch
 
 import pythia_native  # noqa: F401  (builds nothing: the extension must be built already)
 
+# The published EleutherAI/pythia-160m config.json (transformers 4.x spelling).
+PYTHIA_160M_CONFIG = {
+    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
+    "hidden_act": "gelu", "hidden_size": 768, "initializer_range": 0.02,
+    "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048, "model_type": "gpt_neox",
+    "num_attention_heads": 12, "num_hidden_layers": 12, "rotary_emb_base": 10000,
+    "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
+    "transformers_version": "4.24.0", "use_cache": True,
+    "use_parallel_residual": True, "vocab_size": 50304,
+}
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Every CPU kernel family is tested under each instruction set this CPU has
 # (`_C.set_cpu_isa` forces one); parametrize with indirect=True on `cpu_isa`.

@@ -7,6 +7,7 @@ comparisons isolate our arithmetic: rotary, the KV cache, attention, the
 import pytest
 import torch
 
+from conftest import PYTHIA_160M_CONFIG
 from neox import SHAPES, hf_model, pair
 from pythia_native.config import PythiaConfig
 from pythia_native.errors import CheckpointError, ConfigError
@@ -219,16 +220,7 @@ def test_kv_cache_bounds():
 
 # ------------------------------------------------------------------ config --
 
-PUBLISHED_160M = {
-    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
-    "hidden_act": "gelu", "hidden_size": 768, "initializer_range": 0.02,
-    "intermediate_size": 3072, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 2048, "model_type": "gpt_neox",
-    "num_attention_heads": 12, "num_hidden_layers": 12, "rotary_emb_base": 10000,
-    "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
-    "transformers_version": "4.24.0", "use_cache": True,
-    "use_parallel_residual": True, "vocab_size": 50304,
-}
+PUBLISHED_160M = PYTHIA_160M_CONFIG
 
 
 def test_config_reads_published_and_transformers5_spellings():

@@ -5,20 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import PYTHIA_160M_CONFIG
 from pythia_native.errors import CheckpointError, ConfigError, PythiaNativeError
 from pythia_native.weights import CheckpointReader, is_skipped_buffer, iter_checkpoint_tensors, read_config
 
-# The published EleutherAI/pythia-160m config.json shape (transformers 4.x spelling).
-PYTHIA_160M_CONFIG = {
-    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
-    "hidden_act": "gelu", "hidden_size": 768, "initializer_range": 0.02,
-    "intermediate_size": 3072, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 2048, "model_type": "gpt_neox",
-    "num_attention_heads": 12, "num_hidden_layers": 12, "rotary_emb_base": 10000,
-    "rotary_pct": 0.25, "tie_word_embeddings": False, "torch_dtype": "float16",
-    "transformers_version": "4.24.0", "use_cache": True,
-    "use_parallel_residual": True, "vocab_size": 50304,
-}
 
 BUFFERS = {
     "gpt_neox.layers.0.attention.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool),
