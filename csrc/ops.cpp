@@ -168,76 +168,73 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty(out_shape, x.options());
 
+  // bias in float32 for the epilogue (a no-op when it already is).
   const c10::optional<at::Tensor> bf =
       bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
                        : c10::nullopt;
   const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
-
   const bool row_aligned = k % blocksize == 0;
   const cpu::Isa isa = cpu::active_isa();
-  if (row_aligned && M <= kCpuGemvMaxM && isa == cpu::Isa::AVX512_BF16 &&
-      x.scalar_type() == at::kBFloat16) {
-    // bf16 activations: multiply in bf16 (vdpbf16ps), accumulate in float32.
-    const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
-    at::Tensor xp16 = at::empty({M, k}, xs.options());
-    const auto* xs_p = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
-    auto* xp_p = reinterpret_cast<uint16_t*>(xp16.data_ptr<at::BFloat16>());
-    cpu::permute_k_bf16(xs_p, M, k, xs.stride(0), xp_p);
-    float* y_p = y.data_ptr<float>();
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_4bit_rows_bf16(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, n);
-    });
-    return y.to(x.scalar_type()).view(out_shape);
-  }
-  const at::Tensor xf = x2.to(at::kFloat);  // the float32 kernels (and BLAS) read float32 x
-  at::Tensor xp;
-  if (row_aligned) {
-    // x in the kernels' chunk order (see permute_k in cpu/gemm_4bit.cpp).
-    xp = at::empty({M, k}, xf.options());
-    const at::Tensor xs = xf.stride(-1) == 1 ? xf : xf.contiguous();
-    const float* xs_p = xs.data_ptr<float>();
-    const int64_t ldx = xs.stride(0);
-    float* xp_p = xp.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
-      cpu::permute_k(xs_p + m0 * ldx, m1 - m0, k, ldx, isa, xp_p + m0 * k);
-    });
-  } else {
-    xp = xf.contiguous();
-  }
+  const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
 
   if (row_aligned && M <= kCpuGemvMaxM) {
+    // x widened to float32 and put in the kernels' chunk order in one pass
+    // (see permute_k in cpu/gemm_4bit.cpp); y written in x's dtype by the
+    // kernel's epilogue, so a decode-sized call makes two allocations.
+    at::Tensor xp = at::empty({M, k}, x.options().dtype(at::kFloat));
+    cpu::permute_k(xs.data_ptr(), to_dtype(x.scalar_type()), M, k, xs.stride(0), isa,
+                   xp.data_ptr<float>());
+    at::Tensor y = at::empty({M, n}, x.options());
     const float* xp_p = xp.data_ptr<float>();
-    float* y_p = y.data_ptr<float>();
+    void* y_p = y.data_ptr();
+    const DType ydt = to_dtype(x.scalar_type());
     // Each thread streams a contiguous range of weight rows.
     at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, n, isa);
+      cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
+    });
+    return y.view(out_shape);
+  }
+
+  // Large M (or a layout that is not row-aligned): dequantize cache-sized
+  // panels of W and let BLAS multiply them, in float32.
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  at::Tensor xp;
+  if (row_aligned) {
+    xp = at::empty({M, k}, x.options().dtype(at::kFloat));
+    const int64_t ldx = xs.stride(0);
+    const DType xdt = to_dtype(x.scalar_type());
+    const int64_t esize = xs.element_size();
+    const char* xs_p = static_cast<const char*>(xs.data_ptr());
+    float* xp_p = xp.data_ptr<float>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
+      cpu::permute_k(xs_p + m0 * ldx * esize, xdt, m1 - m0, k, ldx, isa, xp_p + m0 * k);
     });
   } else {
-    const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
-    at::Tensor panel = at::empty({panel_rows, k}, xf.options());
-    float* panel_p = panel.data_ptr<float>();
-    for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
-      const int64_t rows = std::min(panel_rows, n - r0);
-      at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
-        if (row_aligned) {
-          cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1,
-                                        panel_p + i0 * k, isa);
-        } else {
-          // Rows straddle blocks and may start mid-byte: flat-index decode.
-          cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k,
-                                     panel_p + i0 * k);
-        }
-      });
-      const at::Tensor w = panel.narrow(0, 0, rows);
-      at::Tensor out_slice = y.narrow(1, r0, rows);
-      if (bf.has_value()) {
-        out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xp, w.t()));
+    xp = xs.to(at::kFloat).contiguous();
+  }
+  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
+  at::Tensor panel = at::empty({panel_rows, k}, xp.options());
+  float* panel_p = panel.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, n - r0);
+    at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
+      if (row_aligned) {
+        cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1,
+                                      panel_p + i0 * k, isa);
       } else {
-        out_slice.copy_(at::mm(xp, w.t()));
+        // Rows straddle blocks and may start mid-byte: flat-index decode.
+        cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k,
+                                   panel_p + i0 * k);
       }
+    });
+    const at::Tensor w = panel.narrow(0, 0, rows);
+    at::Tensor out_slice = y.narrow(1, r0, rows);
+    if (bf.has_value()) {
+      out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xp, w.t()));
+    } else {
+      out_slice.copy_(at::mm(xp, w.t()));
     }
   }
   return y.to(x.scalar_type()).view(out_shape);
@@ -322,7 +319,7 @@ PYBIND11_MODULE(_C, mod) {
     info["cpu_isa_best"] = std::string(cpu::isa_name(cpu::best_isa()));
     info["cpu_isa_active"] = std::string(cpu::isa_name(cpu::active_isa()));
     info["cpu_isas_compiled"] =
-        std::vector<std::string>{"scalar", "avx2", "avx512", "avx512_bf16"};
+        std::vector<std::string>{"scalar", "avx2", "avx512"};
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen.");
   mod.def("code_table", [](const std::string& quant_type) {
@@ -333,12 +330,11 @@ PYBIND11_MODULE(_C, mod) {
           "The ISA the CPU kernels use now.");
   mod.def("set_cpu_isa", [](const std::string& name) {
     cpu::Isa isa;
-    if (name == "avx512_bf16") isa = cpu::Isa::AVX512_BF16;
-    else if (name == "avx512") isa = cpu::Isa::AVX512;
+    if (name == "avx512") isa = cpu::Isa::AVX512;
     else if (name == "avx2") isa = cpu::Isa::AVX2;
     else if (name == "scalar") isa = cpu::Isa::Scalar;
     else if (name == "auto") isa = cpu::best_isa();
-    else throw std::invalid_argument("set_cpu_isa: expected 'avx512_bf16', 'avx512', 'avx2', "
+    else throw std::invalid_argument("set_cpu_isa: expected 'avx512', 'avx2', "
                                      "'scalar' or 'auto', got '" + name + "'");
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "

@@ -20,11 +20,11 @@ PYTHIA_160M_CONFIG = {
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Every CPU kernel family is tested under each instruction set this CPU has
 # (`_C.set_cpu_isa` forces one); parametrize with indirect=True on `cpu_isa`.
-CPU_ISAS = ["avx512_bf16", "avx512", "avx2", "scalar"]
+CPU_ISAS = ["avx512", "avx2", "scalar"]
 
 
 def isa_supported(isa: str) -> bool:
-    order = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    order = ["scalar", "avx2", "avx512"]
     return order.index(isa) <= order.index(pythia_native.build_info()["cpu_isa_best"])
 
 

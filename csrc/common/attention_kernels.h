@@ -52,8 +52,8 @@ void rotary_kv_cache_tokens(const void* qkv, DType dt, int64_t T, int64_t stride
 // b, head h; scores = (q . k) * scale; a negative position gives zeros.
 // q, caches and out share dt. One pass over the keys (online softmax, blocks
 // of kKeyBlock keys), float32 throughout. Requires D % 8 == 0, D <= 256.
-// Isa: AVX512 and AVX512_BF16 run the AVX-512 kernel (float32 FMAs: the bf16
-// dot-product instruction would round q to bf16), AVX2 the AVX2 one (fp16
+// Isa: AVX512 runs the AVX-512 kernel (float32 FMAs: a bf16 dot-product
+// instruction would round q to bf16), AVX2 the AVX2 one (fp16
 // caches need F16C, present on every AVX2 CPU; checked, scalar otherwise).
 void decode_attention_rows(const void* q, const void* k_cache, const void* v_cache, DType dt,
                            const int64_t* positions, int64_t T, int64_t H, int64_t L, int64_t D,

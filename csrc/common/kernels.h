@@ -19,15 +19,13 @@ namespace pythia_native {
 
 // Floating-point element types the kernels read and write.
 enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
+inline int64_t dtype_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
 namespace cpu {
 
 // Instruction sets the CPU kernels are compiled for; the best one the CPU
 // supports is chosen at run time (cpuid), and tests force each in turn.
-// AVX512_BF16 adds, for bf16 activations only, a kernel that multiplies in
-// bf16 with vdpbf16ps (see gemv_4bit_rows_bf16); fp32 activations use the
-// AVX512 kernels under it.
-enum class Isa : int32_t { Scalar = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+enum class Isa : int32_t { Scalar = 0, AVX2 = 1, AVX512 = 2 };
 
 Isa best_isa();            // what this CPU supports
 Isa active_isa();          // what the kernels use now (best_isa() unless forced)
@@ -52,30 +50,18 @@ void dequantize_4bit_range(const uint8_t* packed, const float* absmax, int64_t b
 // (permute_k), which leaves every dot product unchanged.
 int64_t chunk_elems(Isa isa);
 
-// xp[m, :] = x[m, :] with each chunk of K in the kernels' weight order.
-// x: [M, K] with row stride ldx; xp: [M, K] contiguous. K % chunk_elems == 0.
-void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
-
-// bf16 activations on AVX512_BF16 CPUs. x: [M, K] bf16 bit patterns with row
-// stride ldx; xp: [M, K] contiguous, chunks of 32 in the order of the bf16
-// unpack. K % 32 == 0.
-void permute_k_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xp);
-
-// As gemv_4bit_rows, with x in bf16 (from permute_k_bf16) and the code values
-// rounded to bf16 (relative error <= 2^-9 each, that of a bf16 matmul on the
-// dequantized weight); products summed in float32, absmax applied in float32.
-// Requires active_isa() == AVX512_BF16 and a row-aligned layout.
-void gemv_4bit_rows_bf16(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* packed,
-                         const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                         int64_t n0, int64_t n1, float* y, int64_t ldy);
-
-// y[m, n] = sum_k xp[m, k] * W[n, k] + bias[n] for n in [n0, n1), m in [0, M).
-// Row-aligned layouts only (K % blocksize == 0). xp from permute_k (same isa);
-// bias may be null; y has row stride ldy. Reads each weight byte once per
-// group of up to 4 rows of x.
+// xp[m, :] = float32(x[m, :]) with each chunk of K in the kernels' weight
+// order. x: [M, K] elements of dt with row stride ldx; xp: [M, K] float32
+// contiguous. K % chunk_elems == 0. (fp16/bf16 -> float32 is exact.)
+void permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
+// y[m, n] = sum_k xp[m, k] * W[n, k] + bias[n] for n in [n0, n1), m in [0, M),
+// summed in float32 and rounded once to ydt when stored. Row-aligned layouts
+// only (K % blocksize == 0). xp from permute_k (same isa); bias (float32) may
+// be null; y: elements of ydt with row stride ldy. Reads each weight byte
+// once per group of up to 4 rows of x.
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                    int64_t n0, int64_t n1, float* y, int64_t ldy, Isa isa);
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
 // out[(n - n0) * K + k'] = W[n, k] for n in [n0, n1), in the chunk-permuted k
 // order of permute_k: a panel of W^T-ready rows for a BLAS call on xp.

@@ -4,9 +4,6 @@
 // Versions (chosen at run time by cpu::active_isa()):
 //   avx512  16 floats per register; one vpermps looks a nibble up in the whole
 //           16-entry code table held in one zmm register.
-//   avx512_bf16  bf16 activations only: 32 bf16 lanes per register, one
-//           vpsrlvw + one vpermw + one vdpbf16ps per 32 weights (3 uops where
-//           the float32 kernel needs 7); codes rounded to bf16.
 //   avx2    8 floats per register; two vpermps (low/high half of the table)
 //           and a blend on bit 3 of the nibble.
 //   scalar  the portable fallback and the readable definition of the loops.
@@ -20,6 +17,13 @@
 // (permute_k), and a dot product does not care about the order of its terms.
 // Per 32 weights that leaves 2 shuffle-port uops (the two lookups) instead of
 // 3 with a vpmovzxbd widening.
+//
+// Every activation dtype runs these float32 kernels: permute_k widens bf16 /
+// fp16 x to float32 (exact) while it reorders it, and the epilogue rounds y
+// once to x's dtype. A bf16 dot-product kernel (vdpbf16ps on bf16-rounded
+// codes) was tried and removed: on the Xeon this was measured on, vdpbf16ps
+// issues one per ~2.2 cycles (vfmadd231ps: two per cycle), so it was slower
+// than this kernel at every M as well as less exact.
 //
 // Napkin math, pythia-160m MLP (K=768, N=3072, M=1): 1.18 MB of packed weights
 // + 74 KB of absmax per call. Measured here, one core reads ~100 GB/s from
@@ -36,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/elements.h"
 #include "common/kernels.h"
 
 namespace pythia_native {
@@ -43,11 +48,20 @@ namespace cpu {
 
 namespace {
 
+// y[i] = v rounded to the output dtype (one store per output element).
+inline void store_out(void* y, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(y)[i] = v; break;
+    case DType::BF16: static_cast<Bf16*>(y)[i] = from_f32<Bf16>(v); break;
+    case DType::F16: static_cast<F16*>(y)[i] = from_f32<F16>(v); break;
+  }
+}
+
 // ----------------------------------------------------------------- scalar ---
 
 void gemv_rows_scalar(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                       const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                      int64_t n0, int64_t n1, float* y, int64_t ldy) {
+                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const float* code = code_table(qt);
   const int64_t row_bytes = K / 2;
   const int64_t blocks_per_row = K / bs;
@@ -63,7 +77,7 @@ void gemv_rows_scalar(const float* xp, int64_t M, int64_t K, const uint8_t* pack
         acc += (code[byte >> 4] * scale) * xr[2 * j];
         acc += (code[byte & 0xF] * scale) * xr[2 * j + 1];
       }
-      y[m * ldy + n] = acc + (bias ? bias[n] : 0.0f);
+      store_out(y, ydt, m * ldy + n, acc + (bias ? bias[n] : 0.0f));
     }
   }
 }
@@ -153,8 +167,8 @@ PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t*
 template <int MT>
 PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* packed,
                                    const float* absmax, int64_t bs, QuantType qt,
-                                   const float* bias, int64_t n0, int64_t n1, float* y,
-                                   int64_t ldy) {
+                                   const float* bias, int64_t n0, int64_t n1, void* y,
+                                   DType ydt, int64_t ldy) {
   const __m512 table = _mm512_loadu_ps(code_table(qt));
   float sums[MT];
   for (int64_t n = n0; n < n1; ++n) {
@@ -166,7 +180,7 @@ PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* pa
       gemv_row_avx512<MT, 0>(xp, K, wrow, arow, bs, table, sums);
     }
     const float b = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + b;
+    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
   }
 }
 
@@ -188,90 +202,6 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
     }
   }
 }
-
-// ------------------------------------------------------------ AVX512-BF16 ---
-
-#define PN_AVX512BF16 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-// float32 -> bf16 bits, round to nearest even (the code values are finite).
-inline uint16_t bf16_bits(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// 16 bytes at p -> 32 bf16 code values. The bytes are broadcast to the four
-// 128-bit lanes (8 words each); word lane i shifts word i%8 right by
-// 4*(i/8), bringing one of its four nibbles to the bottom. vpermw reads the
-// low 5 index bits, so the table is stored twice (entries 16-31 = 0-15) and
-// bit 4 (the next nibble's bit) does not matter. Lane i holds element
-// 4*(i%8) + {1, 0, 3, 2}[i/8] of the chunk (see chunk_source_bf16).
-PN_AVX512BF16 inline __m512i unpack32_bf16(const uint8_t* p, __m512i table) {
-  const __m512i bytes = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i shifts = _mm512_set_epi16(12, 12, 12, 12, 12, 12, 12, 12, 8, 8, 8, 8, 8, 8, 8, 8,
-                                          4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
-  return _mm512_permutexvar_epi16(_mm512_srlv_epi16(bytes, shifts), table);
-}
-
-template <int MT, int CPB>
-PN_AVX512BF16 inline void gemv_row_bf16(const uint16_t* xp, int64_t K, const uint8_t* wrow,
-                                        const float* arow, int64_t bs, __m512i table,
-                                        float* sums) {
-  __m512 tot[MT];
-  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
-  const int64_t cpb = CPB > 0 ? CPB : bs / 32;
-  const int64_t nb = K / bs;
-  const uint8_t* w = wrow;
-  const uint16_t* x = xp;
-  for (int64_t b = 0; b < nb; ++b) {
-    // Per quant block: bf16 products summed in float32 (vdpbf16ps), then one
-    // FMA by the block's absmax.
-    __m512 blk[MT];
-    for (int m = 0; m < MT; ++m) blk[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < cpb; ++c, w += 16, x += 32) {
-      const __m512bh wv = (__m512bh)unpack32_bf16(w, table);
-      for (int m = 0; m < MT; ++m) {
-        blk[m] = _mm512_dpbf16_ps(blk[m], wv, (__m512bh)_mm512_loadu_si512(x + m * K));
-      }
-    }
-    const __m512 scale = _mm512_set1_ps(arow[b]);
-    for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(blk[m], scale, tot[m]);
-  }
-  for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(tot[m]);
-}
-
-template <int MT>
-PN_AVX512BF16 void gemv_rows_bf16_mt(const uint16_t* xp, int64_t K, const uint8_t* packed,
-                                     const float* absmax, int64_t bs, QuantType qt,
-                                     const float* bias, int64_t n0, int64_t n1, float* y,
-                                     int64_t ldy) {
-  alignas(64) uint16_t tab[32];
-  for (int i = 0; i < 32; ++i) tab[i] = bf16_bits(code_table(qt)[i % 16]);
-  const __m512i table = _mm512_load_si512(tab);
-  float sums[MT];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wrow = packed + n * (K / 2);
-    const float* arow = absmax + n * (K / bs);
-    if (bs == 64) {
-      gemv_row_bf16<MT, 2>(xp, K, wrow, arow, bs, table, sums);
-    } else {
-      gemv_row_bf16<MT, 0>(xp, K, wrow, arow, bs, table, sums);
-    }
-    const float bn = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + bn;
-  }
-}
-
-template <int MT>
-struct Bf16Rows {
-  static void run(const uint16_t* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
-                  QuantType qt, const float* bias, int64_t n0, int64_t n1, float* y,
-                  int64_t ldy) {
-    gemv_rows_bf16_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ldy);
-  }
-};
 
 // ------------------------------------------------------------------- AVX2 ---
 
@@ -350,14 +280,14 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
 template <int MT>
 PN_AVX2 void gemv_rows_avx2_mt(const float* xp, int64_t K, const uint8_t* packed,
                                const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                               int64_t n0, int64_t n1, float* y, int64_t ldy) {
+                               int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
   float sums[MT];
   for (int64_t n = n0; n < n1; ++n) {
     gemv_row_avx2<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, tlo, thi, sums);
     const float b = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < MT; ++m) y[m * ldy + n] = sums[m] + b;
+    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
   }
 }
 
@@ -382,16 +312,18 @@ PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, in
 
 // Rows of x are taken in groups of at most 4 (kept in registers while one row
 // of W is unpacked); a group of MT rows calls the MT instantiation.
-template <template <int> class Fn, typename X, typename... Args>
-void for_m_groups(int64_t M, const X* xp, int64_t K, float* y, int64_t ldy, Args... args) {
+// y advances by element offsets (m0 * ldy) so that it can stay untyped.
+template <template <int> class Fn, typename... Args>
+void for_m_groups(int64_t M, const float* xp, int64_t K, void* y, DType ydt, int64_t ldy,
+                  Args... args) {
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const X* x = xp + m0 * K;
-    float* yo = y + m0 * ldy;
+    const float* x = xp + m0 * K;
+    void* yo = static_cast<char*>(y) + m0 * ldy * dtype_size(ydt);
     switch (std::min<int64_t>(4, M - m0)) {
-      case 4: Fn<4>::run(x, K, args..., yo, ldy); break;
-      case 3: Fn<3>::run(x, K, args..., yo, ldy); break;
-      case 2: Fn<2>::run(x, K, args..., yo, ldy); break;
-      default: Fn<1>::run(x, K, args..., yo, ldy); break;
+      case 4: Fn<4>::run(x, K, args..., yo, ydt, ldy); break;
+      case 3: Fn<3>::run(x, K, args..., yo, ydt, ldy); break;
+      case 2: Fn<2>::run(x, K, args..., yo, ydt, ldy); break;
+      default: Fn<1>::run(x, K, args..., yo, ydt, ldy); break;
     }
   }
 }
@@ -399,18 +331,18 @@ void for_m_groups(int64_t M, const X* xp, int64_t K, float* y, int64_t ldy, Args
 template <int MT>
 struct Avx512Rows {
   static void run(const float* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
-                  QuantType qt, const float* bias, int64_t n0, int64_t n1, float* y,
+                  QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
                   int64_t ldy) {
-    gemv_rows_avx512_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ldy);
+    gemv_rows_avx512_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ydt, ldy);
   }
 };
 
 template <int MT>
 struct Avx2Rows {
   static void run(const float* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
-                  QuantType qt, const float* bias, int64_t n0, int64_t n1, float* y,
+                  QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
                   int64_t ldy) {
-    gemv_rows_avx2_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ldy);
+    gemv_rows_avx2_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ydt, ldy);
   }
 };
 
@@ -425,63 +357,47 @@ static int64_t chunk_source(Isa isa, int64_t i) {
   const int64_t lane = i % half;
   const int64_t low = i / half;  // 0: high nibble (even element), 1: low nibble
   switch (isa) {
-    case Isa::AVX512:
-    case Isa::AVX512_BF16: return 8 * (lane % 4) + 2 * (lane / 4) + low;
+    case Isa::AVX512: return 8 * (lane % 4) + 2 * (lane / 4) + low;
     case Isa::AVX2: return 8 * (lane % 2) + 2 * (lane / 2) + low;
     default: return i;
   }
 }
 
-void permute_k(const float* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
+template <typename T>
+static void permute_k_typed(const T* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
   const int64_t C = chunk_elems(isa);
   int64_t src[32];
   for (int64_t i = 0; i < C; ++i) src[i] = chunk_source(isa, i);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * ldx;
+    const T* xr = x + m * ldx;
     float* o = xp + m * K;
     for (int64_t c = 0; c < K; c += C) {
-      for (int64_t i = 0; i < C; ++i) o[c + i] = xr[c + src[i]];
+      for (int64_t i = 0; i < C; ++i) o[c + i] = to_f32(xr[c + src[i]]);
     }
   }
 }
 
-// Lane i of the bf16 unpack holds element 4*(i%8) + {1, 0, 3, 2}[i/8].
-static int64_t chunk_source_bf16(int64_t i) {
-  static constexpr int64_t kNibble[4] = {1, 0, 3, 2};
-  return 4 * (i % 8) + kNibble[i / 8];
-}
-
-void permute_k_bf16(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xp) {
-  int64_t src[32];
-  for (int64_t i = 0; i < 32; ++i) src[i] = chunk_source_bf16(i);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = x + m * ldx;
-    uint16_t* o = xp + m * K;
-    for (int64_t c = 0; c < K; c += 32) {
-      for (int64_t i = 0; i < 32; ++i) o[c + i] = xr[c + src[i]];
-    }
+void permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
+  switch (dt) {
+    case DType::F32: permute_k_typed(static_cast<const float*>(x), M, K, ldx, isa, xp); break;
+    case DType::BF16: permute_k_typed(static_cast<const Bf16*>(x), M, K, ldx, isa, xp); break;
+    case DType::F16: permute_k_typed(static_cast<const F16*>(x), M, K, ldx, isa, xp); break;
   }
-}
-
-void gemv_4bit_rows_bf16(const uint16_t* xp, int64_t M, int64_t K, const uint8_t* packed,
-                         const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                         int64_t n0, int64_t n1, float* y, int64_t ldy) {
-  for_m_groups<Bf16Rows>(M, xp, K, y, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
 }
 
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                    int64_t n0, int64_t n1, float* y, int64_t ldy, Isa isa) {
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   switch (isa) {
-    case Isa::AVX512_BF16:
     case Isa::AVX512:
-      for_m_groups<Avx512Rows>(M, xp, K, y, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
+      for_m_groups<Avx512Rows>(M, xp, K, y, ydt, ldy, packed, absmax, blocksize, qt, bias, n0,
+                               n1);
       break;
     case Isa::AVX2:
-      for_m_groups<Avx2Rows>(M, xp, K, y, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
+      for_m_groups<Avx2Rows>(M, xp, K, y, ydt, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
       break;
     default:
-      gemv_rows_scalar(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ldy);
+      gemv_rows_scalar(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
   }
 }
 
@@ -489,7 +405,6 @@ void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_
                               int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
                               float* out, Isa isa) {
   switch (isa) {
-    case Isa::AVX512_BF16:
     case Isa::AVX512: dequantize_rows_avx512(packed, absmax, K, blocksize, qt, n0, n1, out); break;
     case Isa::AVX2: dequantize_rows_avx2(packed, absmax, K, blocksize, qt, n0, n1, out); break;
     default: dequantize_rows_scalar(packed, absmax, K, blocksize, qt, n0, n1, out);

@@ -25,7 +25,7 @@ Isa detect_isa() {
   // gcc's checks include the OS (XCR0) support for the wider registers.
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return __builtin_cpu_supports("avx512bf16") ? Isa::AVX512_BF16 : Isa::AVX512;
+    return Isa::AVX512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::AVX2;
 #endif
@@ -56,7 +56,6 @@ void set_isa(Isa isa) {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case Isa::AVX512_BF16: return "avx512_bf16";
     case Isa::AVX512: return "avx512";
     case Isa::AVX2: return "avx2";
     default: return "scalar";
@@ -65,7 +64,6 @@ const char* isa_name(Isa isa) {
 
 int64_t chunk_elems(Isa isa) {
   switch (isa) {
-    case Isa::AVX512_BF16:
     case Isa::AVX512: return 32;
     case Isa::AVX2: return 16;
     default: return 2;

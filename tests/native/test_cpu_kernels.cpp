@@ -20,12 +20,14 @@
 #include <string>
 #include <vector>
 
+#include "common/elements.h"
 #include "common/kernels.h"
 
 namespace pn = pythia_native;
 namespace cpu = pythia_native::cpu;
 using pn::QuantType;
 using cpu::Isa;
+using pn::DType;
 
 namespace {
 
@@ -129,7 +131,7 @@ void test_isa_control() {
 
   // Every ISA above best_isa() (and one past the enum, always above) must throw
   // std::invalid_argument and leave the active ISA alone.
-  for (int i = static_cast<int>(best) + 1; i <= static_cast<int>(Isa::AVX512_BF16) + 1; ++i) {
+  for (int i = static_cast<int>(best) + 1; i <= static_cast<int>(Isa::AVX512) + 1; ++i) {
     const Isa isa = static_cast<Isa>(i);
     int outcome = 0;  // 0: no throw, 1: invalid_argument, 2: another exception
     try {
@@ -310,7 +312,7 @@ void test_permute_k(Isa isa) {
           for (int64_t k = 0; k < K; ++k) x[m * ldx + k] = static_cast<float>(4096 * m + k);
         }
         std::vector<float> xp(M * K + 8, 1234.5f);
-        cpu::permute_k(x.data(), M, K, ldx, isa, xp.data());
+        cpu::permute_k(x.data(), DType::F32, M, K, ldx, isa, xp.data());
 
         std::vector<int64_t> src(C);
         std::vector<int> seen(C, 0);
@@ -346,6 +348,26 @@ void test_permute_k(Isa isa) {
           if (xp[i] != 1234.5f) bad = i;
         }
         CHECK(bad < 0, "xp[%lld] past M*K written: %.9g", ll(bad), xp[bad]);
+
+        // bf16 / fp16 x: the same order, each element widened exactly. Values
+        // (k % 61) - 30 + m / 4 are exact in both formats.
+        std::vector<cpu::Bf16> xb(M * ldx);
+        std::vector<cpu::F16> xh(M * ldx);
+        std::vector<float> xf(M * ldx), xpf(M * K), xpb(M * K), xph(M * K);
+        for (int64_t i = 0; i < M * ldx; ++i) {
+          xf[i] = static_cast<float>((i % ldx) % 61) - 30.0f + static_cast<float>(i / ldx) / 4;
+          xb[i] = cpu::from_f32<cpu::Bf16>(xf[i]);
+          xh[i] = cpu::from_f32<cpu::F16>(xf[i]);
+        }
+        cpu::permute_k(xf.data(), DType::F32, M, K, ldx, isa, xpf.data());
+        cpu::permute_k(xb.data(), DType::BF16, M, K, ldx, isa, xpb.data());
+        cpu::permute_k(xh.data(), DType::F16, M, K, ldx, isa, xph.data());
+        bad = -1;
+        for (int64_t i = 0; i < M * K && bad < 0; ++i) {
+          if (!same_bits(xpb[i], xpf[i]) || !same_bits(xph[i], xpf[i])) bad = i;
+        }
+        CHECK(bad < 0, "permute_k of bf16/fp16 x differs from float32 at %lld: %.9g / %.9g vs "
+              "%.9g", ll(bad), xpb[bad], xph[bad], xpf[bad]);
       }
     }
   }
@@ -389,7 +411,7 @@ void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t
   }
   std::vector<float> bias = with_bias ? normal_vec(rng, N) : std::vector<float>();
   std::vector<float> xp(M * K);
-  cpu::permute_k(x.data(), M, K, ldx, isa, xp.data());
+  cpu::permute_k(x.data(), DType::F32, M, K, ldx, isa, xp.data());
 
   // yref: the exact result (double); yabs: the same sum of absolute values,
   // the scale of float32 rounding error in any summation order.
@@ -418,7 +440,8 @@ void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t
     // One extra row of y past M: it must stay untouched too.
     std::vector<float> y((M + 1) * ldy, kSentinel);
     cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
-                        with_bias ? bias.data() : nullptr, n0, n1, y.data(), ldy, isa);
+                        with_bias ? bias.data() : nullptr, n0, n1, y.data(), DType::F32, ldy,
+                        isa);
     double max_ref = 0.0, max_abs = 0.0, max_err = 0.0;
     int64_t worst = -1, touched = -1;
     for (int64_t m = 0; m <= M; ++m) {
@@ -458,6 +481,25 @@ void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t
       g_worst_rel = std::max(g_worst_rel, rel);
       g_worst_rel_cond = std::max(g_worst_rel_cond, rel_cond);
     }
+    // A bf16 / fp16 y is the float32 result rounded once (same sums, same
+    // order), and the same cells stay untouched.
+    std::vector<cpu::Bf16> yb((M + 1) * ldy, cpu::Bf16{0x7bcd});
+    std::vector<cpu::F16> yh((M + 1) * ldy, cpu::F16{0x7bcd});
+    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+                        with_bias ? bias.data() : nullptr, n0, n1, yb.data(), DType::BF16, ldy,
+                        isa);
+    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+                        with_bias ? bias.data() : nullptr, n0, n1, yh.data(), DType::F16, ldy,
+                        isa);
+    int64_t bad = -1;
+    for (int64_t i = 0; i < (M + 1) * ldy && bad < 0; ++i) {
+      const bool inside = i / ldy < M && i % ldy >= n0 && i % ldy < n1;
+      const uint16_t eb = inside ? cpu::from_f32<cpu::Bf16>(y[i]).bits : 0x7bcd;
+      const uint16_t eh = inside ? cpu::from_f32<cpu::F16>(y[i]).bits : 0x7bcd;
+      if (yb[i].bits != eb || yh[i].bits != eh) bad = i;
+    }
+    CHECK(bad < 0, "bf16/fp16 y at m=%lld n=%lld: %04x / %04x, expected the float32 result "
+          "%.9g rounded", ll(bad / ldy), ll(bad % ldy), yb[bad].bits, yh[bad].bits, y[bad]);
   }
 }
 
@@ -466,9 +508,9 @@ void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& 
   // The dequantized weights in permute_k order: permute_k applied to W as if
   // it were x (N rows of K).
   std::vector<float> wperm(N * K);
-  cpu::permute_k(q.deq.data(), N, K, K, isa, wperm.data());
+  cpu::permute_k(q.deq.data(), DType::F32, N, K, K, isa, wperm.data());
   std::vector<float> x = normal_vec(rng, K), xp(K);
-  cpu::permute_k(x.data(), 1, K, K, isa, xp.data());
+  cpu::permute_k(x.data(), DType::F32, 1, K, K, isa, xp.data());
 
   const int64_t sub0 = N / 3, sub1 = std::max(sub0 + 1, N - N / 4);
   const int64_t ranges[][2] = {{0, N}, {sub0, sub1}, {N - 1, N}, {N / 2, N / 2}};
