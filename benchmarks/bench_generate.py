@@ -94,15 +94,18 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         qhead = variant.endswith("-qhead")
         # Random weights quantized straight into the model (no transformers copy in
         # memory, so the peak below is the engine's own).
+        # On the CPU a dense head stays float16, as pythia_native.load() keeps
+        # a Pythia (float16) checkpoint's: the same values as a float32 head.
+        head_dtype = torch.float16 if device == "cpu" and not qhead else None
         model = PythiaModel.random(PythiaConfig.from_dict(config.to_dict()), dtype=dtype, quantize_embed_out=qhead,
-                                   device=device)
+                                   device=device, head_dtype=head_dtype)
         engine = Pythia(model, max_batch=batch, max_len=prompt + new)
         prompts = ids.tolist()
 
         def gen(n):
             engine.generate_ids(prompts, n, ignore_eos=True)
 
-        head_bytes = 0.5 + 4 / 64 if qhead else torch.tensor([], dtype=dtype).element_size()
+        head_bytes = 0.5 + 4 / 64 if qhead else model.embed_out.weight.element_size()
     else:
         if variant == "transformers-bnb-nf4":
             # bitsandbytes quantizes while loading: save the random model, load it 4-bit.

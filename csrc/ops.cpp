@@ -7,6 +7,7 @@
 //   dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> W
 //   dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, nested_blocksize) -> absmax
 //   gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type) -> x @ W.T + bias
+//   gemm_f16w(x, weight, bias) -> x @ float(weight).T + bias (float16 weight, float32 sums)
 //   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
 //   decode_attention(q, k_cache, v_cache, positions, scale) -> out
 // (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
@@ -100,6 +101,31 @@ std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
   return shape;
+}
+
+void check_gemm_f16w_args(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == at::kHalf, "pythia_native.gemm_f16w: weight must be "
+              "float16, got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) >= 1 && weight.size(1) >= 1,
+              "pythia_native.gemm_f16w: weight must have shape [n, k] with n, k >= 1, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "pythia_native.gemm_f16w: weight must be contiguous");
+  check_float_dtype(x, "x", "gemm_f16w");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "pythia_native.gemm_f16w: x must have shape "
+              "[..., k] with k = ", k, " (weight is ", weight.sizes(), "), got ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device(), "pythia_native.gemm_f16w: x and weight must be on "
+              "the same device, got ", x.device(), " and ", weight.device());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device() == x.device(), "pythia_native.gemm_f16w: bias must be on x's device ",
+                x.device(), ", got ", b.device());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.gemm_f16w: bias must have x's "
+                "dtype ", x.scalar_type(), ", got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.gemm_f16w: bias must have shape "
+                "[", n, "], got ", b.sizes());
+  }
 }
 
 DType to_dtype(at::ScalarType t) {
@@ -240,6 +266,53 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias) {
+  check_gemm_f16w_args(x, weight, bias);
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const auto out_shape = gemm_out_shape(x, n);
+  const at::Tensor x2 = x.reshape({-1, k});
+  const int64_t M = x2.size(0);
+  if (M == 0) return at::empty(out_shape, x.options());
+  const c10::optional<at::Tensor> bf =
+      bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
+                       : c10::nullopt;
+  const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
+  const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::Half>());
+  const cpu::Isa isa = cpu::active_isa();
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();  // exact for fp16 / bf16 x
+
+  if (M <= kCpuGemvMaxM) {
+    at::Tensor y = at::empty({M, n}, x.options());
+    const float* xp = xf.data_ptr<float>();
+    void* y_p = y.data_ptr();
+    const DType ydt = to_dtype(x.scalar_type());
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      cpu::gemv_f16w_rows(xp, M, k, wp, bias_p, n0, n1, y_p, ydt, n, isa);
+    });
+    return y.view(out_shape);
+  }
+  // Larger M: widen cache-sized panels of W to float32 for BLAS.
+  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
+  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
+  at::Tensor panel = at::empty({panel_rows, k}, xf.options());
+  float* panel_p = panel.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, n - r0);
+    at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
+      cpu::widen_f16(wp + (r0 + i0) * k, (i1 - i0) * k, panel_p + i0 * k, isa);
+    });
+    const at::Tensor w = panel.narrow(0, 0, rows);
+    at::Tensor out_slice = y.narrow(1, r0, rows);
+    if (bf.has_value()) {
+      out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xf, w.t()));
+    } else {
+      out_slice.copy_(at::mm(xf, w.t()));
+    }
+  }
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
 // Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.
 // A load-time decode (one float per 64 weights), written with torch ops so
 // that it runs on every device.
@@ -282,6 +355,7 @@ TORCH_LIBRARY(pythia_native, m) {
         "float offset, int nested_blocksize) -> Tensor");
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? bias, int n, int k, "
         "int blocksize, str quant_type) -> Tensor");
+  m.def("gemm_f16w(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Writes k and v of every token into the caches (a!, b!), returns rotated q.
   m.def("rotary_kv_cache_(Tensor qkv, Tensor positions, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, int rotary_ndims, float rope_theta) -> Tensor");
@@ -293,6 +367,7 @@ TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
   m.impl("gemm_4bit", &gemm_4bit_cpu);
+  m.impl("gemm_f16w", &gemm_f16w_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CompositeExplicitAutograd, m) {

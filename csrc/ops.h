@@ -32,6 +32,11 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Te
                      const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                      int64_t blocksize);
 
+// The checks gemm_f16w does on every device: weight float16 [n, k]
+// contiguous, x [..., k] float32/float16/bfloat16, bias [n] in x's dtype.
+void check_gemm_f16w_args(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias);
+
 // Output shape of gemm_4bit: x.shape[:-1] + [n].
 std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n);
 

@@ -96,12 +96,27 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
   return at::linear(x2, w, bias).view(out_shape);
 }
 
+// gemm_f16w on CUDA: a float16 x is cuBLAS's own float16 GEMM (float32
+// accumulation, the op's contract as it stands); other x dtypes widen x and W
+// to float32 first. Models on CUDA compute in fp16/bf16 and keep their head
+// in that dtype, so this path serves completeness and tests, not decoding.
+at::Tensor gemm_f16w_cuda(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias) {
+  check_gemm_f16w_args(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.scalar_type() == at::kHalf) return at::linear(x, weight, bias);
+  const c10::optional<at::Tensor> bf =
+      bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+  return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pythia_native, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
   m.impl("gemm_4bit", &gemm_4bit_cuda);
+  m.impl("gemm_f16w", &gemm_f16w_cuda);
 }
 
 }  // namespace pythia_native

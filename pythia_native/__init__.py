@@ -12,6 +12,7 @@ from .ops import (
     dequantize_4bit,
     dequantize_absmax,
     gemm_4bit,
+    gemm_f16w,
     quantize_4bit,
     rotary_kv_cache_,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_absmax",
     "gemm_4bit",
+    "gemm_f16w",
     "quantize_4bit",
     "rotary_kv_cache_",
 ]

@@ -325,8 +325,13 @@ def build_model(
                     f"{directory}: config.json says bitsandbytes 4-bit but no weight has 4-bit statistics "
                     "(weight.absmax); the checkpoint files do not match the config"
                 )
+        # A float16 checkpoint's dense head stays float16 on the CPU (the same
+        # values, half the bytes per decode step; see PythiaModel's head_dtype).
+        head_dtype = None
+        if torch.device(device).type == "cpu" and not quantize_embed_out and raw.get("torch_dtype", raw.get("dtype")) == "float16":
+            head_dtype = torch.float16
         model = PythiaModel(config, quant_type=quant_type, double_quant=double_quant,
-                            quantize_embed_out=quantize_embed_out, dtype=dtype, device=device)
+                            quantize_embed_out=quantize_embed_out, dtype=dtype, device=device, head_dtype=head_dtype)
         model.load_tensors(reader)
     model.source_quantization = q
     return model

@@ -72,6 +72,15 @@ class KVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
 
+def _fits_float16(t: torch.Tensor) -> bool:
+    """Whether every value of t survives a round trip through float16 (checked
+    in row blocks, so the copies stay small next to the tensor)."""
+    if t.dtype == torch.float16:
+        return True
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    return all(torch.equal(c.to(torch.float16).to(c.dtype), c) for c in rows.split(4096))
+
+
 def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """LayerNorm in float32 whatever the activation dtype (fp16 Pythia overflows otherwise)."""
     return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(x.dtype)
@@ -176,6 +185,13 @@ class PythiaModel(nn.Module):
             (bitsandbytes ``compress_statistics``); compute uses decoded scales.
         quantize_embed_out: also store ``embed_out`` in 4 bits (off by default:
             it costs logit accuracy, see the tests and benchmarks).
+        head_dtype: storage dtype of a dense ``embed_out``: None for ``dtype``,
+            or torch.float16 on the CPU, which keeps a float16 checkpoint's
+            head as it is (half the bytes of float32, the largest read of a
+            decode step) and computes it with ``ops.gemm_f16w`` in float32:
+            the same values as a float32 head. :func:`pythia_native.load`
+            picks it for Pythia's float16 checkpoints. A checkpoint whose head
+            float16 cannot hold exactly is kept in ``dtype`` instead.
         dtype: activation dtype: float32 or bfloat16 on the CPU; float16 or
             bfloat16 on CUDA. LayerNorm, softmax and accumulation run in float32.
     Parameters start as zeros; fill them with :meth:`load_tensors` (a checkpoint)
@@ -192,10 +208,18 @@ class PythiaModel(nn.Module):
         quantize_embed_out: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        head_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if head_dtype not in (None, dtype, torch.float16):
+            raise ValueError(f"head_dtype must be None, the activation dtype or torch.float16, got {head_dtype}")
+        if head_dtype == torch.float16 and dtype != torch.float16 and torch.device(device).type != "cpu":
+            raise ValueError(
+                "head_dtype=torch.float16 with non-float16 activations is for the CPU; on CUDA keep the head "
+                "in the activation dtype (head_dtype=None)"
+            )
         self.config = config
         self.quant_type = check_quant_type(quant_type) if quant_type is not None else None
         self.blocksize = blocksize
@@ -216,7 +240,9 @@ class PythiaModel(nn.Module):
                 dtype=dtype, device=device,
             )
         else:
-            self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype, device=device)
+            self.embed_out = nn.Linear(
+                config.hidden_size, config.vocab_size, bias=False, dtype=head_dtype or dtype, device=device
+            )
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -267,14 +293,19 @@ class PythiaModel(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """embed_out: ``[..., hidden] -> [..., vocab]``.
 
-        On the CPU a dense head is computed as ``W @ x.T`` (matrix-vector for one
-        row): measured on a 2-core AVX-512 Xeon for pythia-160m's 50304 x 768
+        A float16 head under float32/bfloat16 activations (``head_dtype``) goes
+        through ``ops.gemm_f16w``. Otherwise, on the CPU a dense head is computed
+        as ``W @ x.T`` (matrix-vector for one row): measured on a 2-core AVX-512 Xeon for pythia-160m's 50304 x 768
         head, ``F.linear`` takes 6.8 ms (bf16, one row) and 23 ms (fp32, 8 rows)
         where ``torch.mv`` / ``W @ x.T`` take 2.8 ms and 15.6 ms; the head is the
         largest matrix a decode step reads, so this is most of a step.
         """
         head = self.embed_out
-        if isinstance(head, QuantizedLinear) or x.device.type != "cpu":
+        if isinstance(head, QuantizedLinear):
+            return head(x)
+        if head.weight.dtype != x.dtype:  # a float16 head on the CPU (see head_dtype)
+            return ops.gemm_f16w(x, head.weight)
+        if x.device.type != "cpu":
             return head(x)
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] == 1:
@@ -337,6 +368,12 @@ class PythiaModel(nn.Module):
                 raise CheckpointError(f"{name}: shape {tuple(t.shape)} does not fit the config (expected {tuple(target.shape)})")
             if not t.is_floating_point():
                 raise CheckpointError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            if target is self.embed_out.weight and target.dtype == torch.float16 != self.dtype and not _fits_float16(t):
+                # A head float16 cannot hold exactly: keep it in the activation dtype instead.
+                target = self.embed_out.weight = nn.Parameter(
+                    torch.empty(target.shape, dtype=self.dtype, device=target.device), requires_grad=False
+                )
+                own[name] = target
             target.copy_(t)
             seen.add(name)
         for prefix, entries in sorted(pending.items()):
@@ -364,7 +401,8 @@ class PythiaModel(nn.Module):
     @classmethod
     def random(cls, config: PythiaConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "PythiaModel":
         """A model with random weights (normal, ``std``; LayerNorm at 1/0), quantized
-        like a checkpoint would be: for benchmarks and smoke tests with no download."""
+        like a checkpoint would be: for benchmarks and smoke tests with no download.
+        The values are float16 numbers, as in Pythia's float16 checkpoints."""
         shapes = PythiaModel(config, quant_type=None, device="meta")
         model = cls(config, **kwargs)
         g = torch.Generator().manual_seed(seed)
@@ -374,7 +412,7 @@ class PythiaModel(nn.Module):
                 if "layernorm" in name or "layer_norm" in name:
                     yield name, (torch.ones if name.endswith("weight") else torch.zeros)(p.shape)
                 else:
-                    yield name, torch.randn(p.shape, generator=g) * std
+                    yield name, (torch.randn(p.shape, generator=g) * std).half().float()
 
         model.load_tensors(tensors())
         return model

@@ -86,6 +86,19 @@ def gemm_4bit(
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type)
 
 
+def gemm_f16w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` with ``weight`` kept in float16 and the sums in float32.
+
+    x: ``[..., K]`` float32/float16/bfloat16; weight: float16 ``[N, K]``
+    contiguous; bias: ``[N]`` in x's dtype or None. Returns ``[..., N]`` in x's
+    dtype. Widening float16 to float32 is exact, so for a float32 x this is the
+    float32 layer on the widened weight while reading half the bytes: the CPU
+    models keep a float16 checkpoint's dense embed_out this way. CPU: a
+    vectorized GEMV for small M, widened panels + BLAS above; CUDA: cuBLAS.
+    """
+    return _ops.gemm_f16w(x, weight, bias)
+
+
 def rotary_kv_cache_(
     qkv: torch.Tensor,
     positions: torch.Tensor,
@@ -171,6 +184,13 @@ def _dequantize_absmax_fake(absmax_q, nested_absmax, nested_code, offset, nested
 @torch.library.register_fake("pythia_native::gemm_4bit")
 def _gemm_4bit_fake(x, packed, absmax, bias, n, k, blocksize, quant_type):
     torch._check(x.shape[-1] == k, lambda: f"gemm_4bit: x must have shape [..., {k}], got {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("pythia_native::gemm_f16w")
+def _gemm_f16w_fake(x, weight, bias):
+    n, k = weight.shape
+    torch._check(x.shape[-1] == k, lambda: f"gemm_f16w: x must have shape [..., {k}], got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], n))
 
 

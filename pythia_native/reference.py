@@ -91,6 +91,15 @@ def gemm_4bit(
     return y.to(x.dtype)
 
 
+def gemm_f16w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Twin of ``ops.gemm_f16w``: widen the float16 weight (exact), matmul in
+    float32, cast to x's dtype."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def rope_inv_freq(rotary_ndims: int, rope_theta: float) -> torch.Tensor:
     """GPT-NeoX rotary frequencies, float32 ``[rotary_ndims // 2]``:
     ``1 / theta ** (2i / rotary_ndims)``, computed as transformers does."""

@@ -199,3 +199,46 @@ def test_devices_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_float16_checkpoint_keeps_a_float16_head_on_cpu(tmp_path, tok_file, dtype):
+    """Pythia's files are float16: on the CPU the dense head stays float16 (half
+    the bytes per decode step) and computes what the widened head computes."""
+    hf = hf_model("tiny", vocab_size=50304).half()
+    d = save_dense(hf, tmp_path / "ckpt", tok_file)
+    raw = json.loads((d / "config.json").read_text())
+    assert raw.get("torch_dtype", raw.get("dtype")) == "float16"
+    engine = load(d, device="cpu", dtype=dtype)
+    assert engine.model.embed_out.weight.dtype == torch.float16
+    ref = PythiaModel.from_hf(hf.float(), dtype=dtype)  # head widened to the activation dtype
+    assert ref.embed_out.weight.dtype == dtype
+    ids = torch.randint(0, 50000, (2, 9))
+    ours, theirs = logits_of(engine, ids), logits_of(ref, ids)
+    if dtype == torch.float32:
+        assert rel_err(ours, theirs) <= 1e-6  # same values, only the summation order differs
+    else:
+        # bf16 rounds the widened head; the float16 head is exact, so compare both to float32.
+        exact = logits_of(PythiaModel.from_hf(hf.float()), ids)
+        assert rel_err(ours, exact) <= rel_err(theirs, exact)
+    prompt = [[5, 6, 7]]
+    assert engine.generate_ids(prompt, 8, ignore_eos=True) == load(d, device="cpu", dtype=dtype).generate_ids(prompt, 8, ignore_eos=True)
+
+
+def test_head_that_float16_cannot_hold_stays_in_the_activation_dtype(tmp_path, tok_file):
+    hf = hf_model("tiny", vocab_size=50304)  # float32 values, not float16 numbers
+    m = PythiaModel(PythiaModel.from_hf(hf).config, head_dtype=torch.float16)
+    assert m.embed_out.weight.dtype == torch.float16
+    m.load_tensors(hf.state_dict().items())
+    assert m.embed_out.weight.dtype == torch.float32
+    assert torch.equal(m.embed_out.weight, hf.get_output_embeddings().weight)
+    ids = torch.randint(0, 50000, (1, 5))
+    assert torch.equal(logits_of(m, ids), logits_of(PythiaModel.from_hf(hf), ids))
+
+
+def test_head_dtype_is_checked():
+    config = PythiaModel.from_hf(hf_model("tiny")).config
+    with pytest.raises(ValueError, match="head_dtype must be None, the activation dtype or torch.float16"):
+        PythiaModel(config, head_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="is for the CPU"):
+        PythiaModel(config, dtype=torch.bfloat16, head_dtype=torch.float16, device="meta")

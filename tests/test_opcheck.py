@@ -86,3 +86,12 @@ def test_attention_under_torch_compile():
     q = pn.rotary_kv_cache_(qkv, positions, k2, v2, 8)
     torch.testing.assert_close(out, pn.decode_attention(q, k2, v2, positions) * 2)
     assert torch.equal(k, k2) and torch.equal(v, v2)  # the in-place writes happened
+
+
+@pytest.mark.parametrize("M", [0, 1, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_f16w(M, dtype, device):
+    w = torch.randn(33, 40, device=device).half()
+    x = torch.randn(M, 40, device=device, dtype=dtype)
+    torch.library.opcheck(ops.gemm_f16w, (x, w, torch.randn(33, device=device, dtype=dtype)))
+    torch.library.opcheck(ops.gemm_f16w, (x, w, None))

@@ -70,6 +70,15 @@ void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_
                               int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
                               float* out, Isa isa);
 
+// gemm_f16w (a dense layer with a float16 weight, cpu/gemm_f16w.cpp):
+// y[m, n] = sum_k x[m, k] * float(w[n, k]) + bias[n] for n in [n0, n1),
+// m in [0, M), summed in float32 and rounded once to ydt. x: float32 [M, K]
+// contiguous; w: float16 bit patterns [N, K] contiguous; bias (float32) may
+// be null; y: elements of ydt with row stride ldy. Any K >= 1.
+void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
+// out[i] = float(w[i]) for i < count (float16 bit patterns -> float32, exact).
+void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa);
 }  // namespace cpu
 
 namespace cuda {

@@ -42,6 +42,7 @@
 
 #include "common/elements.h"
 #include "common/kernels.h"
+#include "common/prefetch.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -171,9 +172,15 @@ PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* pa
                                    DType ydt, int64_t ldy) {
   const __m512 table = _mm512_loadu_ps(code_table(qt));
   float sums[MT];
+  // absmax is 8 / bs bytes per packed byte: its stream is prefetched as far
+  // ahead in rows.
+  RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
+  RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
+    pw.before(wrow + K / 2);
+    pa.before(arow + K / bs);
     if (bs == 64) {
       gemv_row_avx512<MT, 2>(xp, K, wrow, arow, bs, table, sums);
     } else {
@@ -284,7 +291,11 @@ PN_AVX2 void gemv_rows_avx2_mt(const float* xp, int64_t K, const uint8_t* packed
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
   float sums[MT];
+  RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
+  RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   for (int64_t n = n0; n < n1; ++n) {
+    pw.before(packed + (n + 1) * (K / 2));
+    pa.before(absmax + (n + 1) * (K / bs));
     gemv_row_avx2<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, tlo, thi, sums);
     const float b = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);

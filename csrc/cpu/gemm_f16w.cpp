@@ -1,0 +1,250 @@
+// CPU kernels of gemm_f16w: a dense layer whose weight stays in float16 while
+// x and the sums are float32 (bf16/fp16 x is widened by the caller, exactly).
+//
+// What it is for: the dense embed_out of a CPU model. Pythia checkpoints are
+// float16, so a float32 model's head holds float16 values widened to 32 bits;
+// keeping them as float16 halves the bytes a decode step reads (154 -> 77 MB
+// for pythia-160m, the largest single read of a step) and changes no value.
+//
+// Versions (chosen by the isa argument):
+//   avx512  16 weights per vcvtph2ps, 4 rows of W at a time (4 x MT
+//           independent FMA chains, each x load shared by 4 rows); masked
+//           loads for the K % 16 tail
+//   avx2    the same with F16C, 8 weights per step, 2 rows at a time, a scalar
+//           tail
+//   scalar  the portable fallback and the readable definition
+//
+// Napkin math, pythia-160m head (N = 50304, K = 768, M = 1): 77 MB of weights
+// against 39 M FMAs. Per 16 weights: one vcvtph2ps (2 uops) + one FMA, ~1.5
+// cycles, i.e. ~30 GB/s of float16 per core at 3 GHz: above what the memory
+// delivers (~12 GB/s for one core here), so the kernel is bound by DRAM and
+// prefetches its rows (common/prefetch.h).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common/elements.h"
+#include "common/kernels.h"
+#include "common/prefetch.h"
+
+namespace pythia_native {
+namespace cpu {
+
+namespace {
+
+inline void store_out(void* y, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(y)[i] = v; break;
+    case DType::BF16: static_cast<Bf16*>(y)[i] = from_f32<Bf16>(v); break;
+    case DType::F16: static_cast<F16*>(y)[i] = from_f32<F16>(v); break;
+  }
+}
+
+// ----------------------------------------------------------------- scalar ---
+
+void rows_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+                 int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wr = w + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += to_f32(F16{wr[k]}) * xr[k];
+      store_out(y, ydt, m * ldy + n, acc + (bias ? bias[n] : 0.0f));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 ---
+
+#define PN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+// R rows of W (n .. n + R) against MT rows of x.
+template <int R, int MT>
+PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w, int64_t n,
+                                   float (&out)[R][MT]) {
+  __m512 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t K16 = K - K % 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    __m512 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtph_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k)));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  if (K16 < K) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (K - K16)) - 1);
+    __m512 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, x + m * K + K16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w + (n + r) * K + K16));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int MT>
+PN_AVX512 void rows_avx512(const float* x, int64_t K, const uint16_t* w, const float* bias,
+                           int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    pf.before(w + (n + 4) * K);
+    float out[4][MT];
+    block_avx512<4, MT>(x, K, w, n, out);
+    for (int r = 0; r < 4; ++r)
+      for (int m = 0; m < MT; ++m)
+        store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+  }
+  for (; n < n1; ++n) {
+    float out[1][MT];
+    block_avx512<1, MT>(x, K, w, n, out);
+    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, out[0][m] + (bias ? bias[n] : 0.0f));
+  }
+}
+
+PN_AVX512 void widen_avx512(const uint16_t* w, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(w + i))));
+  }
+  if (i < count) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (count - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, mk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w + i)));
+  }
+}
+
+// ------------------------------------------------------------------- AVX2 ---
+
+#define PN_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+PN_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R, int MT>
+PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int64_t n,
+                               float (&out)[R][MT]) {
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * K + k)));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < MT; ++m) {
+      float s = hsum_avx2(acc[r][m]);
+      for (int64_t k = K8; k < K; ++k) s += to_f32(F16{w[(n + r) * K + k]}) * x[m * K + k];
+      out[r][m] = s;
+    }
+  }
+}
+
+template <int MT>
+PN_AVX2 void rows_avx2(const float* x, int64_t K, const uint16_t* w, const float* bias,
+                       int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    pf.before(w + (n + 2) * K);
+    float out[2][MT];
+    block_avx2<2, MT>(x, K, w, n, out);
+    for (int r = 0; r < 2; ++r)
+      for (int m = 0; m < MT; ++m)
+        store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+  }
+  for (; n < n1; ++n) {
+    float out[1][MT];
+    block_avx2<1, MT>(x, K, w, n, out);
+    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, out[0][m] + (bias ? bias[n] : 0.0f));
+  }
+}
+
+PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(out + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i))));
+  }
+  for (; i < count; ++i) out[i] = to_f32(F16{w[i]});
+}
+
+// Groups of up to 4 rows of x, each calling the MT instantiation (as in
+// gemm_4bit.cpp); y advances by element offsets so that it stays untyped.
+template <typename Fn4, typename Fn3, typename Fn2, typename Fn1>
+void for_m_groups(int64_t M, const float* x, int64_t K, void* y, DType ydt, int64_t ldy,
+                  Fn4 f4, Fn3 f3, Fn2 f2, Fn1 f1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = x + m0 * K;
+    void* ym = static_cast<char*>(y) + m0 * ldy * dtype_size(ydt);
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 4: f4(xm, ym); break;
+      case 3: f3(xm, ym); break;
+      case 2: f2(xm, ym); break;
+      default: f1(xm, ym); break;
+    }
+  }
+}
+
+bool avx2_usable() { return __builtin_cpu_supports("f16c"); }
+
+}  // namespace
+
+void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
+#define PN_GROUPS(fn)                                                                    \
+  for_m_groups(                                                                          \
+      M, x, K, y, ydt, ldy,                                                              \
+      [&](const float* xm, void* ym) { fn<4>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
+      [&](const float* xm, void* ym) { fn<3>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
+      [&](const float* xm, void* ym) { fn<2>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
+      [&](const float* xm, void* ym) { fn<1>(xm, K, w, bias, n0, n1, ym, ydt, ldy); })
+  switch (isa) {
+    case Isa::AVX512: PN_GROUPS(rows_avx512); return;
+    case Isa::AVX2:
+      if (avx2_usable()) {
+        PN_GROUPS(rows_avx2);
+        return;
+      }
+      break;
+    default: break;
+  }
+#undef PN_GROUPS
+  rows_scalar(x, M, K, w, bias, n0, n1, y, ydt, ldy);
+}
+
+void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa) {
+  switch (isa) {
+    case Isa::AVX512: widen_avx512(w, count, out); return;
+    case Isa::AVX2:
+      if (avx2_usable()) {
+        widen_avx2(w, count, out);
+        return;
+      }
+      break;
+    default: break;
+  }
+  for (int64_t i = 0; i < count; ++i) out[i] = to_f32(F16{w[i]});
+}
+
+}  // namespace cpu
+}  // namespace pythia_native
