@@ -551,6 +551,57 @@ void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& 
   }
 }
 
+// ------------------------------------------------------------- gemm_f16w ---
+
+// gemv_f16w_rows against a float64 reference on exact sizes (a sanitizer sees
+// any over-read of the K % 16 / K % 8 tails), with sentinel-checked y; and
+// widen_f16 against the scalar conversion, bit for bit.
+void test_gemv_f16w(Isa isa, int64_t M, int64_t N, int64_t K, bool with_bias, std::mt19937& rng) {
+  g_ctx = fmt("isa=%s gemv_f16w M=%lld N=%lld K=%lld bias=%d", cpu::isa_name(isa), ll(M), ll(N),
+              ll(K), int(with_bias));
+  std::vector<float> wf = normal_vec(rng, N * K, 0.1f);
+  std::vector<uint16_t> w(N * K);
+  for (int64_t i = 0; i < N * K; ++i) w[i] = cpu::from_f32<cpu::F16>(wf[i]).bits;
+  const std::vector<float> x = normal_vec(rng, M * K);
+  const std::vector<float> bias = with_bias ? normal_vec(rng, N) : std::vector<float>();
+  const int64_t ldy = N + 3;
+  const float kSentinel = -4321.25f;
+  std::vector<float> y(M * ldy, kSentinel);
+  const int64_t n0 = N > 2 ? 1 : 0, n1 = N;  // a range that starts past row 0
+  cpu::gemv_f16w_rows(x.data(), M, K, w.data(), with_bias ? bias.data() : nullptr, n0, n1,
+                      y.data(), DType::F32, ldy, isa);
+  double worst = 0.0;
+  int64_t touched = -1;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < ldy; ++n) {
+      const float v = y[m * ldy + n];
+      if (n < n0 || n >= n1) {
+        if (!same_bits(v, kSentinel) && touched < 0) touched = m * ldy + n;
+        continue;
+      }
+      double ref = with_bias ? bias[n] : 0.0, mag = std::fabs(ref);
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = static_cast<double>(x[m * K + k]) * cpu::to_f32(cpu::F16{w[n * K + k]});
+        ref += t;
+        mag += std::fabs(t);
+      }
+      worst = std::max(worst, std::fabs(v - ref) / std::max(mag, 1e-30));
+    }
+  }
+  CHECK(touched < 0, "y[m=%lld, n=%lld] outside rows [%lld, %lld) written: %.9g",
+        ll(touched / ldy), ll(touched % ldy), ll(n0), ll(n1), y[touched]);
+  CHECK(worst <= 1e-6, "max |y - y_ref| / sum|x w| = %.3g", worst);
+
+  std::vector<float> wide(N * K + 5, kSentinel);
+  cpu::widen_f16(w.data(), N * K, wide.data(), isa);
+  int64_t bad = -1;
+  for (int64_t i = 0; i < N * K + 5 && bad < 0; ++i) {
+    const float expect = i < N * K ? cpu::to_f32(cpu::F16{w[i]}) : kSentinel;
+    if (!same_bits(wide[i], expect)) bad = i;
+  }
+  CHECK(bad < 0, "widen_f16 out[%lld] = %.9g (count %lld)", ll(bad), wide[bad], ll(N * K));
+}
+
 }  // namespace
 
 int main() {
@@ -595,6 +646,11 @@ int main() {
             }
           }
         }
+      }
+    }
+    for (int64_t K : {1, 7, 8, 15, 16, 17, 100, 768}) {
+      for (int64_t N : {1, 2, 5, 9}) {
+        for (int64_t M : {1, 2, 3, 4, 5}) test_gemv_f16w(isa, M, N, K, M % 2 == 1, rng);
       }
     }
     std::printf("isa %s: %lld passed, %lld failed (gemv worst error: %.3g of max|y_ref|, "
