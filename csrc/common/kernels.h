@@ -57,8 +57,8 @@ void permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa i
 // y[m, n] = sum_k xp[m, k] * W[n, k] + bias[n] for n in [n0, n1), m in [0, M),
 // summed in float32 and rounded once to ydt when stored. Row-aligned layouts
 // only (K % blocksize == 0). xp from permute_k (same isa); bias (float32) may
-// be null; y: elements of ydt with row stride ldy. Reads each weight byte
-// once per group of up to 4 rows of x.
+// be null; y: elements of ydt with row stride ldy. Reads W from memory
+// once for any M (rows of x in groups of 4 per row of W, which stays in L1).
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);

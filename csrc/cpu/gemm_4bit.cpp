@@ -165,29 +165,49 @@ PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t*
   for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m][0], tot[m][1]));
 }
 
+// One row of W against MT rows of x, stored to y[m * ldy + n].
 template <int MT>
-PN_AVX512 void gemv_rows_avx512_mt(const float* xp, int64_t K, const uint8_t* packed,
-                                   const float* absmax, int64_t bs, QuantType qt,
-                                   const float* bias, int64_t n0, int64_t n1, void* y,
-                                   DType ydt, int64_t ldy) {
-  const __m512 table = _mm512_loadu_ps(code_table(qt));
+PN_AVX512 inline void row_group_avx512(const float* x, int64_t K, const uint8_t* wrow,
+                                       const float* arow, int64_t bs, __m512 table, float b,
+                                       void* y, DType ydt, int64_t ldy, int64_t n) {
   float sums[MT];
+  if (bs == 64) {
+    gemv_row_avx512<MT, 2>(x, K, wrow, arow, bs, table, sums);
+  } else {
+    gemv_row_avx512<MT, 0>(x, K, wrow, arow, bs, table, sums);
+  }
+  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+}
+
+// Rows [n0, n1) of W against all M rows of xp: row by row, and for each row
+// the rows of x in groups of up to 4 (kept in registers while the row is
+// unpacked); the row (K / 2 bytes) stays in L1 from one group to the next,
+// so W comes from memory once whatever M is.
+PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                                const float* absmax, int64_t bs, QuantType qt, const float* bias,
+                                int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  const __m512 table = _mm512_loadu_ps(code_table(qt));
   // absmax is 8 / bs bytes per packed byte: its stream is prefetched as far
   // ahead in rows.
   RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
   RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
+  const int64_t esize = dtype_size(ydt);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
     pw.before(wrow + K / 2);
     pa.before(arow + K / bs);
-    if (bs == 64) {
-      gemv_row_avx512<MT, 2>(xp, K, wrow, arow, bs, table, sums);
-    } else {
-      gemv_row_avx512<MT, 0>(xp, K, wrow, arow, bs, table, sums);
-    }
     const float b = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* x = xp + m0 * K;
+      void* yo = static_cast<char*>(y) + m0 * ldy * esize;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 4: row_group_avx512<4>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
+        case 3: row_group_avx512<3>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
+        case 2: row_group_avx512<2>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
+        default: row_group_avx512<1>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
+      }
+    }
   }
 }
 
@@ -285,20 +305,39 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
 }
 
 template <int MT>
-PN_AVX2 void gemv_rows_avx2_mt(const float* xp, int64_t K, const uint8_t* packed,
-                               const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                               int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+PN_AVX2 inline void row_group_avx2(const float* x, int64_t K, const uint8_t* wrow,
+                                   const float* arow, int64_t bs, __m256 tlo, __m256 thi, float b,
+                                   void* y, DType ydt, int64_t ldy, int64_t n) {
+  float sums[MT];
+  gemv_row_avx2<MT>(x, K, wrow, arow, bs, tlo, thi, sums);
+  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+}
+
+// As gemv_rows_avx512.
+PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                            const float* absmax, int64_t bs, QuantType qt, const float* bias,
+                            int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
-  float sums[MT];
   RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
   RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
+  const int64_t esize = dtype_size(ydt);
   for (int64_t n = n0; n < n1; ++n) {
-    pw.before(packed + (n + 1) * (K / 2));
-    pa.before(absmax + (n + 1) * (K / bs));
-    gemv_row_avx2<MT>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), bs, tlo, thi, sums);
+    const uint8_t* wrow = packed + n * (K / 2);
+    const float* arow = absmax + n * (K / bs);
+    pw.before(wrow + K / 2);
+    pa.before(arow + K / bs);
     const float b = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* x = xp + m0 * K;
+      void* yo = static_cast<char*>(y) + m0 * ldy * esize;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
+        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
+        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
+        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
+      }
+    }
   }
 }
 
@@ -320,42 +359,6 @@ PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, in
     }
   }
 }
-
-// Rows of x are taken in groups of at most 4 (kept in registers while one row
-// of W is unpacked); a group of MT rows calls the MT instantiation.
-// y advances by element offsets (m0 * ldy) so that it can stay untyped.
-template <template <int> class Fn, typename... Args>
-void for_m_groups(int64_t M, const float* xp, int64_t K, void* y, DType ydt, int64_t ldy,
-                  Args... args) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* x = xp + m0 * K;
-    void* yo = static_cast<char*>(y) + m0 * ldy * dtype_size(ydt);
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 4: Fn<4>::run(x, K, args..., yo, ydt, ldy); break;
-      case 3: Fn<3>::run(x, K, args..., yo, ydt, ldy); break;
-      case 2: Fn<2>::run(x, K, args..., yo, ydt, ldy); break;
-      default: Fn<1>::run(x, K, args..., yo, ydt, ldy); break;
-    }
-  }
-}
-
-template <int MT>
-struct Avx512Rows {
-  static void run(const float* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
-                  QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
-                  int64_t ldy) {
-    gemv_rows_avx512_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ydt, ldy);
-  }
-};
-
-template <int MT>
-struct Avx2Rows {
-  static void run(const float* x, int64_t K, const uint8_t* p, const float* a, int64_t bs,
-                  QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
-                  int64_t ldy) {
-    gemv_rows_avx2_mt<MT>(x, K, p, a, bs, qt, bias, n0, n1, y, ydt, ldy);
-  }
-};
 
 }  // namespace
 
@@ -401,11 +404,10 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   switch (isa) {
     case Isa::AVX512:
-      for_m_groups<Avx512Rows>(M, xp, K, y, ydt, ldy, packed, absmax, blocksize, qt, bias, n0,
-                               n1);
+      gemv_rows_avx512(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
       break;
     case Isa::AVX2:
-      for_m_groups<Avx2Rows>(M, xp, K, y, ydt, ldy, packed, absmax, blocksize, qt, bias, n0, n1);
+      gemv_rows_avx2(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
       break;
     default:
       gemv_rows_scalar(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);

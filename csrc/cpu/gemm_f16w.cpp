@@ -7,9 +7,9 @@
 // for pythia-160m, the largest single read of a step) and changes no value.
 //
 // Versions (chosen by the isa argument):
-//   avx512  16 weights per vcvtph2ps, 4 rows of W at a time (4 x MT
-//           independent FMA chains, each x load shared by 4 rows); masked
-//           loads for the K % 16 tail
+//   avx512  16 weights per vcvtph2ps, 4 rows of W at a time against up to 4
+//           rows of x (4 x MT independent FMA chains, each x load shared by
+//           4 rows); masked loads for the K % 16 tail
 //   avx2    the same with F16C, 8 weights per step, 2 rows at a time, a scalar
 //           tail
 //   scalar  the portable fallback and the readable definition
@@ -91,24 +91,47 @@ PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w,
     for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int MT>
-PN_AVX512 void rows_avx512(const float* x, int64_t K, const uint16_t* w, const float* bias,
-                           int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+// R rows of W (n .. n + R) against MT rows of x, stored with the bias.
+template <int R, int MT>
+PN_AVX512 inline void store_block_avx512(const float* x, int64_t K, const uint16_t* w, int64_t n,
+                                         const float* bias, void* y, DType ydt, int64_t ldy) {
+  float out[R][MT];
+  block_avx512<R, MT>(x, K, w, n, out);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m)
+      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+}
+
+// Blocks of 4 rows of W; for each, the rows of x in groups of up to 4 (the
+// block, 8 K bytes, stays in L1 from one group to the next, so W comes from
+// memory once whatever M is).
+template <int R>
+PN_AVX512 inline void rows_block_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w,
+                                        int64_t n, const float* bias, void* y, DType ydt,
+                                        int64_t ldy) {
+  const int64_t esize = dtype_size(ydt);
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = x + m0 * K;
+    void* ym = static_cast<char*>(y) + m0 * ldy * esize;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 4: store_block_avx512<R, 4>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 3: store_block_avx512<R, 3>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 2: store_block_avx512<R, 2>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      default: store_block_avx512<R, 1>(xm, K, w, n, bias, ym, ydt, ldy); break;
+    }
+  }
+}
+
+PN_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w,
+                           const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
+                           int64_t ldy) {
   RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     pf.before(w + (n + 4) * K);
-    float out[4][MT];
-    block_avx512<4, MT>(x, K, w, n, out);
-    for (int r = 0; r < 4; ++r)
-      for (int m = 0; m < MT; ++m)
-        store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+    rows_block_avx512<4>(x, M, K, w, n, bias, y, ydt, ldy);
   }
-  for (; n < n1; ++n) {
-    float out[1][MT];
-    block_avx512<1, MT>(x, K, w, n, out);
-    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, out[0][m] + (bias ? bias[n] : 0.0f));
-  }
+  for (; n < n1; ++n) rows_block_avx512<1>(x, M, K, w, n, bias, y, ydt, ldy);
 }
 
 PN_AVX512 void widen_avx512(const uint16_t* w, int64_t count, float* out) {
@@ -159,24 +182,44 @@ PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int
   }
 }
 
-template <int MT>
-PN_AVX2 void rows_avx2(const float* x, int64_t K, const uint16_t* w, const float* bias,
-                       int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+template <int R, int MT>
+PN_AVX2 inline void store_block_avx2(const float* x, int64_t K, const uint16_t* w, int64_t n,
+                                     const float* bias, void* y, DType ydt, int64_t ldy) {
+  float out[R][MT];
+  block_avx2<R, MT>(x, K, w, n, out);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m)
+      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+}
+
+template <int R>
+PN_AVX2 inline void rows_block_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w,
+                                    int64_t n, const float* bias, void* y, DType ydt,
+                                    int64_t ldy) {
+  const int64_t esize = dtype_size(ydt);
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = x + m0 * K;
+    void* ym = static_cast<char*>(y) + m0 * ldy * esize;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 4: store_block_avx2<R, 4>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 3: store_block_avx2<R, 3>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 2: store_block_avx2<R, 2>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      default: store_block_avx2<R, 1>(xm, K, w, n, bias, ym, ydt, ldy); break;
+    }
+  }
+}
+
+// As rows_avx512, with blocks of 2 rows (16 ymm registers).
+PN_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w,
+                       const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
+                       int64_t ldy) {
   RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
   int64_t n = n0;
   for (; n + 2 <= n1; n += 2) {
     pf.before(w + (n + 2) * K);
-    float out[2][MT];
-    block_avx2<2, MT>(x, K, w, n, out);
-    for (int r = 0; r < 2; ++r)
-      for (int m = 0; m < MT; ++m)
-        store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+    rows_block_avx2<2>(x, M, K, w, n, bias, y, ydt, ldy);
   }
-  for (; n < n1; ++n) {
-    float out[1][MT];
-    block_avx2<1, MT>(x, K, w, n, out);
-    for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, out[0][m] + (bias ? bias[n] : 0.0f));
-  }
+  for (; n < n1; ++n) rows_block_avx2<1>(x, M, K, w, n, bias, y, ydt, ldy);
 }
 
 PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
@@ -188,47 +231,22 @@ PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
   for (; i < count; ++i) out[i] = to_f32(F16{w[i]});
 }
 
-// Groups of up to 4 rows of x, each calling the MT instantiation (as in
-// gemm_4bit.cpp); y advances by element offsets so that it stays untyped.
-template <typename Fn4, typename Fn3, typename Fn2, typename Fn1>
-void for_m_groups(int64_t M, const float* x, int64_t K, void* y, DType ydt, int64_t ldy,
-                  Fn4 f4, Fn3 f3, Fn2 f2, Fn1 f1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = x + m0 * K;
-    void* ym = static_cast<char*>(y) + m0 * ldy * dtype_size(ydt);
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 4: f4(xm, ym); break;
-      case 3: f3(xm, ym); break;
-      case 2: f2(xm, ym); break;
-      default: f1(xm, ym); break;
-    }
-  }
-}
-
 bool avx2_usable() { return __builtin_cpu_supports("f16c"); }
 
 }  // namespace
 
 void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
-#define PN_GROUPS(fn)                                                                    \
-  for_m_groups(                                                                          \
-      M, x, K, y, ydt, ldy,                                                              \
-      [&](const float* xm, void* ym) { fn<4>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
-      [&](const float* xm, void* ym) { fn<3>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
-      [&](const float* xm, void* ym) { fn<2>(xm, K, w, bias, n0, n1, ym, ydt, ldy); },  \
-      [&](const float* xm, void* ym) { fn<1>(xm, K, w, bias, n0, n1, ym, ydt, ldy); })
   switch (isa) {
-    case Isa::AVX512: PN_GROUPS(rows_avx512); return;
+    case Isa::AVX512: rows_avx512(x, M, K, w, bias, n0, n1, y, ydt, ldy); return;
     case Isa::AVX2:
       if (avx2_usable()) {
-        PN_GROUPS(rows_avx2);
+        rows_avx2(x, M, K, w, bias, n0, n1, y, ydt, ldy);
         return;
       }
       break;
     default: break;
   }
-#undef PN_GROUPS
   rows_scalar(x, M, K, w, bias, n0, n1, y, ydt, ldy);
 }
 
