@@ -112,15 +112,17 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
   const int64_t tokens = s.B * s.T;
   if (tokens == 0) return q;
   const at::Tensor positions = positions_in.contiguous();
+  const int64_t* pos = positions.data_ptr<int64_t>();
   // A slot >= L does not exist: refuse it here (the CUDA kernel, which cannot
-  // check without a host sync, skips such tokens instead).
-  const int64_t max_pos = positions.max().item<int64_t>();
+  // check without a host sync, skips such tokens instead). A plain loop: an
+  // aten max + item() costs more than the rotary of a decode token.
+  int64_t max_pos = -1;
+  for (int64_t i = 0; i < tokens; ++i) max_pos = std::max(max_pos, pos[i]);
   TORCH_CHECK(max_pos < s.L, "pythia_native.rotary_kv_cache_: positions must be < L = ", s.L,
               " (the cache length), got ", max_pos);
   // Rows may be strided (a view of a wider activation); elements must not.
   const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
   const DType dt = to_dtype(qkv.scalar_type());
-  const int64_t* pos = positions.data_ptr<int64_t>();
   const void* x = qkv.data_ptr();
   void* kc = k_cache.data_ptr();
   void* vc = v_cache.data_ptr();
