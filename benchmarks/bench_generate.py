@@ -34,6 +34,8 @@ SHAPES = {
 }
 # pythia-native-nf4: activations float32 on the CPU, float16 on CUDA; -bf16: bfloat16
 # activations; -qhead: embed_out in 4 bits too (costs logit accuracy, see --head-error).
+# On the CPU the dense embed_out of the first two is kept in float16, as load() keeps a
+# Pythia checkpoint's (its files are float16: the same values as a float32 head).
 VARIANTS = ["pythia-native-nf4", "pythia-native-nf4-bf16", "pythia-native-nf4-qhead", "transformers-fp32",
             "transformers-bf16", "transformers-bnb-nf4"]
 

@@ -221,7 +221,10 @@ def cmd_bench(args) -> int:
 
         dev = resolve_device(args.device)
         dt = check_dtype(args.dtype, dev)
-        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type, dtype=dt, device=dev)
+        # float16 values and, on the CPU, a float16 head: what load() gives for a Pythia checkpoint.
+        head = torch.float16 if dev.type == "cpu" and dt != torch.float16 else None
+        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type, dtype=dt, device=dev,
+                                   head_dtype=head)
         engine = Pythia(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
         name = f"random pythia-{args.size}"
     else:
