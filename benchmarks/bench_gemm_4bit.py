@@ -118,17 +118,22 @@ def import_bitsandbytes():
 # ------------------------------------------------------------------ timing --
 
 
-def _median_per_call(run_batch: Callable[[int], float], calls_per_run: int, target_s: float, repeats: int) -> float:
+def _calibrate(run_batch: Callable[[int], float], target_s: float) -> tuple[int, float]:
     """run_batch(n) runs the pool n times and returns the elapsed seconds.
-    Calibrates n so one repeat takes about target_s, then returns the median
-    seconds per call over `repeats` repeats."""
+    Returns (n, seconds per pool run) with n chosen so a batch takes about target_s."""
     run_batch(1)  # warm-up: first-call allocations, bitsandbytes' CPU repack, cuBLAS heuristics
     n, dt = 1, run_batch(1)
     while dt < min(0.01, target_s / 4) and n < (1 << 20):
         n *= 4
         dt = run_batch(n)
     per_run = dt / n
-    n = max(1, round(target_s / per_run))
+    return max(1, round(target_s / per_run)), per_run
+
+
+def _median_per_call(run_batch: Callable[[int], float], calls_per_run: int, target_s: float, repeats: int) -> float:
+    """Calibrates n so one repeat takes about target_s, then returns the median
+    seconds per call over `repeats` repeats."""
+    n, per_run = _calibrate(run_batch, target_s)
     if per_run > 2 * target_s:  # one call is already long: fewer repeats suffice
         repeats = min(repeats, 3)
     gc.collect()
@@ -140,7 +145,7 @@ def _median_per_call(run_batch: Callable[[int], float], calls_per_run: int, targ
     return statistics.median(times)
 
 
-def time_cpu(calls: list[Callable[[], object]], target_s: float, repeats: int) -> tuple[float, str]:
+def _cpu_batch(calls: list[Callable[[], object]]) -> Callable[[int], float]:
     def run_batch(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
@@ -148,7 +153,33 @@ def time_cpu(calls: list[Callable[[], object]], target_s: float, repeats: int) -
                 f()
         return time.perf_counter() - t0
 
-    return _median_per_call(run_batch, len(calls), target_s, repeats), "wall"
+    return run_batch
+
+
+def time_cpu(calls: list[Callable[[], object]], target_s: float, repeats: int) -> tuple[float, str]:
+    return _median_per_call(_cpu_batch(calls), len(calls), target_s, repeats), "wall"
+
+
+def time_cpu_paired(
+    calls_a: list[Callable[[], object]], calls_b: list[Callable[[], object]], target_s: float, repeats: int
+) -> tuple[float, float, float]:
+    """Two pools timed in alternation (a, b, a, b, ...), so that a shared,
+    noisy machine slows both alike. Returns the median seconds per call of a
+    and of b, and the median over repeats of the ratio b / a (each ratio from
+    two batches measured back to back)."""
+    run_a, run_b = _cpu_batch(calls_a), _cpu_batch(calls_b)
+    n_a, _ = _calibrate(run_a, target_s)
+    n_b, _ = _calibrate(run_b, target_s)
+    ta, tb = [], []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(max(repeats, 7)):
+            ta.append(run_a(n_a) / (n_a * len(calls_a)))
+            tb.append(run_b(n_b) / (n_b * len(calls_b)))
+    finally:
+        gc.enable()
+    return statistics.median(ta), statistics.median(tb), statistics.median(b / a for a, b in zip(ta, tb))
 
 
 def time_cuda(calls: list[Callable[[], object]], target_s: float, repeats: int, use_graphs: bool) -> tuple[float, str]:
@@ -331,8 +362,11 @@ class Row:
     pct_bw: Optional[float]
     gflops: float
     methods: dict[str, str]
+    paired: dict[str, float] = field(default_factory=dict)  # peer -> median of paired ratios
 
     def speedup(self, peer: str) -> Optional[float]:
+        if peer in self.paired:
+            return self.paired[peer]
         t, p = self.us.get("pn"), self.us.get(peer)
         return None if t is None or p is None else p / t
 
@@ -465,7 +499,9 @@ def write_markdown(path: str, device: torch.device, dtype: torch.dtype, pn, bnb,
         lines.append("- CUDA timing: CUDA events around CUDA-graph replays of the whole pool "
                      "(rows marked eager: that implementation could not be captured)")
     else:
-        lines.append("- CPU timing: time.perf_counter around repeated calls, median per call over repeats")
+        lines.append("- CPU timing: time.perf_counter around repeated calls, median per call over repeats; pn and "
+                     "l4b are timed in alternation (pn, l4b, pn, l4b, ...; at least 7 pairs) and `vs l4b` is the "
+                     "median of the per-pair ratios, so a noisy machine slows both sides of each ratio alike")
     if device.type == "cpu":
         lines.append(f"- load average (1/5/15 min): {env['load']} (other work on the machine inflates times)")
     lines.append(f"- command: `{' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])}`, "
@@ -634,7 +670,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         torch.set_num_threads(t)
                     us: dict[str, Optional[float]] = {}
                     methods: dict[str, str] = {}
+                    paired: dict[str, float] = {}
+                    if device.type == "cpu" and layer.calls.get("pn") and layer.calls.get("l4b"):
+                        # The peer that matters, timed in alternation with pn (see time_cpu_paired).
+                        a, b, paired["l4b"] = time_cpu_paired(layer.calls["pn"](x), layer.calls["l4b"](x),
+                                                              target_s, repeats)
+                        us["pn"], us["l4b"] = a * 1e6, b * 1e6
+                        methods["pn"] = methods["l4b"] = "wall, alternated"
                     for key in IMPLS:
+                        if key in us:
+                            continue
                         mk = layer.calls.get(key)
                         if mk is None:
                             us[key] = None
@@ -648,7 +693,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     t_pn = us["pn"] * 1e-6
                     gbps = layer.nf4_bytes / t_pn / 1e9
                     row = Row(K, N, name, M, t, us, err, gbps, 100 * gbps / bw[t] if bw.get(t) else None,
-                              2 * M * N * K / t_pn / 1e9, methods)
+                              2 * M * N * K / t_pn / 1e9, methods, paired)
                     rows.append(row)
                     print_row(row, skipped_cells)
                     if args.out:
