@@ -129,9 +129,10 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
   void* qo = q.data_ptr();
   const int64_t sb = qkv.stride(0), st = qkv.stride(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / (3 * s.H * s.D));
+  const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, tokens, grain, [&](int64_t i0, int64_t i1) {
     cpu::rotary_kv_cache_tokens(x, dt, s.T, sb, st, pos, s.H, s.D, s.L, rotary_ndims,
-                                static_cast<float>(rope_theta), kc, vc, qo, i0, i1);
+                                static_cast<float>(rope_theta), kc, vc, qo, i0, i1, isa);
   });
   return q;
 }

@@ -42,10 +42,12 @@ namespace cpu {
 // refused by the entry point and skipped here. qkv, caches and q_out share dt.
 // Tokens with equal (b, pos) write the same slot; which one lands is
 // unspecified (tokens run in parallel), as in the reference's index_put.
+// Isa: the rotation of AVX512 / AVX2 rounds exactly as the scalar loop (a
+// product each, then the sum), so every ISA writes the same bits.
 void rotary_kv_cache_tokens(const void* qkv, DType dt, int64_t T, int64_t stride_b,
                             int64_t stride_t, const int64_t* positions, int64_t H, int64_t D,
                             int64_t L, int64_t rotary_ndims, float rope_theta, void* k_cache,
-                            void* v_cache, void* q_out, int64_t i0, int64_t i1);
+                            void* v_cache, void* q_out, int64_t i0, int64_t i1, Isa isa);
 
 // Attention of the rows r in [r0, r1) (r = (b * T + t) * H + h) over the
 // cache: row r attends to slots 0 .. min(positions[b, t], L - 1) of sequence

@@ -1,9 +1,12 @@
 // CPU kernels of rotary_kv_cache_ and decode_attention (torch-free; the API
 // and the shapes are in common/attention_kernels.h).
 //
-// rotary_kv_cache_tokens  scalar: it touches each element of qkv once (3*H*D
-//     per token) and does ~2 FLOPs per element plus rotary_ndims/2 sincos per
-//     token; at decode it is ~1% of the attention's traffic, so no ISA versions.
+// rotary_kv_cache_tokens  touches each element of qkv once (3*H*D per token)
+//     and does ~2 FLOPs per element plus rotary_ndims/2 sincos per token (at
+//     decode ~1% of the attention's traffic). The rotation has AVX-512 (16
+//     lanes, masked) and AVX2 (8 lanes, scalar tail) versions that round as
+//     the scalar loop does (mul, mul, then add / sub: no FMA contraction), so
+//     every ISA writes the same bits; the pass-through dims are a copy.
 //
 // decode_attention_rows   one (b, t, h) row at a time, one pass over the keys
 //     (online softmax): per block of keys, the scores s_j = (q . k_j) * scale,
@@ -43,56 +46,6 @@ namespace pythia_native {
 namespace cpu {
 
 namespace {
-
-// ------------------------------------------------------------------ rotary ---
-
-template <typename T>
-void rotary_tokens(const T* qkv, int64_t T_, int64_t sb, int64_t st, const int64_t* positions,
-                   int64_t H, int64_t D, int64_t L, int64_t R, float theta, T* kc, T* vc,
-                   T* q_out, int64_t i0, int64_t i1) {
-  const int64_t half = R / 2;
-  float inv_freq[kAttnMaxHeadDim / 2 + 1];
-  float cos_[kAttnMaxHeadDim / 2 + 1], sin_[kAttnMaxHeadDim / 2 + 1];
-  // As reference.rope_inv_freq: float32 exponent 2j / R, powf, reciprocal.
-  for (int64_t j = 0; j < half; ++j) {
-    inv_freq[j] = 1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(R));
-  }
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / T_, t = i % T_;
-    const int64_t pos = positions[i];
-    const T* x = qkv + b * sb + t * st;
-    T* qo = q_out + i * H * D;
-    if (pos < 0) {  // padding: q as it is, nothing written
-      for (int64_t h = 0; h < H; ++h) std::copy(x + h * 3 * D, x + h * 3 * D + D, qo + h * D);
-      continue;
-    }
-    for (int64_t j = 0; j < half; ++j) {
-      const float ang = static_cast<float>(pos) * inv_freq[j];
-      cos_[j] = std::cos(ang);
-      sin_[j] = std::sin(ang);
-    }
-    // rotate-half: out[j] = x[j] cos - x[j + half] sin, out[j + half] =
-    // x[j + half] cos + x[j] sin, j < half; dims >= R pass through.
-    auto rotate = [&](const T* src, T* dst) {
-      for (int64_t j = 0; j < half; ++j) {
-        const float x1 = to_f32(src[j]), x2 = to_f32(src[j + half]);
-        dst[j] = from_f32<T>(x1 * cos_[j] - x2 * sin_[j]);
-        dst[j + half] = from_f32<T>(x2 * cos_[j] + x1 * sin_[j]);
-      }
-      std::copy(src + R, src + D, dst + R);
-    };
-    const bool in_cache = pos < L;  // the entry point refuses pos >= L; never write past L
-    for (int64_t h = 0; h < H; ++h) {
-      const T* xh = x + h * 3 * D;
-      rotate(xh, qo + h * D);
-      if (in_cache) {
-        const int64_t slot = ((b * H + h) * L + pos) * D;
-        rotate(xh + D, kc + slot);
-        std::copy(xh + 2 * D, xh + 3 * D, vc + slot);
-      }
-    }
-  }
-}
 
 // ------------------------------------------------------- decode attention ---
 
@@ -418,12 +371,146 @@ void attention_rows(const T* q, const T* kc, const T* vc, const int64_t* positio
   }
 }
 
+// ------------------------------------------------------- rotary, vector ---
+
+// float32 -> T, round to nearest even, 16 lanes under `mask`. bf16 NaNs are
+// made quiet as from_f32<Bf16> does; fp16 uses vcvtps2ph (RNE, overflow to
+// inf), which matches from_f32<F16> for every non-NaN value.
+PN_AVX512 inline void store16(float* p, __m512 v, __mmask16 mask) {
+  _mm512_mask_storeu_ps(p, mask, v);
+}
+PN_AVX512 inline void store16(Bf16* p, __m512 v, __mmask16 mask) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
+}
+PN_AVX512 inline void store16(F16* p, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The products are passed through an empty asm so that the compiler cannot
+// contract product and sum into one FMA: the scalar loop rounds each product,
+// and so must this (gcc implements these intrinsics as vector arithmetic, which
+// -ffp-contract=fast, its default, may fuse).
+PN_AVX512 inline __m512 rounded(__m512 v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+PN_AVX2 inline __m256 rounded(__m256 v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+template <typename T>
+PN_AVX512 void rotate_avx512(const T* src, T* dst, int64_t half, const float* c, const float* sn) {
+  for (int64_t j = 0; j < half; j += 16) {
+    const int64_t n = std::min<int64_t>(16, half - j);
+    const __mmask16 mk = static_cast<__mmask16>((1u << n) - 1);
+    const __m512 x1 = load16(src + j, mk), x2 = load16(src + j + half, mk);
+    const __m512 cv = _mm512_maskz_loadu_ps(mk, c + j), sv = _mm512_maskz_loadu_ps(mk, sn + j);
+    store16(dst + j, _mm512_sub_ps(rounded(_mm512_mul_ps(x1, cv)), rounded(_mm512_mul_ps(x2, sv))), mk);
+    store16(dst + j + half,
+            _mm512_add_ps(rounded(_mm512_mul_ps(x2, cv)), rounded(_mm512_mul_ps(x1, sv))), mk);
+  }
+}
+
+PN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+PN_AVX2 inline void store8(F16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+PN_AVX2 inline void store8(Bf16* p, __m256 v) {
+  alignas(32) float tmp[8];
+  _mm256_store_ps(tmp, v);
+  for (int i = 0; i < 8; ++i) p[i] = from_f32<Bf16>(tmp[i]);
+}
+
+template <typename T>
+PN_AVX2 void rotate_avx2(const T* src, T* dst, int64_t half, const float* c, const float* sn) {
+  int64_t j = 0;
+  for (; j + 8 <= half; j += 8) {
+    const __m256 x1 = load8(src + j), x2 = load8(src + j + half);
+    const __m256 cv = _mm256_loadu_ps(c + j), sv = _mm256_loadu_ps(sn + j);
+    store8(dst + j, _mm256_sub_ps(rounded(_mm256_mul_ps(x1, cv)), rounded(_mm256_mul_ps(x2, sv))));
+    store8(dst + j + half,
+           _mm256_add_ps(rounded(_mm256_mul_ps(x2, cv)), rounded(_mm256_mul_ps(x1, sv))));
+  }
+  for (; j < half; ++j) {
+    const float x1 = to_f32(src[j]), x2 = to_f32(src[j + half]);
+    float a = x1 * c[j], b = x2 * sn[j], e = x2 * c[j], f = x1 * sn[j];
+    __asm__("" : "+x"(a), "+x"(b), "+x"(e), "+x"(f));  // no FMA here either
+    dst[j] = from_f32<T>(a - b);
+    dst[j + half] = from_f32<T>(e + f);
+  }
+}
+
+// ------------------------------------------------------------------ rotary ---
+
+template <typename T>
+void rotary_tokens(const T* qkv, int64_t T_, int64_t sb, int64_t st, const int64_t* positions,
+                   int64_t H, int64_t D, int64_t L, int64_t R, float theta, T* kc, T* vc,
+                   T* q_out, int64_t i0, int64_t i1, Isa isa) {
+  const int64_t half = R / 2;
+  float inv_freq[kAttnMaxHeadDim / 2 + 1];
+  float cos_[kAttnMaxHeadDim / 2 + 1], sin_[kAttnMaxHeadDim / 2 + 1];
+  // As reference.rope_inv_freq: float32 exponent 2j / R, powf, reciprocal.
+  for (int64_t j = 0; j < half; ++j) {
+    inv_freq[j] = 1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(R));
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / T_, t = i % T_;
+    const int64_t pos = positions[i];
+    const T* x = qkv + b * sb + t * st;
+    T* qo = q_out + i * H * D;
+    if (pos < 0) {  // padding: q as it is, nothing written
+      for (int64_t h = 0; h < H; ++h) std::copy(x + h * 3 * D, x + h * 3 * D + D, qo + h * D);
+      continue;
+    }
+    for (int64_t j = 0; j < half; ++j) {
+      const float ang = static_cast<float>(pos) * inv_freq[j];
+      cos_[j] = std::cos(ang);
+      sin_[j] = std::sin(ang);
+    }
+    // rotate-half: out[j] = x[j] cos - x[j + half] sin, out[j + half] =
+    // x[j + half] cos + x[j] sin, j < half; dims >= R pass through.
+    auto rotate = [&](const T* src, T* dst) {
+      if (isa == Isa::AVX512) {
+        rotate_avx512(src, dst, half, cos_, sin_);
+      } else if (isa == Isa::AVX2) {
+        rotate_avx2(src, dst, half, cos_, sin_);
+      } else {
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = to_f32(src[j]), x2 = to_f32(src[j + half]);
+          dst[j] = from_f32<T>(x1 * cos_[j] - x2 * sin_[j]);
+          dst[j + half] = from_f32<T>(x2 * cos_[j] + x1 * sin_[j]);
+        }
+      }
+      std::copy(src + R, src + D, dst + R);
+    };
+    const bool in_cache = pos < L;  // the entry point refuses pos >= L; never write past L
+    for (int64_t h = 0; h < H; ++h) {
+      const T* xh = x + h * 3 * D;
+      rotate(xh, qo + h * D);
+      if (in_cache) {
+        const int64_t slot = ((b * H + h) * L + pos) * D;
+        rotate(xh + D, kc + slot);
+        std::copy(xh + 2 * D, xh + 3 * D, vc + slot);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void rotary_kv_cache_tokens(const void* qkv, DType dt, int64_t T, int64_t stride_b,
                             int64_t stride_t, const int64_t* positions, int64_t H, int64_t D,
                             int64_t L, int64_t rotary_ndims, float rope_theta, void* k_cache,
-                            void* v_cache, void* q_out, int64_t i0, int64_t i1) {
+                            void* v_cache, void* q_out, int64_t i0, int64_t i1, Isa isa) {
+  // fp16 on AVX2 needs F16C (every AVX2 CPU we know has it, but ask).
+  if (isa == Isa::AVX2 && dt == DType::F16 && !__builtin_cpu_supports("f16c")) isa = Isa::Scalar;
   if (rotary_ndims < 0 || rotary_ndims > D || rotary_ndims % 2 != 0 ||
       rotary_ndims > kAttnMaxHeadDim || T <= 0) {
     return;
@@ -432,17 +519,17 @@ void rotary_kv_cache_tokens(const void* qkv, DType dt, int64_t T, int64_t stride
     case DType::F32:
       rotary_tokens(static_cast<const float*>(qkv), T, stride_b, stride_t, positions, H, D, L,
                     rotary_ndims, rope_theta, static_cast<float*>(k_cache),
-                    static_cast<float*>(v_cache), static_cast<float*>(q_out), i0, i1);
+                    static_cast<float*>(v_cache), static_cast<float*>(q_out), i0, i1, isa);
       break;
     case DType::BF16:
       rotary_tokens(static_cast<const Bf16*>(qkv), T, stride_b, stride_t, positions, H, D, L,
                     rotary_ndims, rope_theta, static_cast<Bf16*>(k_cache),
-                    static_cast<Bf16*>(v_cache), static_cast<Bf16*>(q_out), i0, i1);
+                    static_cast<Bf16*>(v_cache), static_cast<Bf16*>(q_out), i0, i1, isa);
       break;
     case DType::F16:
       rotary_tokens(static_cast<const F16*>(qkv), T, stride_b, stride_t, positions, H, D, L,
                     rotary_ndims, rope_theta, static_cast<F16*>(k_cache),
-                    static_cast<F16*>(v_cache), static_cast<F16*>(q_out), i0, i1);
+                    static_cast<F16*>(v_cache), static_cast<F16*>(q_out), i0, i1, isa);
       break;
   }
 }

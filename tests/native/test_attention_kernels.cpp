@@ -204,9 +204,10 @@ void test_decode(Isa isa, DType dt, int64_t B, int64_t T, int64_t H, int64_t D, 
 
 // ---------------------------------------------------------------- rotary ---
 
-void test_rotary(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t R, int64_t L,
-                 const std::vector<int64_t>& pos, int64_t row_pad, std::mt19937& rng) {
-  g_ctx = fmt("rotary %s B=%lld T=%lld H=%lld D=%lld R=%lld L=%lld pad=%lld", dt_name(dt),
+void test_rotary(Isa isa, DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t R,
+                 int64_t L, const std::vector<int64_t>& pos, int64_t row_pad, std::mt19937& rng) {
+  g_ctx = fmt("rotary isa=%s %s B=%lld T=%lld H=%lld D=%lld R=%lld L=%lld pad=%lld",
+              cpu::isa_name(isa), dt_name(dt),
               (long long)B, (long long)T, (long long)H, (long long)D, (long long)R, (long long)L,
               (long long)row_pad);
   const int64_t W = H * 3 * D;
@@ -219,7 +220,16 @@ void test_rotary(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t R
   Buf q = zeros_buf(dt, B * T * H * D);
   const float theta = 10000.0f;
   cpu::rotary_kv_cache_tokens(qkv.data(), dt, T, sb, st, pos.data(), H, D, L, R, theta,
-                              kc.data(), vc.data(), q.data(), 0, B * T);
+                              kc.data(), vc.data(), q.data(), 0, B * T, isa);
+  // Every ISA writes the scalar loop's bits (same roundings, no FMA).
+  if (isa != Isa::Scalar) {
+    Buf kc_s = k0, vc_s = v0, q_s = zeros_buf(dt, B * T * H * D);
+    cpu::rotary_kv_cache_tokens(qkv.data(), dt, T, sb, st, pos.data(), H, D, L, R, theta,
+                                kc_s.data(), vc_s.data(), q_s.data(), 0, B * T, Isa::Scalar);
+    const bool same = kc_s.f32 == kc.f32 && kc_s.u16 == kc.u16 && vc_s.f32 == vc.f32 &&
+                      vc_s.u16 == vc.u16 && q_s.f32 == q.f32 && q_s.u16 == q.u16;
+    CHECK(same, "isa %s wrote different bits from the scalar loop", cpu::isa_name(isa));
+  }
   // Expected values; rotary angles as the contract defines them (float32
   // inv_freq and angle), cos/sin and the rotation in double.
   std::vector<double> eq(B * T * H * D), ek(k0.val), ev(v0.val);
@@ -268,15 +278,17 @@ int main() {
   const DType dts[] = {DType::F32, DType::BF16, DType::F16};
   std::mt19937 rng(2024);
 
-  // Rotary: scalar on every ISA, so once per dtype. Pythia head dims and
-  // rotary dims, R = 0 and R = D, strided rows, padding and a middle slot.
+  // Rotary on every ISA: Pythia head dims and rotary dims, R = 0 and R = D,
+  // strided rows, padding and a middle slot.
   const int64_t dims[][2] = {{32, 8}, {64, 16}, {80, 20}, {128, 32}, {256, 64}, {80, 0}, {40, 40}};
-  for (DType dt : dts) {
-    for (const auto& dr : dims) {
-      const int64_t B = 3, T = 4, L = 37;
-      const std::vector<int64_t> pos = {0, 1, 2, 3, -2, -1, 0, 1, 30, 31, 32, 36};
-      test_rotary(dt, B, T, 2, dr[0], dr[1], L, pos, 0, rng);
-      test_rotary(dt, B, T, 2, dr[0], dr[1], L, pos, 24, rng);
+  for (Isa isa : supported_isas()) {
+    for (DType dt : dts) {
+      for (const auto& dr : dims) {
+        const int64_t B = 3, T = 4, L = 37;
+        const std::vector<int64_t> pos = {0, 1, 2, 3, -2, -1, 0, 1, 30, 31, 32, 36};
+        test_rotary(isa, dt, B, T, 2, dr[0], dr[1], L, pos, 0, rng);
+        test_rotary(isa, dt, B, T, 2, dr[0], dr[1], L, pos, 24, rng);
+      }
     }
   }
 
