@@ -59,6 +59,19 @@ void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t nu
   TORCH_CHECK(absmax.is_contiguous(), "pythia_native.", op, ": absmax must be contiguous");
 }
 
+// bias (if any): [n], x's dtype, x's device.
+void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n,
+                const char* op) {
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.device() == x.device(), "pythia_native.", op, ": bias must be on x's device ",
+              x.device(), ", got ", b.device());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.", op, ": bias must have x's "
+              "dtype ", x.scalar_type(), ", got ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.", op, ": bias must have shape [",
+              n, "], got ", b.sizes());
+}
+
 void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                      const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                      int64_t blocksize) {
@@ -71,15 +84,7 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(x.device() == packed.device(), "pythia_native.gemm_4bit: x and packed must be on "
               "the same device, got ", x.device(), " and ", packed.device());
   check_packed(packed, absmax, n * k, blocksize, "gemm_4bit");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device() == x.device(), "pythia_native.gemm_4bit: bias must be on x's device ",
-                x.device(), ", got ", b.device());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.gemm_4bit: bias must have x's "
-                "dtype ", x.scalar_type(), ", got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.gemm_4bit: bias must have shape "
-                "[", n, "], got ", b.sizes());
-  }
+  check_bias(bias, x, n, "gemm_4bit");
 }
 
 int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
@@ -117,15 +122,7 @@ void check_gemm_f16w_args(const at::Tensor& x, const at::Tensor& weight,
               "[..., k] with k = ", k, " (weight is ", weight.sizes(), "), got ", x.sizes());
   TORCH_CHECK(x.device() == weight.device(), "pythia_native.gemm_f16w: x and weight must be on "
               "the same device, got ", x.device(), " and ", weight.device());
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.device() == x.device(), "pythia_native.gemm_f16w: bias must be on x's device ",
-                x.device(), ", got ", b.device());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.gemm_f16w: bias must have x's "
-                "dtype ", x.scalar_type(), ", got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.gemm_f16w: bias must have shape "
-                "[", n, "], got ", b.sizes());
-  }
+  check_bias(bias, x, n, "gemm_f16w");
 }
 
 DType to_dtype(at::ScalarType t) {
@@ -184,6 +181,40 @@ constexpr int64_t kCpuGemvMaxM = 8;
 // Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized).
 constexpr int64_t kPanelBytes = 2 << 20;
 
+// The bias in float32 for the CPU epilogues (a no-op when it already is).
+c10::optional<at::Tensor> float_bias(const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return c10::nullopt;
+  return bias->to(at::kFloat).contiguous();
+}
+
+// y = xf @ W.T + bias in float32 through BLAS, W materialized kPanelBytes of
+// float32 rows at a time by fill(r0, i0, i1, out): rows r0 + [i0, i1) of W into
+// out (threads split a panel's rows). xf: [M, k] float32 contiguous; bias
+// float32 or none. Returns y [M, n] float32.
+template <typename Fill>
+at::Tensor panel_matmul(const at::Tensor& xf, int64_t n, int64_t k,
+                        const c10::optional<at::Tensor>& bias, Fill fill) {
+  const int64_t M = xf.size(0);
+  at::Tensor y = at::empty({M, n}, xf.options());
+  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
+  at::Tensor panel = at::empty({panel_rows, k}, xf.options());
+  float* panel_p = panel.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, n - r0);
+    at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
+      fill(r0, i0, i1, panel_p + i0 * k);
+    });
+    const at::Tensor w = panel.narrow(0, 0, rows);
+    at::Tensor out_slice = y.narrow(1, r0, rows);
+    if (bias.has_value()) {
+      out_slice.copy_(at::addmm(bias->narrow(0, r0, rows), xf, w.t()));
+    } else {
+      out_slice.copy_(at::mm(xf, w.t()));
+    }
+  }
+  return y;
+}
+
 at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                          int64_t blocksize, const std::string& quant_type) {
@@ -194,10 +225,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty(out_shape, x.options());
 
-  // bias in float32 for the epilogue (a no-op when it already is).
-  const c10::optional<at::Tensor> bf =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
-                       : c10::nullopt;
+  const c10::optional<at::Tensor> bf = float_bias(bias);
   const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();
@@ -225,7 +253,6 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
 
   // Large M (or a layout that is not row-aligned): dequantize cache-sized
   // panels of W and let BLAS multiply them, in float32.
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
   at::Tensor xp;
   if (row_aligned) {
     xp = at::empty({M, k}, x.options().dtype(at::kFloat));
@@ -240,30 +267,15 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   } else {
     xp = xs.to(at::kFloat).contiguous();
   }
-  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
-  at::Tensor panel = at::empty({panel_rows, k}, xp.options());
-  float* panel_p = panel.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
-    const int64_t rows = std::min(panel_rows, n - r0);
-    at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
-      if (row_aligned) {
-        cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1,
-                                      panel_p + i0 * k, isa);
-      } else {
-        // Rows straddle blocks and may start mid-byte: flat-index decode.
-        cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k,
-                                   panel_p + i0 * k);
-      }
-    });
-    const at::Tensor w = panel.narrow(0, 0, rows);
-    at::Tensor out_slice = y.narrow(1, r0, rows);
-    if (bf.has_value()) {
-      out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xp, w.t()));
+  const auto fill = [&](int64_t r0, int64_t i0, int64_t i1, float* out) {
+    if (row_aligned) {
+      cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1, out, isa);
     } else {
-      out_slice.copy_(at::mm(xp, w.t()));
+      // Rows straddle blocks and may start mid-byte: flat-index decode.
+      cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k, out);
     }
-  }
-  return y.to(x.scalar_type()).view(out_shape);
+  };
+  return panel_matmul(xp, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
 
 at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -274,9 +286,7 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor x2 = x.reshape({-1, k});
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty(out_shape, x.options());
-  const c10::optional<at::Tensor> bf =
-      bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous())
-                       : c10::nullopt;
+  const c10::optional<at::Tensor> bf = float_bias(bias);
   const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::Half>());
   const cpu::Isa isa = cpu::active_isa();
@@ -293,24 +303,10 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
     return y.view(out_shape);
   }
   // Larger M: widen cache-sized panels of W to float32 for BLAS.
-  at::Tensor y = at::empty({M, n}, x.options().dtype(at::kFloat));
-  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(16, kPanelBytes / (4 * k)));
-  at::Tensor panel = at::empty({panel_rows, k}, xf.options());
-  float* panel_p = panel.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
-    const int64_t rows = std::min(panel_rows, n - r0);
-    at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
-      cpu::widen_f16(wp + (r0 + i0) * k, (i1 - i0) * k, panel_p + i0 * k, isa);
-    });
-    const at::Tensor w = panel.narrow(0, 0, rows);
-    at::Tensor out_slice = y.narrow(1, r0, rows);
-    if (bf.has_value()) {
-      out_slice.copy_(at::addmm(bf->narrow(0, r0, rows), xf, w.t()));
-    } else {
-      out_slice.copy_(at::mm(xf, w.t()));
-    }
-  }
-  return y.to(x.scalar_type()).view(out_shape);
+  const auto fill = [&](int64_t r0, int64_t i0, int64_t i1, float* out) {
+    cpu::widen_f16(wp + (r0 + i0) * k, (i1 - i0) * k, out, isa);
+  };
+  return panel_matmul(xf, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
 
 // Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/kernels.h"
+
 namespace pythia_native {
 namespace cpu {
 
@@ -80,6 +82,15 @@ inline F16 from_f32<F16>(float f) {
     o = static_cast<uint16_t>(u >> 13);
   }
   return F16{static_cast<uint16_t>(o | sign)};
+}
+
+// y[i] = v rounded to dt (the GEMV epilogues: one store per output element).
+inline void store_out(void* y, DType dt, int64_t i, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(y)[i] = v; break;
+    case DType::BF16: static_cast<Bf16*>(y)[i] = from_f32<Bf16>(v); break;
+    case DType::F16: static_cast<F16*>(y)[i] = from_f32<F16>(v); break;
+  }
 }
 
 }  // namespace cpu

@@ -49,15 +49,6 @@ namespace cpu {
 
 namespace {
 
-// y[i] = v rounded to the output dtype (one store per output element).
-inline void store_out(void* y, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(y)[i] = v; break;
-    case DType::BF16: static_cast<Bf16*>(y)[i] = from_f32<Bf16>(v); break;
-    case DType::F16: static_cast<F16*>(y)[i] = from_f32<F16>(v); break;
-  }
-}
-
 // ----------------------------------------------------------------- scalar ---
 
 void gemv_rows_scalar(const float* xp, int64_t M, int64_t K, const uint8_t* packed,

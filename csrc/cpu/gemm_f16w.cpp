@@ -34,14 +34,6 @@ namespace cpu {
 
 namespace {
 
-inline void store_out(void* y, DType dt, int64_t i, float v) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(y)[i] = v; break;
-    case DType::BF16: static_cast<Bf16*>(y)[i] = from_f32<Bf16>(v); break;
-    case DType::F16: static_cast<F16*>(y)[i] = from_f32<F16>(v); break;
-  }
-}
-
 // ----------------------------------------------------------------- scalar ---
 
 void rows_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
