@@ -26,11 +26,15 @@
 // than this kernel at every M as well as less exact.
 //
 // Napkin math, pythia-160m MLP (K=768, N=3072, M=1): 1.18 MB of packed weights
-// + 74 KB of absmax per call. Measured here, one core reads ~100 GB/s from
-// L2/L3 (a 300 MB L3), so the weights arrive in ~12 us: the kernel is bound by
-// the shuffle port (vpermps, one per cycle: 2 per 32 weights) -> ~1.5 cycles
-// per 32 weights with the FMAs on the other port. Hence: no per-element work
-// other than shift, lookup and FMA; absmax applied once per quant block.
+// + 74 KB of absmax per call. From cache (L2 2 MB per core, a 300 MB L3 on the
+// Xeon measured) that arrives in ~12 us; the kernel is bound by its two
+// 512-bit ports instead. Measured there with independent-instruction loops:
+// vpermps, vpsrlvd and vpsrld issue once per cycle, vfmadd231ps twice, all on
+// the same two ports, so a chunk (2 shifts + 2 lookups + 2 FMAs) takes ~3
+// cycles: ~11-13 GB/s of NF4 per core at ~2.9 GHz. Hence: no per-element work
+// other than shift, lookup and FMA; absmax applied once per quant block. From
+// DRAM (a decode step's case) the row prefetch (common/prefetch.h) lets memory
+// stalls overlap that work.
 // gcc 12's AVX-512 headers trip -Wuninitialized inside their own
 // _mm512_undefined_ps() (a known false positive in _mm512_reduce_add_ps).
 #pragma GCC diagnostic ignored "-Wuninitialized"
