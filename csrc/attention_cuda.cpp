@@ -17,18 +17,10 @@
 #include "attention.h"
 #include "common/attention_kernels.h"
 #include "ops.h"
+#include "ops_cuda.h"
 
 namespace pythia_native {
 namespace {
-
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, "pythia_native.", what, ": CUDA launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 at::Tensor rotary_kv_cache_cuda(const at::Tensor& qkv_in, const at::Tensor& positions_in,
                                 at::Tensor& k_cache, at::Tensor& v_cache, int64_t rotary_ndims,

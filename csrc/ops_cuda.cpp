@@ -15,16 +15,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "ops.h"
+#include "ops_cuda.h"
 
 namespace pythia_native {
 namespace {
-
-void check_launch(int status, const char* what) {
-  TORCH_CHECK(status == 0, "pythia_native.", what, ": CUDA launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(status)));
-}
-
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& weight, int64_t blocksize,
                                                       const std::string& quant_type) {
@@ -62,8 +56,6 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const c10::cuda::CUDAGuard guard(packed.device());
   return dequantize_4bit_cuda_impl(packed, absmax, blocksize, qt, shape, dtype);
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,

@@ -41,6 +41,7 @@
 
 #include "common/attention_kernels.h"
 #include "common/elements.h"
+#include "common/simd_x86.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -206,13 +207,6 @@ PN_AVX2 inline __m256 load8(const Bf16* p) {
 }
 PN_AVX2 inline __m256 load8(const F16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-PN_AVX2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 PN_AVX2 inline float hmax8(__m256 v) {

@@ -47,6 +47,7 @@
 #include "common/elements.h"
 #include "common/kernels.h"
 #include "common/prefetch.h"
+#include "common/simd_x86.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -229,14 +230,6 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
 
 #define PN_AVX2 __attribute__((target("avx2,fma")))
 
-// Table lookup of 8 nibbles: vpermps indexes 8 entries, so look up both halves
-// of the table and pick by bit 3 (moved to the sign bit for blendv).
-PN_AVX2 inline __m256 lookup8_avx2(__m256i idx, __m256 tlo, __m256 thi) {
-  const __m256 a = _mm256_permutevar8x32_ps(tlo, idx);
-  const __m256 b = _mm256_permutevar8x32_ps(thi, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
-
 // 8 bytes at p -> 16 code values in chunk_source() order: lane i of *ca the
 // high nibble of byte 4*(i%2) + i/2, *cb its low nibble. The lookup reads bits
 // 0-2 (vpermps) and bit 3 (shifted to the sign for blendv) of each index, so
@@ -248,15 +241,8 @@ PN_AVX2 inline void unpack16_avx2(const uint8_t* p, __m256 tlo, __m256 thi, __m2
   const __m256i bytes = _mm256_set1_epi64x(word);
   const __m256i shift_a = _mm256_set_epi32(28, 28, 20, 20, 12, 12, 4, 4);
   const __m256i shift_b = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);
-  *ca = lookup8_avx2(_mm256_srlv_epi32(bytes, shift_a), tlo, thi);
-  *cb = lookup8_avx2(_mm256_srlv_epi32(bytes, shift_b), tlo, thi);
-}
-
-PN_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  *ca = lookup8(_mm256_srlv_epi32(bytes, shift_a), tlo, thi);
+  *cb = lookup8(_mm256_srlv_epi32(bytes, shift_b), tlo, thi);
 }
 
 template <int MT, bool FIRST>
@@ -296,7 +282,7 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
       tot[m][1] = _mm256_fmadd_ps(blk[m][1], scale, tot[m][1]);
     }
   }
-  for (int m = 0; m < MT; ++m) sums[m] = hsum_avx2(_mm256_add_ps(tot[m][0], tot[m][1]));
+  for (int m = 0; m < MT; ++m) sums[m] = hsum8(_mm256_add_ps(tot[m][0], tot[m][1]));
 }
 
 template <int MT>

@@ -28,6 +28,7 @@
 #include "common/elements.h"
 #include "common/kernels.h"
 #include "common/prefetch.h"
+#include "common/simd_x86.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -142,13 +143,6 @@ PN_AVX512 void widen_avx512(const uint16_t* w, int64_t count, float* out) {
 
 #define PN_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-PN_AVX2 inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int R, int MT>
 PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int64_t n,
                                float (&out)[R][MT]) {
@@ -167,7 +161,7 @@ PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int
   }
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MT; ++m) {
-      float s = hsum_avx2(acc[r][m]);
+      float s = hsum8(acc[r][m]);
       for (int64_t k = K8; k < K; ++k) s += to_f32(F16{w[(n + r) * K + k]}) * x[m * K + k];
       out[r][m] = s;
     }

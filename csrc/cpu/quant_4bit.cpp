@@ -16,6 +16,7 @@
 #endif
 
 #include "common/kernels.h"
+#include "common/simd_x86.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -209,13 +210,6 @@ PN_AVX512_Q void dequantize_chunks_avx512(const uint8_t* packed, const float* ab
 }
 
 #define PN_AVX2_Q __attribute__((target("avx2,fma")))
-
-// 8 indices -> codes: vpermps indexes 8 entries, so both halves of the table
-// are looked up and bit 3 (moved to the sign bit) picks one.
-PN_AVX2_Q inline __m256 lookup8(__m256i idx, __m256 tlo, __m256 thi) {
-  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx),
-                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-}
 
 PN_AVX2_Q void dequantize_chunks_avx2(const uint8_t* packed, const float* absmax,
                                       int64_t blocksize, QuantType qt, int64_t c0, int64_t c1,

@@ -310,23 +310,10 @@ int rotary_kv_cache(const void* qkv, DType dt, int64_t B, int64_t T, int64_t str
   }
   if (B * T == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case DType::F32:
-      launch_rotary<float>(qkv, B, T, stride_b, stride_t, positions, H, D, L, rotary_ndims,
-                           rope_theta, k_cache, v_cache, q_out, s);
-      break;
-    case DType::F16:
-      launch_rotary<__half>(qkv, B, T, stride_b, stride_t, positions, H, D, L, rotary_ndims,
-                            rope_theta, k_cache, v_cache, q_out, s);
-      break;
-    case DType::BF16:
-      launch_rotary<__nv_bfloat16>(qkv, B, T, stride_b, stride_t, positions, H, D, L,
-                                   rotary_ndims, rope_theta, k_cache, v_cache, q_out, s);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_for_dtype(dt, [&](auto t) {
+    launch_rotary<decltype(t)>(qkv, B, T, stride_b, stride_t, positions, H, D, L, rotary_ndims,
+                               rope_theta, k_cache, v_cache, q_out, s);
+  });
 }
 
 int decode_attention(const void* q, const void* k_cache, const void* v_cache, DType dt,
@@ -342,23 +329,10 @@ int decode_attention(const void* q, const void* k_cache, const void* v_cache, DT
   }
   if (rows == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case DType::F32:
-      launch_decode<float>(q, k_cache, v_cache, positions, rows, T, H, L, D, scale, workspace,
-                           out, s);
-      break;
-    case DType::F16:
-      launch_decode<__half>(q, k_cache, v_cache, positions, rows, T, H, L, D, scale, workspace,
-                            out, s);
-      break;
-    case DType::BF16:
-      launch_decode<__nv_bfloat16>(q, k_cache, v_cache, positions, rows, T, H, L, D, scale,
-                                   workspace, out, s);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_for_dtype(dt, [&](auto t) {
+    launch_decode<decltype(t)>(q, k_cache, v_cache, positions, rows, T, H, L, D, scale,
+                               workspace, out, s);
+  });
 }
 
 }  // namespace cuda

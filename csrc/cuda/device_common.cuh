@@ -7,9 +7,24 @@
 #include <cuda_runtime.h>
 
 #include "common/codebook.h"
+#include "common/kernels.h"
 
 namespace pythia_native {
 namespace cuda {
+
+// Calls launch(T{}) with T the element type of dt (float, __half or
+// __nv_bfloat16) and returns the launch status every launcher returns:
+// cudaErrorInvalidValue for an unknown dt, else cudaGetLastError().
+template <typename Launch>
+inline int launch_for_dtype(DType dt, Launch&& launch) {
+  switch (dt) {
+    case DType::F32: launch(float{}); break;
+    case DType::F16: launch(__half{}); break;
+    case DType::BF16: launch(__nv_bfloat16{}); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 // The 16 code values, by value: kernel arguments are captured into CUDA graphs
 // with the launch, unlike a __constant__ filled by cudaMemcpyToSymbol.

@@ -228,20 +228,9 @@ int gemv_4bit(const void* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* p
   const int log2_bs = log2_exact(blocksize);
   const int m = static_cast<int>(M);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case DType::F32:
-      launch_gemv<float>(x, m, K, ldx, packed, absmax, N, log2_bs, tab, bias, y, s);
-      break;
-    case DType::F16:
-      launch_gemv<__half>(x, m, K, ldx, packed, absmax, N, log2_bs, tab, bias, y, s);
-      break;
-    case DType::BF16:
-      launch_gemv<__nv_bfloat16>(x, m, K, ldx, packed, absmax, N, log2_bs, tab, bias, y, s);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_for_dtype(dt, [&](auto t) {
+    launch_gemv<decltype(t)>(x, m, K, ldx, packed, absmax, N, log2_bs, tab, bias, y, s);
+  });
 }
 
 }  // namespace cuda

@@ -177,20 +177,9 @@ int quantize_4bit(const void* w, DType dt, int64_t numel, int64_t blocksize, Qua
   }
   if (numel == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case DType::F32:
-      launch_quantize<float>(w, numel, blocksize, qt, packed, absmax, s);
-      break;
-    case DType::F16:
-      launch_quantize<__half>(w, numel, blocksize, qt, packed, absmax, s);
-      break;
-    case DType::BF16:
-      launch_quantize<__nv_bfloat16>(w, numel, blocksize, qt, packed, absmax, s);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_for_dtype(dt, [&](auto t) {
+    launch_quantize<decltype(t)>(w, numel, blocksize, qt, packed, absmax, s);
+  });
 }
 
 int dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t numel,
@@ -200,20 +189,9 @@ int dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t numel,
   }
   if (numel == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dt) {
-    case DType::F32:
-      launch_dequantize<float>(packed, absmax, numel, blocksize, qt, out, s);
-      break;
-    case DType::F16:
-      launch_dequantize<__half>(packed, absmax, numel, blocksize, qt, out, s);
-      break;
-    case DType::BF16:
-      launch_dequantize<__nv_bfloat16>(packed, absmax, numel, blocksize, qt, out, s);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_for_dtype(dt, [&](auto t) {
+    launch_dequantize<decltype(t)>(packed, absmax, numel, blocksize, qt, out, s);
+  });
 }
 
 }  // namespace cuda

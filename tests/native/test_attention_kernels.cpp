@@ -17,37 +17,16 @@
 #include <vector>
 
 #include "common/attention_kernels.h"
+#include "check.h"
 
 namespace pn = pythia_native;
 namespace cpu = pythia_native::cpu;
 using cpu::Isa;
 using pn::DType;
 
+using namespace native_test;
+
 namespace {
-
-int64_t g_passed = 0;
-int64_t g_failed = 0;
-std::string g_ctx;
-
-#define CHECK(cond, ...)                                                        \
-  do {                                                                          \
-    if (cond) {                                                                 \
-      ++g_passed;                                                               \
-    } else if (++g_failed <= 50) {                                              \
-      std::printf("FAIL %s:%d [%s] %s: ", __FILE__, __LINE__, g_ctx.c_str(), #cond); \
-      std::printf(__VA_ARGS__);                                                 \
-      std::printf("\n");                                                        \
-    }                                                                           \
-  } while (0)
-
-std::string fmt(const char* f, ...) {
-  char buf[256];
-  va_list ap;
-  va_start(ap, f);
-  std::vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
-}
 
 const char* dt_name(DType dt) {
   return dt == DType::F32 ? "f32" : dt == DType::BF16 ? "bf16" : "f16";
@@ -132,11 +111,6 @@ double out_rel_tol(DType dt) {
   return dt == DType::F32 ? 0.0 : dt == DType::BF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -10);
 }
 
-std::vector<Isa> supported_isas() {
-  std::vector<Isa> out;
-  for (int i = static_cast<int>(cpu::best_isa()); i >= 0; --i) out.push_back(static_cast<Isa>(i));
-  return out;
-}
 
 // ------------------------------------------------------- decode_attention ---
 
@@ -310,6 +284,5 @@ int main() {
     std::printf("isa %s: %lld passed, %lld failed\n", cpu::isa_name(isa),
                 (long long)(g_passed - before_pass), (long long)(g_failed - before_fail));
   }
-  std::printf("%lld passed, %lld failed\n", (long long)g_passed, (long long)g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return summary();
 }

@@ -2,9 +2,8 @@
 // csrc/cpu/*.cpp), built by CMakeLists.txt and run by ctest.
 //
 // Every kernel is checked against a naive reference, once for each instruction
-// set the CPU supports (best_isa() and every lower one). No test framework:
-// CHECK counts results and prints each failure with its values; the last line
-// is "N passed, M failed" and the exit status is non-zero on any failure.
+// set the CPU supports (best_isa() and every lower one); the harness is
+// check.h.
 //
 // Element-wise comparisons look for the first bad element and then make ONE
 // check of it, so the counts are per case rather than per element.
@@ -22,6 +21,7 @@
 
 #include "common/elements.h"
 #include "common/kernels.h"
+#include "check.h"
 
 namespace pn = pythia_native;
 namespace cpu = pythia_native::cpu;
@@ -29,51 +29,13 @@ using pn::QuantType;
 using cpu::Isa;
 using pn::DType;
 
+using namespace native_test;
+
 namespace {
 
-int64_t g_passed = 0;
-int64_t g_failed = 0;
-constexpr int64_t kMaxReportedFailures = 100;
-std::string g_ctx;  // what is being tested, printed with each failure
 double g_worst_rel = 0.0, g_worst_rel_cond = 0.0;  // gemv error statistics, per ISA
 
-void report_failure(const char* file, int line, const char* cond, const char* fmt, ...) {
-  ++g_failed;
-  if (g_failed > kMaxReportedFailures) {
-    if (g_failed == kMaxReportedFailures + 1) std::printf("(further failures not shown)\n");
-    return;
-  }
-  std::printf("FAIL %s:%d [%s] %s: ", file, line, g_ctx.c_str(), cond);
-  va_list ap;
-  va_start(ap, fmt);
-  std::vprintf(fmt, ap);
-  va_end(ap);
-  std::printf("\n");
-  std::fflush(stdout);
-}
-
-// CHECK(cond, printf-format, values...): the values are evaluated only on failure.
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (cond) {                                                       \
-      ++g_passed;                                                     \
-    } else {                                                          \
-      report_failure(__FILE__, __LINE__, #cond, __VA_ARGS__);         \
-    }                                                                 \
-  } while (0)
-
 const char* qt_name(QuantType qt) { return qt == QuantType::NF4 ? "nf4" : "fp4"; }
-
-std::string fmt(const char* f, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, f);
-  std::vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
-}
-
-long long ll(int64_t v) { return static_cast<long long>(v); }
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
@@ -99,11 +61,6 @@ int zero_code_index(QuantType qt) {
   return best;
 }
 
-std::vector<Isa> supported_isas() {
-  std::vector<Isa> out;
-  for (int i = static_cast<int>(cpu::best_isa()); i >= 0; --i) out.push_back(static_cast<Isa>(i));
-  return out;
-}
 
 // ------------------------------------------------------------ ISA control ---
 
@@ -660,6 +617,5 @@ int main() {
   }
   cpu::set_isa(cpu::best_isa());
 
-  std::printf("%lld passed, %lld failed\n", ll(g_passed), ll(g_failed));
-  return g_failed == 0 ? 0 : 1;
+  return summary();
 }
