@@ -84,49 +84,6 @@ PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w,
     for (int m = 0; m < MT; ++m) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// R rows of W (n .. n + R) against MT rows of x, stored with the bias.
-template <int R, int MT>
-PN_AVX512 inline void store_block_avx512(const float* x, int64_t K, const uint16_t* w, int64_t n,
-                                         const float* bias, void* y, DType ydt, int64_t ldy) {
-  float out[R][MT];
-  block_avx512<R, MT>(x, K, w, n, out);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m)
-      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
-}
-
-// Blocks of 4 rows of W; for each, the rows of x in groups of up to 4 (the
-// block, 8 K bytes, stays in L1 from one group to the next, so W comes from
-// memory once whatever M is).
-template <int R>
-PN_AVX512 inline void rows_block_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w,
-                                        int64_t n, const float* bias, void* y, DType ydt,
-                                        int64_t ldy) {
-  const int64_t esize = dtype_size(ydt);
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = x + m0 * K;
-    void* ym = static_cast<char*>(y) + m0 * ldy * esize;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 4: store_block_avx512<R, 4>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 3: store_block_avx512<R, 3>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 2: store_block_avx512<R, 2>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      default: store_block_avx512<R, 1>(xm, K, w, n, bias, ym, ydt, ldy); break;
-    }
-  }
-}
-
-PN_AVX512 void rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w,
-                           const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
-                           int64_t ldy) {
-  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    pf.before(w + (n + 4) * K);
-    rows_block_avx512<4>(x, M, K, w, n, bias, y, ydt, ldy);
-  }
-  for (; n < n1; ++n) rows_block_avx512<1>(x, M, K, w, n, bias, y, ydt, ldy);
-}
-
 PN_AVX512 void widen_avx512(const uint16_t* w, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
@@ -168,46 +125,6 @@ PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int
   }
 }
 
-template <int R, int MT>
-PN_AVX2 inline void store_block_avx2(const float* x, int64_t K, const uint16_t* w, int64_t n,
-                                     const float* bias, void* y, DType ydt, int64_t ldy) {
-  float out[R][MT];
-  block_avx2<R, MT>(x, K, w, n, out);
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m)
-      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
-}
-
-template <int R>
-PN_AVX2 inline void rows_block_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w,
-                                    int64_t n, const float* bias, void* y, DType ydt,
-                                    int64_t ldy) {
-  const int64_t esize = dtype_size(ydt);
-  for (int64_t m0 = 0; m0 < M; m0 += 4) {
-    const float* xm = x + m0 * K;
-    void* ym = static_cast<char*>(y) + m0 * ldy * esize;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 4: store_block_avx2<R, 4>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 3: store_block_avx2<R, 3>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 2: store_block_avx2<R, 2>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      default: store_block_avx2<R, 1>(xm, K, w, n, bias, ym, ydt, ldy); break;
-    }
-  }
-}
-
-// As rows_avx512, with blocks of 2 rows (16 ymm registers).
-PN_AVX2 void rows_avx2(const float* x, int64_t M, int64_t K, const uint16_t* w,
-                       const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
-                       int64_t ldy) {
-  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    pf.before(w + (n + 2) * K);
-    rows_block_avx2<2>(x, M, K, w, n, bias, y, ydt, ldy);
-  }
-  for (; n < n1; ++n) rows_block_avx2<1>(x, M, K, w, n, bias, y, ydt, ldy);
-}
-
 PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
@@ -217,6 +134,69 @@ PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
   for (; i < count; ++i) out[i] = to_f32(F16{w[i]});
 }
 
+// ----------------------------------------------------------------- driver ---
+
+// The ISA kernels by name, for the driver: kRows rows of W per block (what
+// fits the accumulators in registers: 4 x MT zmm, 2 x MT ymm).
+struct Avx512Blocks {
+  static constexpr int kRows = 4;
+  template <int R, int MT>
+  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, float (&out)[R][MT]) {
+    block_avx512<R, MT>(x, K, w, n, out);
+  }
+};
+struct Avx2Blocks {
+  static constexpr int kRows = 2;
+  template <int R, int MT>
+  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, float (&out)[R][MT]) {
+    block_avx2<R, MT>(x, K, w, n, out);
+  }
+};
+
+// R rows of W from n against MT rows of x, stored with the bias.
+template <class Blocks, int R, int MT>
+void store_block(const float* x, int64_t K, const uint16_t* w, int64_t n, const float* bias,
+                 void* y, DType ydt, int64_t ldy) {
+  float out[R][MT];
+  Blocks::template run<R, MT>(x, K, w, n, out);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m)
+      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+}
+
+// One block of R rows of W against every row of x, in groups of up to 4
+// (the block, R * K * 2 bytes, stays in L1 from one group to the next, so W
+// comes from memory once whatever M is).
+template <class Blocks, int R>
+void rows_block(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n,
+                const float* bias, void* y, DType ydt, int64_t ldy) {
+  const int64_t esize = dtype_size(ydt);
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = x + m0 * K;
+    void* ym = static_cast<char*>(y) + m0 * ldy * esize;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 4: store_block<Blocks, R, 4>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 3: store_block<Blocks, R, 3>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      case 2: store_block<Blocks, R, 2>(xm, K, w, n, bias, ym, ydt, ldy); break;
+      default: store_block<Blocks, R, 1>(xm, K, w, n, bias, ym, ydt, ldy); break;
+    }
+  }
+}
+
+// Rows [n0, n1) of W: blocks of Blocks::kRows, then single rows; prefetched.
+template <class Blocks>
+void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+          int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  constexpr int R = Blocks::kRows;
+  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    pf.before(w + (n + R) * K);
+    rows_block<Blocks, R>(x, M, K, w, n, bias, y, ydt, ldy);
+  }
+  for (; n < n1; ++n) rows_block<Blocks, 1>(x, M, K, w, n, bias, y, ydt, ldy);
+}
+
 bool avx2_usable() { return __builtin_cpu_supports("f16c"); }
 
 }  // namespace
@@ -224,10 +204,10 @@ bool avx2_usable() { return __builtin_cpu_supports("f16c"); }
 void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   switch (isa) {
-    case Isa::AVX512: rows_avx512(x, M, K, w, bias, n0, n1, y, ydt, ldy); return;
+    case Isa::AVX512: rows<Avx512Blocks>(x, M, K, w, bias, n0, n1, y, ydt, ldy); return;
     case Isa::AVX2:
       if (avx2_usable()) {
-        rows_avx2(x, M, K, w, bias, n0, n1, y, ydt, ldy);
+        rows<Avx2Blocks>(x, M, K, w, bias, n0, n1, y, ydt, ldy);
         return;
       }
       break;
