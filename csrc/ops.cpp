@@ -173,11 +173,30 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-// M above which gemm_4bit stops streaming packed rows (gemv_4bit_rows) and
-// instead dequantizes panels of W for a BLAS matmul: beyond a few rows of x
-// the work is compute-bound and BLAS's register tiling wins (see
-// benchmarks/bench_gemm_4bit.py for the crossover).
-constexpr int64_t kCpuGemvMaxM = 8;
+// How gemm_4bit's CPU kernel is chosen by M (rows of x), measured with
+// benchmarks/bench_gemm_4bit.py on the Pythia layer shapes:
+//  - M <= kCpuGemvMaxM: the GEMV streams packed rows (gemv_4bit_rows); W is
+//    read once and decoded once per 4 rows of x, which is cheapest there.
+//  - up to cpu_tiles_max_m(isa): rows of W dequantized 4 at a time and
+//    multiplied by register tiles of x (gemm_4bit_tiles). With AVX-512 it ran
+//    ~1.2x the GEMV at M = 8 and ~2x both the GEMV and BLAS at M = 16-64;
+//    at M = 128 it tied BLAS, above it lost (x outgrows L2).
+//  - above: cache-sized panels of W dequantized to float32 for BLAS.
+// AVX2's tiles are 4 x 2 (16 ymm registers): ahead of BLAS up to M = 16 on the
+// machine measured, whose BLAS itself used AVX-512. The scalar tiles never
+// beat BLAS, so they exist as the readable definition (and are tested).
+constexpr int64_t kCpuGemvMaxM = 4;
+int64_t cpu_tiles_max_m(cpu::Isa isa) {
+  switch (isa) {
+    case cpu::Isa::AVX512: return 64;
+    case cpu::Isa::AVX2: return 16;
+    default: return kCpuGemvMaxM;
+  }
+}
+// gemm_f16w's GEMV (4 rows of x per pass over a float16 row) up to M = 8, as
+// gemm_4bit's was before the tiles: a decode step of batch 8 then reads the
+// head once.
+constexpr int64_t kCpuF16wGemvMaxM = 8;
 // Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized).
 constexpr int64_t kPanelBytes = 2 << 20;
 
@@ -233,10 +252,10 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const cpu::Isa isa = cpu::active_isa();
   const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
 
-  if (row_aligned && M <= kCpuGemvMaxM) {
+  if (row_aligned && M <= cpu_tiles_max_m(isa)) {
     // x widened to float32 and put in the kernels' chunk order in one pass
     // (see permute_k in cpu/gemm_4bit.cpp); y written in x's dtype by the
-    // kernel's epilogue, so a decode-sized call makes two allocations.
+    // kernels' epilogue, so a decode-sized call makes two allocations.
     at::Tensor xp = at::empty({M, k}, x.options().dtype(at::kFloat));
     cpu::permute_k(xs.data_ptr(), to_dtype(x.scalar_type()), M, k, xs.stride(0), isa,
                    xp.data_ptr<float>());
@@ -244,10 +263,18 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
     const float* xp_p = xp.data_ptr<float>();
     void* y_p = y.data_ptr();
     const DType ydt = to_dtype(x.scalar_type());
-    // Each thread streams a contiguous range of weight rows.
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
-    });
+    if (M <= kCpuGemvMaxM) {
+      // Each thread streams a contiguous range of weight rows.
+      at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+        cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
+      });
+    } else {
+      // Threads take whole groups of the tiles' 4 rows of W.
+      at::parallel_for(0, (n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+        cpu::gemm_4bit_tiles(xp_p, M, k, pp, ap, blocksize, qt, bias_p, 4 * g0,
+                             std::min(n, 4 * g1), y_p, ydt, n, isa);
+      });
+    }
     return y.view(out_shape);
   }
 
@@ -292,7 +319,7 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
   const cpu::Isa isa = cpu::active_isa();
   const at::Tensor xf = x2.to(at::kFloat).contiguous();  // exact for fp16 / bf16 x
 
-  if (M <= kCpuGemvMaxM) {
+  if (M <= kCpuF16wGemvMaxM) {
     at::Tensor y = at::empty({M, n}, x.options());
     const float* xp = xf.data_ptr<float>();
     void* y_p = y.data_ptr();

@@ -78,9 +78,10 @@ def gemm_4bit(
     x: ``[..., K]`` float32/float16/bfloat16 (any leading shape, including an
     empty one); bias: ``[N]`` in x's dtype or None. Returns ``[..., N]`` in x's
     dtype, accumulated in float32. No dequantized copy of W is kept: the CPU
-    kernel streams the packed rows for small M and dequantizes cache-sized
-    panels for a BLAS call for large M; the CUDA kernel is a GEMV for M <= 16
-    and dequantize + cuBLAS above.
+    kernel streams the packed rows for M <= 4, multiplies groups of 4
+    dequantized rows by register tiles of x up to M = 64 (AVX-512; 16 with
+    AVX2), and dequantizes cache-sized panels for a BLAS call above; the CUDA
+    kernel is a GEMV for M <= 16 and dequantize + cuBLAS above.
     """
     n, k = (int(s) for s in shape)
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type)

@@ -48,7 +48,9 @@ def test_shapes_fp32(M, K, N, device):
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 33])
+# M crosses each CPU kernel boundary (ops.cpp): GEMV up to 4, tiles up to 16
+# (AVX2) / 64 (AVX-512), panels + BLAS above.
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 65])
 @pytest.mark.parametrize("K,N,blocksize", [(64, 7, 64), (768, 768, 64), (96, 3, 32), (256, 17, 128), (200, 5, 64), (1024, 33, 1024)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_every_cpu_isa(cpu_isa, M, K, N, blocksize, dtype):
@@ -92,13 +94,15 @@ def test_odd_element_count_layout(device):
     _check(x, p, a, (7, 5), b)
 
 
-def test_respects_thread_count():
-    x, p, a, b = _problem(1, 768, 2304, torch.float32, "cpu")
+@pytest.mark.parametrize("M", [1, 16])
+def test_respects_thread_count(M):
+    x, p, a, b = _problem(M, 768, 2304, torch.float32, "cpu")
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         y1 = pn.gemm_4bit(x, p, a, (2304, 768), b)
     finally:
         torch.set_num_threads(n)
-    # Each row is computed whole by one thread: the result does not depend on the split.
+    # Each output is computed whole by one thread (GEMV: a row of W; tiles: a
+    # group of 4 rows): the result does not depend on the split.
     assert torch.equal(y1, pn.gemm_4bit(x, p, a, (2304, 768), b))

@@ -63,6 +63,15 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
+// The same product for a few rows of x (the small-M GEMM between the GEMV
+// and BLAS): rows of W dequantized 4 at a time into a cache-resident buffer
+// and multiplied by register tiles of rows of x, so each weight is decoded
+// once for all M. Same contract as gemv_4bit_rows; the sums are of
+// (code * absmax) * x, the panel path's terms, in another order.
+void gemm_4bit_tiles(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
+                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
+
 // out[(n - n0) * K + k'] = W[n, k] for n in [n0, n1), in the chunk-permuted k
 // order of permute_k: a panel of W^T-ready rows for a BLAS call on xp.
 // Row-aligned layouts only.

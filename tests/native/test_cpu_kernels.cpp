@@ -353,14 +353,24 @@ QuantWeight make_weight(int64_t N, int64_t K, int64_t bs, QuantType qt, std::mt1
   return q;
 }
 
-void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t ldx_pad,
-               int64_t ldy_pad, std::mt19937& rng) {
+// The two small-M product kernels share one contract (kernels.h).
+using RowsKernel = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, int64_t,
+                            QuantType, const float*, int64_t, int64_t, void*, DType, int64_t, Isa);
+struct NamedKernel {
+  const char* name;
+  RowsKernel run;
+};
+const NamedKernel kRowsKernels[] = {{"gemv_4bit_rows", cpu::gemv_4bit_rows},
+                                    {"gemm_4bit_tiles", cpu::gemm_4bit_tiles}};
+
+void test_gemv(const NamedKernel& kernel, Isa isa, const QuantWeight& q, int64_t M,
+               bool with_bias, int64_t ldx_pad, int64_t ldy_pad, std::mt19937& rng) {
   const int64_t N = q.N, K = q.K;
   const int64_t ldx = K + ldx_pad, ldy = N + ldy_pad;
-  const std::string base = fmt("isa=%s %s gemv M=%lld K=%lld N=%lld bs=%lld bias=%d ldx=%lld "
+  const std::string base = fmt("isa=%s %s %s M=%lld K=%lld N=%lld bs=%lld bias=%d ldx=%lld "
                                "ldy=%lld",
-                               cpu::isa_name(isa), qt_name(q.qt), ll(M), ll(K), ll(N), ll(q.bs),
-                               int(with_bias), ll(ldx), ll(ldy));
+                               cpu::isa_name(isa), qt_name(q.qt), kernel.name, ll(M), ll(K), ll(N),
+                               ll(q.bs), int(with_bias), ll(ldx), ll(ldy));
   // x padding columns are NaN: reading them would poison the result.
   std::vector<float> x = normal_vec(rng, M * ldx);
   for (int64_t m = 0; m < M; ++m) {
@@ -396,7 +406,7 @@ void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t
     g_ctx = base + fmt(" rows [%lld, %lld)", ll(n0), ll(n1));
     // One extra row of y past M: it must stay untouched too.
     std::vector<float> y((M + 1) * ldy, kSentinel);
-    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+    kernel.run(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
                         with_bias ? bias.data() : nullptr, n0, n1, y.data(), DType::F32, ldy,
                         isa);
     double max_ref = 0.0, max_abs = 0.0, max_err = 0.0;
@@ -442,10 +452,10 @@ void test_gemv(Isa isa, const QuantWeight& q, int64_t M, bool with_bias, int64_t
     // order), and the same cells stay untouched.
     std::vector<cpu::Bf16> yb((M + 1) * ldy, cpu::Bf16{0x7bcd});
     std::vector<cpu::F16> yh((M + 1) * ldy, cpu::F16{0x7bcd});
-    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+    kernel.run(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
                         with_bias ? bias.data() : nullptr, n0, n1, yb.data(), DType::BF16, ldy,
                         isa);
-    cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
+    kernel.run(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt,
                         with_bias ? bias.data() : nullptr, n0, n1, yh.data(), DType::F16, ldy,
                         isa);
     int64_t bad = -1;
@@ -596,10 +606,14 @@ int main() {
         for (int64_t N : {1, 3, 17}) {
           const QuantWeight q = make_weight(N, K, bs, qt, rng);
           test_dequantize_rows_permuted(isa, q, rng);
-          for (int64_t M : {1, 2, 3, 4, 5, 9}) {
-            for (bool with_bias : {false, true}) {
-              test_gemv(isa, q, M, with_bias, 0, 0, rng);  // contiguous x and y
-              test_gemv(isa, q, M, with_bias, 7, 5, rng);  // ldx > K, ldy > N
+          // M: every tile split of the tiles kernel up to 3 tiles (6 + 6 + 5
+          // for 17) and the GEMV's groups of 4 with each remainder.
+          for (const NamedKernel& kernel : kRowsKernels) {
+            for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 9, 13, 17}) {
+              for (bool with_bias : {false, true}) {
+                test_gemv(kernel, isa, q, M, with_bias, 0, 0, rng);  // contiguous x and y
+                test_gemv(kernel, isa, q, M, with_bias, 7, 5, rng);  // ldx > K, ldy > N
+              }
             }
           }
         }
@@ -610,7 +624,7 @@ int main() {
         for (int64_t M : {1, 2, 3, 4, 5}) test_gemv_f16w(isa, M, N, K, M % 2 == 1, rng);
       }
     }
-    std::printf("isa %s: %lld passed, %lld failed (gemv worst error: %.3g of max|y_ref|, "
+    std::printf("isa %s: %lld passed, %lld failed (gemv / tiles worst error: %.3g of max|y_ref|, "
                 "%.3g of max sum|x w|)\n",
                 cpu::isa_name(isa), ll(g_passed - before_pass), ll(g_failed - before_fail),
                 g_worst_rel, g_worst_rel_cond);
