@@ -43,9 +43,11 @@ def test_shapes_fp32(M, K, N, device):
     _check(x, w, b)
 
 
+# M crosses each CPU kernel boundary (ops.cpp): GEMV up to 8, tiles up to 16
+# (AVX2) / 64 (AVX-512) when K allows them, panels + BLAS above.
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("K,N", [(1, 3), (15, 7), (33, 9), (768, 50)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65])
+@pytest.mark.parametrize("K,N", [(1, 3), (15, 7), (33, 9), (48, 5), (768, 50)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_every_cpu_isa(cpu_isa, M, K, N, dtype):
     x, w, b = _problem(M, K, N, dtype, "cpu", seed=M)

@@ -63,11 +63,11 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
-// The same product for a few rows of x (the small-M GEMM between the GEMV
-// and BLAS): rows of W dequantized 4 at a time into a cache-resident buffer
-// and multiplied by register tiles of rows of x, so each weight is decoded
-// once for all M. Same contract as gemv_4bit_rows; the sums are of
-// (code * absmax) * x, the panel path's terms, in another order.
+// The same product for a few dozen rows of x (the small-M GEMM between the
+// GEMV and BLAS, common/tiles.h): rows of W dequantized 4 at a time into a
+// cache-resident buffer and multiplied by register tiles of rows of x, so
+// each weight is decoded once for all M. Same contract as gemv_4bit_rows; the
+// sums are of (code * absmax) * x, the panel path's terms, in another order.
 void gemm_4bit_tiles(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                      const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
@@ -86,6 +86,11 @@ void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_
 // be null; y: elements of ydt with row stride ldy. Any K >= 1.
 void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
+// The same product through the small-M tiles (common/tiles.h): rows of W
+// widened 4 at a time, register tiles of x. Vector tiles need K % 16 == 0
+// (AVX-512) or K % 8 == 0 (AVX2); any other K runs the scalar tiles.
+void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 // out[i] = float(w[i]) for i < count (float16 bit patterns -> float32, exact).
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa);
 }  // namespace cpu

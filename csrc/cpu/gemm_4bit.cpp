@@ -1,7 +1,7 @@
 // CPU kernels of gemm_4bit: the GEMV over packed 4-bit rows (M <= 4), the
-// small-M GEMM of dequantized row groups times register tiles of x (M up to
-// a few dozen), and the panel dequantization that feeds a BLAS call for large
-// M. ops.cpp picks one by M (measured crossovers there).
+// row dequantization that feeds the small-M tiles (common/tiles.h, M up to a
+// few dozen) and the BLAS panels (large M). ops.cpp picks one by M (measured
+// crossovers there).
 //
 // Versions (chosen at run time by cpu::active_isa()):
 //   avx512  16 floats per register; one vpermps looks a nibble up in the whole
@@ -45,13 +45,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <new>
 
 #include "common/elements.h"
 #include "common/kernels.h"
 #include "common/prefetch.h"
 #include "common/simd_x86.h"
+#include "common/tiles.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -95,70 +94,6 @@ void dequantize_rows_scalar(const uint8_t* packed, const float* absmax, int64_t 
       const float scale = arow[(2 * j) / bs];
       o[2 * j] = code[wrow[j] >> 4] * scale;
       o[2 * j + 1] = code[wrow[j] & 0xF] * scale;
-    }
-  }
-}
-
-// Small-M GEMM (gemm_4bit_tiles): kTileRows rows of W are dequantized
-// (scaled, in the permuted chunk order) into a buffer that stays in L1/L2,
-// then multiplied by register tiles of a few rows of x. Each weight is
-// decoded once for all M and each load of x feeds kTileRows FMAs. See
-// gemm_tiles_avx512 for why this sits between the GEMV and BLAS.
-constexpr int64_t kTileRows = 4;
-
-// The dequantized rows, kTileRows x K floats, 64-byte aligned. When fewer
-// than kTileRows rows of W are left, the rest of the buffer is zeroed (no
-// stale NaNs or denormals through the FMAs) and their sums are dropped, which
-// keeps one tile shape.
-struct TileRows {
-  float* p;
-  explicit TileRows(int64_t K)
-      : p(static_cast<float*>(std::aligned_alloc(64, (kTileRows * K * 4 + 63) / 64 * 64))) {
-    if (p == nullptr) throw std::bad_alloc();
-  }
-  ~TileRows() { std::free(p); }
-  TileRows(const TileRows&) = delete;
-  TileRows& operator=(const TileRows&) = delete;
-};
-
-// M rows of x split into the fewest tiles of at most max_mr rows, as even as
-// possible (M = 8 with 6-row tiles: 4 + 4, not 6 + 2). Tile t holds rows
-// [begin(t), begin(t) + size(t)). (A struct rather than a callback: a lambda
-// would not inherit the kernels' target attributes.)
-struct MTiles {
-  int64_t count, base, extra;
-  MTiles(int64_t M, int64_t max_mr)
-      : count((M + max_mr - 1) / max_mr), base(M / count), extra(M % count) {}
-  int64_t begin(int64_t t) const { return t * base + std::min(t, extra); }
-  int64_t size(int64_t t) const { return base + (t < extra ? 1 : 0); }
-};
-
-// sums[r * mr + m] of a tile (rows r < rows of W) plus bias -> y.
-inline void store_tile(const float* sums, int64_t rows, int64_t mr, int64_t m0, int64_t n,
-                       const float* bias, void* y, DType ydt, int64_t ldy) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float b = bias ? bias[n + r] : 0.0f;
-    for (int64_t m = 0; m < mr; ++m) store_out(y, ydt, (m0 + m) * ldy + n + r, sums[r * mr + m] + b);
-  }
-}
-
-void gemm_tiles_scalar(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
-                       const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                       int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  TileRows buf(K);
-  float sums[kTileRows];
-  for (int64_t n = n0; n < n1; n += kTileRows) {
-    const int64_t rows = std::min(kTileRows, n1 - n);
-    dequantize_rows_scalar(packed, absmax, K, bs, qt, n, n + rows, buf.p);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = xp + m * K;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* w = buf.p + r * K;
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k) acc += w[k] * xr[k];
-        sums[r] = acc;
-      }
-      store_tile(sums, rows, 1, m, n, bias, y, ydt, ldy);
     }
   }
 }
@@ -294,62 +229,6 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
   }
 }
 
-// sums[r * MR + m] = dot(w[r * K : + K], x[m * K : + K]) for the kTileRows
-// rows of w and MR rows of x; K % 16 == 0. The 4 x MR accumulators (24 for MR
-// = 6), the 4 rows of w and one row of x fill 29 of the 32 zmm registers; per
-// 16 values of k, 4 + MR loads feed 4 * MR FMAs, so the FMA ports set the
-// pace while the operands come from L1 or L2.
-template <int MR>
-PN_AVX512 inline void tile_avx512(const float* w, const float* x, int64_t K, float* sums) {
-  __m512 acc[kTileRows][MR];
-  for (int r = 0; r < kTileRows; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 wv[kTileRows];
-    for (int r = 0; r < kTileRows; ++r) wv[r] = _mm512_loadu_ps(w + r * K + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < kTileRows; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < kTileRows; ++r)
-    for (int m = 0; m < MR; ++m) sums[r * MR + m] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-// Why tiles for M from ~6 to ~128: the GEMV (gemv_rows_avx512) decodes each
-// row of W again for every 4 rows of x, and BLAS (the panel path) is tuned
-// for large M: at M = 16 on one core of the Xeon measured they ran at ~65 and
-// ~50 GFLOP/s, this at ~100 (its two FMA ports allow ~190). K-slicing (to
-// keep a slice of w in L1 across the tiles of x) and padding the row stride
-// (rows 12 KB apart share L1 sets) were both tried and measured no faster.
-PN_AVX512 void gemm_tiles_avx512(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
-                                 const float* absmax, int64_t bs, QuantType qt,
-                                 const float* bias, int64_t n0, int64_t n1, void* y, DType ydt,
-                                 int64_t ldy) {
-  constexpr int64_t kMaxMr = 6;
-  TileRows buf(K);
-  float sums[kTileRows * kMaxMr];
-  const MTiles tiles(M, kMaxMr);
-  for (int64_t n = n0; n < n1; n += kTileRows) {
-    const int64_t rows = std::min(kTileRows, n1 - n);
-    dequantize_rows_avx512(packed, absmax, K, bs, qt, n, n + rows, buf.p);
-    if (rows < kTileRows) std::fill(buf.p + rows * K, buf.p + kTileRows * K, 0.0f);
-    for (int64_t t = 0; t < tiles.count; ++t) {
-      const int64_t m0 = tiles.begin(t), mr = tiles.size(t);
-      const float* x = xp + m0 * K;
-      switch (mr) {
-        case 6: tile_avx512<6>(buf.p, x, K, sums); break;
-        case 5: tile_avx512<5>(buf.p, x, K, sums); break;
-        case 4: tile_avx512<4>(buf.p, x, K, sums); break;
-        case 3: tile_avx512<3>(buf.p, x, K, sums); break;
-        case 2: tile_avx512<2>(buf.p, x, K, sums); break;
-        default: tile_avx512<1>(buf.p, x, K, sums); break;
-      }
-      store_tile(sums, rows, mr, m0, n, bias, y, ydt, ldy);
-    }
-  }
-}
-
 // ------------------------------------------------------------------- AVX2 ---
 
 #define PN_AVX2 __attribute__((target("avx2,fma")))
@@ -465,47 +344,6 @@ PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, in
   }
 }
 
-// As tile_avx512, 8 values of k per register: 4 x MR accumulators, the 4
-// rows of w and one row of x fit the 16 ymm registers for MR <= 2.
-template <int MR>
-PN_AVX2 inline void tile_avx2(const float* w, const float* x, int64_t K, float* sums) {
-  __m256 acc[kTileRows][MR];
-  for (int r = 0; r < kTileRows; ++r)
-    for (int m = 0; m < MR; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 wv[kTileRows];
-    for (int r = 0; r < kTileRows; ++r) wv[r] = _mm256_loadu_ps(w + r * K + k);
-    for (int m = 0; m < MR; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < kTileRows; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < kTileRows; ++r)
-    for (int m = 0; m < MR; ++m) sums[r * MR + m] = hsum8(acc[r][m]);
-}
-
-PN_AVX2 void gemm_tiles_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
-                             const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                             int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  TileRows buf(K);
-  float sums[kTileRows * 2];
-  const MTiles tiles(M, 2);
-  for (int64_t n = n0; n < n1; n += kTileRows) {
-    const int64_t rows = std::min(kTileRows, n1 - n);
-    dequantize_rows_avx2(packed, absmax, K, bs, qt, n, n + rows, buf.p);
-    if (rows < kTileRows) std::fill(buf.p + rows * K, buf.p + kTileRows * K, 0.0f);
-    for (int64_t t = 0; t < tiles.count; ++t) {
-      const int64_t m0 = tiles.begin(t), mr = tiles.size(t);
-      if (mr == 2) {
-        tile_avx2<2>(buf.p, xp + m0 * K, K, sums);
-      } else {
-        tile_avx2<1>(buf.p, xp + m0 * K, K, sums);
-      }
-      store_tile(sums, rows, mr, m0, n, bias, y, ydt, ldy);
-    }
-  }
-}
-
 }  // namespace
 
 // Position i of a chunk holds weight chunk_source(i) of the chunk: the first
@@ -560,18 +398,47 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
   }
 }
 
+namespace {
+// The tiles' fill (common/tiles.h): rows [n, n + rows) of W dequantized in
+// the permuted chunk order by the ISA's dequantize_rows_*, the packed rows
+// and their absmax prefetched ahead as in the GEMVs.
+using DequantRowsFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, QuantType, int64_t,
+                               int64_t, float*);
+struct DequantRows {
+  DequantRowsFn rows_fn;
+  const uint8_t* packed;
+  const float* absmax;
+  int64_t K, bs;
+  QuantType qt;
+  RowPrefetcher pw, pa;
+  DequantRows(DequantRowsFn fn, const uint8_t* packed_, const float* absmax_, int64_t K_,
+              int64_t bs_, QuantType qt_, int64_t n0, int64_t n1)
+      : rows_fn(fn), packed(packed_), absmax(absmax_), K(K_), bs(bs_), qt(qt_),
+        pw(packed_ + n0 * (K_ / 2), packed_ + n1 * (K_ / 2), kPrefetchAhead),
+        pa(absmax_ + n0 * (K_ / bs_), absmax_ + n1 * (K_ / bs_), kPrefetchAhead * 8 / bs_) {}
+  void operator()(int64_t n, int64_t rows, float* out) {
+    pw.before(packed + (n + rows) * (K / 2));
+    pa.before(absmax + (n + rows) * (K / bs));
+    rows_fn(packed, absmax, K, bs, qt, n, n + rows, out);
+  }
+};
+}  // namespace
+
 void gemm_4bit_tiles(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                      const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   switch (isa) {
     case Isa::AVX512:
-      gemm_tiles_avx512(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::Avx512Tile{}, DequantRows(dequantize_rows_avx512, packed, absmax, K, blocksize, qt, n0, n1),
+                  xp, M, K, bias, n0, n1, y, ydt, ldy);
       break;
     case Isa::AVX2:
-      gemm_tiles_avx2(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::Avx2Tile{}, DequantRows(dequantize_rows_avx2, packed, absmax, K, blocksize, qt, n0, n1),
+                  xp, M, K, bias, n0, n1, y, ydt, ldy);
       break;
     default:
-      gemm_tiles_scalar(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::ScalarTile{}, DequantRows(dequantize_rows_scalar, packed, absmax, K, blocksize, qt, n0, n1),
+                  xp, M, K, bias, n0, n1, y, ydt, ldy);
   }
 }
 

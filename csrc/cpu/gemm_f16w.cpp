@@ -29,6 +29,7 @@
 #include "common/kernels.h"
 #include "common/prefetch.h"
 #include "common/simd_x86.h"
+#include "common/tiles.h"
 
 namespace pythia_native {
 namespace cpu {
@@ -216,6 +217,40 @@ void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, con
   rows_scalar(x, M, K, w, bias, n0, n1, y, ydt, ldy);
 }
 
+namespace {
+// The tiles' fill (common/tiles.h): rows [n, n + rows) of W widened.
+void widen_scalar(const uint16_t* w, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = to_f32(F16{w[i]});
+}
+// The rows are prefetched ahead as in the GEMV.
+struct WidenRows {
+  void (*widen_fn)(const uint16_t*, int64_t, float*);
+  const uint16_t* w;
+  int64_t K;
+  RowPrefetcher pf;
+  WidenRows(void (*fn)(const uint16_t*, int64_t, float*), const uint16_t* w_, int64_t K_,
+            int64_t n0, int64_t n1)
+      : widen_fn(fn), w(w_), K(K_), pf(w_ + n0 * K_, w_ + n1 * K_, kPrefetchAhead) {}
+  void operator()(int64_t n, int64_t rows, float* out) {
+    pf.before(w + (n + rows) * K);
+    widen_fn(w + n * K, rows * K, out);
+  }
+};
+}  // namespace
+
+void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
+  if (isa == Isa::AVX512 && K % 16 == 0) {
+    tiles::gemm(tiles::Avx512Tile{}, WidenRows(widen_avx512, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt,
+                ldy);
+  } else if (isa == Isa::AVX2 && avx2_usable() && K % 8 == 0) {
+    tiles::gemm(tiles::Avx2Tile{}, WidenRows(widen_avx2, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt, ldy);
+  } else {
+    tiles::gemm(tiles::ScalarTile{}, WidenRows(widen_scalar, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt,
+                ldy);
+  }
+}
+
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa) {
   switch (isa) {
     case Isa::AVX512: widen_avx512(w, count, out); return;
@@ -227,7 +262,7 @@ void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa) {
       break;
     default: break;
   }
-  for (int64_t i = 0; i < count; ++i) out[i] = to_f32(F16{w[i]});
+  widen_scalar(w, count, out);
 }
 
 }  // namespace cpu

@@ -523,9 +523,20 @@ void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& 
 // gemv_f16w_rows against a float64 reference on exact sizes (a sanitizer sees
 // any over-read of the K % 16 / K % 8 tails), with sentinel-checked y; and
 // widen_f16 against the scalar conversion, bit for bit.
-void test_gemv_f16w(Isa isa, int64_t M, int64_t N, int64_t K, bool with_bias, std::mt19937& rng) {
-  g_ctx = fmt("isa=%s gemv_f16w M=%lld N=%lld K=%lld bias=%d", cpu::isa_name(isa), ll(M), ll(N),
-              ll(K), int(with_bias));
+// gemv_f16w_rows and gemm_f16w_tiles share one contract (kernels.h).
+using F16wKernel = void (*)(const float*, int64_t, int64_t, const uint16_t*, const float*, int64_t,
+                            int64_t, void*, DType, int64_t, Isa);
+struct NamedF16wKernel {
+  const char* name;
+  F16wKernel run;
+};
+const NamedF16wKernel kF16wKernels[] = {{"gemv_f16w_rows", cpu::gemv_f16w_rows},
+                                        {"gemm_f16w_tiles", cpu::gemm_f16w_tiles}};
+
+void test_gemv_f16w(const NamedF16wKernel& kernel, Isa isa, int64_t M, int64_t N, int64_t K,
+                    bool with_bias, std::mt19937& rng) {
+  g_ctx = fmt("isa=%s %s M=%lld N=%lld K=%lld bias=%d", cpu::isa_name(isa), kernel.name, ll(M),
+              ll(N), ll(K), int(with_bias));
   std::vector<float> wf = normal_vec(rng, N * K, 0.1f);
   std::vector<uint16_t> w(N * K);
   for (int64_t i = 0; i < N * K; ++i) w[i] = cpu::from_f32<cpu::F16>(wf[i]).bits;
@@ -535,8 +546,8 @@ void test_gemv_f16w(Isa isa, int64_t M, int64_t N, int64_t K, bool with_bias, st
   const float kSentinel = -4321.25f;
   std::vector<float> y(M * ldy, kSentinel);
   const int64_t n0 = N > 2 ? 1 : 0, n1 = N;  // a range that starts past row 0
-  cpu::gemv_f16w_rows(x.data(), M, K, w.data(), with_bias ? bias.data() : nullptr, n0, n1,
-                      y.data(), DType::F32, ldy, isa);
+  kernel.run(x.data(), M, K, w.data(), with_bias ? bias.data() : nullptr, n0, n1, y.data(),
+             DType::F32, ldy, isa);
   double worst = 0.0;
   int64_t touched = -1;
   for (int64_t m = 0; m < M; ++m) {
@@ -621,7 +632,12 @@ int main() {
     }
     for (int64_t K : {1, 7, 8, 15, 16, 17, 100, 768}) {
       for (int64_t N : {1, 2, 5, 9}) {
-        for (int64_t M : {1, 2, 3, 4, 5}) test_gemv_f16w(isa, M, N, K, M % 2 == 1, rng);
+        for (const NamedF16wKernel& kernel : kF16wKernels) {
+          // K % 16 != 0 runs the scalar tiles (any K); 768 the vector ones.
+          for (int64_t M : {1, 2, 3, 4, 5, 7, 13}) {
+            test_gemv_f16w(kernel, isa, M, N, K, M % 2 == 1, rng);
+          }
+        }
       }
     }
     std::printf("isa %s: %lld passed, %lld failed (gemv / tiles worst error: %.3g of max|y_ref|, "
