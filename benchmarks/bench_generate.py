@@ -4,7 +4,8 @@ pythia-160m and pythia-1.4b, measured in the same run.
 
 Decode tokens/s excludes the prompt: each variant generates ``1`` and then
 ``new`` tokens after the same prompt, and ``(new - 1) * batch / (t_new - t_1)``
-is the rate (median of ``--repeats`` runs). Every variant runs in its own
+is the rate (median of ``--repeats`` runs); "first token ms" is ``t_1``, the
+prompt's prefill plus one token (time to first token). Every variant runs in its own
 process so its peak memory (max RSS on the CPU, max allocated on CUDA) is its
 own. "Bandwidth achieved" is the bytes of weights one decode step reads
 (4-bit layers, their absmax, the dense embed_out row block) over the step time,
@@ -161,7 +162,7 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
     else:
         read = weight_bytes_per_token(config, head_bytes)
     return dict(variant=variant, shape=shape, batch=batch, tok_s=tok_s, step_ms=step_s * 1e3, peak_mb=peak / 2**20,
-                weight_gb_s=read / step_s / 1e9)
+                weight_gb_s=read / step_s / 1e9, first_ms=statistics.median(t1) * 1e3)
 
 
 def head_error(shape: str, seed: int = 0) -> str:
@@ -226,6 +227,7 @@ def main():
                 r = json.loads(line[7:])
                 rows.append(r)
                 print(f"{v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  {r['step_ms']:7.2f} ms/step  "
+                      f"first token {r['first_ms']:7.1f} ms  "
                       f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
@@ -244,19 +246,20 @@ def main():
         f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb_v}, {date.today()}; "
         f"measured copy bandwidth {bw:.1f} GB/s.",
         "",
-        "| shape | batch | variant | decode tok/s | ms/step | vs transformers+bnb | weights GB/s | % of copy bw | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | batch | variant | decode tok/s | ms/step | vs transformers+bnb | weights GB/s | % of copy bw | "
+        "first token ms | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | | |")
             continue
         peer = next((q for q in rows if q["shape"] == r["shape"] and q["batch"] == r["batch"]
                      and q["variant"] == "transformers-bnb-nf4" and "error" not in q), None)
         ratio = f"{r['tok_s'] / peer['tok_s']:.2f}x" if peer else "n/a"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | {ratio} | "
-            f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['peak_mb']:.0f} |"
+            f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['first_ms']:.1f} | {r['peak_mb']:.0f} |"
         )
     if args.head_error:
         lines += ["", head_error(args.shapes[0])]

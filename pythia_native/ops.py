@@ -80,8 +80,10 @@ def gemm_4bit(
     dtype, accumulated in float32. No dequantized copy of W is kept: the CPU
     kernel streams the packed rows for M <= 4, multiplies groups of 4
     dequantized rows by register tiles of x up to M = 64 (AVX-512; 16 with
-    AVX2), and dequantizes cache-sized panels for a BLAS call above; the CUDA
-    kernel is a GEMV for M <= 16 and dequantize + cuBLAS above.
+    AVX2), and dequantizes cache-sized panels for a BLAS call above (in
+    bfloat16 for a bfloat16 x, W rounded to bf16 once as a bf16 ``F.linear``
+    would; float32 otherwise); the CUDA kernel is a GEMV for M <= 16 and
+    dequantize to x's dtype + cuBLAS above.
     """
     n, k = (int(s) for s in shape)
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type)
