@@ -229,8 +229,8 @@ at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
   at::Tensor panel = at::empty({panel_rows, k}, xm.options().dtype(at::kFloat));
   const bool narrow_panel = xm.scalar_type() != at::kFloat;
   at::Tensor panel_mm = narrow_panel ? at::empty({panel_rows, k}, xm.options()) : panel;
-  const c10::optional<at::Tensor> b =
-      bias.has_value() && narrow_panel ? c10::optional<at::Tensor>(bias->to(xm.scalar_type())) : bias;
+  c10::optional<at::Tensor> b = bias;
+  if (b.has_value() && narrow_panel) b = b->to(xm.scalar_type());
   float* panel_p = panel.data_ptr<float>();
   for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, n - r0);

@@ -61,7 +61,9 @@ inline void store(const float* sums, int64_t rows, int64_t mr, int64_t m0, int64
                   const float* bias, void* y, DType ydt, int64_t ldy) {
   for (int64_t r = 0; r < rows; ++r) {
     const float b = bias ? bias[n + r] : 0.0f;
-    for (int64_t m = 0; m < mr; ++m) store_out(y, ydt, (m0 + m) * ldy + n + r, sums[r * mr + m] + b);
+    for (int64_t m = 0; m < mr; ++m) {
+      store_out(y, ydt, (m0 + m) * ldy + n + r, sums[r * mr + m] + b);
+    }
   }
 }
 

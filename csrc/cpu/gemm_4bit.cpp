@@ -429,16 +429,19 @@ void gemm_4bit_tiles(const float* xp, int64_t M, int64_t K, const uint8_t* packe
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   switch (isa) {
     case Isa::AVX512:
-      tiles::gemm(tiles::Avx512Tile{}, DequantRows(dequantize_rows_avx512, packed, absmax, K, blocksize, qt, n0, n1),
-                  xp, M, K, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::Avx512Tile{},
+                  DequantRows(dequantize_rows_avx512, packed, absmax, K, blocksize, qt, n0, n1), xp,
+                  M, K, bias, n0, n1, y, ydt, ldy);
       break;
     case Isa::AVX2:
-      tiles::gemm(tiles::Avx2Tile{}, DequantRows(dequantize_rows_avx2, packed, absmax, K, blocksize, qt, n0, n1),
-                  xp, M, K, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::Avx2Tile{},
+                  DequantRows(dequantize_rows_avx2, packed, absmax, K, blocksize, qt, n0, n1), xp,
+                  M, K, bias, n0, n1, y, ydt, ldy);
       break;
     default:
-      tiles::gemm(tiles::ScalarTile{}, DequantRows(dequantize_rows_scalar, packed, absmax, K, blocksize, qt, n0, n1),
-                  xp, M, K, bias, n0, n1, y, ydt, ldy);
+      tiles::gemm(tiles::ScalarTile{},
+                  DequantRows(dequantize_rows_scalar, packed, absmax, K, blocksize, qt, n0, n1), xp,
+                  M, K, bias, n0, n1, y, ydt, ldy);
   }
 }
 

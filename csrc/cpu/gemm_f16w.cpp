@@ -241,13 +241,14 @@ struct WidenRows {
 void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
   if (isa == Isa::AVX512 && K % 16 == 0) {
-    tiles::gemm(tiles::Avx512Tile{}, WidenRows(widen_avx512, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt,
-                ldy);
+    tiles::gemm(tiles::Avx512Tile{}, WidenRows(widen_avx512, w, K, n0, n1), x, M, K, bias, n0, n1,
+                y, ydt, ldy);
   } else if (isa == Isa::AVX2 && avx2_usable() && K % 8 == 0) {
-    tiles::gemm(tiles::Avx2Tile{}, WidenRows(widen_avx2, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt, ldy);
+    tiles::gemm(tiles::Avx2Tile{}, WidenRows(widen_avx2, w, K, n0, n1), x, M, K, bias, n0, n1, y,
+                ydt, ldy);
   } else {
-    tiles::gemm(tiles::ScalarTile{}, WidenRows(widen_scalar, w, K, n0, n1), x, M, K, bias, n0, n1, y, ydt,
-                ldy);
+    tiles::gemm(tiles::ScalarTile{}, WidenRows(widen_scalar, w, K, n0, n1), x, M, K, bias, n0, n1,
+                y, ydt, ldy);
   }
 }
 
