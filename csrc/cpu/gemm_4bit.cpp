@@ -82,18 +82,21 @@ void gemv_rows_scalar(const float* xp, int64_t M, int64_t K, const uint8_t* pack
   }
 }
 
+// Rows [n0, n1) x columns [k0, k1) of W, out row stride k1 - k0. k0, k1
+// even (the vector versions: multiples of their chunk).
 void dequantize_rows_scalar(const uint8_t* packed, const float* absmax, int64_t K, int64_t bs,
-                            QuantType qt, int64_t n0, int64_t n1, float* out) {
+                            QuantType qt, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                            float* out) {
   const float* code = code_table(qt);
   const int64_t row_bytes = K / 2;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * row_bytes;
     const float* arow = absmax + n * (K / bs);
-    float* o = out + (n - n0) * K;
-    for (int64_t j = 0; j < row_bytes; ++j) {
+    float* o = out + (n - n0) * (k1 - k0);
+    for (int64_t j = k0 / 2; j < k1 / 2; ++j) {
       const float scale = arow[(2 * j) / bs];
-      o[2 * j] = code[wrow[j] >> 4] * scale;
-      o[2 * j + 1] = code[wrow[j] & 0xF] * scale;
+      o[2 * j - k0] = code[wrow[j] >> 4] * scale;
+      o[2 * j + 1 - k0] = code[wrow[j] & 0xF] * scale;
     }
   }
 }
@@ -212,19 +215,19 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
 
 PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax, int64_t K,
                                       int64_t bs, QuantType qt, int64_t n0, int64_t n1,
-                                      float* out) {
+                                      int64_t k0, int64_t k1, float* out) {
   const __m512 table = _mm512_loadu_ps(code_table(qt));
   const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
-    float* o = out + (n - n0) * K;
-    for (int64_t k = 0; k < K; k += 32) {
+    float* o = out + (n - n0) * (k1 - k0);
+    for (int64_t k = k0; k < k1; k += 32) {
       const __m512 scale = _mm512_set1_ps(arow[k >> log2bs]);
       __m512 ce, co;
       unpack32_avx512(wrow + k / 2, table, &ce, &co);
-      _mm512_storeu_ps(o + k, _mm512_mul_ps(ce, scale));
-      _mm512_storeu_ps(o + k + 16, _mm512_mul_ps(co, scale));
+      _mm512_storeu_ps(o + (k - k0), _mm512_mul_ps(ce, scale));
+      _mm512_storeu_ps(o + (k - k0) + 16, _mm512_mul_ps(co, scale));
     }
   }
 }
@@ -326,20 +329,21 @@ PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t
 }
 
 PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, int64_t K,
-                                  int64_t bs, QuantType qt, int64_t n0, int64_t n1, float* out) {
+                                  int64_t bs, QuantType qt, int64_t n0, int64_t n1, int64_t k0,
+                                  int64_t k1, float* out) {
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
   const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
-    float* o = out + (n - n0) * K;
-    for (int64_t k = 0; k < K; k += 16) {
+    float* o = out + (n - n0) * (k1 - k0);
+    for (int64_t k = k0; k < k1; k += 16) {
       const __m256 scale = _mm256_set1_ps(arow[k >> log2bs]);
       __m256 ce, co;
       unpack16_avx2(wrow + k / 2, tlo, thi, &ce, &co);
-      _mm256_storeu_ps(o + k, _mm256_mul_ps(ce, scale));
-      _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(co, scale));
+      _mm256_storeu_ps(o + (k - k0), _mm256_mul_ps(ce, scale));
+      _mm256_storeu_ps(o + (k - k0) + 8, _mm256_mul_ps(co, scale));
     }
   }
 }
@@ -403,7 +407,7 @@ namespace {
 // the permuted chunk order by the ISA's dequantize_rows_*, the packed rows
 // and their absmax prefetched ahead as in the GEMVs.
 using DequantRowsFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, QuantType, int64_t,
-                               int64_t, float*);
+                               int64_t, int64_t, int64_t, float*);
 struct DequantRows {
   DequantRowsFn rows_fn;
   const uint8_t* packed;
@@ -416,10 +420,12 @@ struct DequantRows {
       : rows_fn(fn), packed(packed_), absmax(absmax_), K(K_), bs(bs_), qt(qt_),
         pw(packed_ + n0 * (K_ / 2), packed_ + n1 * (K_ / 2), kPrefetchAhead),
         pa(absmax_ + n0 * (K_ / bs_), absmax_ + n1 * (K_ / bs_), kPrefetchAhead * 8 / bs_) {}
-  void operator()(int64_t n, int64_t rows, float* out) {
-    pw.before(packed + (n + rows) * (K / 2));
-    pa.before(absmax + (n + rows) * (K / bs));
-    rows_fn(packed, absmax, K, bs, qt, n, n + rows, out);
+  void operator()(int64_t n, int64_t rows, int64_t k0, int64_t k1, float* out) {
+    if (k0 == 0) {
+      pw.before(packed + (n + rows) * (K / 2));
+      pa.before(absmax + (n + rows) * (K / bs));
+    }
+    rows_fn(packed, absmax, K, bs, qt, n, n + rows, k0, k1, out);
   }
 };
 }  // namespace
@@ -449,9 +455,9 @@ void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_
                               int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
                               float* out, Isa isa) {
   switch (isa) {
-    case Isa::AVX512: dequantize_rows_avx512(packed, absmax, K, blocksize, qt, n0, n1, out); break;
-    case Isa::AVX2: dequantize_rows_avx2(packed, absmax, K, blocksize, qt, n0, n1, out); break;
-    default: dequantize_rows_scalar(packed, absmax, K, blocksize, qt, n0, n1, out);
+    case Isa::AVX512: dequantize_rows_avx512(packed, absmax, K, blocksize, qt, n0, n1, 0, K, out); break;
+    case Isa::AVX2: dequantize_rows_avx2(packed, absmax, K, blocksize, qt, n0, n1, 0, K, out); break;
+    default: dequantize_rows_scalar(packed, absmax, K, blocksize, qt, n0, n1, 0, K, out);
   }
 }
 

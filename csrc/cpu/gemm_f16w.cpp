@@ -231,9 +231,9 @@ struct WidenRows {
   WidenRows(void (*fn)(const uint16_t*, int64_t, float*), const uint16_t* w_, int64_t K_,
             int64_t n0, int64_t n1)
       : widen_fn(fn), w(w_), K(K_), pf(w_ + n0 * K_, w_ + n1 * K_, kPrefetchAhead) {}
-  void operator()(int64_t n, int64_t rows, float* out) {
-    pf.before(w + (n + rows) * K);
-    widen_fn(w + n * K, rows * K, out);
+  void operator()(int64_t n, int64_t rows, int64_t k0, int64_t k1, float* out) {
+    if (k0 == 0) pf.before(w + (n + rows) * K);
+    for (int64_t r = 0; r < rows; ++r) widen_fn(w + (n + r) * K + k0, k1 - k0, out + r * (k1 - k0));
   }
 };
 }  // namespace

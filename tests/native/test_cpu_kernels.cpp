@@ -591,7 +591,8 @@ int main() {
   const QuantType qts[] = {QuantType::NF4, QuantType::FP4};
   // {K, blocksize}: every blocksize of the list that divides K (row-aligned).
   std::vector<std::pair<int64_t, int64_t>> kbs;
-  for (int64_t K : {64, 128, 768, 96}) {
+  // 2112: three chunks of the tiles (common/tiles.h kChunk = 1024), the last partial.
+  for (int64_t K : {64, 128, 768, 96, 2112}) {
     for (int64_t bs : blocksizes) {
       if (K % bs == 0) kbs.emplace_back(K, bs);
     }
@@ -630,7 +631,7 @@ int main() {
         }
       }
     }
-    for (int64_t K : {1, 7, 8, 15, 16, 17, 100, 768}) {
+    for (int64_t K : {1, 7, 8, 15, 16, 17, 100, 768, 2064}) {
       for (int64_t N : {1, 2, 5, 9}) {
         for (const NamedF16wKernel& kernel : kF16wKernels) {
           // K % 16 != 0 runs the scalar tiles (any K); 768 the vector ones.
