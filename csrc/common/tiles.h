@@ -53,10 +53,9 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
 };
 
-// M rows of x split into the fewest tiles of at most max_mr rows, as even as
-// possible (M = 8 with 6-row tiles: 4 + 4, not 6 + 2). Tile t holds rows
-// [begin(t), begin(t) + size(t)). (A struct rather than a callback: a lambda
-// would not inherit the kernels' target attributes.)
+// M >= 1 rows of x split into the fewest tiles of at most max_mr rows, as
+// even as possible (M = 8 with 6-row tiles: 4 + 4, not 6 + 2). Tile t holds
+// rows [begin(t), begin(t) + size(t)).
 struct MSplit {
   int64_t count, base, extra;
   MSplit(int64_t M, int64_t max_mr)
