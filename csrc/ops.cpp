@@ -205,6 +205,15 @@ int64_t f16w_tiles_max_m(cpu::Isa isa, int64_t k) {
   if (isa == cpu::Isa::AVX2 && k % 8 == 0) return cpu_tiles_max_m(isa);
   return 0;
 }
+// Rows [0, n) of W split between threads in whole groups of the tiles' rows,
+// f(n0, n1) per thread's range.
+template <typename F>
+void for_tile_row_groups(int64_t n, F f) {
+  constexpr int64_t R = cpu::kTileRows;
+  at::parallel_for(0, (n + R - 1) / R, 4, [&](int64_t g0, int64_t g1) {
+    f(R * g0, std::min(n, R * g1));
+  });
+}
 // Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized).
 constexpr int64_t kPanelBytes = 2 << 20;
 
@@ -284,10 +293,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
         cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
       });
     } else {
-      // Threads take whole groups of the tiles' 4 rows of W.
-      at::parallel_for(0, (n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
-        cpu::gemm_4bit_tiles(xp_p, M, k, pp, ap, blocksize, qt, bias_p, 4 * g0,
-                             std::min(n, 4 * g1), y_p, ydt, n, isa);
+      for_tile_row_groups(n, [&](int64_t n0, int64_t n1) {
+        cpu::gemm_4bit_tiles(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
       });
     }
     return y.view(out_shape);
@@ -343,24 +350,20 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
   const cpu::Isa isa = cpu::active_isa();
   const at::Tensor xf = x2.to(at::kFloat).contiguous();  // exact for fp16 / bf16 x
 
-  if (M <= kCpuF16wGemvMaxM) {
+  if (M <= f16w_tiles_max_m(isa, k) || M <= kCpuF16wGemvMaxM) {
     at::Tensor y = at::empty({M, n}, x.options());
     const float* xp = xf.data_ptr<float>();
     void* y_p = y.data_ptr();
     const DType ydt = to_dtype(x.scalar_type());
-    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_f16w_rows(xp, M, k, wp, bias_p, n0, n1, y_p, ydt, n, isa);
-    });
-    return y.view(out_shape);
-  }
-  if (M <= f16w_tiles_max_m(isa, k)) {
-    at::Tensor y = at::empty({M, n}, x.options());
-    const float* xp = xf.data_ptr<float>();
-    void* y_p = y.data_ptr();
-    const DType ydt = to_dtype(x.scalar_type());
-    at::parallel_for(0, (n + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
-      cpu::gemm_f16w_tiles(xp, M, k, wp, bias_p, 4 * g0, std::min(n, 4 * g1), y_p, ydt, n, isa);
-    });
+    if (M <= kCpuF16wGemvMaxM) {
+      at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+        cpu::gemv_f16w_rows(xp, M, k, wp, bias_p, n0, n1, y_p, ydt, n, isa);
+      });
+    } else {
+      for_tile_row_groups(n, [&](int64_t n0, int64_t n1) {
+        cpu::gemm_f16w_tiles(xp, M, k, wp, bias_p, n0, n1, y_p, ydt, n, isa);
+      });
+    }
     return y.view(out_shape);
   }
   // Larger M: widen cache-sized panels of W to float32 for BLAS.

@@ -63,6 +63,10 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
+// Rows of W per group of the small-M tiles (common/tiles.h). Callers that
+// split [0, N) between threads hand out whole groups, so that a row's sums
+// never depend on the split.
+constexpr int64_t kTileRows = 4;
 // The same product for a few dozen rows of x (the small-M GEMM between the
 // GEMV and BLAS, common/tiles.h): rows of W dequantized 4 at a time into a
 // cache-resident buffer and multiplied by register tiles of rows of x, so

@@ -23,17 +23,18 @@
 #include <new>
 
 #include "elements.h"
+#include "kernels.h"
 #include "simd_x86.h"
 
 namespace pythia_native {
 namespace cpu {
 namespace tiles {
 
-constexpr int64_t kRows = 4;  // rows of W per buffer fill
+constexpr int64_t kRows = kTileRows;  // rows of W per buffer fill (kernels.h)
 // Values of k per fill: the buffer (kRows x kChunk floats, 16 KiB) stays in
 // L1 while the tiles of x pass over it. Whole rows did not: at K = 3072 the 4
 // rows are 48 KiB, and the M = 8 tiles of pythia-160m's 4h->h layer ran at
-// ~60% of the speed of its h->4h layer (K = 768, the same weight count).
+// ~55% of the speed of its h->4h layer (K = 768, the same weight count).
 // A multiple of every ISA's chunk (32 values).
 constexpr int64_t kChunk = 1024;
 
