@@ -2,8 +2,8 @@
 #   creates .venv if missing, installs the dependencies (torch 2.14.1 with CUDA
 #   13.0 so the CUDA kernels compile even without a GPU, plus the test extras:
 #   pytest, bitsandbytes and transformers as oracles), builds the extension
-#   incrementally (ninja), builds and runs the native C++ kernel tests, then
-#   runs pytest. CUDA tests run when a GPU is visible and skip otherwise.
+#   incrementally (ninja), builds and runs the native C++ kernel tests (the CPU
+#   kernels, and the CUDA kernels in a CPU emulation), then runs pytest. CUDA tests run when a GPU is visible and skip otherwise.
 #
 # Environment: PYTHON (interpreter for the venv, default python3),
 # TORCH_SPEC (default torch==2.14.1), PYTHIA_NATIVE_CUDA=0|1 (see setup.py),
@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test build native-test bench install generate clean
+.PHONY: test build native-test native-asan bench install generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ native-test: $(VENV)/.deps
 	cmake --build build-native
 	ctest --test-dir build-native --output-on-failure
 
+# The native tests again under AddressSanitizer (any out-of-bounds access of a
+# CPU kernel, or of a CUDA kernel in the emulation, fails them); CI runs it.
+native-asan: $(VENV)/.deps
+	cmake -S . -B build-native-asan -G Ninja -DPN_SANITIZE=address -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake --build build-native-asan
+	ctest --test-dir build-native-asan --output-on-failure
+
 test: build native-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -55,4 +62,4 @@ bench: build
 	$(PY) benchmarks/bench_gemm_4bit.py --device cpu --threads 1 2 --out benchmarks/results/gemm_4bit_cpu.md
 
 clean:
-	rm -rf build build-native pythia_native/_C*.so
+	rm -rf build build-native build-native-asan pythia_native/_C*.so
