@@ -235,11 +235,11 @@ def cmd_bench(args) -> int:
 
     def timed(n):
         if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(engine.device)
         t = time.perf_counter()
         engine.generate_ids(prompts, n, ignore_eos=True)
         if engine.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(engine.device)
         return time.perf_counter() - t
 
     timed(2)

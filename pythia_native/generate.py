@@ -70,6 +70,7 @@ class Pythia:
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._graphs: dict[int, _Graph] = {}
         self._graph_pool = None
+        self._capture_stream = None
         # Ids the sampler may choose: those the tokenizer can decode.
         self.vocab_size = min(tokenizer.vocab_size, self.config.vocab_size) if tokenizer else self.config.vocab_size
 
@@ -148,29 +149,40 @@ class Pythia:
         """One token per sequence: ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
         if not self.cuda_graphs:
             return self.model(ids, positions, self.cache)
-        g = self._graphs.get(ids.shape[0])
-        if g is None:
-            g = self._capture(ids, positions)
-            self._graphs[ids.shape[0]] = g
-        g.ids.copy_(ids)
-        g.positions.copy_(positions)
-        g.graph.replay()
-        return g.logits
+        # The model's device, not the current one: on cuda:1 while cuda:0 is current,
+        # the ops run on cuda:1's stream, which is the one that must be captured and
+        # replayed on. Inference mode: the static inputs are inference tensors when
+        # the first capture ran under the caller's torch.inference_mode(), and an
+        # in-place copy into one is refused outside it (allowed for any tensor inside).
+        with torch.cuda.device(self.device), torch.inference_mode():
+            g = self._graphs.get(ids.shape[0])
+            if g is None:
+                g = self._capture(ids, positions)
+                self._graphs[ids.shape[0]] = g
+            g.ids.copy_(ids)
+            g.positions.copy_(positions)
+            g.graph.replay()
+            return g.logits
 
     def _capture(self, ids: torch.Tensor, positions: torch.Tensor) -> _Graph:
         """Capture the decode step for this batch size. The warm-up runs use the
         real inputs, so the cache slots they write are the ones the step writes."""
         static_ids, static_pos = ids.clone(), positions.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        dev = self.device
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # lazy initialization (cuBLAS handles, allocator) outside the capture
                 self.model(static_ids, static_pos, self.cache)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        if self._capture_stream is None:
+            # torch.cuda.graph's default capture stream is one per process, made on
+            # whichever device was current at the first capture anywhere.
+            self._capture_stream = torch.cuda.Stream(device=dev)
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream):
             logits = self.model(static_ids, static_pos, self.cache)
         return _Graph(graph, static_ids, static_pos, logits)
 

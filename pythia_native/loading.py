@@ -265,7 +265,11 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
 
 
 def _storages(model: PythiaModel) -> list[tuple[str, int]]:
-    return [(n, t.data_ptr()) for n, t in model.state_dict(keep_vars=True).items()]
+    """Where every parameter and buffer lives. Not ``state_dict()``: QuantizedLinear
+    builds some of its entries (quant_map, the quant-state record, double-quant
+    statistics) anew on each call, so their addresses say nothing about the graphs."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [(n, t.data_ptr()) for n, t in tensors]
 
 
 def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:

@@ -174,8 +174,15 @@ class QuantizedLinear(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # Keep the compressed statistics on the module's device too.
+        # Module.to(dtype) / .half() / .bfloat16() cast every floating buffer, but
+        # absmax is part of the 4-bit format: float32 always (gemm_4bit refuses
+        # anything else, and a float16 round trip would change the weights). Only
+        # the bias follows the cast; absmax moves device with the original values.
+        absmax = self.absmax
         super()._apply(fn, recurse)
+        if self.absmax.dtype != torch.float32:
+            self.absmax = absmax.to(self.absmax.device)
+        # Keep the compressed statistics on the module's device too.
         if self.nested is not None:
             n = self.nested
             dev = self.weight.device

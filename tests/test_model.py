@@ -256,3 +256,59 @@ def test_model_rejects_unsupported_dtype():
     cfg = PythiaConfig.from_dict(PUBLISHED_160M)
     with pytest.raises(ValueError, match="dtype"):
         PythiaModel(cfg, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ CUDA --
+# The engine on a GPU: eager against CUDA-graph decoding, transformers on the
+# CPU as the oracle. Skipped without a GPU (benchmarks/gpu_check.sh runs them).
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", ["14m", "hd80"])
+def test_greedy_generation_matches_transformers_cuda(shape):
+    hf, model = pair(shape, device="cuda")  # float32 activations on the GPU
+    prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (1, 11))
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=1)[0, 11:]
+    engine = Pythia(model, max_len=128)
+    assert engine.generate_ids(prompt[0].tolist(), 64, ignore_eos=True) == ref.tolist()
+    assert set(engine._graphs) == {1}  # the decode steps ran as a captured graph
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_graph_decode_equals_eager_cuda(dtype):
+    _, model = pair("14m", dtype=dtype, device="cuda")
+    eager = Pythia(model, max_batch=3, max_len=96, cuda_graphs=False)
+    graphed = Pythia(model, max_batch=3, max_len=96)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 1024, (n,), generator=g).tolist() for n in (5, 17, 1)]
+    assert graphed.generate_ids(prompts, 24, ignore_eos=True) == eager.generate_ids(prompts, 24, ignore_eos=True)
+    # Another batch size gets its own graph; the first one replays with new positions.
+    assert graphed.generate_ids(prompts[1], 24, ignore_eos=True) == eager.generate_ids(prompts[1], 24, ignore_eos=True)
+    assert graphed.generate_ids(prompts, 8, ignore_eos=True) == eager.generate_ids(prompts, 8, ignore_eos=True)
+    assert set(graphed._graphs) == {1, 3}
+
+
+@needs_cuda
+def test_generate_inside_then_outside_inference_mode_cuda():
+    # The first capture under the caller's inference_mode makes its static inputs
+    # inference tensors; a later call outside it must still be able to refill them.
+    _, model = pair("tiny", dtype=torch.float16, device="cuda")
+    engine = Pythia(model, max_len=64)
+    with torch.inference_mode():
+        a = engine.generate_ids([5, 6, 7, 8], 12, ignore_eos=True)
+    assert engine.generate_ids([5, 6, 7, 8], 12, ignore_eos=True) == a
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_graphs_on_a_second_gpu_cuda():
+    # cuda:1 while cuda:0 is current: the graph must capture cuda:1's stream.
+    _, model = pair("14m", dtype=torch.float16, device="cuda:1")
+    eager = Pythia(model, max_len=64, cuda_graphs=False)
+    graphed = Pythia(model, max_len=64)
+    with torch.cuda.device(0):
+        assert graphed.generate_ids([5, 6, 7], 24, ignore_eos=True) == eager.generate_ids([5, 6, 7], 24, ignore_eos=True)
+        assert torch.cuda.current_device() == 0

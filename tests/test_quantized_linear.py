@@ -128,3 +128,22 @@ def test_to_device_keeps_nested(device):
     assert q.nested.absmax_q.device.type == device
     sd = q.state_dict()
     assert all(t.device.type == device for t in sd.values())
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_dtype"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_dtype_cast_keeps_absmax_float32(cast, compress, device):
+    """model.half() / .bfloat16() / .to(dtype) cast the bias (the compute dtype)
+    but leave the 4-bit format alone: absmax stays the same float32 values."""
+    q = QuantizedLinear.from_linear(_linear(), compress_statistics=compress).to(device)
+    absmax, weight, ref = q.absmax.clone(), q.weight.clone(), q.dequantize(torch.float32)
+    dt = torch.bfloat16 if cast == "bfloat16" else torch.float16
+    q = q.half() if cast == "half" else q.bfloat16() if cast == "bfloat16" else q.to(dt)
+    assert q.absmax.dtype == torch.float32 and torch.equal(q.absmax, absmax)
+    assert torch.equal(q.weight, weight) and q.bias.dtype == dt
+    assert torch.equal(q.dequantize(torch.float32), ref)
+    x = torch.randn(3, 128, device=device).to(dt)
+    y = q(x)
+    assert y.dtype == dt
+    want = torch.nn.functional.linear(x.float(), ref, q.bias.float())
+    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)

@@ -117,7 +117,7 @@ int dequantize_4bit(const uint8_t* packed, const float* absmax, int64_t numel,
 // Small-M GEMV: y[M, N] = x[M, K] @ W^T + bias, float32 accumulation.
 // x: [M, K] with row stride ldx (elements), y: [M, N] contiguous, bias: [N] or
 // null; x, y and bias share `dt`. Requirements (checked by the caller, see
-// gemv_4bit_supported): row-aligned layout, K % 32 == 0, packed 16-byte
+// gemm_4bit_cuda in ops_cuda.cpp): row-aligned layout, K % 32 == 0, packed 16-byte
 // aligned, x 16-byte aligned with ldx * sizeof(dt) % 16 == 0, M <= kGemvMaxM.
 constexpr int64_t kGemvMaxM = 16;
 int gemv_4bit(const void* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,

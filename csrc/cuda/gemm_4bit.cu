@@ -216,7 +216,7 @@ void launch_gemv(const void* x, int M, int64_t K, int64_t ldx, const uint8_t* pa
 int gemv_4bit(const void* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
               const float* absmax, int64_t N, int64_t blocksize, QuantType qt, const void* bias,
               void* y, DType dt, void* stream) {
-  // The caller checks the full contract (gemv_4bit_supported); these guards
+  // The caller checks the full contract (gemm_4bit_cuda, ops_cuda.cpp); these guards
   // only keep a broken call from indexing out of bounds.
   if (M < 0 || M > kGemvMaxM || K < 0 || N < 0 || !valid_blocksize(blocksize) ||
       K % blocksize != 0 || K % kChunk != 0 || (qt != QuantType::NF4 && qt != QuantType::FP4)) {
