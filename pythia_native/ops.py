@@ -83,7 +83,11 @@ def gemm_4bit(
     AVX2), and dequantizes cache-sized panels for a BLAS call above (in
     bfloat16 for a bfloat16 x, W rounded to bf16 once as a bf16 ``F.linear``
     would; float32 otherwise); the CUDA kernel is a GEMV for M <= 16 and
-    dequantize to x's dtype + cuBLAS above.
+    dequantize to x's dtype + cuBLAS above. cuBLAS multiplies float16/bfloat16
+    in float32, but torch lets it combine split-K partial sums in the input
+    dtype unless ``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``
+    (``..._bf16_...``) is False; the op follows those global settings, as
+    ``F.linear`` does.
     """
     n, k = (int(s) for s in shape)
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type)
@@ -97,7 +101,9 @@ def gemm_f16w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     dtype. Widening float16 to float32 is exact, so for a float32 x this is the
     float32 layer on the widened weight while reading half the bytes: the CPU
     models keep a float16 checkpoint's dense embed_out this way. CPU: a
-    vectorized GEMV for small M, widened panels + BLAS above; CUDA: cuBLAS.
+    vectorized GEMV for small M, widened panels + BLAS above; CUDA: cuBLAS
+    (float16 x: its float16 GEMM, with the split-K caveat of :func:`gemm_4bit`;
+    other dtypes: x and W widened to float32 per call, so not for decoding).
     """
     return _ops.gemm_f16w(x, weight, bias)
 
