@@ -468,6 +468,28 @@ void test_gemv(const NamedKernel& kernel, Isa isa, const QuantWeight& q, int64_t
     CHECK(bad < 0, "bf16/fp16 y at m=%lld n=%lld: %04x / %04x, expected the float32 result "
           "%.9g rounded", ll(bad / ldy), ll(bad % ldy), yb[bad].bits, yh[bad].bits, y[bad]);
   }
+
+  // The GEMV's sums of a row do not depend on which rows a thread is given
+  // (M = 1 takes rows in pairs; a row alone, or the odd one of a range, goes
+  // through the single-row loop): every row computed alone has the bits of
+  // the whole range's result, so results do not change with the thread count.
+  if (kernel.run == cpu::gemv_4bit_rows) {
+    g_ctx = base + " rows alone vs [0, N)";
+    std::vector<float> y_all(M * ldy, 0.0f), y_one(M * ldy, 0.0f);
+    const float* b = with_bias ? bias.data() : nullptr;
+    kernel.run(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt, b, 0, N,
+               y_all.data(), DType::F32, ldy, isa);
+    for (int64_t n = 0; n < N; ++n) {
+      kernel.run(xp.data(), M, K, q.packed.data(), q.absmax.data(), q.bs, q.qt, b, n, n + 1,
+                 y_one.data(), DType::F32, ldy, isa);
+    }
+    int64_t differ = -1;
+    for (int64_t i = 0; i < M * ldy && differ < 0; ++i) {
+      if (!same_bits(y_all[i], y_one[i])) differ = i;
+    }
+    CHECK(differ < 0, "y[m=%lld, n=%lld] = %.9g from [0, N), %.9g computed alone",
+          ll(differ / ldy), ll(differ % ldy), y_all[differ], y_one[differ]);
+  }
 }
 
 void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& rng) {
