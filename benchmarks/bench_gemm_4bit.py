@@ -438,7 +438,9 @@ def git_state() -> str:
     try:
         head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+        # The results folder is left out: a rerun rewrites the very file it reports in.
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)benchmarks/results"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
     except Exception:
