@@ -147,13 +147,12 @@ class Pythia:
 
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
-        if not self.cuda_graphs:
+        if not (self.cuda_graphs and self.device.type == "cuda"):  # the model may have moved
             return self.model(ids, positions, self.cache)
         # The model's device, not the current one: on cuda:1 while cuda:0 is current,
         # the ops run on cuda:1's stream, which is the one that must be captured and
-        # replayed on. Inference mode: the static inputs are inference tensors when
-        # the first capture ran under the caller's torch.inference_mode(), and an
-        # in-place copy into one is refused outside it (allowed for any tensor inside).
+        # replayed on. Inference mode: the static inputs are cloned inside it, so they
+        # are inference tensors, and an in-place copy into one is refused outside it.
         with torch.cuda.device(self.device), torch.inference_mode():
             g = self._graphs.get(ids.shape[0])
             if g is None:

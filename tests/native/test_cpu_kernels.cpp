@@ -620,6 +620,11 @@ int main() {
     }
   }
 
+  if (cpu::best_isa() != Isa::AVX512) {
+    // Said once, so a run on such a machine is not mistaken for full coverage.
+    std::printf("note: this CPU has no AVX-512: its kernels (incl. the M = 1 row pairs of "
+                "gemv_4bit_rows) are not exercised here\n");
+  }
   for (Isa isa : supported_isas()) {
     cpu::set_isa(isa);
     const int64_t before_pass = g_passed, before_fail = g_failed;

@@ -22,14 +22,21 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "check.h"
 #include "common/attention_kernels.h"
 #include "common/elements.h"
 #include "common/kernels.h"
+#include "pn_cuda_emu.h"  // the emulation itself, for the tests of its strictness
 
 namespace pn = pythia_native;
 namespace cpu = pythia_native::cpu;
@@ -50,11 +57,26 @@ const char* dt_name(DType dt) {
 }
 const char* qt_name(QuantType qt) { return qt == QuantType::NF4 ? "nf4" : "fp4"; }
 
-// Elements of one dtype in 16-byte aligned storage (the kernels' vector loads
-// need it; std::vector<double> storage is 16-byte aligned by operator new).
+// Exactly `bytes` bytes, 16-byte aligned (the kernels' vector loads need
+// it). Nothing more: under AddressSanitizer a read one byte past the end is
+// reported, so no slack may hide an over-read.
+class AlignedBytes {
+ public:
+  explicit AlignedBytes(size_t bytes)
+      : p_(static_cast<unsigned char*>(::operator new(bytes, std::align_val_t{16}))) {}
+  ~AlignedBytes() { ::operator delete(p_, std::align_val_t{16}); }
+  AlignedBytes(const AlignedBytes&) = delete;
+  AlignedBytes& operator=(const AlignedBytes&) = delete;
+  unsigned char* data() const { return p_; }
+
+ private:
+  unsigned char* p_;
+};
+
+// n elements of one dtype, in exactly n * dtype_size bytes.
 class Buf {
  public:
-  Buf(DType dt, int64_t n) : dt_(dt), n_(n), store_(static_cast<size_t>((n * 4 + 15) / 8 + 2)) {}
+  Buf(DType dt, int64_t n) : dt_(dt), n_(n), store_(static_cast<size_t>(n * pn::dtype_size(dt))) {}
   DType dtype() const { return dt_; }
   int64_t size() const { return n_; }
   void* data() { return store_.data(); }
@@ -84,7 +106,7 @@ class Buf {
  private:
   DType dt_;
   int64_t n_;
-  std::vector<double> store_;
+  AlignedBytes store_;
 };
 
 // Unit roundoff of a storage dtype: |round(v) - v| <= u * |v|.
@@ -236,16 +258,15 @@ void check_gemv(DType dt, QuantType qt, const GemvCase& c) {
   std::vector<float> wf(static_cast<size_t>(c.N * c.K));
   for (auto& v : wf) v = normal(0.05f);
   const int64_t n_blocks = (c.N * c.K + c.bs - 1) / c.bs;
-  std::vector<uint8_t> packed(static_cast<size_t>((c.N * c.K + 1) / 2) + 16);
-  std::vector<float> absmax(static_cast<size_t>(std::max<int64_t>(n_blocks, 1)));
-  // Packed weights must be 16-byte aligned: vector<uint8_t> storage from
-  // operator new is (glibc: 16).
+  // Packed rows must start 16-byte aligned (K / 2 is a multiple of 16).
+  AlignedBytes packed(static_cast<size_t>((c.N * c.K + 1) / 2));
+  std::vector<float> absmax(static_cast<size_t>(n_blocks));
   cpu::quantize_4bit_blocks(wf.data(), c.N * c.K, c.bs, qt, 0, n_blocks, packed.data(),
                             absmax.data());
   std::vector<float> wd(static_cast<size_t>(c.N * c.K));
   cpu::dequantize_4bit_range(packed.data(), absmax.data(), c.bs, qt, 0, c.N * c.K, wd.data());
 
-  Buf x(dt, std::max<int64_t>(c.M * ldx, 1));
+  Buf x(dt, c.M * ldx);
   for (int64_t m = 0; m < c.M; ++m) {
     for (int64_t k = 0; k < ldx; ++k) x.set(m * ldx + k, k < c.K ? normal() : NAN);  // pads: NaN
   }
@@ -439,9 +460,103 @@ void test_decode() {
   CHECK(call(8, buf.data() + 1) == kInvalidValue, "a cache off 16-byte alignment accepted");
 }
 
+// ------------------------------------------------------------ emulation ---
+// The emulation must refuse what a GPU would not run correctly, or the
+// kernel tests above prove less than they say: each broken kernel below has
+// to abort (in a child process), each bad launch configuration has to be
+// refused without running the kernel.
+
+namespace broken {
+__global__ void sync_after_return(int* out) {
+  if (threadIdx.x == 5) return;  // thread 5 never reaches the barrier
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+__global__ void shuffle_after_lane_return(float* out) {
+  if (threadIdx.x % 32 == 3) return;  // lane 3 is missing from the shuffle
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+__global__ void shuffle_in_partial_warp(float* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);  // launched with 48 threads
+}
+__global__ void misaligned_vector_load(const float* p, float* out) {
+  out[threadIdx.x] = __ldg(reinterpret_cast<const float4*>(p + 1)).x;  // p + 4 bytes
+}
+__global__ void different_barriers(float* out) {
+  // Lanes 0-15 wait at the block barrier, lanes 16-31 of the same warp at a
+  // shuffle that needs lanes 0-15 too: neither barrier completes.
+  if (threadIdx.x < 16) {
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+    __syncthreads();
+  }
+}
+__global__ void writes_one(int* out) { out[threadIdx.x + blockIdx.x * blockDim.x] = 1; }
+}  // namespace broken
+
+// Runs f in a child process; true if the child died of SIGABRT.
+bool aborts(void (*f)()) {
+  std::fflush(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int devnull = open("/dev/null", O_WRONLY);  // the child's message is expected
+    if (devnull >= 0) dup2(devnull, 2);
+    pn_emu::g_barrier_timeout_s = 1;
+    f();
+    _exit(0);
+  }
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) != pid) return false;
+  return WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+}
+
+void test_emulation_is_strict() {
+  g_ctx = "emulation";
+  CHECK(aborts([] {
+          std::vector<int> out(64);
+          pn_emu::Launch(1, 64).run(broken::sync_after_return, out.data());
+        }),
+        "__syncthreads after a thread returned did not abort");
+  CHECK(aborts([] {
+          std::vector<float> out(64);
+          pn_emu::Launch(1, 64).run(broken::shuffle_after_lane_return, out.data());
+        }),
+        "a shuffle missing a returned lane did not abort");
+  CHECK(aborts([] {
+          std::vector<float> out(48);
+          pn_emu::Launch(1, 48).run(broken::shuffle_in_partial_warp, out.data());
+        }),
+        "a full-mask shuffle in a partial warp did not abort");
+  CHECK(aborts([] {
+          std::vector<float> in(16), out(32);
+          pn_emu::Launch(1, 32).run(broken::misaligned_vector_load, in.data(), out.data());
+        }),
+        "a misaligned 16-byte load did not abort");
+  CHECK(aborts([] {
+          std::vector<float> out(64);
+          pn_emu::Launch(1, 64).run(broken::different_barriers, out.data());
+        }),
+        "threads waiting at different barriers did not abort");
+  // Launch configurations the runtime refuses: the kernel must not run.
+  std::vector<int> out(4096, 0);
+  const dim3 bad[][2] = {{dim3(1), dim3(1025)}, {dim3(0), dim3(32)}, {dim3(1, 65536), dim3(32)},
+                         {dim3(1), dim3(0)}};
+  for (const auto& cfg : bad) {
+    pn_emu::Launch(cfg[0], cfg[1]).run(broken::writes_one, out.data());
+    CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration,
+          "grid (%u, %u) block (%u) was not refused", cfg[0].x, cfg[0].y, cfg[1].x);
+  }
+  CHECK(std::count(out.begin(), out.end(), 1) == 0, "a refused launch ran its kernel");
+  pn_emu::Launch(3, 7).run(broken::writes_one, out.data());  // a valid one runs every thread
+  CHECK(cudaGetLastError() == cudaSuccess && std::count(out.begin(), out.end(), 1) == 21,
+        "a 3 x 7 launch wrote %lld elements", ll(std::count(out.begin(), out.end(), 1)));
+}
+
 }  // namespace
 
 int main() {
+  test_emulation_is_strict();
   test_quantize();
   test_dequantize();
   test_gemv();

@@ -8,17 +8,26 @@
 // How a .cu becomes C++ here (CMakeLists.txt, test_cuda_emulated):
 //   - cuda_runtime.h / cuda_fp16.h / cuda_bf16.h in this folder shadow the
 //     toolkit's and include this header;
-//   - rewrite_launches.cmake turns each `kernel<...><<<grid, block, smem,
+//   - cuda_to_cpp.cmake turns each `kernel<...><<<grid, block, smem,
 //     stream>>>(args...)` into `::pn_emu::Launch(grid, block, smem,
-//     stream).run(kernel<...>, args...)`; nothing else in the file changes
-//     (a #line directive keeps diagnostics pointing at the .cu).
+//     stream).run(kernel<...>, args...)`, and each `__shared__ T name[n];`
+//     into a static variable registered with a SharedVar; nothing else in
+//     the file changes (a #line directive keeps diagnostics pointing at the
+//     .cu).
 //
 // Execution model of Launch::run (synchronous: the launch returns when the
 // grid is done, so "device memory" is plain host memory):
-//   - blocks run one after another, in blockIdx order; within a block every
-//     CUDA thread is an OS thread, all started at once;
-//   - __shared__ is `static`: one instance per kernel instantiation, which is
-//     exactly one per block because blocks never overlap in time;
+//   - blocks run one after another, in reverse blockIdx order (a kernel that
+//     relies on block order, which a GPU does not give, is likelier to show
+//     it); within a block every CUDA thread is an OS thread, all started at
+//     once, the highest threadIdx first (so a thread 0 that fills shared
+//     memory for the others tends to run last: a missing barrier shows);
+//   - a __shared__ variable is a static one: one instance per kernel
+//     instantiation, which is exactly one per block because blocks never
+//     overlap in time. Every registered variable is filled with 0xFF bytes
+//     (NaN as float) when first registered and before every block, since
+//     shared memory starts undefined on a GPU: a read before the block's own
+//     write gives NaN, not the last block's values;
 //   - __syncthreads() is a barrier of the whole block. Strict: calling it
 //     after a thread of the block has returned aborts (on a GPU that is a
 //     hang or undefined behaviour);
@@ -31,7 +40,10 @@
 //     threads per block, a grid dimension of 0, grid y/z > 65535, dynamic
 //     shared memory, which no kernel here uses) is refused as the runtime
 //     refuses it: the kernel does not run and cudaGetLastError() reports it.
-// Any violation prints what happened and aborts, so a test cannot pass over it.
+// Any violation prints what happened and aborts, so a test cannot pass over it;
+// a barrier that cannot complete (threads waiting at different barriers)
+// aborts after g_barrier_timeout_s instead of hanging. test_cuda_emulated checks
+// that each of these violations does abort.
 // Out-of-bounds accesses are found by running the test under
 // AddressSanitizer (PN_SANITIZE=address), data races on shared memory under
 // ThreadSanitizer (PN_SANITIZE=thread).
@@ -45,6 +57,7 @@
 #include <math.h>
 
 #include <cmath>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -66,7 +79,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
 
 // --------------------------------------------------------- vector types ---
 struct dim3 {
@@ -108,6 +120,37 @@ namespace pn_emu {
   std::abort();
 }
 
+// A barrier wait longer than this is a deadlock (the slowest block here takes
+// well under a second, under ThreadSanitizer too). A variable so that the
+// test of the timeout itself can shorten it.
+inline int g_barrier_timeout_s = 120;
+
+// The __shared__ variables seen so far (address, bytes). A variable registers
+// itself the first time its kernel runs (a static SharedVar next to it, see
+// cuda_to_cpp.cmake); blocks never run concurrently, so the launcher can
+// poison all of them between blocks without a race.
+struct SharedRegistry {
+  std::mutex mu;
+  std::vector<std::pair<void*, size_t>> vars;
+};
+inline SharedRegistry& shared_registry() {
+  static SharedRegistry r;
+  return r;
+}
+struct SharedVar {
+  SharedVar(void* p, size_t bytes) {
+    std::memset(p, 0xFF, bytes);
+    SharedRegistry& r = shared_registry();
+    std::lock_guard<std::mutex> lk(r.mu);
+    r.vars.emplace_back(p, bytes);
+  }
+};
+inline void poison_shared_memory() {
+  SharedRegistry& r = shared_registry();
+  std::lock_guard<std::mutex> lk(r.mu);
+  for (const auto& v : r.vars) std::memset(v.first, 0xFF, v.second);
+}
+
 inline cudaError_t& last_error() {
   static cudaError_t e = cudaSuccess;
   return e;
@@ -144,7 +187,9 @@ class Barrier {
       cv_.notify_all();
       return;
     }
-    cv_.wait(lk, [&] { return gen_ != gen || left_ != 0; });
+    const bool done = cv_.wait_for(lk, std::chrono::seconds(g_barrier_timeout_s),
+                                   [&] { return gen_ != gen || left_ != 0; });
+    if (!done) fail("a barrier wait timed out: threads wait at different barriers (a hang on a GPU)");
     if (gen_ == gen) fail(what);  // a party left while others waited: a hang on a GPU
   }
   void arrive_and_wait(const char* what) {
@@ -227,9 +272,10 @@ class Launch {
     Block block;
     block.warps = std::vector<Warp>(static_cast<size_t>(n_warps));
     const dim3 grid = grid_, bdim = block_;
-    for (unsigned bz = 0; bz < grid.z; ++bz) {
-      for (unsigned by = 0; by < grid.y; ++by) {
-        for (unsigned bx = 0; bx < grid.x; ++bx) {
+    for (unsigned bz = grid.z; bz-- > 0;) {
+      for (unsigned by = grid.y; by-- > 0;) {
+        for (unsigned bx = grid.x; bx-- > 0;) {
+          poison_shared_memory();
           block.sync.reset(n);
           for (int w = 0; w < n_warps; ++w) {
             Warp& warp = block.warps[static_cast<size_t>(w)];
@@ -238,7 +284,7 @@ class Launch {
           }
           std::vector<std::thread> threads_of_block;
           threads_of_block.reserve(static_cast<size_t>(n));
-          for (int t = 0; t < n; ++t) {
+          for (int t = n - 1; t >= 0; --t) {
             threads_of_block.emplace_back([&, t] {
               tl_block = &block;
               blockDim = bdim;
