@@ -175,8 +175,14 @@ PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t*
 // the pythia-160m shapes (2-vCPU AVX-512 Xeon, medians of 5 alternated runs):
 // R = 2 took 768x2304 from 128 to 110 us and 768x768 from 39 to 36 us; K =
 // 3072 rows gained nothing measurable (their per-row work is 4x rarer); R = 3
-// and 4 were slower than 2 (more live registers than zmm0-31 hold).
+// and 4 were slower than 2 (more live registers than zmm0-31 hold). K = 8192
+// (8192x2048) read 8% slower with pairs in one A/B of 7 alternated runs (4% in
+// a control A/B with the same code on both sides, so partly noise); x alone is
+// 32 KiB there, two rows streaming beside it crowd the 48 KiB L1, and no K >=
+// 2048 shape gained (2048x6144 neutral). Pairs stop at kM1PairsMaxK (x <= 12
+// KiB).
 constexpr int kM1RowsPerStep = 2;
+constexpr int64_t kM1PairsMaxK = 3072;
 template <int R>
 PN_AVX512 inline void gemv_rows_m1_bs64_avx512(const float* x, int64_t K, const uint8_t* w,
                                                 const float* a, __m512 table, float* sums) {
@@ -237,7 +243,7 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
   RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   const int64_t esize = dtype_size(ydt);
   int64_t n = n0;
-  if (M == 1 && bs == 64) {
+  if (M == 1 && bs == 64 && K <= kM1PairsMaxK) {
     // Decoding: rows in pairs (an odd last row goes through the loop below,
     // with the same bits).
     constexpr int R = kM1RowsPerStep;
