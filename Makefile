@@ -3,7 +3,8 @@
 #   13.0 so the CUDA kernels compile even without a GPU, plus the test extras:
 #   pytest, bitsandbytes and transformers as oracles), builds the extension
 #   incrementally (ninja), builds and runs the native C++ kernel tests (the CPU
-#   kernels, and the CUDA kernels in a CPU emulation), then runs pytest. CUDA tests run when a GPU is visible and skip otherwise.
+#   kernels, and the CUDA kernels in a CPU emulation), then runs pytest. CUDA
+#   tests run when a GPU is visible and skip otherwise.
 #
 # Environment: PYTHON (interpreter for the venv, default python3),
 # TORCH_SPEC (default torch==2.14.1), PYTHIA_NATIVE_CUDA=0|1 (see setup.py),
