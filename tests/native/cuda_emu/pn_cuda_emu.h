@@ -51,7 +51,8 @@
 // Float semantics: float32 arithmetic in C++ with -ffp-contract=off, so
 // __fmul_rn / __fdiv_rn / fmaf are the IEEE operations the GPU performs.
 // expf, powf and sincosf are glibc's, which differ from CUDA's by an ulp or
-// two: tests compare with tolerances that allow that, never bit for bit.
+// two: the tests of the kernels that call them (rotary, decode attention)
+// allow that; quantize and dequantize use none and are compared bit for bit.
 #pragma once
 
 #include <math.h>
