@@ -201,9 +201,7 @@ int64_t cpu_tiles_max_m(cpu::Isa isa) {
 // BLAS panels above.
 constexpr int64_t kCpuF16wGemvMaxM = 8;
 int64_t f16w_tiles_max_m(cpu::Isa isa, int64_t k) {
-  if (isa == cpu::Isa::AVX512 && k % 16 == 0) return cpu_tiles_max_m(isa);
-  if (isa == cpu::Isa::AVX2 && k % 8 == 0) return cpu_tiles_max_m(isa);
-  return 0;
+  return cpu::gemm_f16w_tiles_vectorized(isa, k) ? cpu_tiles_max_m(isa) : 0;
 }
 // Rows [0, n) of W split between threads in whole groups of the tiles' rows,
 // f(n0, n1) per thread's range.

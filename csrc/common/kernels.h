@@ -92,7 +92,9 @@ void gemv_f16w_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, con
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 // The same product through the small-M tiles (common/tiles.h): rows of W
 // widened 4 at a time, register tiles of x. Vector tiles need K % 16 == 0
-// (AVX-512) or K % 8 == 0 (AVX2); any other K runs the scalar tiles.
+// (AVX-512) or K % 8 == 0 and F16C (AVX2); otherwise the scalar tiles run
+// (gemm_f16w_tiles_vectorized says which).
+bool gemm_f16w_tiles_vectorized(Isa isa, int64_t K);
 void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 // out[i] = float(w[i]) for i < count (float16 bit patterns -> float32, exact).

@@ -238,12 +238,19 @@ struct WidenRows {
 };
 }  // namespace
 
+bool gemm_f16w_tiles_vectorized(Isa isa, int64_t K) {
+  if (isa == Isa::AVX512) return K % tiles::Avx512Tile::kLanes == 0;
+  if (isa == Isa::AVX2) return avx2_usable() && K % tiles::Avx2Tile::kLanes == 0;
+  return false;
+}
+
 void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
-  if (isa == Isa::AVX512 && K % 16 == 0) {
+  const bool vec = gemm_f16w_tiles_vectorized(isa, K);
+  if (vec && isa == Isa::AVX512) {
     tiles::gemm(tiles::Avx512Tile{}, WidenRows(widen_avx512, w, K, n0, n1), x, M, K, bias, n0, n1,
                 y, ydt, ldy);
-  } else if (isa == Isa::AVX2 && avx2_usable() && K % 8 == 0) {
+  } else if (vec && isa == Isa::AVX2) {
     tiles::gemm(tiles::Avx2Tile{}, WidenRows(widen_avx2, w, K, n0, n1), x, M, K, bias, n0, n1, y,
                 ydt, ldy);
   } else {

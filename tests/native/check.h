@@ -5,6 +5,7 @@
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,17 @@ inline std::string fmt(const char* f, ...) {
 }
 
 inline long long ll(int64_t v) { return static_cast<long long>(v); }
+
+// Names for the failure contexts, and bitwise equality of floats (NaN == NaN
+// when the bits match, -0 != +0).
+inline const char* dt_name(pythia_native::DType dt) {
+  using pythia_native::DType;
+  return dt == DType::F32 ? "f32" : dt == DType::BF16 ? "bf16" : "f16";
+}
+inline const char* qt_name(pythia_native::QuantType qt) {
+  return qt == pythia_native::QuantType::NF4 ? "nf4" : "fp4";
+}
+inline bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 // best_isa() and every ISA below it.
 inline std::vector<pythia_native::cpu::Isa> supported_isas() {

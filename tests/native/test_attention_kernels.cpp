@@ -28,10 +28,6 @@ using namespace native_test;
 
 namespace {
 
-const char* dt_name(DType dt) {
-  return dt == DType::F32 ? "f32" : dt == DType::BF16 ? "bf16" : "f16";
-}
-
 // Storage <-> double. bf16: top 16 bits of a float32 (round to nearest even);
 // fp16: through the hardware-free IEEE conversion below.
 uint16_t f32_to_bf16(float f) {

@@ -35,10 +35,6 @@ namespace {
 
 double g_worst_rel = 0.0, g_worst_rel_cond = 0.0;  // gemv error statistics, per ISA
 
-const char* qt_name(QuantType qt) { return qt == QuantType::NF4 ? "nf4" : "fp4"; }
-
-bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
-
 std::vector<float> normal_vec(std::mt19937& rng, int64_t n, float stddev = 1.0f) {
   std::normal_distribution<float> dist(0.0f, stddev);
   std::vector<float> v(static_cast<size_t>(n));

@@ -52,10 +52,6 @@ namespace {
 constexpr int kInvalidValue = 1;  // cudaErrorInvalidValue
 constexpr DType kDtypes[] = {DType::F32, DType::F16, DType::BF16};
 
-const char* dt_name(DType dt) {
-  return dt == DType::F32 ? "f32" : dt == DType::BF16 ? "bf16" : "f16";
-}
-const char* qt_name(QuantType qt) { return qt == QuantType::NF4 ? "nf4" : "fp4"; }
 
 // Exactly `bytes` bytes, 16-byte aligned (the kernels' vector loads need
 // it). Nothing more: under AddressSanitizer a read one byte past the end is
@@ -157,7 +153,7 @@ void test_quantize() {
             }
           }
           for (int64_t b = 0; b < n_blocks; ++b) {
-            if (std::memcmp(&absmax[static_cast<size_t>(b)], &absmax_ref[static_cast<size_t>(b)], 4)) {
+            if (!same_bits(absmax[static_cast<size_t>(b)], absmax_ref[static_cast<size_t>(b)])) {
               ++bad_absmax;
             }
           }
