@@ -134,6 +134,10 @@ class QuantState:
             raise ValueError(f"{name}: not a valid bitsandbytes quant_state record ({e})") from None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{name}: unknown dtype {record.get('dtype')!r}")
+        if blocksize < 2 or blocksize & (blocksize - 1):
+            raise ValueError(f"{name}: blocksize must be a power of two >= 2, got {blocksize}")
+        if any(s < 0 for s in shape):
+            raise ValueError(f"{name}: negative dimension in shape {list(shape)}")
         nested_offset = None
         if "nested_offset" in record:
             nb = int(record.get("nested_blocksize", NESTED_BLOCKSIZE))

@@ -15,6 +15,7 @@ every sequence's positions start at 0 at its own first token.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -61,7 +62,7 @@ class Pythia:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.max_len = max_len or self.config.max_position_embeddings
+        self.max_len = self.config.max_position_embeddings if max_len is None else max_len
         if not 1 <= self.max_len <= self.config.max_position_embeddings:
             raise GenerationError(
                 f"max_len must be in [1, {self.config.max_position_embeddings}] (max_position_embeddings), got {max_len}"
@@ -82,10 +83,12 @@ class Pythia:
 
     def _encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> tuple[list[list[int]], bool]:
         """Prompts as id lists, and whether a single prompt was given."""
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
+        if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "tolist"):
+            prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids
         single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts)
+            isinstance(prompts, (list, tuple))
+            and len(prompts) > 0
+            and all(isinstance(t, numbers.Integral) for t in prompts)
         )
         batch = [prompts] if single else list(prompts)
         if not batch:
@@ -96,8 +99,10 @@ class Pythia:
                 if self.tokenizer is None:
                     raise GenerationError("text prompts need a tokenizer; pass token ids or load one")
                 ids = self.tokenizer.encode(p)
+            elif isinstance(p, (list, tuple)) or hasattr(p, "tolist"):
+                ids = [int(t) for t in (p if isinstance(p, (list, tuple)) else p.tolist())]
             else:
-                ids = [int(t) for t in p]
+                raise GenerationError(f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}")
             if not ids:
                 raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -125,9 +130,13 @@ class Pythia:
 
     def _ensure_cache(self, batch_size: int) -> None:
         if batch_size > self.cache.max_batch:
-            self.cache = None  # free the old one before allocating the larger one
-            self.cache = self.model.new_cache(batch_size, self.max_len)
+            old, self.cache = self.cache, None  # free the old one before allocating the larger one
             self._graphs.clear()
+            try:
+                self.cache = self.model.new_cache(batch_size, self.max_len)
+            except BaseException:
+                self.cache = old  # e.g. out of memory: the engine keeps working at the old size
+                raise
 
     # -------------------------------------------------------------- decode --
 
@@ -200,7 +209,10 @@ class Pythia:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            if seed is None:
+                generator.seed()  # a fresh random seed for this call; torch's global RNG is left alone
+            else:
+                generator.manual_seed(seed)
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
         for step in range(max_new_tokens):
@@ -256,6 +268,8 @@ class Pythia:
             ignore_eos: keep going after EOS (benchmarks).
             truncate: cut prompts from the left to fit the context instead of raising.
         """
+        if self.tokenizer is None:
+            raise GenerationError("generate() returns text and needs a tokenizer; use generate_ids() for token ids")
         ids, texts, single = self._generate(
             prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate, want_text=True
         )
@@ -287,8 +301,13 @@ class Pythia:
                     continue
                 out[b].append(t)
                 if decoders is not None:
-                    texts_so_far[b] += decoders[b].push(t)
-                    if any(s in texts_so_far[b][-(len(s) + 16) :] for s in stop_strings):
+                    piece = decoders[b].push(t)
+                    texts_so_far[b] += piece
+                    # A new occurrence ends inside the new piece: search it and the
+                    # len(s) - 1 characters before it (pieces can be long: one
+                    # Pythia token is a newline and 19 spaces).
+                    tail = texts_so_far[b]
+                    if any(s in tail[max(len(tail) - len(piece) - len(s) + 1, 0) :] for s in stop_strings):
                         done[b] = True
         texts = None
         if want_text:
@@ -322,13 +341,14 @@ class Pythia:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if max_new_tokens == 0:
             return
-        stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         batch = self._fit(batch, max_new_tokens, truncate)
         decoder = StreamDecoder(self.tokenizer)
         done = [False]
         text, emitted = "", 0
+        cut_by_string = False
         hold = max((len(s) for s in stop_strings), default=1) - 1
         for (t,) in self._token_stream(batch, max_new_tokens, params, seed, done):
             if t in stop_ids:
@@ -337,20 +357,23 @@ class Pythia:
             text += decoder.push(t)
             cut = _cut_at_stop(text, stop_strings)
             if len(cut) < len(text):
-                done[0] = True
+                done[0] = cut_by_string = True
                 text = cut
                 break
             if len(text) - hold > emitted:
                 yield text[emitted : len(text) - hold]
                 emitted = len(text) - hold
-        if not done[0]:
+        if not cut_by_string:
+            # Bytes held for an unfinished UTF-8 character come out as generate()
+            # decodes them (U+FFFD), whether the sequence ended on a stop id,
+            # EOS or max_new_tokens.
             text += decoder.flush()
         text = _cut_at_stop(text, stop_strings)
         if len(text) > emitted:
             yield text[emitted:]
 
     def _stop_set(self, stop, ignore_eos: bool) -> tuple[set[int], list[str]]:
-        items = [] if stop is None else [stop] if isinstance(stop, (int, str)) else list(stop)
+        items = [] if stop is None else [stop] if isinstance(stop, (numbers.Integral, str)) else list(stop)
         ids = {int(s) for s in items if not isinstance(s, str)}
         strings = [s for s in items if isinstance(s, str)]
         if any(s == "" for s in strings):
@@ -452,8 +475,11 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 
 def _ids_before_stop(tokenizer: Tokenizer, ids: list[int], stop_strings: Sequence[str]) -> list[int]:
-    """The ids whose text ends before the first stop string (ids are cut at token boundaries)."""
-    for n in range(len(ids) + 1):
-        if _cut_at_stop(tokenizer.decode(ids[:n]), stop_strings) != tokenizer.decode(ids[:n]):
-            return ids[: n - 1]
-    return ids
+    """The longest prefix of ids whose text ends before the first stop string
+    (ids are cut at token boundaries, so a token that holds the start of the
+    stop string goes too: the ids' text is a prefix of what generate() returns)."""
+    cut = _cut_at_stop(tokenizer.decode(ids), stop_strings)
+    n = len(ids)
+    while n > 0 and not cut.startswith(tokenizer.decode(ids[:n])):
+        n -= 1
+    return ids[:n]

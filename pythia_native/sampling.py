@@ -61,7 +61,10 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 def probabilities(logits: torch.Tensor, params: SamplingParams, vocab_size: Optional[int] = None) -> torch.Tensor:
     """The distribution ``sample`` draws from (``params`` not greedy): ``[B, vocab_size]``."""
-    logits = logits[:, :vocab_size].float() / params.temperature
+    logits = logits[:, :vocab_size].float()
+    # The row maximum first, so that a tiny temperature cannot overflow to inf
+    # (softmax is unchanged by the shift; the top token stays at 0, never NaN).
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     return torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1)
 
 

@@ -1,6 +1,7 @@
 """The generate loop, sampling, streaming, stop conditions and scoring."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,6 +200,130 @@ def test_bad_requests_raise_clear_errors(engine):
         list(engine.stream(["a", "b"], 4))
     with pytest.raises(ValueError, match="temperature"):
         engine.generate("a", 4, temperature=-0.5)
+
+
+def _scripted(engine, ids):
+    """A copy of the engine whose 'model' emits ``ids`` one per step (batch
+    of one), and counts the steps taken: for stop and streaming edge cases
+    that a random model would hit only by chance."""
+    e = Pythia(engine.model, engine.tokenizer, max_len=128)
+    e.steps = 0
+
+    def token_stream(batch, max_new_tokens, params, seed, done):
+        for step, t in enumerate(ids[:max_new_tokens]):
+            e.steps = step + 1
+            yield [t]
+            if all(done):
+                return
+
+    e._token_stream = token_stream
+    return e
+
+
+def _incomplete_byte_id(tokenizer):
+    """An id that is one byte of a multi-byte UTF-8 character on its own."""
+    for i in range(1000):
+        d = StreamDecoder(tokenizer)
+        if d.push(i) == "" and d.flush() == "\ufffd":
+            return i
+    pytest.skip("no single-byte token in this tokenizer")
+
+
+def test_stream_keeps_a_partial_character_before_a_stop_id(engine):
+    hello = engine.tokenizer.encode(" Hello")
+    partial = _incomplete_byte_id(engine.tokenizer)
+    stop_id = engine.tokenizer.encode(" world")[0]
+    e = _scripted(engine, hello + [partial, stop_id, *hello])
+    full = e.generate([5], 10, stop=stop_id)
+    assert full == " Hello\ufffd"
+    assert "".join(e.stream([5], 10, stop=stop_id)) == full
+    # Ended by max_new_tokens in the same place: the same text.
+    assert "".join(e.stream([5], len(hello) + 1)) == e.generate([5], len(hello) + 1) == full
+
+
+def test_stop_string_at_the_start_of_a_long_token_stops_at_once(engine):
+    tok = engine.tokenizer
+    # A token of 20+ characters whose first two occur only at its start
+    # (Pythia's has a newline followed by 19 spaces, code indentation).
+    def only_at_start(piece):
+        return len(piece) >= 20 and piece[:2] not in piece[1:]
+
+    long_id = next((i for i in range(tok.vocab_size) if only_at_start(tok.decode([i]))), None)
+    if long_id is None:
+        pytest.skip("no long token in this tokenizer")
+    piece = tok.decode([long_id])
+    stop = piece[:2]
+    filler = tok.encode(" the")
+    assert stop not in tok.decode(filler * 3)
+    e = _scripted(engine, filler * 3 + [long_id] + filler * 20)
+    assert e.generate([5], 40, stop=stop) == tok.decode(filler * 3)
+    assert e.steps == 4  # stopped at the long token, not after 40 steps
+    e.steps = 0
+    assert tok.decode(e.generate_ids([5], 40, stop=stop)) == tok.decode(filler * 3)
+    assert e.steps == 4
+
+
+def test_generate_ids_text_never_holds_part_of_a_stop_string(engine):
+    tok = engine.tokenizer
+    ids = tok.encode("abc def ghi jkl")
+    e = _scripted(engine, ids)
+    text = e.generate([5], 20, stop="def g")
+    assert text == "abc "
+    out = e.generate_ids([5], 20, stop="def g")
+    # Cut at a token boundary: the longest prefix of ids whose text is a prefix of the text.
+    assert text.startswith(tok.decode(out)) and "def" not in tok.decode(out)
+    assert len(out) < len(ids) and not text.startswith(tok.decode(ids[: len(out) + 1]))
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(engine):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    engine.generate_ids([5, 6], 3, temperature=1.0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_temperature_is_nearly_greedy_not_nan():
+    logits = torch.tensor([[10.0, 0.0, -3.0], [1.0, 2.0, 2.0]])
+    p = probabilities(logits, SamplingParams(1e-40))
+    assert torch.isfinite(p).all()
+    assert torch.equal(p[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(p[1], torch.tensor([0.0, 0.5, 0.5]))  # a tie shares the mass
+    assert sample(logits[:1], SamplingParams(1e-40)).tolist() == [0]
+
+
+def test_prompts_and_stop_ids_as_numpy(engine):
+    ids = engine.generate_ids([5, 6, 7], 6, ignore_eos=True)
+    assert engine.generate_ids(np.array([5, 6, 7]), 6, ignore_eos=True) == ids
+    assert engine.generate_ids(torch.tensor([5, 6, 7]), 6, ignore_eos=True) == ids
+    assert engine.generate_ids([np.array([5, 6, 7])], 6, ignore_eos=True) == [ids]
+    assert engine.generate_ids([5, 6, 7], 6, stop=np.int64(ids[2])) == ids[: ids.index(ids[2])]
+    with pytest.raises(GenerationError, match="expected a string or a list of token ids"):
+        engine.generate_ids([5.5], 4)
+
+
+def test_engine_requests_that_cannot_work_fail_first(engine):
+    with pytest.raises(GenerationError, match="needs a tokenizer"):
+        Pythia(engine.model, None, max_len=32).generate([5, 6], 3)
+    with pytest.raises(GenerationError, match="max_len"):
+        Pythia(engine.model, engine.tokenizer, max_len=0)
+    with pytest.raises(GenerationError, match="must not be empty"):
+        list(engine.stream([5], 0, stop=""))
+
+
+def test_failed_cache_growth_keeps_the_engine_usable(engine, monkeypatch):
+    e = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=32)
+    before = e.generate_ids([5, 6], 4, ignore_eos=True)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(e.model, "new_cache", out_of_memory)
+    with pytest.raises(MemoryError):
+        e.generate_ids([[5, 6], [7, 8]], 4)
+    monkeypatch.undo()
+    assert e.cache is not None and e.cache.max_batch == 1
+    assert e.generate_ids([5, 6], 4, ignore_eos=True) == before
 
 
 def test_larger_batch_than_cache_reallocates(engine):

@@ -110,6 +110,11 @@ def test_from_state_dict_errors():
     bad = dict(sd, **{"weight.quant_state.bitsandbytes__nf4": torch.tensor(list(b"{not json"), dtype=torch.uint8)})
     with pytest.raises(ValueError, match="not a valid bitsandbytes quant_state record"):
         QuantizedLinear.from_state_dict(bad)
+    record = json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].tolist()))
+    for blocksize in (0, -64, 48):  # a corrupt record: an error, not a ZeroDivisionError
+        state = torch.tensor(list(json.dumps(dict(record, blocksize=blocksize)).encode()), dtype=torch.uint8)
+        with pytest.raises(ValueError, match="blocksize must be a power of two"):
+            QuantizedLinear.from_state_dict(dict(sd, **{"weight.quant_state.bitsandbytes__nf4": state}))
     bad = dict(sd, weight=sd["weight"][:-1])
     with pytest.raises(ValueError, match="expected 3072 packed bytes"):
         QuantizedLinear.from_state_dict(bad)
