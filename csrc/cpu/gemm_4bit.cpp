@@ -35,7 +35,7 @@
 // the same two ports, so a chunk (2 shifts + 2 lookups + 2 FMAs) takes ~3
 // cycles: ~11-13 GB/s of NF4 per core at ~2.9 GHz. Hence: no per-element work
 // other than shift, lookup and FMA; absmax applied once per quant block. From
-// DRAM (a decode step's case) the row prefetch (common/prefetch.h) lets memory
+// DRAM (a decode step's case) the stream prefetch (common/prefetch.h) lets memory
 // stalls overlap that work.
 // gcc 12's AVX-512 headers trip -Wuninitialized inside their own
 // _mm512_undefined_ps() (a known false positive in _mm512_reduce_add_ps).
@@ -145,7 +145,7 @@ PN_AVX512 __attribute__((always_inline)) inline void chunk_avx512(
 template <int MT, int CPB>
 PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t* wrow,
                                       const float* arow, int64_t bs, __m512 table,
-                                      float* sums) {
+                                      StreamPrefetcher& pw, StreamPrefetcher& pa, float* sums) {
   __m512 tot[MT][2];
   for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm512_setzero_ps();
   const int64_t cpb = CPB > 0 ? CPB : bs / 32;
@@ -153,6 +153,8 @@ PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t*
   const uint8_t* w = wrow;
   const float* x = xp;
   for (int64_t b = 0; b < nb; ++b) {
+    pw.before(w + bs / 2);
+    pa.before(arow + b + 1);
     __m512 blk[MT][2];
     chunk_avx512<MT, true>(x, K, w, table, blk);
     w += 16;
@@ -185,12 +187,17 @@ constexpr int kM1RowsPerStep = 2;
 constexpr int64_t kM1PairsMaxK = 3072;
 template <int R>
 PN_AVX512 inline void gemv_rows_m1_bs64_avx512(const float* x, int64_t K, const uint8_t* w,
-                                                const float* a, __m512 table, float* sums) {
+                                                const float* a, __m512 table,
+                                                StreamPrefetcher& pw, StreamPrefetcher& pa,
+                                                float* sums) {
   const int64_t row_bytes = K / 2, row_blocks = K / 64;
   __m512 t[R][2];
   for (int r = 0; r < R; ++r) t[r][0] = t[r][1] = _mm512_setzero_ps();
   const int64_t nb = K / 64;
   for (int64_t b = 0; b < nb; ++b, w += 32, x += 64) {
+    // The R rows are read side by side; the stream is prefetched ahead of the last.
+    pw.before(w + (R - 1) * row_bytes + 32);
+    pa.before(a + (R - 1) * row_blocks + b + 1);
     const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
     const __m512 x2 = _mm512_loadu_ps(x + 32), x3 = _mm512_loadu_ps(x + 48);
     __m512 p[R][2];
@@ -219,12 +226,13 @@ PN_AVX512 inline void gemv_rows_m1_bs64_avx512(const float* x, int64_t K, const 
 template <int MT>
 PN_AVX512 inline void row_group_avx512(const float* x, int64_t K, const uint8_t* wrow,
                                        const float* arow, int64_t bs, __m512 table, float b,
-                                       void* y, DType ydt, int64_t ldy, int64_t n) {
+                                       StreamPrefetcher& pw, StreamPrefetcher& pa, void* y,
+                                       DType ydt, int64_t ldy, int64_t n) {
   float sums[MT];
   if (bs == 64) {
-    gemv_row_avx512<MT, 2>(x, K, wrow, arow, bs, table, sums);
+    gemv_row_avx512<MT, 2>(x, K, wrow, arow, bs, table, pw, pa, sums);
   } else {
-    gemv_row_avx512<MT, 0>(x, K, wrow, arow, bs, table, sums);
+    gemv_row_avx512<MT, 0>(x, K, wrow, arow, bs, table, pw, pa, sums);
   }
   for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
 }
@@ -239,8 +247,8 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
   const __m512 table = _mm512_loadu_ps(code_table(qt));
   // absmax is 8 / bs bytes per packed byte: its stream is prefetched as far
   // ahead in rows.
-  RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
-  RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
+  StreamPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
+  StreamPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   const int64_t esize = dtype_size(ydt);
   int64_t n = n0;
   if (M == 1 && bs == 64 && K <= kM1PairsMaxK) {
@@ -248,29 +256,24 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
     // with the same bits).
     constexpr int R = kM1RowsPerStep;
     for (; n + R <= n1; n += R) {
-      const uint8_t* wrow = packed + n * (K / 2);
-      const float* arow = absmax + n * (K / bs);
-      pw.before(wrow + R * (K / 2));
-      pa.before(arow + R * (K / bs));
       float sums[R];
-      gemv_rows_m1_bs64_avx512<R>(xp, K, wrow, arow, table, sums);
+      gemv_rows_m1_bs64_avx512<R>(xp, K, packed + n * (K / 2), absmax + n * (K / bs), table, pw,
+                                  pa, sums);
       for (int r = 0; r < R; ++r) store_out(y, ydt, n + r, sums[r] + (bias ? bias[n + r] : 0.0f));
     }
   }
   for (; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
-    pw.before(wrow + K / 2);
-    pa.before(arow + K / bs);
     const float b = bias ? bias[n] : 0.0f;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* x = xp + m0 * K;
       void* yo = static_cast<char*>(y) + m0 * ldy * esize;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 4: row_group_avx512<4>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
-        case 3: row_group_avx512<3>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
-        case 2: row_group_avx512<2>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
-        default: row_group_avx512<1>(x, K, wrow, arow, bs, table, b, yo, ydt, ldy, n); break;
+        case 4: row_group_avx512<4>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
+        case 3: row_group_avx512<3>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
+        case 2: row_group_avx512<2>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
+        default: row_group_avx512<1>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
       }
     }
   }
@@ -336,10 +339,12 @@ PN_AVX2 __attribute__((always_inline)) inline void chunk_avx2(
 template <int MT>
 PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wrow,
                                   const float* arow, int64_t bs, __m256 tlo, __m256 thi,
-                                  float* sums) {
+                                  StreamPrefetcher& pw, StreamPrefetcher& pa, float* sums) {
   __m256 tot[MT][2];
   for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += bs, ++b) {
+    pw.before(wrow + (k0 + bs) / 2);
+    pa.before(arow + b + 1);
     __m256 blk[MT][2];
     chunk_avx2<MT, true>(xp, K, k0, wrow, tlo, thi, blk);
     for (int64_t k = k0 + 16; k < k0 + bs; k += 16) {
@@ -357,9 +362,10 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
 template <int MT>
 PN_AVX2 inline void row_group_avx2(const float* x, int64_t K, const uint8_t* wrow,
                                    const float* arow, int64_t bs, __m256 tlo, __m256 thi, float b,
-                                   void* y, DType ydt, int64_t ldy, int64_t n) {
+                                   StreamPrefetcher& pw, StreamPrefetcher& pa, void* y, DType ydt,
+                                   int64_t ldy, int64_t n) {
   float sums[MT];
-  gemv_row_avx2<MT>(x, K, wrow, arow, bs, tlo, thi, sums);
+  gemv_row_avx2<MT>(x, K, wrow, arow, bs, tlo, thi, pw, pa, sums);
   for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
 }
 
@@ -369,23 +375,21 @@ PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t
                             int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const __m256 tlo = _mm256_loadu_ps(code_table(qt));
   const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
-  RowPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
-  RowPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
+  StreamPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
+  StreamPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   const int64_t esize = dtype_size(ydt);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
-    pw.before(wrow + K / 2);
-    pa.before(arow + K / bs);
     const float b = bias ? bias[n] : 0.0f;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* x = xp + m0 * K;
       void* yo = static_cast<char*>(y) + m0 * ldy * esize;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
-        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
-        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
-        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, b, yo, ydt, ldy, n); break;
+        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
+        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
+        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
+        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
       }
     }
   }
@@ -477,7 +481,7 @@ struct DequantRows {
   const float* absmax;
   int64_t K, bs;
   QuantType qt;
-  RowPrefetcher pw, pa;
+  StreamPrefetcher pw, pa;
   DequantRows(DequantRowsFn fn, const uint8_t* packed_, const float* absmax_, int64_t K_,
               int64_t bs_, QuantType qt_, int64_t n0, int64_t n1)
       : rows_fn(fn), packed(packed_), absmax(absmax_), K(K_), bs(bs_), qt(qt_),

@@ -189,7 +189,7 @@ template <class Blocks>
 void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
           int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   constexpr int R = Blocks::kRows;
-  RowPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
+  StreamPrefetcher pf(w + n0 * K, w + n1 * K, kPrefetchAhead);
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     pf.before(w + (n + R) * K);
@@ -227,7 +227,7 @@ struct WidenRows {
   void (*widen_fn)(const uint16_t*, int64_t, float*);
   const uint16_t* w;
   int64_t K;
-  RowPrefetcher pf;
+  StreamPrefetcher pf;
   WidenRows(void (*fn)(const uint16_t*, int64_t, float*), const uint16_t* w_, int64_t K_,
             int64_t n0, int64_t n1)
       : widen_fn(fn), w(w_), K(K_), pf(w_ + n0 * K_, w_ + n1 * K_, kPrefetchAhead) {}
