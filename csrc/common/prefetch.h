@@ -14,10 +14,14 @@
 //    come one per 64 bytes consumed rather than in bursts of up to a row's
 //    length (128 lines at K = 8192, far more than the 16 line-fill buffers),
 //    took it further: 8192x2048 4.7 -> 8.2 GB/s, 5120x15360 5.0 -> 8.6,
-//    2048x8192 6.5 -> 8.7, 2048x6144 7.5 -> 9.6, 768x2304 6.6 -> 8.6
-//    (a standalone A/B of the two, medians of 6-40 passes over 39-50 MB).
-// 4 KiB ahead beat 2 and 8 KiB. Weights already in cache lose nothing
-// measurable.
+//    2048x8192 6.5 -> 8.7, 2048x6144 7.5 -> 9.6, 768x2304 6.6 -> 8.6 in a
+//    standalone A/B of the two loops (medians of 6-40 passes over 39-50 MB);
+//    through the op (medians of 3 alternated processes, each streaming 42 MB
+//    of 160m-, 235 MB of 1.4b-shaped and 157 MB of 5120x15360 matrices):
+//    1.4b 6.0 -> 7.0 GB/s, 5120x15360 6.2 -> 6.8, 160m +5% on one thread;
+//    10.1 -> 11.9, 9.2 -> 11.8 and +5% on two.
+// 4 KiB ahead beat 2 and 8 KiB (T1/T2 hints: no better than T0). Weights
+// already in cache lose nothing measurable (bench_gemm_4bit, M = 1).
 #pragma once
 #include <xmmintrin.h>
 
