@@ -202,11 +202,11 @@ def test_bad_requests_raise_clear_errors(engine):
         engine.generate("a", 4, temperature=-0.5)
 
 
-def _scripted(engine, ids):
+def _scripted(engine, ids, tokenizer=None):
     """A copy of the engine whose 'model' emits ``ids`` one per step (batch
     of one), and counts the steps taken: for stop and streaming edge cases
     that a random model would hit only by chance."""
-    e = Pythia(engine.model, engine.tokenizer, max_len=128)
+    e = Pythia(engine.model, tokenizer or engine.tokenizer, max_len=128)
     e.steps = 0
 
     def token_stream(batch, max_new_tokens, params, seed, done):
@@ -218,6 +218,17 @@ def _scripted(engine, ids):
 
     e._token_stream = token_stream
     return e
+
+
+class _PiecesTokenizer:
+    """Id i decodes to pieces[i]: token texts of any length, without a real tokenizer."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.vocab_size = len(pieces)
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
 
 
 def _incomplete_byte_id(tokenizer):
@@ -242,24 +253,14 @@ def test_stream_keeps_a_partial_character_before_a_stop_id(engine):
 
 
 def test_stop_string_at_the_start_of_a_long_token_stops_at_once(engine):
-    tok = engine.tokenizer
-    # A token of 20+ characters whose first two occur only at its start
-    # (Pythia's has a newline followed by 19 spaces, code indentation).
-    def only_at_start(piece):
-        return len(piece) >= 20 and piece[:2] not in piece[1:]
-
-    long_id = next((i for i in range(tok.vocab_size) if only_at_start(tok.decode([i]))), None)
-    if long_id is None:
-        pytest.skip("no long token in this tokenizer")
-    piece = tok.decode([long_id])
-    stop = piece[:2]
-    filler = tok.encode(" the")
-    assert stop not in tok.decode(filler * 3)
-    e = _scripted(engine, filler * 3 + [long_id] + filler * 20)
-    assert e.generate([5], 40, stop=stop) == tok.decode(filler * 3)
-    assert e.steps == 4  # stopped at the long token, not after 40 steps
+    # Pythia's tokenizer has a token of a newline and 19 spaces (code
+    # indentation); a stop string at its start must end the sequence there.
+    tok = _PiecesTokenizer(["<|endoftext|>", " the", "\n" + " " * 19])  # id 0: EOS, as in Pythia
+    e = _scripted(engine, [1, 1, 1, 2] + [1] * 20, tok)
+    assert e.generate([1], 40, stop="\n ") == " the" * 3
+    assert e.steps == 4  # stopped at the long token, not after 24 steps
     e.steps = 0
-    assert tok.decode(e.generate_ids([5], 40, stop=stop)) == tok.decode(filler * 3)
+    assert e.generate_ids([1], 40, stop="\n ") == [1, 1, 1]
     assert e.steps == 4
 
 
