@@ -99,10 +99,11 @@ class Pythia:
                 if self.tokenizer is None:
                     raise GenerationError("text prompts need a tokenizer; pass token ids or load one")
                 ids = self.tokenizer.encode(p)
-            elif isinstance(p, (list, tuple)) or hasattr(p, "tolist"):
-                ids = [int(t) for t in (p if isinstance(p, (list, tuple)) else p.tolist())]
             else:
-                raise GenerationError(f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}")
+                p = p.tolist() if hasattr(p, "tolist") else p  # a tensor or numpy row
+                if not isinstance(p, (list, tuple)):
+                    raise GenerationError(f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}")
+                ids = [int(t) for t in p]
             if not ids:
                 raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
