@@ -98,8 +98,24 @@ def hub_offline() -> bool:
     Read at call time as well as at ``huggingface_hub`` import time, so a
     variable set after import counts too.
     """
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+    return _offline_setting() is not None
+
+
+def _offline_setting() -> Optional[str]:
+    """The setting that turns the network off, as a user would write it, or None when it is on.
+
+    The first of ``HF_HUB_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` that is set
+    decides, as in ``huggingface_hub``; its import-time value counts too.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:
+            if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+                return f"{name}={value}"
+            break
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1 when huggingface_hub was imported"
+    return None
 
 
 def _cache_location(cache_dir: Optional[Union[str, os.PathLike]]) -> str:
@@ -265,7 +281,7 @@ def download_checkpoint(
         warn_known_data_problems(ref, rev)
     offline = hub_offline() if local_files_only is None else bool(local_files_only)
     if offline:
-        why = "local_files_only=True" if local_files_only else "network access is off (HF_HUB_OFFLINE=1)"
+        why = "local_files_only=True" if local_files_only else f"network access is off ({_offline_setting()})"
         return _from_cache(ref.repo_id, rev, cache_dir, tokenizer, why)
     try:
         return _download(ref.repo_id, rev, cache_dir, token, tokenizer)

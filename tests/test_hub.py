@@ -167,6 +167,11 @@ def test_offline_missing_revision_is_one_clear_error(tmp_path, monkeypatch):
     assert isinstance(info.value, PythiaNativeError)
     with pytest.raises(OfflineError, match="local_files_only=True"):
         hub.download_checkpoint("pythia-410m", cache_dir=tmp_path, local_files_only=True)  # repo never cached
+    # The message names the variable that turned the network off.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
+    with pytest.raises(OfflineError, match=r"network access is off \(TRANSFORMERS_OFFLINE=yes\)"):
+        hub.download_checkpoint("pythia-160m", "step2000", cache_dir=tmp_path)
 
 
 def test_offline_incomplete_snapshot(tmp_path, monkeypatch):
