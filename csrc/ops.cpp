@@ -10,6 +10,7 @@
 //   gemm_f16w(x, weight, bias) -> x @ float(weight).T + bias (float16 weight, float32 sums)
 //   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
 //   decode_attention(q, k_cache, v_cache, positions, scale) -> out
+//   gelu(x) -> x * Phi(x) (exact GELU, float32 math)
 // (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
 #include "ops.h"
 
@@ -371,6 +372,24 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
   return panel_matmul(xf, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
 
+// gelu: elementwise, so threads split the flat range; below kGeluGrain
+// elements (a decode step's 3,072-8,192) one thread does it all, ~1-2 us,
+// cheaper than waking the pool.
+constexpr int64_t kGeluGrain = 32768;
+at::Tensor gelu_cpu(const at::Tensor& x) {
+  check_float_dtype(x, "x", "gelu");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  const void* xp = xc.data_ptr();
+  void* yp = y.data_ptr();
+  const DType dt = to_dtype(x.scalar_type());
+  const cpu::Isa isa = cpu::active_isa();
+  at::parallel_for(0, xc.numel(), kGeluGrain, [&](int64_t i0, int64_t i1) {
+    cpu::gelu_range(xp, yp, dt, i0, i1, isa);
+  });
+  return y;
+}
+
 // Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.
 // A load-time decode (one float per 64 weights), written with torch ops so
 // that it runs on every device.
@@ -419,6 +438,7 @@ TORCH_LIBRARY(pythia_native, m) {
         "Tensor(b!) v_cache, int rotary_ndims, float rope_theta) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, "
         "float scale) -> Tensor");
+  m.def("gelu(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
@@ -426,6 +446,7 @@ TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
   m.impl("gemm_4bit", &gemm_4bit_cpu);
   m.impl("gemm_f16w", &gemm_f16w_cpu);
+  m.impl("gelu", &gelu_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CompositeExplicitAutograd, m) {

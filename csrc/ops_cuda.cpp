@@ -102,6 +102,17 @@ at::Tensor gemm_f16w_cuda(const at::Tensor& x, const at::Tensor& weight,
   return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bf).to(x.scalar_type());
 }
 
+at::Tensor gelu_cuda(const at::Tensor& x) {
+  check_float_dtype(x, "x", "gelu");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  check_launch(cuda::gelu(xc.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), xc.numel(),
+                          current_stream()),
+               "gelu");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pythia_native, CUDA, m) {
@@ -109,6 +120,7 @@ TORCH_LIBRARY_IMPL(pythia_native, CUDA, m) {
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);
   m.impl("gemm_4bit", &gemm_4bit_cuda);
   m.impl("gemm_f16w", &gemm_f16w_cuda);
+  m.impl("gelu", &gelu_cuda);
 }
 
 }  // namespace pythia_native

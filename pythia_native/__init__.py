@@ -13,6 +13,7 @@ from .ops import (
     dequantize_absmax,
     gemm_4bit,
     gemm_f16w,
+    gelu,
     quantize_4bit,
     rotary_kv_cache_,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "dequantize_absmax",
     "gemm_4bit",
     "gemm_f16w",
+    "gelu",
     "quantize_4bit",
     "rotary_kv_cache_",
 ]

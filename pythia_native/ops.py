@@ -168,6 +168,20 @@ def decode_attention(
     return _ops.decode_attention(q, k_cache, v_cache, positions, float(scale))
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """The exact (erf) GELU, ``x * Phi(x)``, of a float32/float16/bfloat16 tensor
+    of any shape; returns a new contiguous tensor of x's shape and dtype.
+
+    Computed in float32 and rounded once: within a few ulp of the float64
+    value for x > -3 and ~1e-6 relative below, where ``F.gelu``'s float32
+    ``1 + erf`` has cancelled (csrc/cpu/activation.cpp has the formulas and
+    tests/test_gelu.py the measured bounds). CPU: vectorized, the same bits on
+    every ISA; CUDA: ``x * normcdff(x)``. Specials as torch: +inf -> +inf,
+    -inf -> NaN, NaN -> NaN.
+    """
+    return _ops.gelu(x)
+
+
 # ----------------------------------------------------------- fake kernels ---
 # Shapes only, for torch.compile / FakeTensor / meta tracing.
 
@@ -215,3 +229,8 @@ def _rotary_kv_cache_fake(qkv, positions, k_cache, v_cache, rotary_ndims, rope_t
 @torch.library.register_fake("pythia_native::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("pythia_native::gelu")
+def _gelu_fake(x):
+    return x.new_empty(x.shape)

@@ -178,3 +178,11 @@ def decode_attention(
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
     return torch.einsum("bhtl,bhld->bthd", probs, v).to(q.dtype)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Twin of ``ops.gelu``: ``x * Phi(x) = 0.5 x erfc(-x / sqrt(2))`` in float64,
+    rounded once to x's dtype (the erfc form: no ``1 + erf`` cancellation for
+    negative x). +inf gives +inf, -inf NaN (``0 * -inf``), as the kernels."""
+    xd = x.detach().double()
+    return (0.5 * xd * torch.special.erfc(-xd * 0.7071067811865476)).to(x.dtype)

@@ -95,3 +95,9 @@ def test_gemm_f16w(M, dtype, device):
     x = torch.randn(M, 40, device=device, dtype=dtype)
     torch.library.opcheck(ops.gemm_f16w, (x, w, torch.randn(33, device=device, dtype=dtype)))
     torch.library.opcheck(ops.gemm_f16w, (x, w, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu(dtype, device):
+    torch.library.opcheck(ops.gelu, (torch.randn(3, 70, device=device, dtype=dtype),))
+    torch.library.opcheck(ops.gelu, (torch.randn(0, device=device, dtype=dtype),))

@@ -99,6 +99,11 @@ void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, co
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 // out[i] = float(w[i]) for i < count (float16 bit patterns -> float32, exact).
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa);
+
+// y[i] = GELU(x[i]) = x Phi(x) (the exact, erf form) for i in [i0, i1), in
+// float32 and rounded once to dt (cpu/activation.cpp). x and y: elements of
+// dt; y may be x. Every ISA writes the same bits.
+void gelu_range(const void* x, void* y, DType dt, int64_t i0, int64_t i1, Isa isa);
 }  // namespace cpu
 
 namespace cuda {
@@ -125,6 +130,10 @@ constexpr int64_t kGemvMaxM = 16;
 int gemv_4bit(const void* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
               const float* absmax, int64_t N, int64_t blocksize, QuantType qt, const void* bias,
               void* y, DType dt, void* stream);
+
+// y[i] = GELU(x[i]) for i < n (float32 math: x * normcdff(x), rounded once
+// to dt). x, y: n elements of dt; y may be x.
+int gelu(const void* x, void* y, DType dt, int64_t n, void* stream);
 
 }  // namespace cuda
 }  // namespace pythia_native

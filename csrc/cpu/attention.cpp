@@ -79,39 +79,6 @@ void accumulate_scalar(const float* p, const T* v, int64_t D, int64_t n, float a
 
 #define PN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
-// 16 elements at p -> 16 floats; lanes outside `mask` read nothing and are 0.
-PN_AVX512 inline __m512 load16(const float* p, __mmask16 mask) {
-  return _mm512_maskz_loadu_ps(mask, p);
-}
-PN_AVX512 inline __m512 load16(const Bf16* p, __mmask16 mask) {
-  // bf16 is the top half of a float32: widen to 32 bits and shift up.
-  const __m256i h = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-PN_AVX512 inline __m512 load16(const F16* p, __mmask16 mask) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
-}
-
-// exp(x) of 16 lanes for x <= 0 (scores minus their running max): Cephes
-// expf's range reduction x = n ln2 + r and degree-5 polynomial (~1 ulp), then
-// 2^n by vscalefps. Lanes below -87.3 (down to -inf) come out ~1e-38 > 0: the
-// caller zeroes the lanes it masks.
-PN_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Four per-key partial-sum vectors x0..x3 -> one vector whose 128-bit quarter
 // i holds 4 partial sums of key i (two shuffle+add levels instead of four
 // full horizontal reductions).
@@ -200,38 +167,11 @@ PN_AVX512 float attend_row_avx512(const float* q, const T* k, const T* v, int64_
 
 #define PN_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-PN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-PN_AVX2 inline __m256 load8(const Bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-PN_AVX2 inline __m256 load8(const F16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 PN_AVX2 inline float hmax8(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   s = _mm_max_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// As exp16, 8 lanes; 2^n built in the exponent field (n >= -126 after the clamp).
-PN_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 // Four per-key partial-sum vectors -> their four totals, in order.
@@ -366,37 +306,9 @@ void attention_rows(const T* q, const T* kc, const T* vc, const int64_t* positio
 }
 
 // ------------------------------------------------------- rotary, vector ---
-
-// float32 -> T, round to nearest even, 16 lanes under `mask`. bf16 NaNs are
-// made quiet as from_f32<Bf16> does; fp16 uses vcvtps2ph (RNE, overflow to
-// inf), which matches from_f32<F16> for every non-NaN value.
-PN_AVX512 inline void store16(float* p, __m512 v, __mmask16 mask) {
-  _mm512_mask_storeu_ps(p, mask, v);
-}
-PN_AVX512 inline void store16(Bf16* p, __m512 v, __mmask16 mask) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(r));
-}
-PN_AVX512 inline void store16(F16* p, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// The products are passed through an empty asm so that the compiler cannot
-// contract product and sum into one FMA: the scalar loop rounds each product,
-// and so must this (gcc implements these intrinsics as vector arithmetic, which
-// -ffp-contract=fast, its default, may fuse).
-PN_AVX512 inline __m512 rounded(__m512 v) {
-  __asm__("" : "+v"(v));
-  return v;
-}
-PN_AVX2 inline __m256 rounded(__m256 v) {
-  __asm__("" : "+x"(v));
-  return v;
-}
+// load16/store16, load8/store8 and rounded() are in common/simd_x86.h: the
+// products go through rounded() so that, as in the scalar loop, each is
+// rounded before the sum (no FMA contraction).
 
 template <typename T>
 PN_AVX512 void rotate_avx512(const T* src, T* dst, int64_t half, const float* c, const float* sn) {
@@ -409,17 +321,6 @@ PN_AVX512 void rotate_avx512(const T* src, T* dst, int64_t half, const float* c,
     store16(dst + j + half,
             _mm512_add_ps(rounded(_mm512_mul_ps(x2, cv)), rounded(_mm512_mul_ps(x1, sv))), mk);
   }
-}
-
-PN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-PN_AVX2 inline void store8(F16* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-PN_AVX2 inline void store8(Bf16* p, __m256 v) {
-  alignas(32) float tmp[8];
-  _mm256_store_ps(tmp, v);
-  for (int i = 0; i < 8; ++i) p[i] = from_f32<Bf16>(tmp[i]);
 }
 
 template <typename T>

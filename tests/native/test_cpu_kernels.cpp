@@ -598,6 +598,63 @@ void test_gemv_f16w(const NamedF16wKernel& kernel, Isa isa, int64_t M, int64_t N
   CHECK(bad < 0, "widen_f16 out[%lld] = %.9g (count %lld)", ll(bad), wide[bad], ll(N * K));
 }
 
+// gelu_range: every ISA writes the scalar kernel's bits (the claim of
+// cpu/activation.cpp) for n around the vector widths, for each storage type,
+// from an offset start (i0 > 0, as a thread's share), in place too, and never
+// past i1 (a sentinel). The scalar kernel against double: within 32 ulp of
+// float32 for x >= -3, 1e-5 relative below (tests/test_gelu.py measures the
+// bounds: 16 ulp and 7.1e-6 on [-10, 10]).
+void test_gelu(Isa isa, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  const DType dts[] = {DType::F32, DType::BF16, DType::F16};
+  for (DType dt : dts) {
+    const int64_t es = pn::dtype_size(dt);
+    for (int64_t n : {1, 7, 8, 9, 15, 16, 17, 33, 100}) {
+      for (int64_t i0 : {0, 3}) {
+        for (bool in_place : {false, true}) {
+          g_ctx = fmt("gelu isa %s dt %d n %lld i0 %lld%s", cpu::isa_name(isa), static_cast<int>(dt),
+                      ll(n), ll(i0), in_place ? " in place" : "");
+          const int64_t total = i0 + n;
+          std::vector<float> xf(static_cast<size_t>(total));
+          for (auto& v : xf) v = nd(rng);
+          std::vector<uint16_t> x16(static_cast<size_t>(total));
+          std::vector<char> xbuf(static_cast<size_t>(total * es));
+          for (int64_t i = 0; i < total; ++i) {
+            if (dt == DType::F32) {
+              std::memcpy(xbuf.data() + i * 4, &xf[static_cast<size_t>(i)], 4);
+            } else {
+              const uint16_t b = dt == DType::BF16 ? cpu::from_f32<cpu::Bf16>(xf[static_cast<size_t>(i)]).bits
+                                                   : cpu::from_f32<cpu::F16>(xf[static_cast<size_t>(i)]).bits;
+              std::memcpy(xbuf.data() + i * 2, &b, 2);
+            }
+          }
+          // want: the scalar kernel; out: this ISA, one element of sentinel bytes past i1.
+          std::vector<char> want(static_cast<size_t>(total * es)), out(static_cast<size_t>((total + 1) * es), 0x5a);
+          cpu::gelu_range(xbuf.data(), want.data(), dt, i0, total, Isa::Scalar);
+          if (in_place) std::memcpy(out.data(), xbuf.data(), xbuf.size());
+          cpu::gelu_range(in_place ? out.data() : xbuf.data(), out.data(), dt, i0, total, isa);
+          CHECK(std::memcmp(out.data() + i0 * es, want.data() + i0 * es, static_cast<size_t>(n * es)) == 0,
+                "differs from the scalar kernel's bits");
+          bool sentinel = true;
+          for (int64_t b = 0; b < es; ++b) sentinel &= out[static_cast<size_t>(total * es + b)] == 0x5a;
+          CHECK(sentinel, "wrote past i1");
+          if (dt == DType::F32) {
+            for (int64_t i = i0; i < total; ++i) {
+              const double xv = xf[static_cast<size_t>(i)];
+              const double exact = 0.5 * xv * std::erfc(-xv / std::sqrt(2.0));
+              float got;
+              std::memcpy(&got, want.data() + i * 4, 4);
+              const double tol = 32 * std::ldexp(1.0, std::ilogb(static_cast<float>(exact)) - 23) +
+                                 (xv < -3 ? 1e-5 : 0.0) * std::fabs(exact) + 1e-37;
+              CHECK(std::fabs(got - exact) <= tol, "x %g: %.9g vs exact %.9g", xv, got, exact);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -664,6 +721,7 @@ int main() {
         }
       }
     }
+    test_gelu(isa, rng);
     std::printf("isa %s: %lld passed, %lld failed (gemv / tiles worst error: %.3g of max|y_ref|, "
                 "%.3g of max sum|x w|)\n",
                 cpu::isa_name(isa), ll(g_passed - before_pass), ll(g_failed - before_fail),

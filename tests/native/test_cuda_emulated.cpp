@@ -549,6 +549,58 @@ void test_emulation_is_strict() {
         "a 3 x 7 launch wrote %lld elements", ll(std::count(out.begin(), out.end(), 1)));
 }
 
+// ---------------------------------------------------------------- gelu ---
+
+// The CUDA GELU (x * normcdff(x)) against the CPU kernel (the erf-series /
+// erfc formulas of cpu/activation.cpp, within a few ulp of float64 for
+// x > -3 and 1e-5 relative below): per element |gpu - cpu| <= 2e-5 |cpu|
+// plus two roundings of the storage dtype, + 1e-37 for the flushed tail;
+// specials exactly (+inf, -inf -> NaN, NaN). In place (y == x) too; nothing
+// written past n.
+void test_gelu() {
+  for (DType dt : kDtypes) {
+    for (int64_t n : {1, 7, 256, 257, 5000}) {
+      for (bool in_place : {false, true}) {
+        g_ctx = fmt("gelu %s n=%lld%s", dt_name(dt), ll(n), in_place ? " in place" : "");
+        Buf x(dt, n);
+        for (int64_t i = 0; i < n; ++i) x.set(i, normal(4.0f));
+        if (n >= 256) {
+          const float specials[] = {INFINITY, -INFINITY, NAN, 0.0f, -20.0f, 20.0f, -5.5f, 1e-30f};
+          for (int i = 0; i < 8; ++i) x.set(100 + i, specials[i]);
+        }
+        Buf want(dt, n);
+        cpu::gelu_range(x.data(), want.data(), dt, 0, n, Isa::Scalar);
+        Buf out(dt, n + 1);
+        const float sentinel = out.set(n, 12345.0f);
+        if (in_place) std::memcpy(out.data(), x.data(), static_cast<size_t>(n * pn::dtype_size(dt)));
+        const int rc = cuda::gelu(in_place ? out.data() : x.data(), out.data(), dt, n, nullptr);
+        CHECK(rc == 0, "status %d", rc);
+        int64_t bad = 0, first = -1;
+        for (int64_t i = 0; i < n; ++i) {
+          const double g = out.get(i), c = want.get(i);
+          const bool ok = std::isnan(c) ? std::isnan(g)
+                          : std::isinf(c) ? g == c
+                                          : std::fabs(g - c) <= (2e-5 + 2 * unit_roundoff(dt)) *
+                                                                        std::fabs(c) + 1e-37;
+          if (!ok) {
+            if (first < 0) first = i;
+            ++bad;
+          }
+        }
+        CHECK(bad == 0, "%lld elements differ, first %lld: x %g, gpu %g vs cpu %g", ll(bad),
+              ll(first), first >= 0 ? x.get(first) : 0.0, first >= 0 ? out.get(first) : 0.0,
+              first >= 0 ? want.get(first) : 0.0);
+        CHECK(out.get(n) == sentinel, "wrote past n: %g", out.get(n));
+      }
+    }
+  }
+  g_ctx = "gelu bad arguments";
+  float o[1];
+  CHECK(cuda::gelu(o, o, DType::F32, 0, nullptr) == 0, "n = 0 is not a no-op");
+  CHECK(cuda::gelu(o, o, DType::F32, -1, nullptr) == kInvalidValue, "n = -1 accepted");
+  CHECK(cuda::gelu(o, o, static_cast<DType>(9), 1, nullptr) == kInvalidValue, "dtype 9 accepted");
+}
+
 }  // namespace
 
 int main() {
@@ -558,5 +610,6 @@ int main() {
   test_gemv();
   test_rotary();
   test_decode();
+  test_gelu();
   return summary();
 }

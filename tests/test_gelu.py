@@ -1,0 +1,131 @@
+"""ops.gelu: the exact (erf) GELU against float64, torch, and itself across ISAs."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pythia_native as pn
+from pythia_native import reference
+
+from conftest import CPU_ISAS
+
+
+def _grid() -> torch.Tensor:
+    # 2.2 M points over [-10, 10], denser near 0.
+    return torch.cat([torch.linspace(-10, 10, 2_000_001), torch.linspace(-0.01, 0.01, 200_001)])
+
+
+def _ulps(got: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    ulp = torch.from_numpy(np.spacing(np.abs(exact.float().numpy()))).double()
+    return (got.double() - exact).abs() / ulp
+
+
+# Bounds measured on this grid (float32; the kernel's formulas are in
+# csrc/cpu/activation.cpp): max ulp error and max relative error per range.
+# torch's float32 F.gelu on the same grid, for scale: 1.7-4.9 ulp for x > -0.7,
+# 11 ulp on [-1.5, -0.7], 2,168 ulp on [-3, -1.5], and no correct digit below -5.
+ERROR_BOUNDS = [  # (lo, hi, max ulp, max relative error)
+    (-10, -5, None, 1e-5),  # measured 7.1e-6 (exp's argument -z^2 rounded at |arg| up to 50)
+    (-5, -3, None, 3e-6),  # measured 1.9e-6
+    (-3, -1.5, 20, None),  # measured 16.2
+    (-1.5, -0.7, 10, None),  # measured 7.6
+    (-0.7, 0, 4, None),  # measured 2.8
+    (0, 10, 2, None),  # measured 1.6
+]
+
+
+def test_float32_error_against_float64():
+    x = _grid()
+    got = pn.gelu(x)
+    exact = reference.gelu(x.double())
+    for lo, hi, max_ulp, max_rel in ERROR_BOUNDS:
+        m = (x >= lo) & (x < hi)
+        if max_ulp is not None:
+            assert _ulps(got[m], exact[m]).max() <= max_ulp, (lo, hi)
+        if max_rel is not None:
+            rel = (got[m].double() - exact[m]).abs() / exact[m].abs()
+            assert rel.max() <= max_rel, (lo, hi)
+
+
+def test_more_exact_than_torch_where_torch_cancels():
+    # The reason for the erfc form: torch's float32 GELU computes 1 + erf(x / sqrt 2),
+    # which cancels for negative x.
+    x = torch.tensor([-3.0, -4.0, -5.0, -6.0])
+    exact = reference.gelu(x.double())
+    ours = (pn.gelu(x).double() - exact).abs() / exact.abs()
+    theirs = (F.gelu(x).double() - exact).abs() / exact.abs()
+    assert (ours < 1e-5).all()
+    assert (theirs > 1e-4).all()
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_isa_writes_the_same_bits(cpu_isa, dtype):
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4099) * 4, torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -30.0])])
+    x = x.to(dtype)
+    got = pn.gelu(x)
+    pn._C.set_cpu_isa("scalar")
+    want = pn.gelu(x)
+    pn._C.set_cpu_isa(cpu_isa)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()].view(bits), want[~want.isnan()].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_types_are_the_float64_value_rounded_once(dtype):
+    # float32 math is accurate enough that rounding to 8 or 11 bits lands where
+    # float64 does, on every value of the grid.
+    x = _grid().to(dtype)
+    torch.testing.assert_close(pn.gelu(x), reference.gelu(x), rtol=0, atol=0)
+
+
+def test_specials_follow_torch():
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, 1e-30, -1e-40, -13.0, -30.0, 88.0])
+    got = pn.gelu(x)
+    assert got[0] == float("inf")
+    assert got[1].isnan() and got[2].isnan()  # -inf: 0 * -inf, as torch's ATen kernel
+    assert got[3] == 0 and got[4] == 5e-31 and got[5] == x[5] / 2
+    assert -1e-36 < got[6] < 0  # -13 Phi(-13) = -8e-38, which torch's 1 + erf rounds to -0
+    assert got[7] == 0 and got[8] == 88.0
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (2, 1, 3072), (1, 17, 8192), (70_001,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shapes_dtypes_and_torch(shape, dtype, device):
+    torch.manual_seed(1)
+    x = (torch.randn(shape) * 3).to(device=device, dtype=dtype)
+    y = pn.gelu(x)
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    # Against float64 rounded to x's dtype, and against torch's own GELU, whose
+    # float32 1 + erf leaves an absolute error of up to ~3e-7 |x| for negative x.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+    torch.testing.assert_close(y.cpu(), reference.gelu(x.cpu()), **tol)
+    torch_tol = dict(rtol=1e-5, atol=5e-6) if dtype == torch.float32 else tol
+    torch.testing.assert_close(y, F.gelu(x), **torch_tol)
+
+
+def test_non_contiguous_input(device):
+    x = torch.randn(64, 48, device=device).t()[5:, ::2]
+    assert not x.is_contiguous()
+    y = pn.gelu(x)
+    torch.testing.assert_close(y, pn.gelu(x.contiguous()), rtol=0, atol=0)
+    assert y.is_contiguous()
+
+
+def test_threaded_split_gives_the_same_bits():
+    x = torch.randn(300_000) * 3  # past the one-thread grain: split between threads
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pn.gelu(x)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, pn.gelu(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32], ids=str)
+def test_wrong_dtype_names_x(dtype):
+    with pytest.raises(RuntimeError, match=r"pythia_native.gelu: x must be float32, float16 or bfloat16"):
+        pn.gelu(torch.zeros(4, dtype=dtype))
