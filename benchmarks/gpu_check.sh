@@ -7,6 +7,12 @@
 #   bash benchmarks/gpu_check.sh                  # every stage
 #   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate
 #
+# Under a per-command time limit (10 minutes on the device tool), run it as two
+# calls on the same warm machine, the build kept between them:
+#   STAGE_TIMEOUT=280 bash benchmarks/gpu_check.sh install cuda-tests tests
+#   bash benchmarks/gpu_check.sh bench bench-generate
+# (a fresh machine needs `install` again first; the build is incremental).
+#
 # Expects the machine's own python with torch (CUDA build), nvcc, ninja,
 # pytest and transformers; no network. bitsandbytes (the benchmark's peer) is
 # installed from .wheels/bitsandbytes-*.whl when the repo carries one.
@@ -64,7 +70,9 @@ echo "=== pythia-native gpu_check: $(date -Is) on $(hostname)"
 echo "repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')), OUT=$OUT, python=$PY"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset} PYTHIA_NATIVE_CUDA=1"
 nvidia-smi || echo "nvidia-smi: not available"
-command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "nvcc: not on PATH"
+# The toolkit setup.py builds with ($CUDA_HOME/bin/nvcc), not whatever nvcc is on PATH.
+NVCC="${CUDA_HOME:+$CUDA_HOME/bin/}nvcc"
+command -v "$NVCC" >/dev/null && "$NVCC" --version | tail -2 || echo "nvcc: $NVCC not found"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 
 if want install; then

@@ -40,8 +40,11 @@ def cpu_isa(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `-m cuda` (benchmarks/gpu_check.sh's quick stage) selects every test that
+    # runs on a GPU: the device-parametrized cases ([cuda], -cuda) and the
+    # GPU-only tests, all of which say cuda in their names.
     for item in items:
-        if "cuda" in item.keywords or "[cuda" in item.nodeid or "-cuda" in item.nodeid:
+        if "cuda" in item.keywords or "cuda" in item.nodeid:
             item.add_marker(pytest.mark.cuda)
 
 

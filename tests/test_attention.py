@@ -209,7 +209,10 @@ def test_rotary_positions_beyond_cache_cuda_skip_write():
     k_ref, v_ref = torch.zeros_like(k), torch.zeros_like(v)
     q_ref = ref.rotary_kv_cache_(qkv[:, :1], torch.tensor([[4]], device="cuda"), k_ref, v_ref, R)
     torch.testing.assert_close(q[:, :1], q_ref)
-    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # slot 5 does not exist; nothing else moved
+    # Slot 5 does not exist; nothing else moved. k within rounding (the GPU's
+    # sincosf / powf are not the CPU's); v is a copy.
+    torch.testing.assert_close(k, k_ref)
+    assert torch.equal(v, v_ref)
 
 
 # ----------------------------------------------------------- decode_attention
@@ -362,7 +365,9 @@ def test_decode_step_in_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = pn.decode_attention(pn.rotary_kv_cache_(qkv, pos, k, v, R), k, v, pos)
-    k_ref, v_ref = torch.zeros_like(k), torch.zeros_like(v)
+    # The warm-up wrote slot 0 of both sequences (capture runs nothing): the
+    # reference caches start from that state.
+    k_ref, v_ref = k.clone(), v.clone()
     for step in range(0, 260, 37):
         qkv.copy_(torch.randn_like(qkv))
         pos.copy_(torch.tensor([[step], [max(step - 40, -1)]], device=dev))

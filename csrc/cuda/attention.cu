@@ -90,8 +90,14 @@ __global__ void __launch_bounds__(kRotaryThreads)
       float s, c;
       sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
       const float sgn_s = d < half ? -s : s;
-      qo[e] = from_float<T>(to_float(xh[d]) * c + to_float(xh[partner]) * sgn_s);
-      if (write) kc[slot] = from_float<T>(to_float(xh[D + d]) * c + to_float(xh[D + partner]) * sgn_s);
+      // Each product rounded, then the sum, as the CPU kernels and the
+      // reference do: without the _rn intrinsics nvcc contracts them into an FMA.
+      qo[e] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[d]), c),
+                                      __fmul_rn(to_float(xh[partner]), sgn_s)));
+      if (write) {
+        kc[slot] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[D + d]), c),
+                                           __fmul_rn(to_float(xh[D + partner]), sgn_s)));
+      }
     } else {
       qo[e] = xh[d];
       if (write) kc[slot] = xh[D + d];

@@ -49,7 +49,7 @@
 // ThreadSanitizer (PN_SANITIZE=thread).
 //
 // Float semantics: float32 arithmetic in C++ with -ffp-contract=off, so
-// __fmul_rn / __fdiv_rn / fmaf are the IEEE operations the GPU performs.
+// __fadd_rn / __fmul_rn / __fdiv_rn / fmaf are the IEEE operations the GPU performs.
 // expf, powf and sincosf are glibc's, which differ from CUDA's by an ulp or
 // two: the tests of the kernels that call them (rotary, decode attention)
 // allow that; quantize and dequantize use none and are compared bit for bit.
@@ -355,6 +355,7 @@ inline unsigned __float_as_uint(float f) {
 // Round-to-nearest IEEE operations (the file is compiled without FMA
 // contraction, so these are exactly one rounding each).
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 // expf, fabsf, fmaf, fmaxf, powf, sincosf: the C library's, from <math.h>
 // (included above), as the global names the kernels call.
