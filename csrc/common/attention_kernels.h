@@ -19,6 +19,7 @@
 // once at the end.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels.h"
@@ -30,6 +31,16 @@ namespace pythia_native {
 // 16-byte vectors in fp16/bf16 (8 elements) and fp32 (4 elements).
 constexpr int64_t kAttnMaxHeadDim = 256;
 constexpr int64_t kAttnHeadDimMultiple = 8;
+
+// inv_freq[j] = 1 / theta^(2j / R) for j < R / 2, in float32 as
+// reference.rope_inv_freq computes it (powf of the float32 exponent, then the
+// reciprocal). Host code: the CPU kernels call it, and the CUDA launcher
+// passes its values to the kernel, so both devices rotate by the same angles.
+inline void rope_inv_freq(int64_t R, float theta, float* inv_freq) {
+  for (int64_t j = 0; j < R / 2; ++j) {
+    inv_freq[j] = 1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(R));
+  }
+}
 
 namespace cpu {
 
@@ -70,7 +81,10 @@ namespace cuda {
 // be captured once in a CUDA graph and replayed while `positions` changes.
 // They return cudaGetLastError() as an int (0 = success).
 
-// One CTA per token. A token whose position is >= L cannot be refused without
+// CTA (token, c) does elements [128 c, 128 c + 128) of the token's [H, D];
+// inv_freq comes from rope_inv_freq on the host, as a kernel argument (so a
+// graph replays it). Requires rotary_ndims <= kAttnMaxHeadDim. A token whose
+// position is >= L cannot be refused without
 // a host sync: its k/v are NOT written (no out-of-bounds write) and its q is
 // rotated as for any position. Callers keep positions < L (the CPU op checks).
 int rotary_kv_cache(const void* qkv, DType dt, int64_t B, int64_t T, int64_t stride_b,

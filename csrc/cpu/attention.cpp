@@ -351,10 +351,7 @@ void rotary_tokens(const T* qkv, int64_t T_, int64_t sb, int64_t st, const int64
   const int64_t half = R / 2;
   float inv_freq[kAttnMaxHeadDim / 2 + 1];
   float cos_[kAttnMaxHeadDim / 2 + 1], sin_[kAttnMaxHeadDim / 2 + 1];
-  // As reference.rope_inv_freq: float32 exponent 2j / R, powf, reciprocal.
-  for (int64_t j = 0; j < half; ++j) {
-    inv_freq[j] = 1.0f / std::pow(theta, static_cast<float>(2 * j) / static_cast<float>(R));
-  }
+  rope_inv_freq(R, theta, inv_freq);
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t b = i / T_, t = i % T_;
     const int64_t pos = positions[i];

@@ -2,11 +2,15 @@
 // and the shapes are in common/attention_kernels.h).
 //
 // Kernels
-//   rotary_kv_cache_kernel<T>  one CTA per token, threads over H * D: each
-//       thread writes one element of q, k and v (reading its rotate-half
-//       partner), so every store of a warp is contiguous. Positions are read
-//       on the device; a position >= L skips the cache write (no host check:
-//       the op must stay capturable in a CUDA graph).
+//   rotary_kv_cache_kernel<T>  CTA (token, c) covers 128 elements of the
+//       token's [H, D]: each thread writes one element of q, k and v (reading
+//       its rotate-half partner), so every store of a warp is contiguous. A
+//       decode step (B = 1) thus spreads over H * D / 128 SMs (6 for
+//       pythia-160m, 40 for 12b) instead of looping on one. inv_freq comes
+//       from the host (rope_inv_freq, the CPU kernels' values) as a kernel
+//       argument, so each element costs one sincosf, no powf. Positions are
+//       read on the device; a position >= L skips the cache write (no host
+//       check: the op must stay capturable in a CUDA graph).
 //   decode_split_kernel<T>     flash-decoding, phase 1: CTA (row, split) with
 //       row = (b, t, h) takes keys [split * 128, split * 128 + 128) of its row
 //       (cut at the row's position) and writes the partial (max m, sum l,
@@ -61,15 +65,23 @@ constexpr int kCombineThreads = 128;
 
 // ------------------------------------------------------------------ rotary ---
 
+// inv_freq of rope_inv_freq, by value (kernel arguments are captured with the
+// launch in a CUDA graph).
+struct RopeFreqs {
+  float v[kAttnMaxHeadDim / 2];
+};
+
 // qkv: row (b, t) at b * sb + t * st, [H, 3, D] within; positions [B * T];
-// caches [Bc, H, L, D]; q_out [B * T, H, D].
+// caches [Bc, H, L, D]; q_out [B * T, H, D]. Grid (B * T, ceil(H * D / 128)).
 template <typename T>
 __global__ void __launch_bounds__(kRotaryThreads)
     rotary_kv_cache_kernel(const T* __restrict__ qkv, int64_t T_, int64_t sb, int64_t st,
                            const int64_t* __restrict__ positions, int H, int D, int64_t L, int R,
-                           float theta, T* __restrict__ kc, T* __restrict__ vc,
+                           RopeFreqs freqs, T* __restrict__ kc, T* __restrict__ vc,
                            T* __restrict__ q_out) {
   const int64_t i = blockIdx.x;  // token (b, t)
+  const int e = static_cast<int>(blockIdx.y) * kRotaryThreads + static_cast<int>(threadIdx.x);
+  if (e >= H * D) return;  // the last chunk's spare threads (no barrier follows)
   const int64_t b = i / T_, t = i % T_;
   const int64_t pos = positions[i];
   const T* x = qkv + b * sb + t * st;
@@ -77,33 +89,30 @@ __global__ void __launch_bounds__(kRotaryThreads)
   const bool rotate = pos >= 0;
   const bool write = pos >= 0 && pos < L;  // never past the cache
   const int half = R / 2;
-  for (int e = threadIdx.x; e < H * D; e += kRotaryThreads) {
-    const int h = e / D, d = e % D;
-    const T* xh = x + static_cast<int64_t>(h) * 3 * D;
-    const int64_t slot = ((b * H + h) * L + pos) * D + d;
-    if (rotate && d < R) {
-      // rotate-half: out[j] = x[j] c - x[j + half] s, out[j + half] =
-      // x[j + half] c + x[j] s (j < half); float32 as reference.rope_inv_freq.
-      const int j = d < half ? d : d - half;
-      const int partner = d < half ? d + half : d - half;
-      const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * j) / static_cast<float>(R));
-      float s, c;
-      sincosf(static_cast<float>(pos) * inv_freq, &s, &c);
-      const float sgn_s = d < half ? -s : s;
-      // Each product rounded, then the sum, as the CPU kernels and the
-      // reference do: without the _rn intrinsics nvcc contracts them into an FMA.
-      qo[e] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[d]), c),
-                                      __fmul_rn(to_float(xh[partner]), sgn_s)));
-      if (write) {
-        kc[slot] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[D + d]), c),
-                                           __fmul_rn(to_float(xh[D + partner]), sgn_s)));
-      }
-    } else {
-      qo[e] = xh[d];
-      if (write) kc[slot] = xh[D + d];
+  const int h = e / D, d = e % D;
+  const T* xh = x + static_cast<int64_t>(h) * 3 * D;
+  const int64_t slot = ((b * H + h) * L + pos) * D + d;
+  if (rotate && d < R) {
+    // rotate-half: out[j] = x[j] c - x[j + half] s, out[j + half] =
+    // x[j + half] c + x[j] s (j < half), in float32.
+    const int j = d < half ? d : d - half;
+    const int partner = d < half ? d + half : d - half;
+    float s, c;
+    sincosf(static_cast<float>(pos) * freqs.v[j], &s, &c);
+    const float sgn_s = d < half ? -s : s;
+    // Each product rounded, then the sum, as the CPU kernels and the
+    // reference do: without the _rn intrinsics nvcc contracts them into an FMA.
+    qo[e] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[d]), c),
+                                    __fmul_rn(to_float(xh[partner]), sgn_s)));
+    if (write) {
+      kc[slot] = from_float<T>(__fadd_rn(__fmul_rn(to_float(xh[D + d]), c),
+                                         __fmul_rn(to_float(xh[D + partner]), sgn_s)));
     }
-    if (write) vc[slot] = xh[2 * D + d];
+  } else {
+    qo[e] = xh[d];
+    if (write) kc[slot] = xh[D + d];
   }
+  if (write) vc[slot] = xh[2 * D + d];
 }
 
 // ------------------------------------------------------- decode attention ---
@@ -280,9 +289,13 @@ template <typename T>
 void launch_rotary(const void* qkv, int64_t B, int64_t T_, int64_t sb, int64_t st,
                    const int64_t* positions, int64_t H, int64_t D, int64_t L, int64_t R,
                    float theta, void* kc, void* vc, void* q_out, cudaStream_t stream) {
-  rotary_kv_cache_kernel<T><<<static_cast<unsigned>(B * T_), kRotaryThreads, 0, stream>>>(
+  RopeFreqs freqs{};
+  rope_inv_freq(R, theta, freqs.v);
+  const dim3 grid(static_cast<unsigned>(B * T_),
+                  static_cast<unsigned>((H * D + kRotaryThreads - 1) / kRotaryThreads));
+  rotary_kv_cache_kernel<T><<<grid, kRotaryThreads, 0, stream>>>(
       static_cast<const T*>(qkv), T_, sb, st, positions, static_cast<int>(H),
-      static_cast<int>(D), L, static_cast<int>(R), theta, static_cast<T*>(kc),
+      static_cast<int>(D), L, static_cast<int>(R), freqs, static_cast<T*>(kc),
       static_cast<T*>(vc), static_cast<T*>(q_out));
 }
 
@@ -302,7 +315,7 @@ void launch_decode(const void* q, const void* kc, const void* vc, const int64_t*
 }
 
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit
-constexpr int64_t kMaxGridY = 65535;
+constexpr int64_t kMaxGridY = 65535;       // gridDim.y limit
 
 }  // namespace
 
@@ -311,7 +324,8 @@ int rotary_kv_cache(const void* qkv, DType dt, int64_t B, int64_t T, int64_t str
                     int64_t rotary_ndims, float rope_theta, void* k_cache, void* v_cache,
                     void* q_out, void* stream) {
   if (B < 0 || T < 0 || H < 1 || D < 1 || L < 0 || rotary_ndims < 0 || rotary_ndims > D ||
-      rotary_ndims % 2 != 0 || B * T > kMaxGridX || H * D > 2147483647) {
+      rotary_ndims % 2 != 0 || rotary_ndims > kAttnMaxHeadDim || B * T > kMaxGridX ||
+      H * D > kMaxGridY * kRotaryThreads) {
     return static_cast<int>(cudaErrorInvalidValue);
   }
   if (B * T == 0) return 0;

@@ -393,6 +393,10 @@ void test_rotary() {
   CHECK(cuda::rotary_kv_cache(buf, DType::F32, 1, 1, 24, 24, pos, 1, 8, 4, 3, 10000.0f, buf, buf,
                               buf, nullptr) == kInvalidValue,
         "odd rotary_ndims accepted");
+  std::vector<float> big(3 * 300);
+  CHECK(cuda::rotary_kv_cache(big.data(), DType::F32, 1, 1, 900, 900, pos, 1, 300, 1, 258,
+                              10000.0f, big.data(), big.data(), big.data(), nullptr) == kInvalidValue,
+        "rotary_ndims > kAttnMaxHeadDim accepted (its inv_freq would not fit the kernel argument)");
 }
 
 // Decode attention: against the CPU kernel's scalar path (one pass, online
