@@ -8,7 +8,7 @@ import torch
 from neox import hf_model, pair, tokenizer_path, trained_tokenizer
 from pythia_native.errors import GenerationError
 from pythia_native.generate import Pythia
-from pythia_native.sampling import SamplingParams, filter_logits, probabilities, sample
+from pythia_native.sampling import SamplingParams, filter_logits, greedy, probabilities, sample
 from pythia_native.tokenizer import StreamDecoder, Tokenizer
 
 REAL_TOKENIZER = tokenizer_path()
@@ -371,3 +371,20 @@ def test_score_long_text_in_windows(tokenizer):
 def test_score_batch_returns_one_result_per_text(engine):
     out = engine.score(["Hello world", "Once upon a time"])
     assert len(out) == 2 and all(math.isfinite(s.perplexity) for s in out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_greedy_is_torch_argmax(dtype):
+    # The CPU fast path (numpy) keeps torch.argmax's rule: first maximum, NaN wins;
+    # on a row slice too (the logits wider than the vocabulary).
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50304).to(dtype)
+    logits[1, 7] = logits[1, 9] = logits[1].max() + 1  # a tie: id 7
+    logits[2, 11] = logits[2, 3] = float("nan")  # NaNs: the first one, id 3
+    logits[3, 50300] = 100.0  # beyond the slice below: not a candidate
+    logits[4] = 0.0  # all equal: id 0
+    for view in (logits, logits[:, :50277]):
+        got = greedy(view)
+        assert got.dtype == torch.int64 and torch.equal(got, torch.argmax(view, dim=-1))
+    assert greedy(logits)[1:3].tolist() == [7, 3]
+    assert greedy(logits[:, :50277])[3] != 50300
