@@ -698,10 +698,11 @@ int main() {
         for (int64_t N : {1, 3, 17}) {
           const QuantWeight q = make_weight(N, K, bs, qt, rng);
           test_dequantize_rows_permuted(isa, q, rng);
-          // M: every tile split of the tiles kernel up to 3 tiles (6 + 6 + 5
-          // for 17) and the GEMV's groups of 4 with each remainder.
+          // M: the tiles kernel's splits into tiles of up to 6 rows (13: 5 +
+          // 4 + 4; 17: 6 + 6 + 5; up to 50: 9 tiles) and the GEMV's groups of
+          // 4 with each remainder.
           for (const NamedKernel& kernel : kRowsKernels) {
-            for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 9, 13, 17}) {
+            for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 9, 13, 16, 17, 33, 50}) {
               for (bool with_bias : {false, true}) {
                 test_gemv(kernel, isa, q, M, with_bias, 0, 0, rng);  // contiguous x and y
                 test_gemv(kernel, isa, q, M, with_bias, 7, 5, rng);  // ldx > K, ldy > N
@@ -715,7 +716,7 @@ int main() {
       for (int64_t N : {1, 2, 5, 9}) {
         for (const NamedF16wKernel& kernel : kF16wKernels) {
           // K % 16 != 0 runs the scalar tiles (any K); 768 the vector ones.
-          for (int64_t M : {1, 2, 3, 4, 5, 7, 13}) {
+          for (int64_t M : {1, 2, 3, 4, 5, 7, 13, 16, 20, 40}) {
             test_gemv_f16w(kernel, isa, M, N, K, M % 2 == 1, rng);
           }
         }
