@@ -155,9 +155,13 @@ class Pythia:
         lengths = torch.tensor([len(p) for p in batch], dtype=torch.int64, device=self.device)
         return logits, lengths
 
+    def _graphed(self) -> bool:
+        """Whether decode steps replay CUDA graphs (checked per call: the model may have moved)."""
+        return self.cuda_graphs and self.device.type == "cuda"
+
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
-        if not (self.cuda_graphs and self.device.type == "cuda"):  # the model may have moved
+        if not self._graphed():
             return self.model(ids, positions, self.cache)
         # The model's device, not the current one: on cuda:1 while cuda:0 is current,
         # the ops run on cuda:1's stream, which is the one that must be captured and
@@ -216,13 +220,20 @@ class Pythia:
                 generator.manual_seed(seed)
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
+        # Without CUDA graphs, decode steps call the model bound once for this call
+        # (PythiaModel.bind: no per-step module overhead; the weights cannot change
+        # between two steps of one call).
+        step_fn = None if self._graphed() else self.model.bind()
         for step in range(max_new_tokens):
             next_ids = sample(logits, params, generator, self.vocab_size)
             host_ids = next_ids.tolist()
             yield host_ids
             if step + 1 == max_new_tokens or all(done):
                 return
-            logits = self._decode_step(next_ids.view(-1, 1), positions)
+            if step_fn is not None:
+                logits = step_fn(next_ids.view(-1, 1), positions, self.cache)
+            else:
+                logits = self._decode_step(next_ids.view(-1, 1), positions)
             positions += 1
 
     # -------------------------------------------------------------- public --

@@ -81,9 +81,32 @@ def _fits_float16(t: torch.Tensor) -> bool:
     return all(torch.equal(c.to(torch.float16).to(c.dtype), c) for c in rows.split(4096))
 
 
-def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm in float32 whatever the activation dtype (fp16 Pythia overflows otherwise)."""
-    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight, ln.bias, ln.eps).to(x.dtype)
+# ----------------------------------------------------------------- binding --
+# Every module below computes through a plain function made by its bind():
+# forward() binds and calls it, and the generate loop binds the whole model
+# once per call (PythiaModel.bind), so that a CPU decode step does not pay
+# nn.Module call and attribute overhead ~200 times (a 12-layer model with
+# hidden size 64, all compute negligible, took 2.3-2.8 ms per decode step
+# before). One definition of the math, whichever way it is called; a bound
+# function is valid while the module's tensors stay the same objects.
+
+
+def _bind_layer_norm(ln: nn.LayerNorm):
+    """x -> LayerNorm(x) in float32 whatever the activation dtype (fp16 Pythia overflows otherwise)."""
+    shape, weight, bias, eps = ln.normalized_shape, ln.weight, ln.bias, ln.eps
+
+    def layer_norm(x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
+
+    return layer_norm
+
+
+def _bind_linear(module: nn.Module):
+    """x -> module(x) for a QuantizedLinear or an nn.Linear."""
+    if isinstance(module, QuantizedLinear):
+        return module.bind()
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
 
 
 def prefill_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
@@ -123,15 +146,24 @@ class Attention(nn.Module):
         self.scale = config.head_dim**-0.5
 
     def forward(self, x, positions, k_cache, v_cache, mask: Optional[torch.Tensor]):
-        B, T, _ = x.shape
+        return self.bind()(x, positions, k_cache, v_cache, mask)
+
+    def bind(self):
         c = self.config
-        qkv = self.query_key_value(x)
-        q = ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, c.rotary_ndims, c.rope_theta)
-        if mask is None:
-            a = ops.decode_attention(q, k_cache, v_cache, positions, self.scale)
-        else:
-            a = prefill_attention(q, k_cache, v_cache, mask, self.scale)
-        return self.dense(a.reshape(B, T, c.hidden_size))
+        query_key_value, dense = _bind_linear(self.query_key_value), _bind_linear(self.dense)
+        rotary_ndims, rope_theta, hidden, scale = c.rotary_ndims, float(c.rope_theta), c.hidden_size, self.scale
+
+        def attention(x, positions, k_cache, v_cache, mask):
+            B, T, _ = x.shape
+            qkv = query_key_value(x)
+            q = ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta)
+            if mask is None:
+                a = ops.decode_attention(q, k_cache, v_cache, positions, scale)
+            else:
+                a = prefill_attention(q, k_cache, v_cache, mask, scale)
+            return dense(a.reshape(B, T, hidden))
+
+        return attention
 
 
 class MLP(nn.Module):
@@ -142,12 +174,17 @@ class MLP(nn.Module):
         self.approximate = config.gelu_approximate
 
     def forward(self, x):
-        h = self.dense_h_to_4h(x)
-        # The exact GELU (every Pythia) through our op: at decode sizes torch's CPU
-        # GELU took 37-73 us a call inside a step (oneDNN), ours ~12 us
-        # (csrc/cpu/activation.cpp); the tanh forms stay torch's.
-        h = ops.gelu(h) if self.approximate == "none" else F.gelu(h, approximate=self.approximate)
-        return self.dense_4h_to_h(h)
+        return self.bind()(x)
+
+    def bind(self):
+        up, down = _bind_linear(self.dense_h_to_4h), _bind_linear(self.dense_4h_to_h)
+        approximate = self.approximate
+        if approximate == "none":
+            # The exact GELU (every Pythia) through our op: at decode sizes torch's CPU
+            # GELU took 37-73 us a call inside a step (oneDNN), ours ~12 us
+            # (csrc/cpu/activation.cpp); the tanh forms stay torch's.
+            return lambda x: down(ops.gelu(up(x)))
+        return lambda x: down(F.gelu(up(x), approximate=approximate))
 
 
 class Layer(nn.Module):
@@ -161,11 +198,24 @@ class Layer(nn.Module):
         self.parallel = config.use_parallel_residual
 
     def forward(self, x, positions, k_cache, v_cache, mask):
-        a = self.attention(_layer_norm(self.input_layernorm, x), positions, k_cache, v_cache, mask)
+        return self.bind()(x, positions, k_cache, v_cache, mask)
+
+    def bind(self):
+        ln1, ln2 = _bind_layer_norm(self.input_layernorm), _bind_layer_norm(self.post_attention_layernorm)
+        attention, mlp = self.attention.bind(), self.mlp.bind()
         if self.parallel:
-            return x + a + self.mlp(_layer_norm(self.post_attention_layernorm, x))
-        x = x + a
-        return x + self.mlp(_layer_norm(self.post_attention_layernorm, x))
+
+            def layer(x, positions, k_cache, v_cache, mask):
+                a = attention(ln1(x), positions, k_cache, v_cache, mask)
+                return x + a + mlp(ln2(x))
+
+        else:
+
+            def layer(x, positions, k_cache, v_cache, mask):
+                x = x + attention(ln1(x), positions, k_cache, v_cache, mask)
+                return x + mlp(ln2(x))
+
+        return layer
 
 
 class Backbone(nn.Module):
@@ -282,20 +332,34 @@ class PythiaModel(nn.Module):
         ``[B, T, vocab_size]`` with ``last_only=False``). ``hidden_states``, if
         a list, receives the residual stream after the embedding and after every block.
         """
-        mask = None if span is None else prefill_mask(positions, span)
-        x = self.gpt_neox.embed_in(input_ids)
-        if hidden_states is not None:
-            hidden_states.append(x)
-        for i, layer in enumerate(self.gpt_neox.layers):
-            x = layer(x, positions, cache.k[i], cache.v[i], mask)
+        return self.bind()(input_ids, positions, cache, span=span, last_only=last_only, hidden_states=hidden_states)
+
+    def bind(self):
+        """``forward`` as a plain function with every tensor looked up once (see
+        "binding" above): valid while the model's tensors stay the same objects,
+        as during one generate call or across in-place revision loads."""
+        embed_in = self.gpt_neox.embed_in.weight
+        layers = [layer.bind() for layer in self.gpt_neox.layers]
+        final_layer_norm = _bind_layer_norm(self.gpt_neox.final_layer_norm)
+        logits = self._bind_logits()
+
+        @torch.inference_mode()
+        def run(input_ids, positions, cache, *, span=None, last_only=True, hidden_states=None):
+            mask = None if span is None else prefill_mask(positions, span)
+            x = F.embedding(input_ids, embed_in)
             if hidden_states is not None:
                 hidden_states.append(x)
-        if last_only:
-            x = x[:, -1]
-        x = _layer_norm(self.gpt_neox.final_layer_norm, x)
-        return self._logits(x).float()
+            for i, layer in enumerate(layers):
+                x = layer(x, positions, cache.k[i], cache.v[i], mask)
+                if hidden_states is not None:
+                    hidden_states.append(x)
+            if last_only:
+                x = x[:, -1]
+            return logits(final_layer_norm(x)).float()
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return run
+
+    def _bind_logits(self):
         """embed_out: ``[..., hidden] -> [..., vocab]``.
 
         A float16 head under float32/bfloat16 activations (``head_dtype``) goes
@@ -309,17 +373,22 @@ class PythiaModel(nn.Module):
         """
         head = self.embed_out
         if isinstance(head, QuantizedLinear):
-            return head(x)
-        if head.weight.dtype != x.dtype:  # a float16 head on the CPU (see head_dtype)
-            return ops.gemm_f16w(x, head.weight)
-        if x.device.type != "cpu":
-            return head(x)
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] == 1:
-            out = torch.mv(head.weight, rows[0]).unsqueeze(0)
-        else:
-            out = torch.mm(head.weight, rows.T).T
-        return out.reshape(*x.shape[:-1], -1)
+            return head.bind()
+        weight = head.weight
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            if weight.dtype != x.dtype:  # a float16 head on the CPU (see head_dtype)
+                return ops.gemm_f16w(x, weight)
+            if x.device.type != "cpu":
+                return F.linear(x, weight)
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] == 1:
+                out = torch.mv(weight, rows[0]).unsqueeze(0)
+            else:
+                out = torch.mm(weight, rows.T).T
+            return out.reshape(*x.shape[:-1], -1)
+
+        return logits
 
     # ------------------------------------------------------------- loading --
 

@@ -150,10 +150,25 @@ class QuantizedLinear(nn.Module):
     # ------------------------------------------------------------- compute --
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return ops.gemm_4bit(
-            x, self.weight, self.absmax, (self.out_features, self.in_features), bias, self.blocksize, self.quant_type
-        )
+        return self.bind()(x)
+
+    def bind(self):
+        """``forward`` as a plain function with this layer's tensors looked up once.
+
+        For loops that call the layer many times while its tensors stay the same
+        objects (an in-place load keeps them; ``.to()`` or a new state dict does
+        not): the generate loop binds the model once per call, which spares
+        ``nn.Module`` call and attribute overhead on every decode step.
+        """
+        gemm = torch.ops.pythia_native.gemm_4bit
+        weight, absmax, bias = self.weight, self.absmax, self.bias
+        n, k, blocksize, quant_type = self.out_features, self.in_features, self.blocksize, self.quant_type
+
+        def linear(x: torch.Tensor) -> torch.Tensor:
+            b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+            return gemm(x, weight, absmax, b, n, k, blocksize, quant_type)
+
+        return linear
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight ``[out_features, in_features]``."""

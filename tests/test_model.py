@@ -77,6 +77,27 @@ def test_greedy_generation_matches_transformers(shape):
     assert ours == ref.tolist()
 
 
+def test_each_generate_call_sees_the_weights_of_that_moment():
+    # The generate loop binds the model once per call (PythiaModel.bind): a layer
+    # whose tensors are replaced between calls (not copied in place) must be seen
+    # by the next call, in its prefill and in its decode steps alike.
+    _, model = pair("14m")
+    engine = Pythia(model, max_len=64)
+    prompt = list(range(3, 12))
+    before = engine.generate_ids(prompt, 8, ignore_eos=True)
+    layer = model.gpt_neox.layers[0].mlp.dense_4h_to_h
+    shift = torch.randn(layer.bias.shape, generator=torch.Generator().manual_seed(0))
+    layer.bias = torch.nn.Parameter(layer.bias + 3 * shift, requires_grad=False)  # a new tensor object
+    after = engine.generate_ids(prompt, 8, ignore_eos=True)
+    fresh = Pythia(model, max_len=64).generate_ids(prompt, 8, ignore_eos=True)
+    assert after == fresh and after != before
+    # and the decode steps of one call equal full forwards over the growing sequence
+    ids = prompt + after
+    cache = model.new_cache(1, 64)
+    full = model(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None], cache, span=len(ids) - 1, last_only=False)
+    assert full[0, len(prompt) - 1 :].argmax(-1).tolist() == after
+
+
 def test_batched_left_padded_generation_equals_one_by_one():
     _, model = pair("14m")
     engine = Pythia(model, max_batch=4, max_len=128)
