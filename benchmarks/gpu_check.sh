@@ -5,12 +5,13 @@
 # transformers fp16/bf16 and transformers + bitsandbytes NF4) on the GPU.
 #
 #   bash benchmarks/gpu_check.sh                  # every stage
-#   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate
+#   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate profile
 #
-# Under a per-command time limit (10 minutes on the device tool), run it as two
-# calls on the same warm machine, the build kept between them:
+# Under a per-command time limit (10 minutes on the device tool), run it as
+# three calls on the same warm machine, the build kept between them:
 #   STAGE_TIMEOUT=280 bash benchmarks/gpu_check.sh install cuda-tests tests
-#   bash benchmarks/gpu_check.sh bench bench-generate
+#   STAGE_TIMEOUT=280 bash benchmarks/gpu_check.sh bench bench-generate
+#   bash benchmarks/gpu_check.sh profile
 # (a fresh machine needs `install` again first; the build is incremental).
 #
 # Expects the machine's own python with torch (CUDA build), nvcc, ninja,
@@ -26,7 +27,7 @@ OUT="${OUT:-$REPO/benchmarks/results}"
 mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench bench-generate)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench bench-generate profile)
 
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
@@ -112,6 +113,14 @@ if want bench-generate; then
     --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate)"
 fi
 
+if want profile; then
+  # Where a decode step's GPU time goes, kernel by kernel (and how many kernels a step launches).
+  for shape in 160m 1.4b; do
+    stage "profile-$shape" "$PY" benchmarks/profile_decode.py --device cuda --shape "$shape" \
+      --out "$OUT/profile_cuda.md" || echo "PROFILE FAILED ($shape)"
+  done
+fi
+
 # Results written elsewhere (an earlier run into benchmarks/results) travel with $OUT too.
 if [ "$(cd "$OUT" && pwd)" != "$REPO/benchmarks/results" ]; then
   for f in "$REPO"/benchmarks/results/*.md; do
@@ -126,6 +135,11 @@ if [ -f "$OUT/gemm_4bit_cuda.md" ]; then
   echo
   echo "--- gemm_4bit_cuda.md (summary) ---"
   sed -n '/^Summary:/,$p' "$OUT/gemm_4bit_cuda.md"
+fi
+if [ -f "$OUT/profile_cuda.md" ]; then
+  echo
+  echo "--- profile_cuda.md (step times) ---"
+  grep -h -e "^## Decode step profile" -e "^Step time" "$OUT/profile_cuda.md"
 fi
 if [ -f "$OUT/generate_cuda.md" ]; then
   echo

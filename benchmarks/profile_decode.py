@@ -118,6 +118,9 @@ def main():
             rows.append((per_step_us, (count - c0) / args.steps, key))
     rows.sort(reverse=True)
     profiled_ms = sum(r[0] for r in rows) / 1e3
+    if not rows:
+        sys.exit(f"profile_decode: the profiler recorded no {'CUDA kernels' if args.device == 'cuda' else 'ops'} "
+                 f"in the decode steps (step time without it: {ms:.2f} ms)")
 
     import pythia_native
 
