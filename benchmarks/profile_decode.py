@@ -5,7 +5,7 @@ Two profiled runs of the same prompt, one generating 1 token (the prefill) and
 one generating 1 + ``--steps`` tokens; their difference divided by ``--steps``
 is the decode step alone. Besides the table: the step time measured without
 the profiler (the profiler adds a few microseconds per op), and on CUDA the
-number of kernels per step (a graph replay still launches each one).
+number of kernels (and memory copies) per step: a graph replay still runs each one.
 
     PYTHONPATH=. python benchmarks/profile_decode.py --device cpu --shape 160m
     PYTHONPATH=. python benchmarks/profile_decode.py --device cuda --shape 1.4b --out benchmarks/results/profile_cuda.md
@@ -135,7 +135,7 @@ def main():
         "",
         f"Step time without the profiler: **{ms:.2f} ms** ({args.batch * 1e3 / ms:.1f} tokens/s). "
         f"Profiled {what} per step: {profiled_ms:.2f} ms"
-        + (f", {sum(r[1] for r in rows):.0f} kernels per step" if args.device == "cuda" else "")
+        + (f", {sum(r[1] for r in rows):.0f} kernels (and copies) per step" if args.device == "cuda" else "")
         + ".",
         "",
         f"| {'kernel' if args.device == 'cuda' else 'op'} | calls per step | us per step | % of profiled |",

@@ -70,6 +70,9 @@ class Pythia:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._graphs: dict[int, _Graph] = {}
+        # Bumped by load_revision (loading.load_revision_): a decode loop that bound the
+        # model before a revision load binds it again (a buffer may have been reallocated).
+        self._model_epoch = 0
         self._graph_pool = None
         self._capture_stream = None
         # Ids the sampler may choose: those the tokenizer can decode.
@@ -220,20 +223,22 @@ class Pythia:
                 generator.manual_seed(seed)
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
-        # Without CUDA graphs, decode steps call the model bound once for this call
-        # (PythiaModel.bind: no per-step module overhead; the weights cannot change
-        # between two steps of one call).
-        step_fn = None if self._graphed() else self.model.bind()
+        # Without CUDA graphs, decode steps call the model bound once (PythiaModel.bind:
+        # no per-step module overhead), and again after a load_revision, which a
+        # caller may run between two steps of a stream.
+        step_fn, bound_epoch = None, None
         for step in range(max_new_tokens):
             next_ids = sample(logits, params, generator, self.vocab_size)
             host_ids = next_ids.tolist()
             yield host_ids
             if step + 1 == max_new_tokens or all(done):
                 return
-            if step_fn is not None:
-                logits = step_fn(next_ids.view(-1, 1), positions, self.cache)
-            else:
+            if self._graphed():
                 logits = self._decode_step(next_ids.view(-1, 1), positions)
+            else:
+                if bound_epoch != self._model_epoch:
+                    step_fn, bound_epoch = self.model.bind(), self._model_epoch
+                logits = step_fn(next_ids.view(-1, 1), positions, self.cache)
             positions += 1
 
     # -------------------------------------------------------------- public --

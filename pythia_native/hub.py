@@ -110,11 +110,11 @@ def _offline_setting() -> Optional[str]:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         value = os.environ.get(name)
         if value:
-            if value.strip().upper() in ("1", "ON", "YES", "TRUE"):
+            if value.upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's test, no stripping
                 return f"{name}={value}"
             break
     if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE=1 when huggingface_hub was imported"
+        return "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set when huggingface_hub was imported"
     return None
 
 

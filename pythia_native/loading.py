@@ -258,6 +258,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         engine.source = (engine.source[0], rev, str(directory))
         return engine
     finally:
+        engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
         if _storages(engine.model) != before:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.

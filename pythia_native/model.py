@@ -102,11 +102,14 @@ def _bind_layer_norm(ln: nn.LayerNorm):
 
 
 def _bind_linear(module: nn.Module):
-    """x -> module(x) for a QuantizedLinear or an nn.Linear."""
+    """x -> module(x): bound for a QuantizedLinear or a plain nn.Linear, the
+    module itself (its own forward, called each time) for anything else."""
     if isinstance(module, QuantizedLinear):
         return module.bind()
-    weight, bias = module.weight, module.bias
-    return lambda x: F.linear(x, weight, bias)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module
 
 
 def prefill_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
@@ -336,8 +339,10 @@ class PythiaModel(nn.Module):
 
     def bind(self):
         """``forward`` as a plain function with every tensor looked up once (see
-        "binding" above): valid while the model's tensors stay the same objects,
-        as during one generate call or across in-place revision loads."""
+        "binding" above): valid while the model's tensors (and the layers'
+        blocksize) stay the same, which an in-place load with the same layout
+        keeps and a reallocating one does not; the generate loop binds again
+        after every ``load_revision``."""
         embed_in = self.gpt_neox.embed_in.weight
         layers = [layer.bind() for layer in self.gpt_neox.layers]
         final_layer_norm = _bind_layer_norm(self.gpt_neox.final_layer_norm)

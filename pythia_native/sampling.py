@@ -67,7 +67,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     where ``torch.argmax`` took 107 us (2-vCPU AVX-512 Xeon), ~1% of a
     pythia-160m decode step."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and logits.dim() == 2:
-        return torch.from_numpy(np.argmax(logits.detach().numpy(), axis=-1).astype(np.int64))
+        return torch.from_numpy(np.argmax(logits.detach().numpy(force=True), axis=-1).astype(np.int64))
     return torch.argmax(logits, dim=-1)
 
 

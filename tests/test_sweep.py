@@ -273,6 +273,35 @@ def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_c
     assert torch.equal(logits(engine), logits(load("pythia-14m", "step16", cache_dir=hub_cache, **OPTS)))
 
 
+def test_load_revision_in_the_middle_of_a_stream(hub_cache, tmp_path, tok):
+    # The decode loop binds the model once per call (PythiaModel.bind); a revision
+    # loaded between two of its steps -- here one whose absmax is reallocated (another
+    # blocksize) -- must be what the next steps compute with, as when every step
+    # called the modules.
+    from pythia_native.export import save_pretrained
+    from pythia_native.model import PythiaModel
+    from pythia_native.sampling import SamplingParams
+
+    src = tmp_path / "bs128"
+    save_pretrained(PythiaModel.from_hf(hf_model("tiny", 3, vocab_size=50304), blocksize=128), src, tokenizer_dir=None)
+    shutil.copyfile(tok, src / "tokenizer.json")
+    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir()}, refs=("step16",),
+                 commit=commit_hash(16))
+
+    def run(engine):
+        steps = engine._token_stream([[5, 6, 7]], 10, SamplingParams(0.0), None, [False])
+        first = [next(steps) for _ in range(4)]
+        engine.load_revision("step16")
+        return first + list(steps)
+
+    bound = run(load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS))
+    # The same with every decode step through the modules (no binding at all).
+    per_step = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    per_step._graphed = lambda: True
+    per_step._decode_step = lambda ids, pos: per_step.model(ids, pos, per_step.cache)
+    assert bound == run(per_step)
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--every", "0"], "positive"),
     (["--every", "1000", "--revisions", "step1000"], "not both"),

@@ -69,9 +69,10 @@ PN_SIMD_AVX512 inline __m512 load16(const F16* p, __mmask16 mask) {
 }
 
 // The lanes of `mask` of v stored at p, rounded to nearest even as from_f32
-// rounds: bf16 NaNs are made quiet as from_f32<Bf16> does; float16 uses
-// vcvtps2ph (RNE, overflow to inf), which matches from_f32<F16> for every
-// non-NaN value.
+// rounds, NaNs included: bf16 NaNs are made quiet as from_f32<Bf16> does;
+// float16 uses vcvtps2ph (RNE, overflow to inf), which matches from_f32<F16>
+// for every non-NaN value, and NaN lanes become from_f32's 0x7e00 | sign
+// (vcvtps2ph would keep payload bits).
 PN_SIMD_AVX512 inline void store16(float* p, __m512 v, __mmask16 mask) {
   _mm512_mask_storeu_ps(p, mask, v);
 }
@@ -85,7 +86,12 @@ PN_SIMD_AVX512 inline void store16(Bf16* p, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
 }
 PN_SIMD_AVX512 inline void store16(F16* p, __m512 v, __mmask16 mask) {
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16),
+                                        _mm512_set1_epi32(0x8000));
+  const __m256i canon = _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7e00)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  _mm256_mask_storeu_epi16(p, mask, _mm256_mask_blend_epi16(nan, h, canon));
 }
 
 // v unchanged, through an empty asm: the compiler cannot contract a product
@@ -159,8 +165,14 @@ PN_SIMD_F16C inline void store8(Bf16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 PN_SIMD_F16C inline void store8(F16* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16),
+                                        _mm256_set1_epi32(0x8000));
+  const __m256i canon32 = _mm256_or_si256(sign, _mm256_set1_epi32(0x7e00));
+  const __m128i canon = _mm_packus_epi32(_mm256_castsi256_si128(canon32), _mm256_extracti128_si256(canon32, 1));
+  const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blendv_epi8(h, canon, nan));
 }
 
 #undef PN_SIMD_F16C

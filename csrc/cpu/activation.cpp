@@ -9,12 +9,14 @@
 //             Recipes' erfcc: fractional error < 1.2e-7 for every z), then
 //             x - 0.5 x erfc(z) for x > 0 and 0.5 x erfc(z) for x < 0.
 // The second form never computes 1 + erf(z) for negative x, where float32
-// cancels: torch's float32 GELU (0.5 x (1 + erf(x / sqrt 2))) keeps no
-// correct digit below x = -5 and ~2,000 ulp of error at x = -3, this one
-// ~1e-6 relative there (see tests/test_gelu.py for the bounds measured
-// against float64 over [-10, 10]). Specials follow torch's ATen kernel:
-// +inf -> +inf, -inf -> NaN, NaN -> NaN; erfc below exp's range (x < ~-13)
-// gives 0 * x.
+// cancels, and it takes exp's argument q - x^2 / 2 (up to ~87 in size) with
+// x^2 split exactly and the rounding of the difference carried as a
+// correction: measured against float64 on [-13, 10] (tests/test_gelu.py),
+// within 7 ulp everywhere and 1.5 ulp for x >= 0, where torch's float32
+// GELU (0.5 x (1 + erf(x / sqrt 2))) is off by ~2,000 ulp at x = -3 and
+// keeps no correct digit below x = -5. Below x ~ -13.2, where |GELU| <
+// 1e-38 would be a float32 denormal, the result is flushed to (-)0. Specials
+// as torch's ATen kernel: +inf -> +inf, -inf -> NaN, NaN -> NaN.
 //
 // Why an op of our own rather than F.gelu: at decode sizes (3,072 or 8,192
 // values per token) torch's CPU GELU (oneDNN's eltwise primitive) took 14 and
@@ -23,11 +25,15 @@
 // dispatch included (2-vCPU AVX-512 Xeon). The cost is ~2.5 cycles per value
 // (both formulas and a division for every lane), so from ~50,000 values on
 // oneDNN's cheaper approximation is faster (98,304 values, 2 threads: 78 us
-// against 38): a prefill pays that, ~0.5 ms for pythia-160m at 32 tokens.
+// against 38, before the exact-argument correction, which adds ~10 vector
+// operations per 16 values): a prefill pays that, ~0.5 ms for pythia-160m at
+// 32 tokens.
 //
 // Every ISA computes the same operations in the same order (explicit FMAs,
 // a correctly rounded division, exp_cephes and its vector twins, which round
-// alike), so AVX-512, AVX2 and scalar write the same bits.
+// alike), so AVX-512, AVX2 and scalar write the same bits, NaNs included (a
+// NaN comes out as itself, quieted; float16 stores write every NaN as
+// from_f32 does).
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -51,13 +57,14 @@ constexpr float kErfcQ[10] = {0.17087277f,  -0.82215223f, 1.48851587f,  -1.13520
                               0.27886807f,  -0.18628806f, 0.09678418f,  0.37409196f,
                               1.00002368f,  -1.26551223f};
 // Below this, exp's argument is out of its range (exp_cephes clamps): erfc is
-// taken as 0.
+// taken as 0, and GELU(x) (x < ~-13.2, |GELU| < 1e-38) flushed to (-)0.
 constexpr float kExpMin = -87.3f;
 // The formula switch: below it the erf series, whose 1 + erf(z) has not yet
 // cancelled much for negative x (1 - erf(0.5) = 0.48).
 constexpr float kSeriesMaxZ = 0.5f;
 
 inline float gelu_scalar(float x) {
+  if (x != x) return x + x;  // NaN: itself, quieted (as the vector lanes)
   const float z = std::fabs(x) * kRsqrt2;
   // z < 0.5: the erf series.
   const float zz = z * z;
@@ -69,9 +76,18 @@ inline float gelu_scalar(float x) {
   const float t = 1.0f / std::fma(0.5f, z, 1.0f);
   float q = kErfcQ[0];
   for (int i = 1; i < 10; ++i) q = std::fma(q, t, kErfcQ[i]);
-  const float arg = std::fma(-z, z, q);
+  // exp's argument q - z^2 = q - x^2 / 2, whose size reaches ~87: x^2 split
+  // exactly (xx + lo) and the rounding of q - xx / 2 recovered (TwoSum), so
+  // that arg + arg_lo is exact to ~1e-12 and the tail keeps its digits.
+  const float xx = x * x;
+  const float lo = std::fma(x, x, -xx);
+  const float half_xx = -0.5f * xx;  // exact
+  const float arg = q + half_xx;
+  const float bb = arg - q;
+  const float arg_lo = std::fma(-0.5f, lo, (q - (arg - bb)) + (half_xx - bb));
   const bool under = arg < kExpMin;
-  const float e = under ? 0.0f : (t * exp_cephes(arg)) * 0.5f;
+  const float ex = exp_cephes(arg);
+  const float e = under ? 0.0f : (t * std::fma(ex, arg_lo, ex)) * 0.5f;
   const float h = rounded(x * e);  // 0.5 x erfc(z), rounded before x - h (no FMA)
   const float tail = x > 0.0f ? (under ? x : x - h) : h;
   return z < kSeriesMaxZ ? series : tail;
@@ -99,17 +115,26 @@ PN_AVX512 inline __m512 gelu16(__m512 x) {
   const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, one));
   __m512 q = _mm512_set1_ps(kErfcQ[0]);
   for (int i = 1; i < 10; ++i) q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(kErfcQ[i]));
-  const __m512 arg = _mm512_fnmadd_ps(z, z, q);  // fma(-z, z, q)
+  const __m512 xx = _mm512_mul_ps(x, x);
+  const __m512 lo = _mm512_fmsub_ps(x, x, xx);
+  const __m512 half_xx = _mm512_mul_ps(xx, _mm512_set1_ps(-0.5f));
+  const __m512 arg = _mm512_add_ps(q, half_xx);
+  const __m512 bb = _mm512_sub_ps(arg, q);
+  const __m512 arg_lo = _mm512_fmadd_ps(
+      _mm512_set1_ps(-0.5f), lo,
+      _mm512_add_ps(_mm512_sub_ps(q, _mm512_sub_ps(arg, bb)), _mm512_sub_ps(half_xx, bb)));
   const __mmask16 under = _mm512_cmp_ps_mask(arg, _mm512_set1_ps(kExpMin), _CMP_LT_OQ);
+  const __m512 ex = exp16(arg);
   const __m512 e = _mm512_maskz_mov_ps(
       static_cast<__mmask16>(~under),
-      _mm512_mul_ps(_mm512_mul_ps(t, exp16(arg)), _mm512_set1_ps(0.5f)));
+      _mm512_mul_ps(_mm512_mul_ps(t, _mm512_fmadd_ps(ex, arg_lo, ex)), _mm512_set1_ps(0.5f)));
   const __m512 h = rounded(_mm512_mul_ps(x, e));
   const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
   const __m512 tail =
       _mm512_mask_blend_ps(pos, h, _mm512_mask_blend_ps(under, _mm512_sub_ps(x, h), x));
   const __mmask16 near = _mm512_cmp_ps_mask(z, _mm512_set1_ps(kSeriesMaxZ), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(near, tail, series);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_blend_ps(nan, _mm512_mask_blend_ps(near, tail, series), _mm512_add_ps(x, x));
 }
 
 template <typename T>
@@ -140,15 +165,24 @@ PN_AVX2 inline __m256 gelu8(__m256 x) {
   const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.5f), z, one));
   __m256 q = _mm256_set1_ps(kErfcQ[0]);
   for (int i = 1; i < 10; ++i) q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(kErfcQ[i]));
-  const __m256 arg = _mm256_fnmadd_ps(z, z, q);
+  const __m256 xx = _mm256_mul_ps(x, x);
+  const __m256 lo = _mm256_fmsub_ps(x, x, xx);
+  const __m256 half_xx = _mm256_mul_ps(xx, _mm256_set1_ps(-0.5f));
+  const __m256 arg = _mm256_add_ps(q, half_xx);
+  const __m256 bb = _mm256_sub_ps(arg, q);
+  const __m256 arg_lo = _mm256_fmadd_ps(
+      _mm256_set1_ps(-0.5f), lo,
+      _mm256_add_ps(_mm256_sub_ps(q, _mm256_sub_ps(arg, bb)), _mm256_sub_ps(half_xx, bb)));
   const __m256 under = _mm256_cmp_ps(arg, _mm256_set1_ps(kExpMin), _CMP_LT_OQ);
+  const __m256 ex = exp8(arg);
   const __m256 e = _mm256_andnot_ps(
-      under, _mm256_mul_ps(_mm256_mul_ps(t, exp8(arg)), _mm256_set1_ps(0.5f)));
+      under, _mm256_mul_ps(_mm256_mul_ps(t, _mm256_fmadd_ps(ex, arg_lo, ex)), _mm256_set1_ps(0.5f)));
   const __m256 h = rounded(_mm256_mul_ps(x, e));
   const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
   const __m256 tail = _mm256_blendv_ps(h, _mm256_blendv_ps(_mm256_sub_ps(x, h), x, under), pos);
   const __m256 near = _mm256_cmp_ps(z, _mm256_set1_ps(kSeriesMaxZ), _CMP_LT_OQ);
-  return _mm256_blendv_ps(tail, series, near);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(_mm256_blendv_ps(tail, series, near), _mm256_add_ps(x, x), nan);
 }
 
 template <typename T>
