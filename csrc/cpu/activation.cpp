@@ -20,14 +20,13 @@
 //
 // Why an op of our own rather than F.gelu: at decode sizes (3,072 or 8,192
 // values per token) torch's CPU GELU (oneDNN's eltwise primitive) took 14 and
-// 16 us per call in a loop and 37-73 us inside a decode step (torch
-// profiler), against 5.8 and 11 us in a loop and ~12 us in the step here, all
-// dispatch included (2-vCPU AVX-512 Xeon). The cost is ~2.5 cycles per value
-// (both formulas and a division for every lane), so from ~50,000 values on
-// oneDNN's cheaper approximation is faster (98,304 values, 2 threads: 78 us
-// against 38, before the exact-argument correction, which adds ~10 vector
-// operations per 16 values): a prefill pays that, ~0.5 ms for pythia-160m at
-// 32 tokens.
+// 15 us per call in a loop and 37-73 us inside a decode step (torch
+// profiler), against 6.3 and 12.5 us in a loop and 8-11 us in the step here,
+// all dispatch included (2-vCPU AVX-512 Xeon). The cost is ~3 cycles per
+// value (both formulas, a division and the exact exp argument for every
+// lane), so from ~20,000 values on oneDNN's cheaper approximation is faster
+// (98,304 values, 2 threads: 90 us against 39): a prefill pays that, ~0.6 ms
+// for pythia-160m at 32 tokens.
 //
 // Every ISA computes the same operations in the same order (explicit FMAs,
 // a correctly rounded division, exp_cephes and its vector twins, which round
