@@ -94,7 +94,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="activations (default: float32 on the CPU, float16 on CUDA)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="activations (default: float32 on the CPU, float16 on CUDA)")
     ap.add_argument("--qhead", action="store_true", help="embed_out in 4 bits too")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", help="append the markdown to this file")
@@ -124,7 +125,10 @@ def main():
 
     import pythia_native
 
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
     what = "CUDA kernel time" if args.device == "cuda" else "CPU self time"
     lines = [
         f"## Decode step profile: {args.shape}-shaped, {args.device} ({where}), batch {args.batch}, "

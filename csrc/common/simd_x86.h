@@ -83,7 +83,8 @@ PN_SIMD_AVX512 inline void store16(Bf16* p, __m512 v, __mmask16 mask) {
       _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
+  const __m512i bits = _mm512_mask_blend_epi32(nan, rounded, quiet);
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(bits));
 }
 PN_SIMD_AVX512 inline void store16(F16* p, __m512 v, __mmask16 mask) {
   const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -121,7 +122,8 @@ PN_SIMD_AVX2 inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
@@ -161,7 +163,8 @@ PN_SIMD_F16C inline void store8(Bf16* p, __m256 v) {
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   const __m256i w = _mm256_blendv_epi8(rounded, quiet, nan);  // 8 x 16 bits in 32-bit lanes
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 PN_SIMD_F16C inline void store8(F16* p, __m256 v) {
@@ -169,9 +172,11 @@ PN_SIMD_F16C inline void store8(F16* p, __m256 v) {
   const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16),
                                         _mm256_set1_epi32(0x8000));
   const __m256i canon32 = _mm256_or_si256(sign, _mm256_set1_epi32(0x7e00));
-  const __m128i canon = _mm_packus_epi32(_mm256_castsi256_si128(canon32), _mm256_extracti128_si256(canon32, 1));
+  const __m128i canon =
+      _mm_packus_epi32(_mm256_castsi256_si128(canon32), _mm256_extracti128_si256(canon32, 1));
   const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+  const __m128i nan =
+      _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_blendv_epi8(h, canon, nan));
 }
 

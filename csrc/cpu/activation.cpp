@@ -178,8 +178,8 @@ PN_AVX2 inline __m256 gelu8(__m256 x) {
       _mm256_add_ps(_mm256_sub_ps(q, _mm256_sub_ps(arg, bb)), _mm256_sub_ps(half_xx, bb)));
   const __m256 under = _mm256_cmp_ps(arg, _mm256_set1_ps(kExpMin), _CMP_LT_OQ);
   const __m256 ex = exp8(arg);
-  const __m256 e = _mm256_andnot_ps(
-      under, _mm256_mul_ps(_mm256_mul_ps(t, _mm256_fmadd_ps(ex, arg_lo, ex)), _mm256_set1_ps(0.5f)));
+  const __m256 scaled = _mm256_mul_ps(t, _mm256_fmadd_ps(ex, arg_lo, ex));
+  const __m256 e = _mm256_andnot_ps(under, _mm256_mul_ps(scaled, _mm256_set1_ps(0.5f)));
   const __m256 h = rounded(_mm256_mul_ps(x, e));
   const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
   const __m256 tail = _mm256_blendv_ps(h, _mm256_blendv_ps(_mm256_sub_ps(x, h), x, under), pos);
