@@ -4,7 +4,7 @@
 //                 normal CDF: erfc-based, so the negative tail keeps its
 //                 relative accuracy, where 0.5 x (1 + erf(x / sqrt 2)) cancels),
 //                 rounded once to T. One element per thread per step, a
-//                 grid-stride loop past kMaxCtas blocks. Elementwise and
+//                 grid-stride loop past kGeluMaxCtas blocks. Elementwise and
 //                 memory-bound: in a decode step it is one small launch inside
 //                 the captured graph; it exists so that the op has a kernel on
 //                 every device, with the CPU kernel's specials (+inf -> +inf,
