@@ -162,10 +162,9 @@ class Pythia:
         """Whether decode steps replay CUDA graphs (checked per call: the model may have moved)."""
         return self.cuda_graphs and self.device.type == "cuda"
 
-    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
-        if not self._graphed():
-            return self.model(ids, positions, self.cache)
+    def _graph_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence through this batch size's CUDA graph (captured
+        on first use): ids, positions ``[B, 1]`` -> logits ``[B, V]``."""
         # The model's device, not the current one: on cuda:1 while cuda:0 is current,
         # the ops run on cuda:1's stream, which is the one that must be captured and
         # replayed on. Inference mode: the static inputs are cloned inside it, so they
@@ -234,7 +233,7 @@ class Pythia:
             if step + 1 == max_new_tokens or all(done):
                 return
             if self._graphed():
-                logits = self._decode_step(next_ids.view(-1, 1), positions)
+                logits = self._graph_step(next_ids.view(-1, 1), positions)
             else:
                 if bound_epoch != self._model_epoch:
                     step_fn, bound_epoch = self.model.bind(), self._model_epoch

@@ -253,9 +253,9 @@ def test_cache_entry_keeps_double_quant_and_4bit_head(hub_cache, tmp_path):
     assert nf4.model.quant_type == "nf4" and entry(q, "step4000").is_dir()
 
 
-def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_cache, tmp_path, tok):
-    # a bitsandbytes checkpoint quantized with blocksize 128 on a branch: its absmax has another
-    # shape, so that buffer cannot be written in place; captured graphs must not survive it.
+def add_blocksize_128_revision(hub_cache, tmp_path, tok):
+    """Branch step16 of the fake hub: a bitsandbytes 4-bit checkpoint quantized with
+    blocksize 128 (the other revisions load as blocksize 64)."""
     from pythia_native.export import save_pretrained
     from pythia_native.model import PythiaModel
 
@@ -264,6 +264,12 @@ def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_c
     shutil.copyfile(tok, src / "tokenizer.json")
     add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir()}, refs=("step16",),
                  commit=commit_hash(16))
+
+
+def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_cache, tmp_path, tok):
+    # a bitsandbytes checkpoint quantized with blocksize 128 on a branch: its absmax has another
+    # shape, so that buffer cannot be written in place; captured graphs must not survive it.
+    add_blocksize_128_revision(hub_cache, tmp_path, tok)
     engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
     engine._graphs[1] = "captured on the old buffers"  # stands in for a CUDA graph (CPU engines capture none)
     ptrs = storage(engine)[0]
@@ -278,15 +284,9 @@ def test_load_revision_in_the_middle_of_a_stream(hub_cache, tmp_path, tok):
     # loaded between two of its steps -- here one whose absmax is reallocated (another
     # blocksize) -- must be what the next steps compute with, as when every step
     # called the modules.
-    from pythia_native.export import save_pretrained
-    from pythia_native.model import PythiaModel
     from pythia_native.sampling import SamplingParams
 
-    src = tmp_path / "bs128"
-    save_pretrained(PythiaModel.from_hf(hf_model("tiny", 3, vocab_size=50304), blocksize=128), src, tokenizer_dir=None)
-    shutil.copyfile(tok, src / "tokenizer.json")
-    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir()}, refs=("step16",),
-                 commit=commit_hash(16))
+    add_blocksize_128_revision(hub_cache, tmp_path, tok)
 
     def run(engine):
         steps = engine._token_stream([[5, 6, 7]], 10, SamplingParams(0.0), None, [False])
@@ -298,7 +298,7 @@ def test_load_revision_in_the_middle_of_a_stream(hub_cache, tmp_path, tok):
     # The same with every decode step through the modules (no binding at all).
     per_step = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
     per_step._graphed = lambda: True
-    per_step._decode_step = lambda ids, pos: per_step.model(ids, pos, per_step.cache)
+    per_step._graph_step = lambda ids, pos: per_step.model(ids, pos, per_step.cache)
     assert bound == run(per_step)
 
 
