@@ -15,8 +15,6 @@
 
 namespace pythia_native {
 
-namespace {
-
 void check_cache(const at::Tensor& cache, const char* name, const at::Tensor& like,
                  const char* like_name, const char* op) {
   TORCH_CHECK(cache.dim() == 4, "pythia_native.", op, ": ", name,
@@ -40,8 +38,6 @@ void check_positions(const at::Tensor& positions, int64_t B, int64_t T, const at
               ": positions must be on the device of the other tensors ", like.device(), ", got ",
               positions.device());
 }
-
-}  // namespace
 
 RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& positions,
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -99,6 +95,37 @@ DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
   return {B, T, H, D, L};
 }
 
+void rotary_kv_cache_cpu_run(const void* qkv, DType dt, int64_t stride_b, int64_t stride_t,
+                             const int64_t* pos, const RotaryDims& s, int64_t rotary_ndims,
+                             double rope_theta, void* k_cache, void* v_cache, void* q_out,
+                             cpu::Isa isa, const char* op) {
+  const int64_t tokens = s.B * s.T;
+  // A slot >= L does not exist: refuse it here (the CUDA kernel, which cannot
+  // check without a host sync, skips such tokens instead). A plain loop: an
+  // aten max + item() costs more than the rotary of a decode token.
+  int64_t max_pos = -1;
+  for (int64_t i = 0; i < tokens; ++i) max_pos = std::max(max_pos, pos[i]);
+  TORCH_CHECK(max_pos < s.L, "pythia_native.", op, ": positions must be < L = ", s.L,
+              " (the cache length), got ", max_pos);
+  const int64_t grain = std::max<int64_t>(1, 16384 / (3 * s.H * s.D));
+  at::parallel_for(0, tokens, grain, [&](int64_t i0, int64_t i1) {
+    cpu::rotary_kv_cache_tokens(qkv, dt, s.T, stride_b, stride_t, pos, s.H, s.D, s.L,
+                                rotary_ndims, static_cast<float>(rope_theta), k_cache, v_cache,
+                                q_out, i0, i1, isa);
+  });
+}
+
+void decode_attention_cpu_run(const void* q, const void* k_cache, const void* v_cache, DType dt,
+                              const int64_t* pos, const DecodeDims& s, double scale, void* out,
+                              cpu::Isa isa) {
+  // One (b, t, h) row is a pass over up to L keys: grain 1. Rows are ordered
+  // (b, t, h), so a thread's range is the heads of a few tokens in order.
+  at::parallel_for(0, s.B * s.T * s.H, 1, [&](int64_t r0, int64_t r1) {
+    cpu::decode_attention_rows(q, k_cache, v_cache, dt, pos, s.T, s.H, s.L, s.D,
+                               static_cast<float>(scale), out, r0, r1, isa);
+  });
+}
+
 namespace {
 
 // ------------------------------------------------------------ CPU kernels ---
@@ -109,31 +136,14 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
   const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
                                                    rotary_ndims);
   at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
-  const int64_t tokens = s.B * s.T;
-  if (tokens == 0) return q;
+  if (s.B * s.T == 0) return q;
   const at::Tensor positions = positions_in.contiguous();
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  // A slot >= L does not exist: refuse it here (the CUDA kernel, which cannot
-  // check without a host sync, skips such tokens instead). A plain loop: an
-  // aten max + item() costs more than the rotary of a decode token.
-  int64_t max_pos = -1;
-  for (int64_t i = 0; i < tokens; ++i) max_pos = std::max(max_pos, pos[i]);
-  TORCH_CHECK(max_pos < s.L, "pythia_native.rotary_kv_cache_: positions must be < L = ", s.L,
-              " (the cache length), got ", max_pos);
   // Rows may be strided (a view of a wider activation); elements must not.
   const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
-  const DType dt = to_dtype(qkv.scalar_type());
-  const void* x = qkv.data_ptr();
-  void* kc = k_cache.data_ptr();
-  void* vc = v_cache.data_ptr();
-  void* qo = q.data_ptr();
-  const int64_t sb = qkv.stride(0), st = qkv.stride(1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (3 * s.H * s.D));
-  const cpu::Isa isa = cpu::active_isa();
-  at::parallel_for(0, tokens, grain, [&](int64_t i0, int64_t i1) {
-    cpu::rotary_kv_cache_tokens(x, dt, s.T, sb, st, pos, s.H, s.D, s.L, rotary_ndims,
-                                static_cast<float>(rope_theta), kc, vc, qo, i0, i1, isa);
-  });
+  rotary_kv_cache_cpu_run(qkv.data_ptr(), to_dtype(qkv.scalar_type()), qkv.stride(0),
+                          qkv.stride(1), positions.data_ptr<int64_t>(), s, rotary_ndims,
+                          rope_theta, k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(),
+                          cpu::active_isa(), "rotary_kv_cache_");
   return q;
 }
 
@@ -146,19 +156,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cach
   if (rows == 0) return out;
   const at::Tensor q = q_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
-  const DType dt = to_dtype(q.scalar_type());
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const void* qp = q.data_ptr();
-  const void* kc = k_cache.data_ptr();
-  const void* vc = v_cache.data_ptr();
-  void* op = out.data_ptr();
-  const cpu::Isa isa = cpu::active_isa();
-  // One (b, t, h) row is a pass over up to L keys: grain 1. Rows are ordered
-  // (b, t, h), so a thread's range is the heads of a few tokens in order.
-  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    cpu::decode_attention_rows(qp, kc, vc, dt, pos, s.T, s.H, s.L, s.D,
-                               static_cast<float>(scale), op, r0, r1, isa);
-  });
+  decode_attention_cpu_run(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                           to_dtype(q.scalar_type()), positions.data_ptr<int64_t>(), s, scale,
+                           out.data_ptr(), cpu::active_isa());
   return out;
 }
 

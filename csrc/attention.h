@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "common/kernels.h"
+
 namespace pythia_native {
 
 // Sizes of a checked rotary_kv_cache_ call.
@@ -28,5 +30,25 @@ struct DecodeDims {
 // positions int64 [B, T].
 DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                        const at::Tensor& v_cache, const at::Tensor& positions);
+
+// Shared checks: a cache is [Bc, H, L, D], contiguous, with `like`'s dtype
+// and device; positions are int64 [B, T] on `like`'s device.
+void check_cache(const at::Tensor& cache, const char* name, const at::Tensor& like,
+                 const char* like_name, const char* op);
+void check_positions(const at::Tensor& positions, int64_t B, int64_t T, const at::Tensor& like,
+                     const char* op);
+
+// The CPU kernels after their checks, threaded, allocating nothing (for the
+// fused block, block.cpp, to call them on its own buffers).
+// rotary_kv_cache_: qkv rows of stride stride_b / stride_t (elements); refuses
+// a position >= L (the error names `op`).
+void rotary_kv_cache_cpu_run(const void* qkv, DType dt, int64_t stride_b, int64_t stride_t,
+                             const int64_t* pos, const RotaryDims& s, int64_t rotary_ndims,
+                             double rope_theta, void* k_cache, void* v_cache, void* q_out,
+                             cpu::Isa isa, const char* op);
+// decode_attention: q and out [B, T, H, D] contiguous.
+void decode_attention_cpu_run(const void* q, const void* k_cache, const void* v_cache, DType dt,
+                              const int64_t* pos, const DecodeDims& s, double scale, void* out,
+                              cpu::Isa isa);
 
 }  // namespace pythia_native

@@ -11,6 +11,8 @@
 //   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
 //   decode_attention(q, k_cache, v_cache, positions, scale) -> out
 //   gelu(x) -> x * Phi(x) (exact GELU, float32 math)
+//   neox_block_(x!, positions, k_cache!, v_cache!, layer norms, 4 x (packed, absmax,
+//               bias), ...) -> () (a GPT-NeoX block of a decode step, block.cpp)
 // (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
 #include "ops.h"
 
@@ -257,6 +259,28 @@ at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
   return y;
 }
 
+}  // namespace
+
+bool gemm_4bit_cpu_small_ok(int64_t M, int64_t k, int64_t blocksize, cpu::Isa isa) {
+  return k % blocksize == 0 && M <= cpu_tiles_max_m(isa);
+}
+
+void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t ldx,
+                         const uint8_t* pp, const float* ap, int64_t blocksize, QuantType qt,
+                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa) {
+  cpu::permute_k(x, dt, M, k, ldx, isa, xp);
+  if (M <= kCpuGemvMaxM) {
+    // Each thread streams a contiguous range of weight rows.
+    at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+      cpu::gemv_4bit_rows(xp, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n, isa);
+    });
+  } else {
+    for_tile_row_groups(n, [&](int64_t n0, int64_t n1) {
+      cpu::gemm_4bit_tiles(xp, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n, isa);
+    });
+  }
+}
+
 at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                          int64_t blocksize, const std::string& quant_type) {
@@ -275,27 +299,14 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const cpu::Isa isa = cpu::active_isa();
   const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
 
-  if (row_aligned && M <= cpu_tiles_max_m(isa)) {
+  if (gemm_4bit_cpu_small_ok(M, k, blocksize, isa)) {
     // x widened to float32 and put in the kernels' chunk order in one pass
     // (see permute_k in cpu/gemm_4bit.cpp); y written in x's dtype by the
     // kernels' epilogue, so a decode-sized call makes two allocations.
     at::Tensor xp = at::empty({M, k}, x.options().dtype(at::kFloat));
-    cpu::permute_k(xs.data_ptr(), to_dtype(x.scalar_type()), M, k, xs.stride(0), isa,
-                   xp.data_ptr<float>());
     at::Tensor y = at::empty({M, n}, x.options());
-    const float* xp_p = xp.data_ptr<float>();
-    void* y_p = y.data_ptr();
-    const DType ydt = to_dtype(x.scalar_type());
-    if (M <= kCpuGemvMaxM) {
-      // Each thread streams a contiguous range of weight rows.
-      at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-        cpu::gemv_4bit_rows(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
-      });
-    } else {
-      for_tile_row_groups(n, [&](int64_t n0, int64_t n1) {
-        cpu::gemm_4bit_tiles(xp_p, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y_p, ydt, n, isa);
-      });
-    }
+    gemm_4bit_cpu_small(xs.data_ptr(), to_dtype(x.scalar_type()), M, k, xs.stride(0), pp, ap,
+                        blocksize, qt, bias_p, n, y.data_ptr(), xp.data_ptr<float>(), isa);
     return y.view(out_shape);
   }
 
@@ -334,6 +345,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   if (x.scalar_type() == at::kBFloat16) xp = xp.to(at::kBFloat16);  // exact: x was bf16
   return panel_matmul(xp, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
+
+namespace {
 
 at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias) {
@@ -439,6 +452,15 @@ TORCH_LIBRARY(pythia_native, m) {
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions, "
         "float scale) -> Tensor");
   m.def("gelu(Tensor x) -> Tensor");
+  // One GPT-NeoX block of a decode step, x updated in place (block.cpp).
+  m.def("neox_block_(Tensor(a!) x, Tensor positions, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+        "Tensor ln1_weight, Tensor ln1_bias, Tensor ln2_weight, Tensor ln2_bias, float eps, "
+        "Tensor qkv_packed, Tensor qkv_absmax, Tensor? qkv_bias, "
+        "Tensor dense_packed, Tensor dense_absmax, Tensor? dense_bias, "
+        "Tensor up_packed, Tensor up_absmax, Tensor? up_bias, "
+        "Tensor down_packed, Tensor down_absmax, Tensor? down_bias, "
+        "int intermediate_size, int blocksize, str quant_type, int rotary_ndims, "
+        "float rope_theta, float scale, bool parallel_residual) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
@@ -493,4 +515,6 @@ PYBIND11_MODULE(_C, mod) {
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
      "benchmarks.");
+  mod.def("check_neox_block_args", &check_neox_block,
+          "neox_block_'s argument checks (its arguments, in order): raise what the op would.");
 }

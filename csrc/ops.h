@@ -42,4 +42,35 @@ std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n);
 
 DType to_dtype(at::ScalarType t);
 
+// gemm_4bit's CPU kernel (ops.cpp), for the fused block (block.cpp) to call
+// without the dispatcher.
+at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                         int64_t blocksize, const std::string& quant_type);
+// Its small-M paths (the GEMV up to 4 rows of x, the register tiles above),
+// which allocate nothing: whether they take (M, k) -- a row-aligned layout
+// and M up to the ISA's tile limit -- and the product itself:
+// y[M, n] (elements of dt, contiguous) = x[M, k] (dt, row stride ldx) @ W.T
+// + bias (float32 or null), with xp float32 [M, k] scratch.
+bool gemm_4bit_cpu_small_ok(int64_t M, int64_t k, int64_t blocksize, cpu::Isa isa);
+void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t ldx,
+                         const uint8_t* pp, const float* ap, int64_t blocksize, QuantType qt,
+                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa);
+
+// neox_block_'s argument checks (block.cpp), the op's arguments in its order:
+// the CPU kernel runs them, and Python's composition (the CUDA kernel,
+// pythia_native/block.py) calls them through _C.check_neox_block_args.
+void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& ln1_weight,
+                      const at::Tensor& ln1_bias, const at::Tensor& ln2_weight,
+                      const at::Tensor& ln2_bias, double eps, const at::Tensor& qkv_packed,
+                      const at::Tensor& qkv_absmax, const c10::optional<at::Tensor>& qkv_bias,
+                      const at::Tensor& dense_packed, const at::Tensor& dense_absmax,
+                      const c10::optional<at::Tensor>& dense_bias, const at::Tensor& up_packed,
+                      const at::Tensor& up_absmax, const c10::optional<at::Tensor>& up_bias,
+                      const at::Tensor& down_packed, const at::Tensor& down_absmax,
+                      const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
+                      int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
+                      double rope_theta, double scale, bool parallel_residual);
+
 }  // namespace pythia_native

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .block import compose_block, layer_norm_fn, prefill_mask
 from .config import PythiaConfig
 from .errors import CheckpointError, GenerationError
 from .format import check_quant_type
@@ -64,6 +65,8 @@ class KVCache:
         # memory should never be able to hold a NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Layer i's (k[i], v[i]), made once: a decode step indexes no tensor.
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         self.max_batch = max_batch
         self.max_len = max_len
 
@@ -94,12 +97,7 @@ def _fits_float16(t: torch.Tensor) -> bool:
 
 def _bind_layer_norm(ln: nn.LayerNorm):
     """x -> LayerNorm(x) in float32 whatever the activation dtype (fp16 Pythia overflows otherwise)."""
-    shape, weight, bias, eps = ln.normalized_shape, ln.weight, ln.bias, ln.eps
-
-    def layer_norm(x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
-
-    return layer_norm
+    return layer_norm_fn(ln.weight, ln.bias, ln.eps)
 
 
 def _bind_linear(module: nn.Module):
@@ -113,111 +111,93 @@ def _bind_linear(module: nn.Module):
     return module
 
 
-def prefill_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
-    """Which cache slots each query may see: bool ``[B, 1, T, span]``, slot ``s``
-    visible to token ``(b, t)`` iff ``s <= positions[b, t]``. A padding query is
-    pointed at slot 0 (every real sequence has written it) so no softmax row is
-    empty; its output is garbage that nothing reads. Built once per forward and
-    shared by every layer."""
-    slots = torch.arange(span, device=positions.device)
-    return (slots[None, None, :] <= positions.clamp(min=0)[:, :, None])[:, None]
-
-
-def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Several new tokens per sequence against the cache, with torch's SDPA.
-
-    q ``[B, T, H, D]``; caches ``[Bc, H, L, D]``; mask: :func:`prefill_mask`
-    ``[B, 1, T, span]``. Same contract as ``ops.decode_attention`` (query
-    ``(b, t)`` sees slots ``0..positions[b, t]``) but through a library kernel
-    built for many queries. Returns ``[B, T, H, D]``.
-    """
-    B, span = q.shape[0], mask.shape[-1]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=mask, scale=scale
-    )
-    return out.transpose(1, 2)
-
-
 class Attention(nn.Module):
+    """``attention.*`` of a block: the fused QKV and output Linears (the math
+    is in :func:`pythia_native.block.compose_block`)."""
+
     def __init__(self, config: PythiaConfig, make_linear):
         super().__init__()
-        self.config = config
         h = config.hidden_size
         self.query_key_value = make_linear(h, 3 * h, config.attention_bias, "attention.query_key_value")
         self.dense = make_linear(h, h, config.attention_bias, "attention.dense")
-        self.scale = config.head_dim**-0.5
-
-    def forward(self, x, positions, k_cache, v_cache, mask: Optional[torch.Tensor]):
-        return self.bind()(x, positions, k_cache, v_cache, mask)
-
-    def bind(self):
-        c = self.config
-        query_key_value, dense = _bind_linear(self.query_key_value), _bind_linear(self.dense)
-        rotary_ndims, rope_theta, hidden, scale = c.rotary_ndims, float(c.rope_theta), c.hidden_size, self.scale
-
-        def attention(x, positions, k_cache, v_cache, mask):
-            B, T, _ = x.shape
-            qkv = query_key_value(x)
-            q = ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta)
-            if mask is None:
-                a = ops.decode_attention(q, k_cache, v_cache, positions, scale)
-            else:
-                a = prefill_attention(q, k_cache, v_cache, mask, scale)
-            return dense(a.reshape(B, T, hidden))
-
-        return attention
 
 
 class MLP(nn.Module):
+    """``mlp.*`` of a block: the two Linears around the activation."""
+
     def __init__(self, config: PythiaConfig, make_linear):
         super().__init__()
         self.dense_h_to_4h = make_linear(config.hidden_size, config.intermediate_size, True, "mlp.dense_h_to_4h")
         self.dense_4h_to_h = make_linear(config.intermediate_size, config.hidden_size, True, "mlp.dense_4h_to_h")
-        self.approximate = config.gelu_approximate
-
-    def forward(self, x):
-        return self.bind()(x)
-
-    def bind(self):
-        up, down = _bind_linear(self.dense_h_to_4h), _bind_linear(self.dense_4h_to_h)
-        approximate = self.approximate
-        if approximate == "none":
-            # The exact GELU (every Pythia) through our op: at decode sizes torch's CPU
-            # GELU took 37-73 us a call inside a step (oneDNN), ours 8-11 us
-            # (csrc/cpu/activation.cpp); the tanh forms stay torch's.
-            return lambda x: down(ops.gelu(up(x)))
-        return lambda x: down(F.gelu(up(x), approximate=approximate))
 
 
 class Layer(nn.Module):
     def __init__(self, config: PythiaConfig, make_linear):
         super().__init__()
         h, eps = config.hidden_size, config.layer_norm_eps
+        self.config = config
         self.input_layernorm = nn.LayerNorm(h, eps=eps)
         self.post_attention_layernorm = nn.LayerNorm(h, eps=eps)
         self.attention = Attention(config, make_linear)
         self.mlp = MLP(config, make_linear)
-        self.parallel = config.use_parallel_residual
 
     def forward(self, x, positions, k_cache, v_cache, mask):
-        return self.bind()(x, positions, k_cache, v_cache, mask)
+        """The block's output (a new tensor; x is left as it was)."""
+        return self.bind()(x.clone() if mask is None else x, positions, k_cache, v_cache, mask)
 
     def bind(self):
-        ln1, ln2 = _bind_layer_norm(self.input_layernorm), _bind_layer_norm(self.post_attention_layernorm)
-        attention, mlp = self.attention.bind(), self.mlp.bind()
-        if self.parallel:
+        """``layer(x, positions, k_cache, v_cache, mask) -> x'``. A decode step
+        (mask None) of a block whose four Linears are 4-bit and whose GELU is
+        the exact one runs as the fused op ``neox_block_``, which updates x in
+        place (the caller owns x: PythiaModel's run makes it from the
+        embedding); every other call composes the ops in Python."""
+        c = self.config
+        linears = (
+            self.attention.query_key_value, self.attention.dense, self.mlp.dense_h_to_4h, self.mlp.dense_4h_to_h
+        )
+        approximate = c.gelu_approximate
+        # The exact GELU (every Pythia) through our op: at decode sizes torch's CPU
+        # GELU took 37-73 us a call inside a step (oneDNN), ours 8-11 us
+        # (csrc/cpu/activation.cpp); the tanh forms stay torch's.
+        act = ops.gelu if approximate == "none" else (lambda x: F.gelu(x, approximate=approximate))
+        qkv, dense, up, down = (_bind_linear(m) for m in linears)
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        rotary = dict(rotary_ndims=c.rotary_ndims, rope_theta=float(c.rope_theta), scale=c.head_dim**-0.5)
+        composed = compose_block(
+            ln1=_bind_layer_norm(ln1), ln2=_bind_layer_norm(ln2), qkv=qkv, dense=dense, up=up, down=down,
+            act=act, parallel_residual=c.use_parallel_residual, **rotary,
+        )
+        fusable = (
+            approximate == "none"
+            and all(isinstance(m, QuantizedLinear) for m in linears)
+            and len({(m.blocksize, m.quant_type) for m in linears}) == 1
+            and all(t.dtype == torch.float32 for t in (ln1.weight, ln1.bias, ln2.weight, ln2.bias))
+        )
+        if not fusable:
+            return composed
+        fused = torch.ops.pythia_native.neox_block_
+        weights = [(m.weight, m.absmax, m.bias) for m in linears]
+        ln_args = (ln1.weight, ln1.bias, ln2.weight, ln2.bias, float(ln1.eps))
+        tail = (
+            c.intermediate_size, linears[0].blocksize, linears[0].quant_type, rotary["rotary_ndims"],
+            rotary["rope_theta"], rotary["scale"], bool(c.use_parallel_residual),
+        )
+        cast: dict = {}  # biases in the activation dtype, converted once per dtype
 
-            def layer(x, positions, k_cache, v_cache, mask):
-                a = attention(ln1(x), positions, k_cache, v_cache, mask)
-                return x + a + mlp(ln2(x))
+        def weight_args(dtype):
+            args = cast.get(dtype)
+            if args is None:
+                args = tuple(
+                    t for w, a, b in weights for t in (w, a, b if b is None or b.dtype == dtype else b.to(dtype))
+                )
+                cast[dtype] = args
+            return args
 
-        else:
-
-            def layer(x, positions, k_cache, v_cache, mask):
-                x = x + attention(ln1(x), positions, k_cache, v_cache, mask)
-                return x + mlp(ln2(x))
+        def layer(x, positions, k_cache, v_cache, mask):
+            if mask is not None:
+                return composed(x, positions, k_cache, v_cache, mask)
+            fused(x, positions, k_cache, v_cache, *ln_args, *weight_args(x.dtype), *tail)
+            return x
 
         return layer
 
@@ -352,13 +332,15 @@ class PythiaModel(nn.Module):
         @torch.inference_mode()
         def run(input_ids, positions, cache, *, span=None, last_only=True, hidden_states=None):
             mask = None if span is None else prefill_mask(positions, span)
+            # x is this call's own tensor: a decode step's layers update it in
+            # place (Layer.bind), so the residual stream is copied when kept.
             x = F.embedding(input_ids, embed_in)
             if hidden_states is not None:
-                hidden_states.append(x)
-            for i, layer in enumerate(layers):
-                x = layer(x, positions, cache.k[i], cache.v[i], mask)
+                hidden_states.append(x.clone())
+            for layer, (k_cache, v_cache) in zip(layers, cache.layers):
+                x = layer(x, positions, k_cache, v_cache, mask)
                 if hidden_states is not None:
-                    hidden_states.append(x)
+                    hidden_states.append(x.clone())
             if last_only:
                 x = x[:, -1]
             return logits(final_layer_norm(x)).float()

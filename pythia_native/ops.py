@@ -184,6 +184,54 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return _ops.gelu(x)
 
 
+def neox_block_(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    ln1: tuple[torch.Tensor, torch.Tensor],
+    ln2: tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    linears: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+    intermediate_size: int,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    rotary_ndims: int = 0,
+    rope_theta: float = 10000.0,
+    scale: float = 1.0,
+    parallel_residual: bool = True,
+) -> None:
+    """One GPT-NeoX block for tokens that attend through the KV cache (a
+    decode step), in place: ``x`` becomes the block's output and the tokens'
+    keys and values are written to the caches at their positions.
+
+    x: contiguous ``[B, T, hidden]`` (float32/bfloat16 on the CPU,
+    float16/bfloat16 on CUDA); positions int64 ``[B, T]`` (negative =
+    padding: no cache write, attention output 0); caches ``[Bc >= B, H, L, D]``
+    in x's dtype with ``H * D = hidden``; ln1, ln2: float32 ``(weight, bias)``
+    of ``[hidden]``; linears: four ``(packed, absmax, bias)``, for qkv
+    ``[3 hidden, hidden]``, dense ``[hidden, hidden]``, up
+    ``[intermediate_size, hidden]`` and down ``[hidden, intermediate_size]``
+    (absmax float32, bias in x's dtype or None).
+
+    The result is the block of pythia_native/block.py (``compose_block``)
+    with these 4-bit Linears, the exact GELU and ``decode_attention``: the
+    same kernels, roundings and order of the residual adds. Only the
+    LayerNorm differs on the CPU, whose fused kernel sums in its own fixed
+    order (within a few float32 ulp of torch's). On the CPU one native call
+    on preallocated scratch: nothing is allocated for a decode-sized block.
+    """
+    if len(linears) != 4:
+        raise ValueError(f"neox_block_: linears must be 4 (packed, absmax, bias) triples (qkv, dense, up, down), got {len(linears)}")
+    (qp, qa, qb), (dp, da, db), (up, ua, ub), (wp, wa, wb) = linears
+    _ops.neox_block_(
+        x, positions, k_cache, v_cache, ln1[0], ln1[1], ln2[0], ln2[1], float(eps),
+        qp, qa, qb, dp, da, db, up, ua, ub, wp, wa, wb,
+        int(intermediate_size), int(blocksize), quant_type, int(rotary_ndims), float(rope_theta),
+        float(scale), bool(parallel_residual),
+    )
+
+
 # ----------------------------------------------------------- fake kernels ---
 # Shapes only, for torch.compile / FakeTensor / meta tracing.
 
@@ -236,3 +284,10 @@ def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
 @torch.library.register_fake("pythia_native::gelu")
 def _gelu_fake(x):
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("pythia_native::neox_block_")
+def _neox_block_fake(x, positions, k_cache, v_cache, *rest):
+    # x and the caches are updated in place (shapes unchanged); no result.
+    torch._check(x.dim() == 3, lambda: f"neox_block_: x must have shape [B, T, hidden], got {tuple(x.shape)}")
+    return None

@@ -186,3 +186,54 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     negative x). +inf gives +inf, -inf NaN (``0 * -inf``), as the kernels."""
     xd = x.detach().double()
     return (0.5 * xd * torch.special.erfc(-xd * 0.7071067811865476)).to(x.dtype)
+
+
+def neox_block_(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    ln1: tuple[torch.Tensor, torch.Tensor],
+    ln2: tuple[torch.Tensor, torch.Tensor],
+    eps: float,
+    linears: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+    intermediate_size: int,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    rotary_ndims: int = 0,
+    rope_theta: float = 10000.0,
+    scale: float = 1.0,
+    parallel_residual: bool = True,
+) -> None:
+    """Twin of ``ops.neox_block_`` (same arguments): one GPT-NeoX block of a
+    decode step from the twins above, updating x and the caches in place.
+
+    Every intermediate is rounded to x's dtype where the op rounds it: after
+    each LayerNorm (computed in float32), each Linear, the rotary, the
+    attention, the GELU and each residual add.
+    """
+    hidden = x.shape[-1]
+    B, T = x.shape[0], x.shape[1]
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (intermediate_size, hidden), (hidden, intermediate_size)]
+    qkv, dense, up, down = (
+        (lambda h, p=p, a=a, b=b, s=s: gemm_4bit(h, p, a, s, b, blocksize, quant_type))
+        for (p, a, b), s in zip(linears, shapes)
+    )
+
+    def layer_norm(h, w_b):
+        return torch.nn.functional.layer_norm(h.float(), (hidden,), w_b[0], w_b[1], eps).to(h.dtype)
+
+    def attention(h):
+        q = rotary_kv_cache_(qkv(h), positions, k_cache, v_cache, rotary_ndims, rope_theta)
+        return dense(decode_attention(q, k_cache, v_cache, positions, scale).reshape(B, T, hidden))
+
+    def mlp(h):
+        return down(gelu(up(h)))
+
+    if parallel_residual:
+        a = attention(layer_norm(x, ln1))
+        out = x + a + mlp(layer_norm(x, ln2))
+    else:
+        h = x + attention(layer_norm(x, ln1))
+        out = h + mlp(layer_norm(h, ln2))
+    x.copy_(out)

@@ -104,6 +104,18 @@ void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa);
 // float32 and rounded once to dt (cpu/activation.cpp). x and y: elements of
 // dt; y may be x. Every ISA writes the same bits.
 void gelu_range(const void* x, void* y, DType dt, int64_t i0, int64_t i1, Isa isa);
+
+// LayerNorm of rows m in [m0, m1) of x ([M, H], row stride ldx, elements of
+// dt) into y (row stride ldy, dt; y may be x): y = (x - mean) * rstd * w + b
+// with rstd = 1 / sqrt(var + eps), biased variance, float32 math rounded once
+// to dt (cpu/norm.cpp gives the summation order). w, b: float32 [H]. Every
+// ISA writes the same bits.
+void layer_norm_rows(const void* x, DType dt, int64_t ldx, int64_t H, const float* w,
+                     const float* b, float eps, void* y, int64_t ldy, int64_t m0, int64_t m1,
+                     Isa isa);
+// x[i] = x[i] + a[i] for i in [i0, i1): one float32 add rounded to dt (the
+// residual of a block). Every ISA writes the same bits.
+void add_inplace(void* x, const void* a, DType dt, int64_t i0, int64_t i1, Isa isa);
 }  // namespace cpu
 
 namespace cuda {

@@ -657,6 +657,134 @@ void test_gelu(Isa isa, std::mt19937& rng) {
 
 }  // namespace
 
+// Element values of dt (f32 / bf16 / fp16 bit patterns) from floats, and back.
+std::vector<char> to_elems(const std::vector<float>& xf, DType dt) {
+  const int64_t es = pn::dtype_size(dt);
+  std::vector<char> out(xf.size() * static_cast<size_t>(es));
+  for (size_t i = 0; i < xf.size(); ++i) {
+    if (dt == DType::F32) {
+      std::memcpy(out.data() + i * 4, &xf[i], 4);
+    } else {
+      const uint16_t b = dt == DType::BF16 ? cpu::from_f32<cpu::Bf16>(xf[i]).bits
+                                           : cpu::from_f32<cpu::F16>(xf[i]).bits;
+      std::memcpy(out.data() + i * 2, &b, 2);
+    }
+  }
+  return out;
+}
+
+float elem_f32(const char* p, DType dt, int64_t i) {
+  if (dt == DType::F32) {
+    float f;
+    std::memcpy(&f, p + i * 4, 4);
+    return f;
+  }
+  uint16_t b;
+  std::memcpy(&b, p + i * 2, 2);
+  return dt == DType::BF16 ? cpu::to_f32(cpu::Bf16{b}) : cpu::to_f32(cpu::F16{b});
+}
+
+// layer_norm_rows: every ISA writes the scalar kernel's bits (rows of odd
+// lengths, strided rows, in place), the rows it is given and nothing else,
+// and float32 results within a few ulp of a float64 LayerNorm -- including
+// rows whose mean is 1e4 times their spread (a residual stream's offset).
+void test_layer_norm(Isa isa, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const DType dts[] = {DType::F32, DType::BF16, DType::F16};
+  for (DType dt : dts) {
+    const int64_t es = pn::dtype_size(dt);
+    for (int64_t H : {1, 2, 15, 16, 17, 31, 33, 100, 768, 2560}) {
+      for (float offset : {0.0f, 300.0f}) {
+        for (bool in_place : {false, true}) {
+          g_ctx = fmt("layer_norm isa %s dt %d H %lld offset %g%s", cpu::isa_name(isa),
+                      static_cast<int>(dt), ll(H), offset, in_place ? " in place" : "");
+          const int64_t M = 3, ld = H + 5;  // rows 1 .. M - 1 normalized, row 0 left alone
+          std::vector<float> xf(static_cast<size_t>(M * ld)), w(static_cast<size_t>(H)),
+              b(static_cast<size_t>(H));
+          for (auto& v : xf) v = offset + (dt == DType::F16 ? 0.0f : 0.03f * offset) * nd(rng) + nd(rng);
+          for (auto& v : w) v = 1.0f + 0.3f * nd(rng);
+          for (auto& v : b) v = 0.1f * nd(rng);
+          const std::vector<char> x = to_elems(xf, dt);
+          std::vector<char> want(x.size(), 0x5a), out(x.size(), 0x5a);
+          if (in_place) out = x;
+          cpu::layer_norm_rows(x.data(), dt, ld, H, w.data(), b.data(), 1e-5f, want.data(), ld, 1, M,
+                               Isa::Scalar);
+          cpu::layer_norm_rows(in_place ? out.data() : x.data(), dt, ld, H, w.data(), b.data(), 1e-5f,
+                               out.data(), ld, 1, M, isa);
+          // Outside rows [1, M) x [0, H) the output keeps what it held before.
+          const std::vector<char> before = in_place ? x : std::vector<char>(x.size(), 0x5a);
+          bool same = true, untouched = true;
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t i = 0; i < ld; ++i) {
+              const size_t at = static_cast<size_t>((m * ld + i) * es);
+              const bool normalized = m >= 1 && i < H;
+              const char* ref = normalized ? want.data() + at : before.data() + at;
+              const bool eq = std::memcmp(out.data() + at, ref, static_cast<size_t>(es)) == 0;
+              (normalized ? same : untouched) &= eq;
+            }
+          }
+          CHECK(same, "differs from the scalar kernel's bits");
+          CHECK(untouched, "wrote outside the rows [1, M) x [0, H)");
+          // Against float64 from the same (rounded) inputs, per row: 4 ulp of
+          // the row's largest |y| in float32 (times 1 + |mean| / std: the
+          // float32 mean of an offset row is off by ulps of |mean|), one
+          // rounding step in bf16 / fp16. H = 1: var = 0, y = b.
+          const double ulp = dt == DType::F32 ? 0x1p-23 : dt == DType::BF16 ? 0x1p-8 : 0x1p-11;
+          double worst_ratio = 0.0;
+          for (int64_t m = 1; m < M; ++m) {
+            double mean = 0.0, var = 0.0;
+            for (int64_t i = 0; i < H; ++i) mean += elem_f32(x.data(), dt, m * ld + i);
+            mean /= static_cast<double>(H);
+            for (int64_t i = 0; i < H; ++i) {
+              const double d = elem_f32(x.data(), dt, m * ld + i) - mean;
+              var += d * d;
+            }
+            const double rstd = 1.0 / std::sqrt(var / static_cast<double>(H) + 1e-5);
+            double worst = 0.0, top = 0.0;
+            for (int64_t i = 0; i < H; ++i) {
+              const double exact = (elem_f32(x.data(), dt, m * ld + i) - mean) * rstd * w[i] + b[i];
+              worst = std::max(worst, std::fabs(elem_f32(want.data(), dt, m * ld + i) - exact));
+              top = std::max(top, std::fabs(exact));
+            }
+            const double cond = dt == DType::F32 ? 1.0 + std::fabs(mean) * std::min(rstd, 1e3) : 1.0;
+            worst_ratio = std::max(worst_ratio, worst / (ulp * top * cond + 1e-30));
+          }
+          CHECK(worst_ratio <= 4.0, fmt("error %.3g ulp of max|y| (x cond)", worst_ratio).c_str());
+        }
+      }
+    }
+  }
+}
+
+// add_inplace: x + a rounded once, the same bits on every ISA, [i0, i1) only.
+void test_add_inplace(Isa isa, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 10.0f);
+  const DType dts[] = {DType::F32, DType::BF16, DType::F16};
+  for (DType dt : dts) {
+    const int64_t es = pn::dtype_size(dt);
+    for (int64_t n : {1, 7, 8, 9, 16, 17, 100}) {
+      g_ctx = fmt("add_inplace isa %s dt %d n %lld", cpu::isa_name(isa), static_cast<int>(dt), ll(n));
+      const int64_t i0 = 2, total = i0 + n + 1;
+      std::vector<float> xf(static_cast<size_t>(total)), af(static_cast<size_t>(total));
+      for (auto& v : xf) v = nd(rng);
+      for (auto& v : af) v = nd(rng);
+      const std::vector<char> x = to_elems(xf, dt), a = to_elems(af, dt);
+      std::vector<char> out = x;
+      cpu::add_inplace(out.data(), a.data(), dt, i0, i0 + n, isa);
+      bool ok = std::memcmp(out.data(), x.data(), static_cast<size_t>(i0 * es)) == 0 &&
+                std::memcmp(out.data() + (i0 + n) * es, x.data() + (i0 + n) * es, static_cast<size_t>(es)) == 0;
+      CHECK(ok, "wrote outside [i0, i1)");
+      std::vector<char> want = x;
+      for (int64_t i = i0; i < i0 + n; ++i) {
+        const float sum = elem_f32(x.data(), dt, i) + elem_f32(a.data(), dt, i);
+        const std::vector<char> e = to_elems({sum}, dt);
+        std::memcpy(want.data() + i * es, e.data(), static_cast<size_t>(es));
+      }
+      CHECK(std::memcmp(out.data(), want.data(), out.size()) == 0, "x + a is not rounded once to dt");
+    }
+  }
+}
+
 int main() {
   std::printf("pythia-native CPU kernel tests\n");
   test_isa_control();
@@ -723,6 +851,8 @@ int main() {
       }
     }
     test_gelu(isa, rng);
+    test_layer_norm(isa, rng);
+    test_add_inplace(isa, rng);
     std::printf("isa %s: %lld passed, %lld failed (gemv / tiles worst error: %.3g of max|y_ref|, "
                 "%.3g of max sum|x w|)\n",
                 cpu::isa_name(isa), ll(g_passed - before_pass), ll(g_failed - before_fail),

@@ -1,0 +1,157 @@
+"""One GPT-NeoX block, written once, and the fused op ``neox_block_``.
+
+:func:`compose_block` is the block's math from callables for its parts
+(LayerNorms, the four Linears, the activation); the model builds every layer
+with it (pythia_native/model.py), for prefill and decode alike:
+
+    parallel residual:   x + attention(ln1(x)) + mlp(ln2(x))
+    sequential residual: h = x + attention(ln1(x)); h + mlp(ln2(h))
+    attention(h) = dense(attend(rotary_kv_cache_(qkv(h))))
+    mlp(h)       = down(act(up(h)))
+
+``torch.ops.pythia_native.neox_block_`` runs one such block with 4-bit
+Linears and the exact GELU for tokens that attend through the KV cache (a
+decode step), updating x in place. Its CPU kernel (csrc/block.cpp) is one
+native call per block on preallocated scratch: the same kernels in the same
+order, without ~15 Python-level op calls per block (on a 2-vCPU Xeon,
+pythia-160m decode: ~1.4 of ~6.5 ms per step went there). Its CUDA kernel is
+the composition below over the per-op CUDA kernels, registered here: on
+CUDA the decode step is a CUDA graph, which already removes that overhead.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _C, ops
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def layer_norm_fn(weight: torch.Tensor, bias: torch.Tensor, eps: float) -> Fn:
+    """x -> LayerNorm(x) in float32 whatever the activation dtype (fp16 Pythia
+    overflows otherwise), rounded back to x's dtype."""
+    shape = (weight.shape[0],)
+
+    def layer_norm(x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
+
+    return layer_norm
+
+
+def prefill_mask(positions: torch.Tensor, span: int) -> torch.Tensor:
+    """Which cache slots each query may see: bool ``[B, 1, T, span]``, slot ``s``
+    visible to token ``(b, t)`` iff ``s <= positions[b, t]``. A padding query is
+    pointed at slot 0 (every real sequence has written it) so no softmax row is
+    empty; its output is garbage that nothing reads. Built once per forward and
+    shared by every layer."""
+    slots = torch.arange(span, device=positions.device)
+    return (slots[None, None, :] <= positions.clamp(min=0)[:, :, None])[:, None]
+
+
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Several new tokens per sequence against the cache, with torch's SDPA.
+
+    q ``[B, T, H, D]``; caches ``[Bc, H, L, D]``; mask: :func:`prefill_mask`
+    ``[B, 1, T, span]``. Same contract as ``ops.decode_attention`` (query
+    ``(b, t)`` sees slots ``0..positions[b, t]``) but through a library kernel
+    built for many queries. Returns ``[B, T, H, D]``.
+    """
+    B, span = q.shape[0], mask.shape[-1]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def compose_block(
+    *,
+    ln1: Fn,
+    ln2: Fn,
+    qkv: Fn,
+    dense: Fn,
+    up: Fn,
+    down: Fn,
+    act: Fn,
+    rotary_ndims: int,
+    rope_theta: float,
+    scale: float,
+    parallel_residual: bool,
+):
+    """The block as ``layer(x, positions, k_cache, v_cache, mask) -> new x``.
+
+    x ``[B, T, hidden]``; positions int64 ``[B, T]`` (negative = padding);
+    caches ``[Bc, H, L, D]``, written at the tokens' positions; mask: None for
+    tokens that attend through ``decode_attention`` (a decode step), else
+    :func:`prefill_mask` for SDPA (a prefill).
+    """
+
+    def attention(h, positions, k_cache, v_cache, mask):
+        B, T, hidden = h.shape
+        q = ops.rotary_kv_cache_(qkv(h), positions, k_cache, v_cache, rotary_ndims, rope_theta)
+        if mask is None:
+            a = ops.decode_attention(q, k_cache, v_cache, positions, scale)
+        else:
+            a = prefill_attention(q, k_cache, v_cache, mask, scale)
+        return dense(a.reshape(B, T, hidden))
+
+    if parallel_residual:
+
+        def layer(x, positions, k_cache, v_cache, mask):
+            a = attention(ln1(x), positions, k_cache, v_cache, mask)
+            return x + a + down(act(up(ln2(x))))
+
+    else:
+
+        def layer(x, positions, k_cache, v_cache, mask):
+            x = x + attention(ln1(x), positions, k_cache, v_cache, mask)
+            return x + down(act(up(ln2(x))))
+
+    return layer
+
+
+def _linear_fn(packed, absmax, bias, n, k, blocksize, quant_type) -> Fn:
+    return lambda h: ops._ops.gemm_4bit(h, packed, absmax, bias, n, k, blocksize, quant_type)
+
+
+def _composed(
+    x, positions, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias, eps,
+    qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
+    up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
+    intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual,
+) -> torch.Tensor:
+    """``neox_block_``'s result as a new tensor, through :func:`compose_block`
+    and the per-op kernels of x's device."""
+    hidden, inter = x.shape[-1], intermediate_size
+    layer = compose_block(
+        ln1=layer_norm_fn(ln1_weight, ln1_bias, eps),
+        ln2=layer_norm_fn(ln2_weight, ln2_bias, eps),
+        qkv=_linear_fn(qkv_packed, qkv_absmax, qkv_bias, 3 * hidden, hidden, blocksize, quant_type),
+        dense=_linear_fn(dense_packed, dense_absmax, dense_bias, hidden, hidden, blocksize, quant_type),
+        up=_linear_fn(up_packed, up_absmax, up_bias, inter, hidden, blocksize, quant_type),
+        down=_linear_fn(down_packed, down_absmax, down_bias, hidden, inter, blocksize, quant_type),
+        act=ops.gelu,
+        rotary_ndims=rotary_ndims,
+        rope_theta=rope_theta,
+        scale=scale,
+        parallel_residual=parallel_residual,
+    )
+    return layer(x, positions, k_cache, v_cache, None)
+
+
+def composed_block_(*args) -> None:
+    """``neox_block_`` (the op's arguments, in its order) through
+    :func:`compose_block` on the per-op kernels of x's device, after the op's
+    own argument checks (csrc/block.cpp): the op's CUDA kernel, and on the
+    CPU the oracle the fused kernel is tested against."""
+    _C.check_neox_block_args(*args)
+    args[0].copy_(_composed(*args))
+
+
+@torch.library.impl("pythia_native::neox_block_", "CUDA")
+def _neox_block_cuda(*args) -> None:
+    composed_block_(*args)

@@ -1,0 +1,288 @@
+"""neox_block_, the fused GPT-NeoX block of a decode step, against the same
+block composed from the per-op kernels (pythia_native/block.py) and against
+its twin in reference.py: every Pythia head dim, parallel and sequential
+residual, bias or none, left padding, several new tokens per sequence, an
+intermediate size that is not a multiple of the blocksize, more rows than the
+small-M kernels take, every CPU ISA; then the errors, and the model taking it."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import pythia_native as pn
+from conftest import CPU_ISAS
+from pythia_native import reference as ref
+from pythia_native.block import composed_block_
+
+# name: (hidden, heads, intermediate, rotary_ndims)
+SHAPES = {
+    "hd16": (64, 4, 256, 4),
+    "hd80": (160, 2, 640, 20),
+    "hd256": (512, 2, 2048, 64),
+    "odd-inter": (96, 3, 200, 8),  # dense_4h_to_h's K = 200: rows straddle quant blocks
+}
+
+
+def _rel_err(y, y_ref):
+    return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()).item()
+
+
+def make_block(shape, dtype, *, bias=True, parallel=True, quant_type="nf4", blocksize=64, device="cpu", seed=0):
+    """The op's arguments after (x, positions, k_cache, v_cache), as a dict for ops.neox_block_."""
+    hidden, heads, inter, rot = SHAPES[shape]
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(n, k):
+        w = torch.randn(n, k, generator=g) / k**0.5
+        packed, absmax = pn.quantize_4bit(w, blocksize, quant_type)
+        b = (0.1 * torch.randn(n, generator=g)).to(dtype).to(device) if bias else None
+        return packed.to(device), absmax.to(device), b
+
+    def layer_norm():
+        return (1 + 0.2 * torch.randn(hidden, generator=g)).to(device), (0.1 * torch.randn(hidden, generator=g)).to(device)
+
+    return dict(
+        ln1=layer_norm(), ln2=layer_norm(), eps=1e-5,
+        linears=[linear(3 * hidden, hidden), linear(hidden, hidden), linear(inter, hidden), linear(hidden, inter)],
+        intermediate_size=inter, blocksize=blocksize, quant_type=quant_type, rotary_ndims=rot,
+        rope_theta=10000.0, scale=(hidden // heads) ** -0.5, parallel_residual=parallel,
+    )
+
+
+def make_inputs(shape, dtype, B, T, *, L=40, device="cpu", seed=1):
+    """x [B, T, hidden]; positions ending somewhere in a cache that already holds
+    content, sequence 1 left-padded; caches [B + 1, H, L, D]."""
+    hidden, heads, _, _ = SHAPES[shape]
+    D = hidden // heads
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, hidden, generator=g).to(dtype).to(device)
+    pos = torch.empty(B, T, dtype=torch.int64)
+    for b in range(B):
+        end = int(torch.randint(T - 1, L, (1,), generator=g))
+        pos[b] = torch.arange(end - T + 1, end + 1)
+    if B > 1:
+        pos[1] = torch.arange(T) - max(1, T // 2)
+    k = torch.randn(B + 1, heads, L, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B + 1, heads, L, D, generator=g).to(dtype).to(device)
+    return x, pos.to(device), k, v
+
+
+def flat_args(x, pos, k, v, p):
+    """The op's positional arguments, in its schema's order."""
+    lin = [t for triple in p["linears"] for t in triple]
+    return (
+        x, pos, k, v, *p["ln1"], *p["ln2"], p["eps"], *lin, p["intermediate_size"], p["blocksize"],
+        p["quant_type"], p["rotary_ndims"], p["rope_theta"], p["scale"], p["parallel_residual"],
+    )
+
+
+def run_three(shape, dtype, B, T, *, device="cpu", **kw):
+    """(fused, composed, reference) results: each a (x, k_cache, v_cache) after the block."""
+    p = make_block(shape, dtype, device=device, **kw)
+    x, pos, k, v = make_inputs(shape, dtype, B, T, device=device)
+    fused = [t.clone() for t in (x, k, v)]
+    pn.ops.neox_block_(fused[0], pos, fused[1], fused[2], **p)
+    composed = [t.clone() for t in (x, k, v)]
+    composed_block_(*flat_args(composed[0], pos, composed[1], composed[2], p))
+    # The reference in float32 from the same (rounded) inputs: the yardstick of bf16.
+    p32 = dict(p, linears=[(a, b, None if c is None else c.float()) for a, b, c in p["linears"]])
+    reference = [t.float().clone() for t in (x, k, v)]
+    ref.neox_block_(reference[0], pos, reference[1], reference[2], **p32)
+    return fused, composed, reference
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 3)])
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_fused_equals_composition_float32(shape, B, T, parallel):
+    fused, composed, reference = run_three(shape, torch.float32, B, T, parallel=parallel)
+    # Same kernels in the same order; only LayerNorm's float32 sums differ.
+    for f, c, r, name in zip(fused, composed, reference, ("x", "k_cache", "v_cache")):
+        assert _rel_err(f, c) <= 1e-5, name
+        assert _rel_err(f, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize("shape", ["hd16", "hd80", "odd-inter"])
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_fused_bfloat16_within_twice_the_composition_error(shape, B, T, parallel):
+    fused, composed, reference = run_three(shape, torch.bfloat16, B, T, parallel=parallel)
+    for f, c, r, name in zip(fused, composed, reference, ("x", "k_cache", "v_cache")):
+        assert f.dtype == torch.bfloat16
+        assert _rel_err(f, r) <= 2 * _rel_err(c, r) + 1e-6, name
+
+
+def test_no_bias_fp4_blocksize_128():
+    fused, composed, _ = run_three("hd80", torch.float32, 2, 1, bias=False, quant_type="fp4", blocksize=128)
+    for f, c in zip(fused, composed):
+        assert _rel_err(f, c) <= 1e-5
+
+
+@pytest.mark.parametrize("B", [5, 17, 70])  # the GEMV, the small-M tiles, BLAS panels (M > 64)
+def test_rows_through_every_gemm_path(B):
+    fused, composed, _ = run_three("hd16", torch.float32, B, 1)
+    for f, c in zip(fused, composed):
+        assert _rel_err(f, c) <= 1e-5
+
+
+def test_empty_batch_changes_nothing():
+    p = make_block("hd16", torch.float32)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1)
+    k0, v0 = k.clone(), v.clone()
+    x = x[:0]
+    pn.ops.neox_block_(x, pos[:0], k, v, **p)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_cpu_isa(cpu_isa, dtype):
+    fused, composed, reference = run_three("hd80", dtype, 2, 2)
+    for f, c, r in zip(fused, composed, reference):
+        if dtype == torch.float32:
+            assert _rel_err(f, c) <= 1e-5
+        else:
+            assert _rel_err(f, r) <= 2 * _rel_err(c, r) + 1e-6
+
+
+def test_padding_token_writes_no_cache_slot():
+    p = make_block("hd16", torch.float32)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 2, 3)
+    assert (pos[1] < 0).any()
+    k0, v0 = k.clone(), v.clone()
+    pn.ops.neox_block_(x, pos, k, v, **p)
+    written = torch.zeros(k.shape[0], k.shape[2], dtype=torch.bool)
+    for b in range(2):
+        for t in range(3):
+            if pos[b, t] >= 0:
+                written[b, pos[b, t]] = True
+    untouched = ~written
+    assert torch.equal(k.transpose(1, 2)[untouched], k0.transpose(1, 2)[untouched])
+    assert torch.equal(v.transpose(1, 2)[untouched], v0.transpose(1, 2)[untouched])
+    assert not torch.equal(k.transpose(1, 2)[written], k0.transpose(1, 2)[written])
+
+
+# ------------------------------------------------------------------ errors ---
+
+
+def _bad(name):
+    """(mutate(args dict), message fragment) for each bad input."""
+    cases = {
+        "x int": (lambda a: a.update(x=a["x"].long()), "x must be float32, float16 or bfloat16"),
+        "x 2-d": (lambda a: a.update(x=a["x"][0]), "x must have shape [B, T, hidden]"),
+        "x strided": (lambda a: a.update(x=torch.randn(2, 1, 128)[..., ::2]), "x must be contiguous"),
+        "cache dtype": (lambda a: a.update(k=a["k"].double()), "k_cache must have x's dtype"),
+        "cache heads": (lambda a: a.update(k=a["k"][:, :2].contiguous(), v=a["v"][:, :2].contiguous()), "must equal the cache's H * D"),
+        "cache batch": (lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), "fewer than x's batch"),
+        "positions dtype": (lambda a: a.update(pos=a["pos"].int()), "positions must be int64"),
+        "positions shape": (lambda a: a.update(pos=a["pos"][:1]), "positions must have shape [B, T] = [2, 1]"),
+        "position past cache": (lambda a: a["pos"].fill_(40), "positions must be < L = 40"),
+        "ln1 shape": (lambda a: a["p"].update(ln1=(a["p"]["ln1"][0][:5], a["p"]["ln1"][1])), "ln1_weight must have shape [64]"),
+        "ln2 dtype": (lambda a: a["p"].update(ln2=(a["p"]["ln2"][0], a["p"]["ln2"][1].double())), "ln2_bias must be float32"),
+        "qkv packed": (lambda a: a["p"]["linears"].__setitem__(0, (a["p"]["linears"][0][0][:-1],) + a["p"]["linears"][0][1:]), "qkv_packed must hold 6144 bytes"),
+        "up absmax": (lambda a: a["p"]["linears"].__setitem__(2, (a["p"]["linears"][2][0], a["p"]["linears"][2][1].half(), a["p"]["linears"][2][2])), "up_absmax must be float32"),
+        "down bias": (lambda a: a["p"]["linears"].__setitem__(3, a["p"]["linears"][3][:2] + (a["p"]["linears"][3][2].double(),)), "down_bias must have x's dtype"),
+        "intermediate": (lambda a: a["p"].update(intermediate_size=255), "up_packed must hold"),
+        "blocksize": (lambda a: a["p"].update(blocksize=48), "blocksize must be a power of two"),
+        "quant type": (lambda a: a["p"].update(quant_type="int4"), "quant_type must be 'nf4' or 'fp4'"),
+        "rotary odd": (lambda a: a["p"].update(rotary_ndims=3), "rotary_ndims must be even"),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("case", [
+    "x int", "x 2-d", "x strided", "cache dtype", "cache heads", "cache batch", "positions dtype",
+    "positions shape", "position past cache", "ln1 shape", "ln2 dtype", "qkv packed", "up absmax",
+    "down bias", "intermediate", "blocksize", "quant type", "rotary odd",
+])
+@pytest.mark.parametrize("path", ["op", "composition"])
+def test_bad_input_names_the_argument_and_changes_nothing(case, path):
+    p = make_block("hd16", torch.float32)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 2, 1)
+    a = dict(x=x, pos=pos, k=k, v=v, p=dict(p, linears=list(p["linears"])))
+    mutate, message = _bad(case)
+    mutate(a)
+    before = [t.clone() for t in (a["x"], a["k"], a["v"])]
+    with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+        if path == "op":
+            pn.ops.neox_block_(a["x"], a["pos"], a["k"], a["v"], **a["p"])
+        else:
+            composed_block_(*flat_args(a["x"], a["pos"], a["k"], a["v"], a["p"]))
+    for t, t0 in zip((a["x"], a["k"], a["v"]), before):
+        assert torch.equal(t, t0)
+
+
+def test_opcheck(device):
+    p = make_block("hd16", torch.float32, device=device)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 2, 2, device=device)
+    torch.library.opcheck(torch.ops.pythia_native.neox_block_, flat_args(x, pos, k, v, p))
+
+
+def test_cuda_matches_cpu_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    for dtype in (torch.float16, torch.bfloat16):
+        p_cpu = make_block("hd80", torch.float32)
+        x, pos, k, v = make_inputs("hd80", torch.float32, 2, 2)
+        pn.ops.neox_block_(x, pos, k, v, **p_cpu)  # float32 on the CPU: the yardstick
+        p = make_block("hd80", dtype, device="cuda")
+        xc, posc, kc, vc = make_inputs("hd80", dtype, 2, 2, device="cuda")
+        pn.ops.neox_block_(xc, posc, kc, vc, **p)
+        # fp16/bf16 activations: a few steps of their rounding through two Linears
+        assert _rel_err(xc.cpu(), x) <= (3e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+# ------------------------------------------------------------- the model ---
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _tiny_model(**kw):
+    from pythia_native.config import PythiaConfig
+    from pythia_native.model import PythiaModel
+
+    cfg = PythiaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       intermediate_size=256, max_position_embeddings=64, **kw)
+    return PythiaModel.random(cfg)
+
+
+def test_model_decode_step_runs_one_fused_op_per_layer():
+    model = _tiny_model()
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], cache, span=3)
+    with _OpLog() as log:
+        model(torch.tensor([[8]]), torch.tensor([[3]]), cache)
+    assert log.names.count("pythia_native.neox_block_") == 3
+    assert "pythia_native.gemm_4bit" not in log.names
+
+
+def test_model_with_tanh_gelu_composes_the_ops():
+    model = _tiny_model(hidden_act="gelu_new")
+    cache = model.new_cache(1, 16)
+    with _OpLog() as log:
+        model(torch.tensor([[8]]), torch.tensor([[0]]), cache)
+    assert "pythia_native.neox_block_" not in log.names
+    assert log.names.count("pythia_native.gemm_4bit") == 12
+
+
+def test_layer_forward_and_decode_hidden_states_do_not_alias():
+    model = _tiny_model()
+    cache = model.new_cache(1, 16)
+    layer = model.gpt_neox.layers[0]
+    x = torch.randn(1, 1, 64)
+    x0 = x.clone()
+    k, v = cache.layers[0]
+    y = layer(x, torch.tensor([[0]]), k, v, None)
+    assert torch.equal(x, x0) and not torch.equal(y, x)
+    hs = []
+    model(torch.tensor([[9]]), torch.tensor([[1]]), cache, hidden_states=hs)
+    assert len(hs) == 4
+    assert torch.equal(hs[0], model.gpt_neox.embed_in.weight[9].view(1, 1, -1))
+    assert len({t.data_ptr() for t in hs}) == 4
