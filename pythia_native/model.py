@@ -90,9 +90,12 @@ def _fits_float16(t: torch.Tensor) -> bool:
 # once per call (PythiaModel.bind), so that a CPU decode step does not pay
 # nn.Module call and attribute overhead ~200 times: a 12-layer model with
 # hidden size 64, whose step is almost all overhead, went from 1.50-1.61 to
-# 0.88-0.96 ms per decode step (2-vCPU Xeon, alternated processes). One
-# definition of the math, whichever way it is called; a bound function is
-# valid while the module's tensors stay the same objects.
+# 0.88-0.96 ms per decode step (2-vCPU Xeon, alternated processes). A decode
+# step's blocks then became one fused op each (neox_block_, see Layer.bind):
+# the same model, 0.96-1.48 -> 0.51-0.65 ms per step (same machine,
+# alternated). The math is defined once (pythia_native/block.py), whichever
+# way it is called; a bound function is valid while the module's tensors stay
+# the same objects.
 
 
 def _bind_layer_norm(ln: nn.LayerNorm):
@@ -143,7 +146,8 @@ class Layer(nn.Module):
 
     def forward(self, x, positions, k_cache, v_cache, mask):
         """The block's output (a new tensor; x is left as it was)."""
-        return self.bind()(x.clone() if mask is None else x, positions, k_cache, v_cache, mask)
+        own = x.clone(memory_format=torch.contiguous_format) if mask is None else x
+        return self.bind()(own, positions, k_cache, v_cache, mask)
 
     def bind(self):
         """``layer(x, positions, k_cache, v_cache, mask) -> x'``. A decode step
