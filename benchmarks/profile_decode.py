@@ -42,6 +42,7 @@ def build(args):
     head_dtype = torch.float16 if args.device == "cpu" and not args.qhead else None
     model = PythiaModel.random(config, dtype=dtype, quantize_embed_out=args.qhead, device=args.device,
                                head_dtype=head_dtype)
+    model.fuse_decode = not args.unfused
     engine = Pythia(model, max_batch=args.batch, max_len=args.prompt + args.steps + 2)
     torch.manual_seed(0)
     prompts = torch.randint(2, 50000, (args.batch, args.prompt)).tolist()
@@ -97,6 +98,9 @@ def main():
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="activations (default: float32 on the CPU, float16 on CUDA)")
     ap.add_argument("--qhead", action="store_true", help="embed_out in 4 bits too")
+    ap.add_argument("--unfused", action="store_true",
+                    help="compose each decode block from the per-op kernels instead of the fused neox_block_ "
+                    "(a per-op breakdown of the blocks; model.fuse_decode = False)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", help="append the markdown to this file")
     args = ap.parse_args()
@@ -132,7 +136,8 @@ def main():
     what = "CUDA kernel time" if args.device == "cuda" else "CPU self time"
     lines = [
         f"## Decode step profile: {args.shape}-shaped, {args.device} ({where}), batch {args.batch}, "
-        f"{str(dtype).replace('torch.', '')} activations{', 4-bit embed_out' if args.qhead else ''}",
+        f"{str(dtype).replace('torch.', '')} activations{', 4-bit embed_out' if args.qhead else ''}"
+        f"{', blocks unfused' if args.unfused else ''}",
         "",
         f"torch {torch.__version__}, {date.today()}, build_info {pythia_native.build_info()}; "
         f"prompt {args.prompt}, {args.steps} decode steps profiled.",

@@ -149,8 +149,8 @@ class Layer(nn.Module):
         own = x.clone(memory_format=torch.contiguous_format) if mask is None else x
         return self.bind()(own, positions, k_cache, v_cache, mask)
 
-    def bind(self):
-        """``layer(x, positions, k_cache, v_cache, mask) -> x'``. A decode step
+    def bind(self, fuse: bool = True):
+        """``layer(x, positions, k_cache, v_cache, mask) -> x'``. With ``fuse``, a decode step
         (mask None) of a block whose four Linears are 4-bit and whose GELU is
         the exact one runs as the fused op ``neox_block_``, which updates x in
         place (the caller owns x: PythiaModel's run makes it from the
@@ -172,7 +172,8 @@ class Layer(nn.Module):
             act=act, parallel_residual=c.use_parallel_residual, **rotary,
         )
         fusable = (
-            approximate == "none"
+            fuse
+            and approximate == "none"
             and all(isinstance(m, QuantizedLinear) for m in linears)
             and len({(m.blocksize, m.quant_type) for m in linears}) == 1
             and all(t.dtype == torch.float32 for t in (ln1.weight, ln1.bias, ln2.weight, ln2.bias))
@@ -286,6 +287,11 @@ class PythiaModel(nn.Module):
             self.embed_out = nn.Linear(
                 config.hidden_size, config.vocab_size, bias=False, dtype=head_dtype or dtype, device=device
             )
+        # A decode step's blocks as the fused op neox_block_ (Layer.bind); False
+        # composes the per-op kernels instead (the same results up to
+        # LayerNorm's summation order): for per-op profiles and comparisons.
+        # Read when the model is bound, i.e. at each generate call.
+        self.fuse_decode = True
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -329,7 +335,7 @@ class PythiaModel(nn.Module):
         keeps and a reallocating one does not; the generate loop binds again
         after every ``load_revision``."""
         embed_in = self.gpt_neox.embed_in.weight
-        layers = [layer.bind() for layer in self.gpt_neox.layers]
+        layers = [layer.bind(fuse=self.fuse_decode) for layer in self.gpt_neox.layers]
         final_layer_norm = _bind_layer_norm(self.gpt_neox.final_layer_norm)
         logits = self._bind_logits()
 

@@ -295,3 +295,17 @@ def test_layer_forward_and_decode_hidden_states_do_not_alias():
     assert len(hs) == 4
     assert torch.equal(hs[0], model.gpt_neox.embed_in.weight[9].view(1, 1, -1))
     assert len({t.data_ptr() for t in hs}) == 4
+
+
+def test_fuse_decode_off_composes_the_ops_with_the_same_tokens():
+    from pythia_native.generate import Pythia
+
+    model = _tiny_model()
+    engine = Pythia(model, max_batch=1, max_len=48)
+    fused = engine.generate_ids([5, 6, 7, 8], 24, ignore_eos=True)
+    model.fuse_decode = False
+    cache = model.new_cache(1, 16)
+    with _OpLog() as log:
+        model(torch.tensor([[8]]), torch.tensor([[0]]), cache)
+    assert "pythia_native.neox_block_" not in log.names and log.names.count("pythia_native.gemm_4bit") == 12
+    assert engine.generate_ids([5, 6, 7, 8], 24, ignore_eos=True) == fused
