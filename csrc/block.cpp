@@ -231,8 +231,10 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
     if (!bias.has_value()) return nullptr;
     if (dt == DType::F32) return bias->data_ptr<float>();
     float* out = static_cast<float*>(scratch.take(n * 4));
-    const at::Tensor b = at::from_blob(out, {n}, at::TensorOptions(at::kFloat));
-    b.copy_(*bias);  // bf16 / fp16 -> float32: exact
+    for (int64_t i = 0; i < n; ++i) {  // bf16 / fp16 -> float32: exact
+      out[i] = dt == DType::BF16 ? static_cast<float>(bias->data_ptr<at::BFloat16>()[i])
+                                 : static_cast<float>(bias->data_ptr<at::Half>()[i]);
+    }
     return out;
   };
   const float* qkv_b = widen_bias(qkv_bias, 3 * Hd);
