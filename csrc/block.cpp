@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <memory>
 
@@ -41,6 +42,11 @@ struct BlockDims {
   int64_t B, T, hidden, H, D, L, inter;
 };
 
+BlockDims block_dims(const at::Tensor& x, const at::Tensor& k_cache, int64_t intermediate_size) {
+  return {x.size(0), x.size(1), x.size(2), k_cache.size(1), k_cache.size(3), k_cache.size(2),
+          intermediate_size};
+}
+
 void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, "pythia_native.neox_block_: ", name,
               " must be float32, got ", t.scalar_type());
@@ -51,53 +57,31 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Te
   TORCH_CHECK(t.is_contiguous(), "pythia_native.neox_block_: ", name, " must be contiguous");
 }
 
-// One 4-bit Linear [n, k] of the block: `name` is qkv, dense, up or down.
-void check_linear(const std::string& name, const at::Tensor& packed, const at::Tensor& absmax,
+// One 4-bit Linear [n, k] of the block; `name` is "qkv_", "dense_", "up_" or
+// "down_", which the errors put before packed / absmax / bias.
+void check_linear(const char* name, const at::Tensor& packed, const at::Tensor& absmax,
                   const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                   int64_t blocksize, const at::Tensor& x) {
-  const int64_t numel = n * k;
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "pythia_native.neox_block_: ", name,
-              "_packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "pythia_native.neox_block_: ", name,
-              "_packed must hold ", (numel + 1) / 2, " bytes for a [", n, ", ", k,
-              "] weight, got shape ", packed.sizes());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "pythia_native.neox_block_: ", name,
-              "_absmax must be float32 (decode double-quantized absmax with dequantize_absmax "
-              "first), got ", absmax.scalar_type());
-  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), "pythia_native.neox_block_: ", name,
-              "_absmax must hold ceil(", numel, " / ", blocksize, ") = ",
-              ceil_div(numel, blocksize), " block scales for a [", n, ", ", k,
-              "] weight, got shape ", absmax.sizes());
-  for (const at::Tensor* t : {&packed, &absmax}) {
-    const char* suffix = t == &packed ? "_packed" : "_absmax";
-    TORCH_CHECK(t->device() == x.device(), "pythia_native.neox_block_: ", name, suffix,
-                " must be on x's device ", x.device(), ", got ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "pythia_native.neox_block_: ", name, suffix,
-                " must be contiguous");
-  }
-  if (!bias.has_value()) return;
-  const at::Tensor& b = *bias;
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.neox_block_: ", name,
-              "_bias must have x's dtype ", x.scalar_type(), ", got ", b.scalar_type());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.neox_block_: ", name,
-              "_bias must have shape [", n, "], got ", b.sizes());
-  TORCH_CHECK(b.device() == x.device(), "pythia_native.neox_block_: ", name,
-              "_bias must be on x's device ", x.device(), ", got ", b.device());
-  TORCH_CHECK(b.is_contiguous(), "pythia_native.neox_block_: ", name, "_bias must be contiguous");
+  check_packed(packed, absmax, n * k, blocksize, kOp, name);
+  TORCH_CHECK(packed.device() == x.device(), "pythia_native.neox_block_: ", name,
+              "packed must be on x's device ", x.device(), ", got ", packed.device());
+  check_bias(bias, x, n, kOp, name);
 }
 
-BlockDims check_neox_block_args(
-    const at::Tensor& x, const at::Tensor& positions, const at::Tensor& k_cache,
-    const at::Tensor& v_cache, const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
-    const at::Tensor& ln2_weight, const at::Tensor& ln2_bias, double eps,
-    const at::Tensor& qkv_packed, const at::Tensor& qkv_absmax,
-    const c10::optional<at::Tensor>& qkv_bias, const at::Tensor& dense_packed,
-    const at::Tensor& dense_absmax, const c10::optional<at::Tensor>& dense_bias,
-    const at::Tensor& up_packed, const at::Tensor& up_absmax,
-    const c10::optional<at::Tensor>& up_bias, const at::Tensor& down_packed,
-    const at::Tensor& down_absmax, const c10::optional<at::Tensor>& down_bias,
-    int64_t intermediate_size, int64_t blocksize, const std::string& quant_type,
-    int64_t rotary_ndims) {
+}  // namespace
+
+void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& ln1_weight,
+                      const at::Tensor& ln1_bias, const at::Tensor& ln2_weight,
+                      const at::Tensor& ln2_bias, double eps, const at::Tensor& qkv_packed,
+                      const at::Tensor& qkv_absmax, const c10::optional<at::Tensor>& qkv_bias,
+                      const at::Tensor& dense_packed, const at::Tensor& dense_absmax,
+                      const c10::optional<at::Tensor>& dense_bias, const at::Tensor& up_packed,
+                      const at::Tensor& up_absmax, const c10::optional<at::Tensor>& up_bias,
+                      const at::Tensor& down_packed, const at::Tensor& down_absmax,
+                      const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
+                      int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
+                      double /*rope_theta*/, double /*scale*/, bool /*parallel_residual*/) {
   check_float_dtype(x, "x", kOp);
   TORCH_CHECK(x.dim() == 3, "pythia_native.neox_block_: x must have shape [B, T, hidden], got ",
               x.sizes());
@@ -107,8 +91,7 @@ BlockDims check_neox_block_args(
   check_cache(v_cache, "v_cache", x, "x", kOp);
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "pythia_native.neox_block_: k_cache and "
               "v_cache must have one shape, got ", k_cache.sizes(), " and ", v_cache.sizes());
-  const BlockDims s{x.size(0), x.size(1), x.size(2), k_cache.size(1),
-                    k_cache.size(3), k_cache.size(2), intermediate_size};
+  const BlockDims s = block_dims(x, k_cache, intermediate_size);
   TORCH_CHECK(s.H >= 1 && s.D >= 1 && s.L >= 1, "pythia_native.neox_block_: k_cache must have "
               "H, L, D >= 1, got ", k_cache.sizes());
   TORCH_CHECK(s.H * s.D == s.hidden, "pythia_native.neox_block_: x's hidden size ", s.hidden,
@@ -132,12 +115,13 @@ BlockDims check_neox_block_args(
               ">= 1, got ", intermediate_size);
   check_blocksize(blocksize);
   parse_quant_type(quant_type);
-  check_linear("qkv", qkv_packed, qkv_absmax, qkv_bias, 3 * s.hidden, s.hidden, blocksize, x);
-  check_linear("dense", dense_packed, dense_absmax, dense_bias, s.hidden, s.hidden, blocksize, x);
-  check_linear("up", up_packed, up_absmax, up_bias, s.inter, s.hidden, blocksize, x);
-  check_linear("down", down_packed, down_absmax, down_bias, s.hidden, s.inter, blocksize, x);
-  return s;
+  check_linear("qkv_", qkv_packed, qkv_absmax, qkv_bias, 3 * s.hidden, s.hidden, blocksize, x);
+  check_linear("dense_", dense_packed, dense_absmax, dense_bias, s.hidden, s.hidden, blocksize, x);
+  check_linear("up_", up_packed, up_absmax, up_bias, s.inter, s.hidden, blocksize, x);
+  check_linear("down_", down_packed, down_absmax, down_bias, s.hidden, s.inter, blocksize, x);
 }
+
+namespace {
 
 // The CPU kernel's scratch: one buffer per calling thread, grown on demand
 // and kept, so that steady decode steps allocate nothing. Requests above
@@ -146,41 +130,38 @@ BlockDims check_neox_block_args(
 constexpr size_t kCachedScratchBytes = size_t{16} << 20;
 constexpr size_t kAlign = 64;
 
+// The pieces of one call's scratch, in bytes, carved from one buffer at
+// 64-byte boundaries.
+template <size_t N>
 class Scratch {
  public:
-  explicit Scratch(size_t bytes) {
-    if (bytes > kCachedScratchBytes) {
-      own_ = at::empty({static_cast<int64_t>(bytes + kAlign)}, at::TensorOptions(at::kByte));
+  explicit Scratch(const std::array<size_t, N>& sizes) {
+    size_t total = 0;
+    for (size_t i = 0; i < N; ++i) {
+      offset_[i] = total;
+      total += (sizes[i] + kAlign - 1) / kAlign * kAlign;
+    }
+    if (total > kCachedScratchBytes) {
+      own_ = at::empty({static_cast<int64_t>(total + kAlign)}, at::TensorOptions(at::kByte));
       base_ = static_cast<char*>(own_.data_ptr());
     } else {
       thread_local std::unique_ptr<char[]> buf;
       thread_local size_t cap = 0;
-      if (cap < bytes) {
-        buf.reset(new char[bytes + kAlign]);
-        cap = bytes;
+      if (cap < total) {
+        buf.reset(new char[total + kAlign]);
+        cap = total;
       }
       base_ = buf.get();
     }
     base_ += (kAlign - reinterpret_cast<uintptr_t>(base_) % kAlign) % kAlign;
   }
-  // Consecutive 64-byte-aligned pieces.
-  void* take(size_t bytes) {
-    void* p = base_ + used_;
-    used_ += (bytes + kAlign - 1) / kAlign * kAlign;
-    return p;
-  }
-  static size_t piece(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+  void* operator[](size_t i) const { return base_ + offset_[i]; }
 
  private:
+  std::array<size_t, N> offset_{};
   at::Tensor own_;
   char* base_ = nullptr;
-  size_t used_ = 0;
 };
-
-// Element-wise passes (residual adds, GELU) split between threads above this
-// many values; a decode step's 768-20,480 run on one thread (cheaper than a
-// fork of the pool, as in gelu_cpu).
-constexpr int64_t kElementwiseGrain = 32768;
 
 void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k_cache,
                     at::Tensor& v_cache, const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
@@ -194,11 +175,12 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                     int64_t intermediate_size, int64_t blocksize, const std::string& quant_type,
                     int64_t rotary_ndims, double rope_theta, double scale,
                     bool parallel_residual) {
-  const BlockDims s = check_neox_block_args(
-      x, positions_in, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias, eps,
-      qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias, up_packed,
-      up_absmax, up_bias, down_packed, down_absmax, down_bias, intermediate_size, blocksize,
-      quant_type, rotary_ndims);
+  check_neox_block(x, positions_in, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias,
+                   eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
+                   up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
+                   intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
+                   parallel_residual);
+  const BlockDims s = block_dims(x, k_cache, intermediate_size);
   const int64_t M = s.B * s.T, Hd = s.hidden, I = s.inter;
   if (M == 0) return;
   const QuantType qt = parse_quant_type(quant_type);
@@ -212,35 +194,34 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
   // qkv [M, 3 Hd], q and attn [M, Hd], a (the attention's output) [M, Hd],
   // u (the MLP's inner activation) [M, I], m (the MLP's output) [M, Hd];
   // float32: xp (a Linear's permuted input) [M, max(Hd, I)] and the four
-  // biases widened (x's dtype -> float32, exact).
-  const size_t row = static_cast<size_t>(M);
-  const size_t bytes = Scratch::piece(row * std::max(Hd, I) * 4) +
-                       Scratch::piece(row * Hd * es) * 5 + Scratch::piece(row * 3 * Hd * es) +
-                       Scratch::piece(row * I * es) + Scratch::piece(3 * Hd * 4) +
-                       Scratch::piece(Hd * 4) * 2 + Scratch::piece(I * 4);
-  Scratch scratch(bytes);
-  float* xp = static_cast<float*>(scratch.take(row * std::max(Hd, I) * 4));
-  void* h = scratch.take(row * Hd * es);
-  void* qkv = scratch.take(row * 3 * Hd * es);
-  void* q = scratch.take(row * Hd * es);
-  void* attn = scratch.take(row * Hd * es);
-  void* a = scratch.take(row * Hd * es);
-  void* u = scratch.take(row * I * es);
-  void* m = scratch.take(row * Hd * es);
-  const auto widen_bias = [&](const c10::optional<at::Tensor>& bias, int64_t n) -> const float* {
+  // biases widened (bf16 / fp16 -> float32, exact; unused for float32 x).
+  const size_t rows = static_cast<size_t>(M), hd = static_cast<size_t>(Hd),
+               inter = static_cast<size_t>(I);
+  const Scratch<12> scratch({rows * std::max(hd, inter) * 4, rows * hd * es, rows * 3 * hd * es,
+                             rows * hd * es, rows * hd * es, rows * hd * es, rows * inter * es,
+                             rows * hd * es, 3 * hd * 4, hd * 4, inter * 4, hd * 4});
+  float* xp = static_cast<float*>(scratch[0]);
+  void *h = scratch[1], *qkv = scratch[2], *q = scratch[3], *attn = scratch[4], *a = scratch[5],
+       *u = scratch[6], *m = scratch[7];
+  const auto widen_bias = [&](const c10::optional<at::Tensor>& bias, int64_t n,
+                              void* piece) -> const float* {
     if (!bias.has_value()) return nullptr;
-    if (dt == DType::F32) return bias->data_ptr<float>();
-    float* out = static_cast<float*>(scratch.take(n * 4));
-    for (int64_t i = 0; i < n; ++i) {  // bf16 / fp16 -> float32: exact
-      out[i] = dt == DType::BF16 ? static_cast<float>(bias->data_ptr<at::BFloat16>()[i])
-                                 : static_cast<float>(bias->data_ptr<at::Half>()[i]);
+    const at::Tensor b = bias->contiguous();  // itself when contiguous
+    if (dt == DType::F32) return b.data_ptr<float>();
+    float* out = static_cast<float*>(piece);
+    if (dt == DType::BF16) {
+      const at::BFloat16* src = b.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+    } else {
+      const at::Half* src = b.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
     }
     return out;
   };
-  const float* qkv_b = widen_bias(qkv_bias, 3 * Hd);
-  const float* dense_b = widen_bias(dense_bias, Hd);
-  const float* up_b = widen_bias(up_bias, I);
-  const float* down_b = widen_bias(down_bias, Hd);
+  const float* qkv_b = widen_bias(qkv_bias, 3 * Hd, scratch[8]);
+  const float* dense_b = widen_bias(dense_bias, Hd, scratch[9]);
+  const float* up_b = widen_bias(up_bias, I, scratch[10]);
+  const float* down_b = widen_bias(down_bias, Hd, scratch[11]);
 
   // y[M, n] = in[M, k] @ W.T + bias, in x's dtype.
   const auto linear = [&](const void* in, int64_t k, const at::Tensor& packed,
@@ -261,21 +242,19 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
     const float* wp = w.data_ptr<float>();
     const float* bp = b.data_ptr<float>();
     const void* xv = x.data_ptr();
-    at::parallel_for(0, M, std::max<int64_t>(1, kElementwiseGrain / Hd), [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, std::max<int64_t>(1, kCpuElementwiseGrain / Hd), [&](int64_t m0, int64_t m1) {
       cpu::layer_norm_rows(xv, dt, Hd, Hd, wp, bp, static_cast<float>(eps), h, Hd, m0, m1, isa);
     });
   };
   const auto residual = [&](const void* add) {
     void* xv = x.data_ptr();
-    at::parallel_for(0, M * Hd, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, M * Hd, kCpuElementwiseGrain, [&](int64_t i0, int64_t i1) {
       cpu::add_inplace(xv, add, dt, i0, i1, isa);
     });
   };
   const auto mlp = [&]() {  // m = down(gelu(up(h)))
     linear(h, Hd, up_packed, up_absmax, up_bias, up_b, I, u);
-    at::parallel_for(0, M * I, kElementwiseGrain, [&](int64_t i0, int64_t i1) {
-      cpu::gelu_range(u, u, dt, i0, i1, isa);
-    });
+    gelu_cpu_run(u, u, dt, M * I, isa);
     linear(u, I, down_packed, down_absmax, down_bias, down_b, Hd, m);
   };
 
@@ -302,25 +281,6 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
 }
 
 }  // namespace
-
-void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& ln1_weight,
-                      const at::Tensor& ln1_bias, const at::Tensor& ln2_weight,
-                      const at::Tensor& ln2_bias, double eps, const at::Tensor& qkv_packed,
-                      const at::Tensor& qkv_absmax, const c10::optional<at::Tensor>& qkv_bias,
-                      const at::Tensor& dense_packed, const at::Tensor& dense_absmax,
-                      const c10::optional<at::Tensor>& dense_bias, const at::Tensor& up_packed,
-                      const at::Tensor& up_absmax, const c10::optional<at::Tensor>& up_bias,
-                      const at::Tensor& down_packed, const at::Tensor& down_absmax,
-                      const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
-                      int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
-                      double /*rope_theta*/, double /*scale*/, bool /*parallel_residual*/) {
-  check_neox_block_args(x, positions, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight,
-                        ln2_bias, eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed,
-                        dense_absmax, dense_bias, up_packed, up_absmax, up_bias, down_packed,
-                        down_absmax, down_bias, intermediate_size, blocksize, quant_type,
-                        rotary_ndims);
-}
 
 TORCH_LIBRARY_IMPL(pythia_native, CPU, m) { m.impl("neox_block_", &neox_block_cpu); }
 

@@ -42,37 +42,36 @@ void check_float_dtype(const at::Tensor& t, const char* name, const char* op) {
 }
 
 void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel,
-                  int64_t blocksize, const char* op) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "pythia_native.", op,
-              ": packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "pythia_native.", op,
-              ": absmax must be float32 (decode double-quantized absmax with "
+                  int64_t blocksize, const char* op, const char* name) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "pythia_native.", op, ": ", name,
+              "packed must be uint8, got ", packed.scalar_type());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "pythia_native.", op, ": ", name,
+              "absmax must be float32 (decode double-quantized absmax with "
               "dequantize_absmax first), got ",
               absmax.scalar_type());
-  TORCH_CHECK(packed.device() == absmax.device(), "pythia_native.", op,
-              ": packed and absmax must be on the same device, got ", packed.device(), " and ",
+  TORCH_CHECK(packed.device() == absmax.device(), "pythia_native.", op, ": ", name, "packed and ",
+              name, "absmax must be on the same device, got ", packed.device(), " and ",
               absmax.device());
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "pythia_native.", op, ": packed must hold (",
-              numel, " + 1) / 2 = ", (numel + 1) / 2, " bytes for ", numel,
+  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "pythia_native.", op, ": ", name,
+              "packed must hold (", numel, " + 1) / 2 = ", (numel + 1) / 2, " bytes for ", numel,
               " weights, got shape ", packed.sizes());
-  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), "pythia_native.", op,
-              ": absmax must hold ceil(", numel, " / ", blocksize,
-              ") = ", ceil_div(numel, blocksize), " block scales, got shape ", absmax.sizes());
-  TORCH_CHECK(packed.is_contiguous(), "pythia_native.", op, ": packed must be contiguous");
-  TORCH_CHECK(absmax.is_contiguous(), "pythia_native.", op, ": absmax must be contiguous");
+  TORCH_CHECK(absmax.numel() == ceil_div(numel, blocksize), "pythia_native.", op, ": ", name,
+              "absmax must hold ceil(", numel, " / ", blocksize, ") = ", ceil_div(numel, blocksize),
+              " block scales, got shape ", absmax.sizes());
+  TORCH_CHECK(packed.is_contiguous(), "pythia_native.", op, ": ", name, "packed must be contiguous");
+  TORCH_CHECK(absmax.is_contiguous(), "pythia_native.", op, ": ", name, "absmax must be contiguous");
 }
 
-// bias (if any): [n], x's dtype, x's device.
 void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n,
-                const char* op) {
+                const char* op, const char* name) {
   if (!bias.has_value()) return;
   const at::Tensor& b = *bias;
-  TORCH_CHECK(b.device() == x.device(), "pythia_native.", op, ": bias must be on x's device ",
-              x.device(), ", got ", b.device());
-  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.", op, ": bias must have x's "
-              "dtype ", x.scalar_type(), ", got ", b.scalar_type());
-  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.", op, ": bias must have shape [",
-              n, "], got ", b.sizes());
+  TORCH_CHECK(b.device() == x.device(), "pythia_native.", op, ": ", name,
+              "bias must be on x's device ", x.device(), ", got ", b.device());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "pythia_native.", op, ": ", name,
+              "bias must have x's dtype ", x.scalar_type(), ", got ", b.scalar_type());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == n, "pythia_native.", op, ": ", name,
+              "bias must have shape [", n, "], got ", b.sizes());
 }
 
 void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -385,21 +384,22 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
   return panel_matmul(xf, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
 
-// gelu: elementwise, so threads split the flat range; below kGeluGrain
-// elements (a decode step's 3,072-8,192) one thread does it all (~3-10 us,
-// cheaper than a fork of the pool and its cache traffic).
-constexpr int64_t kGeluGrain = 32768;
+}  // namespace
+
+void gelu_cpu_run(const void* x, void* y, DType dt, int64_t n, cpu::Isa isa) {
+  at::parallel_for(0, n, kCpuElementwiseGrain, [&](int64_t i0, int64_t i1) {
+    cpu::gelu_range(x, y, dt, i0, i1, isa);
+  });
+}
+
+namespace {
+
 at::Tensor gelu_cpu(const at::Tensor& x) {
   check_float_dtype(x, "x", "gelu");
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(xc.sizes(), xc.options());
-  const void* xp = xc.data_ptr();
-  void* yp = y.data_ptr();
-  const DType dt = to_dtype(x.scalar_type());
-  const cpu::Isa isa = cpu::active_isa();
-  at::parallel_for(0, xc.numel(), kGeluGrain, [&](int64_t i0, int64_t i1) {
-    cpu::gelu_range(xp, yp, dt, i0, i1, isa);
-  });
+  gelu_cpu_run(xc.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), xc.numel(),
+               cpu::active_isa());
   return y;
 }
 

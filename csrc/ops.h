@@ -18,8 +18,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // packed: uint8 with (numel + 1) / 2 elements; absmax: float32 with
 // ceil(numel / blocksize) elements; both contiguous, on one device.
+// A 4-bit weight of `numel` elements: packed uint8 [(numel + 1) / 2] and
+// absmax float32 [ceil(numel / blocksize)], contiguous, on one device. `name`
+// prefixes the argument names in the errors ("qkv_" -> "qkv_packed ...").
 void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel,
-                  int64_t blocksize, const char* op);
+                  int64_t blocksize, const char* op, const char* name = "");
+// bias (if any): [n], x's dtype, x's device; `name` as for check_packed.
+void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int64_t n,
+                const char* op, const char* name = "");
 
 void check_float_dtype(const at::Tensor& t, const char* name, const char* op);
 
@@ -41,6 +47,16 @@ void check_gemm_f16w_args(const at::Tensor& x, const at::Tensor& weight,
 std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n);
 
 DType to_dtype(at::ScalarType t);
+
+// Element-wise CPU passes (GELU, the block's residual adds) split between
+// threads above this many values; a decode step's 768-20,480 run on one
+// thread (~3-10 us for GELU, cheaper than a fork of the pool and its cache
+// traffic).
+constexpr int64_t kCpuElementwiseGrain = 32768;
+
+// gelu's CPU kernel after its checks: y[i] = GELU(x[i]) for i < n, threaded
+// (y may be x).
+void gelu_cpu_run(const void* x, void* y, DType dt, int64_t n, cpu::Isa isa);
 
 // gemm_4bit's CPU kernel (ops.cpp), for the fused block (block.cpp) to call
 // without the dispatcher.

@@ -114,31 +114,23 @@ def compose_block(
     return layer
 
 
-def _linear_fn(packed, absmax, bias, n, k, blocksize, quant_type) -> Fn:
-    return lambda h: ops._ops.gemm_4bit(h, packed, absmax, bias, n, k, blocksize, quant_type)
+def _composed(x, positions, k_cache, v_cache, *rest) -> torch.Tensor:
+    """``neox_block_``'s result as a new tensor (the op's arguments, in its
+    order), through :func:`compose_block` and the per-op kernels of x's device."""
+    ln1_w, ln1_b, ln2_w, ln2_b, eps, *linears = rest[:17]
+    inter, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual = rest[17:]
+    hidden = x.shape[-1]
+    shapes = [(3 * hidden, hidden), (hidden, hidden), (inter, hidden), (hidden, inter)]
 
+    def linear(i):
+        packed, absmax, bias = linears[3 * i : 3 * i + 3]
+        n, k = shapes[i]
+        return lambda h: ops._ops.gemm_4bit(h, packed, absmax, bias, n, k, blocksize, quant_type)
 
-def _composed(
-    x, positions, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias, eps,
-    qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
-    up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
-    intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual,
-) -> torch.Tensor:
-    """``neox_block_``'s result as a new tensor, through :func:`compose_block`
-    and the per-op kernels of x's device."""
-    hidden, inter = x.shape[-1], intermediate_size
     layer = compose_block(
-        ln1=layer_norm_fn(ln1_weight, ln1_bias, eps),
-        ln2=layer_norm_fn(ln2_weight, ln2_bias, eps),
-        qkv=_linear_fn(qkv_packed, qkv_absmax, qkv_bias, 3 * hidden, hidden, blocksize, quant_type),
-        dense=_linear_fn(dense_packed, dense_absmax, dense_bias, hidden, hidden, blocksize, quant_type),
-        up=_linear_fn(up_packed, up_absmax, up_bias, inter, hidden, blocksize, quant_type),
-        down=_linear_fn(down_packed, down_absmax, down_bias, hidden, inter, blocksize, quant_type),
-        act=ops.gelu,
-        rotary_ndims=rotary_ndims,
-        rope_theta=rope_theta,
-        scale=scale,
-        parallel_residual=parallel_residual,
+        ln1=layer_norm_fn(ln1_w, ln1_b, eps), ln2=layer_norm_fn(ln2_w, ln2_b, eps),
+        qkv=linear(0), dense=linear(1), up=linear(2), down=linear(3), act=ops.gelu,
+        rotary_ndims=rotary_ndims, rope_theta=rope_theta, scale=scale, parallel_residual=parallel_residual,
     )
     return layer(x, positions, k_cache, v_cache, None)
 

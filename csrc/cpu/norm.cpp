@@ -152,12 +152,14 @@ PN_AVX2 void layer_norm_row_avx2(const T* x, int64_t H, const float* w, const fl
   slo = _mm256_setzero_ps();
   shi = _mm256_setzero_ps();
   for (int64_t i = 0; i < H; i += kLanes) {
-    load_group(x, i, H, pad, lo, hi);
-    __m256 dlo = _mm256_sub_ps(lo, vmean), dhi = _mm256_sub_ps(hi, vmean);
-    if (i + kLanes > H) {  // the padding's deviations are 0, as the scalar loop's
-      for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? 1.0f : 0.0f;
-      dlo = _mm256_mul_ps(dlo, _mm256_loadu_ps(pad));
-      dhi = _mm256_mul_ps(dhi, _mm256_loadu_ps(pad + 8));
+    __m256 dlo, dhi;
+    if (i + kLanes <= H) {
+      dlo = _mm256_sub_ps(load8(x + i), vmean);
+      dhi = _mm256_sub_ps(load8(x + i + 8), vmean);
+    } else {  // the padding's deviations are 0, as the scalar loop's
+      for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? to_f32(x[i + j]) - mean : 0.0f;
+      dlo = _mm256_loadu_ps(pad);
+      dhi = _mm256_loadu_ps(pad + 8);
     }
     slo = _mm256_fmadd_ps(dlo, dlo, slo);
     shi = _mm256_fmadd_ps(dhi, dhi, shi);
