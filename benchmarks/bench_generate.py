@@ -112,16 +112,17 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
     else:
         if variant == "transformers-bnb-nf4":
             # bitsandbytes quantizes while loading: save the random model, load it 4-bit.
-            tmp = tempfile.mkdtemp()
-            transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp)
+            # The checkpoint (0.6 GB for 160m, 5.3 GB for 1.4b) goes once loaded.
             compute = torch.float32 if device == "cpu" else torch.float16
             q = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
             )
-            # On the CPU no device_map (that would need accelerate); on CUDA bitsandbytes quantizes on the GPU.
-            hf = transformers.GPTNeoXForCausalLM.from_pretrained(
-                tmp, quantization_config=q, **({"device_map": device} if device == "cuda" else {})
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp)
+                # On the CPU no device_map (that would need accelerate); on CUDA bitsandbytes quantizes on the GPU.
+                hf = transformers.GPTNeoXForCausalLM.from_pretrained(
+                    tmp, quantization_config=q, **({"device_map": device} if device == "cuda" else {})
+                )
             head_bytes = 4 if device == "cpu" else 2
         else:
             dtype = torch.float32 if variant == "transformers-fp32" else torch.bfloat16
