@@ -3,15 +3,16 @@
 //   neox_block_(x!, positions, k_cache!, v_cache!, ln1_weight, ln1_bias,
 //               ln2_weight, ln2_bias, eps, {qkv,dense,up,down}_{packed,absmax,bias},
 //               intermediate_size, blocksize, quant_type, rotary_ndims,
-//               rope_theta, scale, parallel_residual) -> ()
+//               rope_theta, scale, parallel_residual, compute="float32") -> ()
 // x [B, T, hidden] is updated in place to the block's output:
 //   parallel:   x = (x + dense(attn(rotary(qkv(ln1(x)))))) + down(gelu(up(ln2(x))))
 //   sequential: x = x + dense(...ln1(x)...); x = x + down(gelu(up(ln2(x))))
 // with the same ops, roundings and order as the layer written in Python
 // (pythia_native/block.py, which is also this op's CUDA kernel and the
 // prefill path): LayerNorm in float32 rounded to x's dtype, each Linear
-// summed in float32 and rounded to x's dtype, the residual adds rounded one
-// at a time.
+// summed in float32 (or, compute="int16", through gemm_4bit's int16 GEMV where
+// it applies) and rounded to x's dtype, the residual adds rounded one at a
+// time.
 //
 // Why a fused op on the CPU: a decode step of pythia-160m spent ~1.4 of its
 // ~6.5 ms between the weight reads (2-vCPU Xeon, benchmarks/profile_decode.py):
@@ -81,7 +82,8 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
                       const at::Tensor& down_packed, const at::Tensor& down_absmax,
                       const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
                       int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
-                      double /*rope_theta*/, double /*scale*/, bool /*parallel_residual*/) {
+                      double /*rope_theta*/, double /*scale*/, bool /*parallel_residual*/,
+                      const std::string& compute) {
   check_float_dtype(x, "x", kOp);
   TORCH_CHECK(x.dim() == 3, "pythia_native.neox_block_: x must have shape [B, T, hidden], got ",
               x.sizes());
@@ -119,6 +121,7 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
   check_linear("dense_", dense_packed, dense_absmax, dense_bias, s.hidden, s.hidden, blocksize, x);
   check_linear("up_", up_packed, up_absmax, up_bias, s.inter, s.hidden, blocksize, x);
   check_linear("down_", down_packed, down_absmax, down_bias, s.hidden, s.inter, blocksize, x);
+  parse_compute(compute, kOp);
 }
 
 namespace {
@@ -174,12 +177,13 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                     const at::Tensor& down_absmax, const c10::optional<at::Tensor>& down_bias,
                     int64_t intermediate_size, int64_t blocksize, const std::string& quant_type,
                     int64_t rotary_ndims, double rope_theta, double scale,
-                    bool parallel_residual) {
+                    bool parallel_residual, const std::string& compute) {
   check_neox_block(x, positions_in, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias,
                    eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
                    up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
                    intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
-                   parallel_residual);
+                   parallel_residual, compute);
+  const bool int16 = parse_compute(compute, kOp);
   const BlockDims s = block_dims(x, k_cache, intermediate_size);
   const int64_t M = s.B * s.T, Hd = s.hidden, I = s.inter;
   if (M == 0) return;
@@ -229,13 +233,14 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                           const float* bias_f32, int64_t n, void* y) {
     if (gemm_4bit_cpu_small_ok(M, k, blocksize, isa)) {
       gemm_4bit_cpu_small(in, dt, M, k, k, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                          blocksize, qt, bias_f32, n, y, xp, isa);
+                          blocksize, qt, bias_f32, n, y, xp, isa, int16);
       return;
     }
     // Many tokens, or a layout that is not row-aligned: gemm_4bit's general
     // path (dequantized panels through BLAS), which allocates.
     const at::Tensor xin = at::from_blob(const_cast<void*>(in), {M, k}, x.options());
-    const at::Tensor out = gemm_4bit_cpu(xin, packed, absmax, bias, n, k, blocksize, quant_type);
+    const at::Tensor out =
+        gemm_4bit_cpu(xin, packed, absmax, bias, n, k, blocksize, quant_type, compute);
     std::memcpy(y, out.data_ptr(), static_cast<size_t>(M * n) * es);
   };
   const auto layer_norm = [&](const at::Tensor& w, const at::Tensor& b) {

@@ -29,6 +29,13 @@ QuantType parse_quant_type(const std::string& quant_type) {
   TORCH_CHECK(false, "pythia_native: quant_type must be 'nf4' or 'fp4', got '", quant_type, "'");
 }
 
+bool parse_compute(const std::string& compute, const char* op) {
+  if (compute == "float32") return false;
+  if (compute == "int16") return true;
+  TORCH_CHECK(false, "pythia_native.", op, ": compute must be 'float32' or 'int16', got '", compute,
+              "'");
+}
+
 void check_blocksize(int64_t blocksize) {
   TORCH_CHECK(valid_blocksize(blocksize),
               "pythia_native: blocksize must be a power of two in [", kMinBlocksize, ", ",
@@ -266,7 +273,21 @@ bool gemm_4bit_cpu_small_ok(int64_t M, int64_t k, int64_t blocksize, cpu::Isa is
 
 void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t ldx,
                          const uint8_t* pp, const float* ap, int64_t blocksize, QuantType qt,
-                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa) {
+                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa,
+                         bool int16) {
+  if (int16 && cpu::gemv_i16_ok(M, k, blocksize, isa)) {
+    // xq int16 [M, k] then the scales float32 [M, k / 8]: 2.5 bytes per
+    // element of x, inside xp's 4 (k % 128 == 0 keeps xs 64-byte aligned).
+    int16_t* xq = reinterpret_cast<int16_t*>(xp);
+    float* xs = reinterpret_cast<float*>(xq + M * k);
+    if (cpu::quantize_x_i16(x, dt, M, k, ldx, xq, xs)) {
+      at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+        cpu::gemv_4bit_i16_rows(xq, xs, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n);
+      });
+      return;
+    }
+    // An inf or NaN in x: the float32 GEMV below, which propagates it.
+  }
   cpu::permute_k(x, dt, M, k, ldx, isa, xp);
   if (M <= kCpuGemvMaxM) {
     // Each thread streams a contiguous range of weight rows.
@@ -282,9 +303,11 @@ void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t 
 
 at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                         int64_t blocksize, const std::string& quant_type) {
+                         int64_t blocksize, const std::string& quant_type,
+                         const std::string& compute) {
   check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
   const QuantType qt = parse_quant_type(quant_type);
+  const bool int16 = parse_compute(compute, "gemm_4bit");
   const auto out_shape = gemm_out_shape(x, n);
   const at::Tensor x2 = x.reshape({-1, k});
   const int64_t M = x2.size(0);
@@ -305,7 +328,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
     at::Tensor xp = at::empty({M, k}, x.options().dtype(at::kFloat));
     at::Tensor y = at::empty({M, n}, x.options());
     gemm_4bit_cpu_small(xs.data_ptr(), to_dtype(x.scalar_type()), M, k, xs.stride(0), pp, ap,
-                        blocksize, qt, bias_p, n, y.data_ptr(), xp.data_ptr<float>(), isa);
+                        blocksize, qt, bias_p, n, y.data_ptr(), xp.data_ptr<float>(), isa, int16);
     return y.view(out_shape);
   }
 
@@ -444,7 +467,7 @@ TORCH_LIBRARY(pythia_native, m) {
   m.def("dequantize_absmax(Tensor absmax_q, Tensor nested_absmax, Tensor nested_code, "
         "float offset, int nested_blocksize) -> Tensor");
   m.def("gemm_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? bias, int n, int k, "
-        "int blocksize, str quant_type) -> Tensor");
+        "int blocksize, str quant_type, str compute=\"float32\") -> Tensor");
   m.def("gemm_f16w(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // Writes k and v of every token into the caches (a!, b!), returns rotated q.
   m.def("rotary_kv_cache_(Tensor qkv, Tensor positions, Tensor(a!) k_cache, "
@@ -460,7 +483,8 @@ TORCH_LIBRARY(pythia_native, m) {
         "Tensor up_packed, Tensor up_absmax, Tensor? up_bias, "
         "Tensor down_packed, Tensor down_absmax, Tensor? down_bias, "
         "int intermediate_size, int blocksize, str quant_type, int rotary_ndims, "
-        "float rope_theta, float scale, bool parallel_residual) -> ()");
+        "float rope_theta, float scale, bool parallel_residual, "
+        "str compute=\"float32\") -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pythia_native, CPU, m) {
@@ -496,8 +520,12 @@ PYBIND11_MODULE(_C, mod) {
     info["cpu_isa_active"] = std::string(cpu::isa_name(cpu::active_isa()));
     info["cpu_isas_compiled"] =
         std::vector<std::string>{"scalar", "avx2", "avx512"};
+    // Whether gemm_4bit(compute="int16") can take its int16 GEMV on this CPU
+    // (AVX-512 with VNNI; it also needs the active ISA to be AVX-512).
+    info["cpu_gemv_int16"] = cpu::gemv_i16_supported();
     return info;
-  }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen.");
+  }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen, "
+     "whether the CPU has the int16 GEMV (AVX-512 VNNI).");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

@@ -12,6 +12,10 @@
 namespace pythia_native {
 
 QuantType parse_quant_type(const std::string& quant_type);
+// gemm_4bit's `compute`: "float32" -> false, "int16" -> true (the CPU GEMV
+// may round x to int16 per 64 elements, cpu/gemv_i16.cpp); anything else
+// raises, naming the op.
+bool parse_compute(const std::string& compute, const char* op);
 void check_blocksize(int64_t blocksize);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -62,16 +66,20 @@ void gelu_cpu_run(const void* x, void* y, DType dt, int64_t n, cpu::Isa isa);
 // without the dispatcher.
 at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                         int64_t blocksize, const std::string& quant_type);
+                         int64_t blocksize, const std::string& quant_type,
+                         const std::string& compute);
 // Its small-M paths (the GEMV up to 4 rows of x, the register tiles above),
 // which allocate nothing: whether they take (M, k) -- a row-aligned layout
 // and M up to the ISA's tile limit -- and the product itself:
 // y[M, n] (elements of dt, contiguous) = x[M, k] (dt, row stride ldx) @ W.T
-// + bias (float32 or null), with xp float32 [M, k] scratch.
+// + bias (float32 or null), with xp float32 [M, k] scratch. int16: take the
+// int16 GEMV where it applies (cpu::gemv_i16_ok, finite x), with xp's bytes
+// as its scratch.
 bool gemm_4bit_cpu_small_ok(int64_t M, int64_t k, int64_t blocksize, cpu::Isa isa);
 void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t ldx,
                          const uint8_t* pp, const float* ap, int64_t blocksize, QuantType qt,
-                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa);
+                         const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa,
+                         bool int16 = false);
 
 // neox_block_'s argument checks (block.cpp), the op's arguments in its order:
 // the CPU kernel runs them, and Python's composition (the CUDA kernel,
@@ -87,6 +95,7 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
                       const at::Tensor& down_packed, const at::Tensor& down_absmax,
                       const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
                       int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
-                      double rope_theta, double scale, bool parallel_residual);
+                      double rope_theta, double scale, bool parallel_residual,
+                      const std::string& compute);
 
 }  // namespace pythia_native

@@ -59,9 +59,14 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 
 at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                          int64_t blocksize, const std::string& quant_type) {
+                          int64_t blocksize, const std::string& quant_type,
+                          const std::string& compute) {
   check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
   const QuantType qt = parse_quant_type(quant_type);
+  // compute="int16" allows rounding x to int16; the GPU kernels are bound by
+  // memory, not by the lookups that mode saves on the CPU, so they compute in
+  // float32 (within the mode's bound) either way.
+  parse_compute(compute, "gemm_4bit");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto out_shape = gemm_out_shape(x, n);
   at::Tensor x2 = x.reshape({-1, k});

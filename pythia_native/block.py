@@ -118,14 +118,15 @@ def _composed(x, positions, k_cache, v_cache, *rest) -> torch.Tensor:
     """``neox_block_``'s result as a new tensor (the op's arguments, in its
     order), through :func:`compose_block` and the per-op kernels of x's device."""
     ln1_w, ln1_b, ln2_w, ln2_b, eps, *linears = rest[:17]
-    inter, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual = rest[17:]
+    inter, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual, *opt = rest[17:]
+    compute = opt[0] if opt else "float32"
     hidden = x.shape[-1]
     shapes = [(3 * hidden, hidden), (hidden, hidden), (inter, hidden), (hidden, inter)]
 
     def linear(i):
         packed, absmax, bias = linears[3 * i : 3 * i + 3]
         n, k = shapes[i]
-        return lambda h: ops._ops.gemm_4bit(h, packed, absmax, bias, n, k, blocksize, quant_type)
+        return lambda h: ops._ops.gemm_4bit(h, packed, absmax, bias, n, k, blocksize, quant_type, compute)
 
     layer = compose_block(
         ln1=layer_norm_fn(ln1_w, ln1_b, eps), ln2=layer_norm_fn(ln2_w, ln2_b, eps),

@@ -81,14 +81,68 @@ def gemm_4bit(
     bias: Optional[torch.Tensor] = None,
     blocksize: int = 64,
     quant_type: str = "nf4",
+    compute: str = "float32",
 ) -> torch.Tensor:
     """Twin of ``ops.gemm_4bit``: dequantize to float32, matmul in float32
-    (float64 would hide nothing the tolerance cares about), cast to x's dtype."""
+    (float64 would hide nothing the tolerance cares about), cast to x's dtype.
+    ``compute="int16"``: :func:`gemm_4bit_int16`, what the int16 GEMV computes."""
+    if compute == "int16":
+        return gemm_4bit_int16(x, packed, absmax, shape, bias, blocksize, quant_type)
+    if compute != "float32":
+        raise ValueError(f"compute must be 'float32' or 'int16', got {compute!r}")
     w = dequantize_4bit(packed, absmax, shape, blocksize, quant_type, torch.float32)
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+I16_X_MAX = 32767  # x's integer range per 64-element block: [-32767, 32767]
+I16_CODE_SCALE = 8192  # the codes as multiples of 2^-13: |round(code * 8192)| <= 8192
+
+
+def quantize_x_int16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ``[..., K]`` (K % 64 == 0) -> ``(xq, s)``: per 64-element block,
+    ``s = max|x| / 32767`` (float32) and ``xq = round_half_even(x / s)``
+    (int64, 0 where s = 0), so that ``x ~ xq * s`` within ``s / 2``."""
+    xb = x.float().reshape(*x.shape[:-1], x.shape[-1] // 64, 64)
+    s = xb.abs().amax(dim=-1) / I16_X_MAX
+    q = torch.where(s[..., None] > 0, torch.round(xb / s.clamp_min(1e-45)[..., None]), 0.0)
+    return q.clamp(-I16_X_MAX, I16_X_MAX).to(torch.int64), s
+
+
+def gemm_4bit_int16(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: Sequence[int],
+    bias: Optional[torch.Tensor] = None,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
+    """The definition of ``gemm_4bit(..., compute="int16")``'s int16 GEMV
+    (csrc/cpu/gemv_i16.cpp): x rounded per 64 elements by
+    :func:`quantize_x_int16`, the codes rounded to ``cq = round(code * 8192)``,
+    then ``y[m, n] = bias + sum_j absmax[n, j] * (s[m, j] / 8192) * sum_{k in j}
+    cq[idx[n, k]] * xq[m, k]``, the inner sums exact (int64 here, int32 in the
+    kernel, where they cannot overflow), the rest in float64 here (float32 in
+    the kernel). K % 128 == 0 and blocksize % 64 == 0, as the kernel needs;
+    x finite (the op computes in float32 otherwise)."""
+    n, k = (int(v) for v in shape)
+    if k % 128 or blocksize % 64:
+        raise ValueError(f"the int16 GEMV needs K % 128 == 0 and blocksize % 64 == 0, got K={k}, blocksize={blocksize}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the int16 GEMV is defined for finite x only")
+    xq, s = quantize_x_int16(x.reshape(-1, k).cpu())
+    cq = torch.round(code_table(check_quant_type(quant_type)).double() * I16_CODE_SCALE).to(torch.int64)
+    idx = unpack_indices(packed.cpu(), n * k).view(n, k // 64, 64)
+    w_int = cq[idx]  # [n, k/64, 64]
+    inner = torch.einsum("mjk,njk->mnj", xq.view(-1, k // 64, 64), w_int)  # exact in int64
+    a = absmax.cpu().double().repeat_interleave(blocksize // 64)[: n * (k // 64)].view(n, k // 64)
+    y = (inner.double() * a[None] * (s.double() / I16_CODE_SCALE)[:, None, :]).sum(-1)
+    if bias is not None:
+        y = y + bias.cpu().double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n).to(x.device)
 
 
 def gemm_f16w(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -28,7 +28,8 @@ def _rel_err(y, y_ref):
     return ((y.double() - y_ref.double()).abs().max() / y_ref.double().abs().max()).item()
 
 
-def make_block(shape, dtype, *, bias=True, parallel=True, quant_type="nf4", blocksize=64, device="cpu", seed=0):
+def make_block(shape, dtype, *, bias=True, parallel=True, quant_type="nf4", blocksize=64, device="cpu", seed=0,
+               compute="float32"):
     """The op's arguments after (x, positions, k_cache, v_cache), as a dict for ops.neox_block_."""
     hidden, heads, inter, rot = SHAPES[shape]
     g = torch.Generator().manual_seed(seed)
@@ -46,7 +47,7 @@ def make_block(shape, dtype, *, bias=True, parallel=True, quant_type="nf4", bloc
         ln1=layer_norm(), ln2=layer_norm(), eps=1e-5,
         linears=[linear(3 * hidden, hidden), linear(hidden, hidden), linear(inter, hidden), linear(hidden, inter)],
         intermediate_size=inter, blocksize=blocksize, quant_type=quant_type, rotary_ndims=rot,
-        rope_theta=10000.0, scale=(hidden // heads) ** -0.5, parallel_residual=parallel,
+        rope_theta=10000.0, scale=(hidden // heads) ** -0.5, parallel_residual=parallel, compute=compute,
     )
 
 
@@ -73,7 +74,7 @@ def flat_args(x, pos, k, v, p):
     lin = [t for triple in p["linears"] for t in triple]
     return (
         x, pos, k, v, *p["ln1"], *p["ln2"], p["eps"], *lin, p["intermediate_size"], p["blocksize"],
-        p["quant_type"], p["rotary_ndims"], p["rope_theta"], p["scale"], p["parallel_residual"],
+        p["quant_type"], p["rotary_ndims"], p["rope_theta"], p["scale"], p["parallel_residual"], p["compute"],
     )
 
 
@@ -86,7 +87,9 @@ def run_three(shape, dtype, B, T, *, device="cpu", **kw):
     composed = [t.clone() for t in (x, k, v)]
     composed_block_(*flat_args(composed[0], pos, composed[1], composed[2], p))
     # The reference in float32 from the same (rounded) inputs: the yardstick of bf16.
+    # (in float32 arithmetic whatever the op's compute mode)
     p32 = dict(p, linears=[(a, b, None if c is None else c.float()) for a, b, c in p["linears"]])
+    del p32["compute"]
     reference = [t.float().clone() for t in (x, k, v)]
     ref.neox_block_(reference[0], pos, reference[1], reference[2], **p32)
     return fused, composed, reference
@@ -111,6 +114,21 @@ def test_fused_bfloat16_within_twice_the_composition_error(shape, B, T, parallel
     for f, c, r, name in zip(fused, composed, reference, ("x", "k_cache", "v_cache")):
         assert f.dtype == torch.bfloat16
         assert _rel_err(f, r) <= 2 * _rel_err(c, r) + 1e-6, name
+
+
+@pytest.mark.skipif(not pn.build_info()["cpu_gemv_int16"], reason="no AVX-512 VNNI: int16 computes in float32")
+@pytest.mark.parametrize("shape", ["hd80", "hd256"])  # hd80: only K = 640 (down) takes int16; hd256: all four
+@pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 3)])  # M = 6: every Linear in float32
+def test_fused_int16_equals_composition_int16(shape, B, T):
+    fused, composed, reference = run_three(shape, torch.float32, B, T, compute="int16")
+    plain, _, _ = run_three(shape, torch.float32, B, T)
+    for f, c, r, name in zip(fused, composed, reference, ("x", "k_cache", "v_cache")):
+        assert _rel_err(f, c) <= 1e-5, name  # the same int16 kernels through the op and the composition
+        assert _rel_err(f, r) <= 1e-3, name  # int16's own error, within one block
+    if B * T <= 4:
+        assert not torch.equal(fused[0], plain[0])  # int16 did run
+    else:
+        assert torch.equal(fused[0], plain[0])  # M > 4: float32 throughout
 
 
 def test_no_bias_fp4_blocksize_128():

@@ -37,6 +37,7 @@ def test_gemm_4bit(M, dtype, device):
     bias = torch.randn(33, device=device, dtype=dtype)
     torch.library.opcheck(ops.gemm_4bit, (x, packed, absmax, bias, 33, 128, 64, "nf4"))
     torch.library.opcheck(ops.gemm_4bit, (x, packed, absmax, None, 33, 128, 64, "nf4"))
+    torch.library.opcheck(ops.gemm_4bit, (x, packed, absmax, bias, 33, 128, 64, "nf4", "int16"))
 
 
 def test_gemm_4bit_under_torch_compile():

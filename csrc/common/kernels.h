@@ -63,6 +63,30 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
                     int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
+// gemm_4bit's compute="int16" GEMV (cpu/gemv_i16.cpp, which defines the
+// numerics): x rounded to int16 per 64 elements, exact int32 sums per
+// 128-weight group, float32 across groups. AVX-512 with VNNI only; callers
+// check gemv_i16_ok (M <= kGemvI16MaxM, K % 128 == 0, 64 <= blocksize, row-
+// aligned, active ISA AVX-512 on a CPU with VNNI) and otherwise compute in
+// float32, which is within the mode's bound.
+constexpr int64_t kGemvI16MaxM = 4;
+bool gemv_i16_supported();  // this CPU has AVX-512 BW/VL/DQ and VNNI
+bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa);
+// round(code[c] * 8192): the int16 code table (c in [0, 16)).
+int16_t i16_code(QuantType qt, int c);
+// x [M, K] (dt, row stride ldx) -> xq int16 [M, K] in the kernel's order and
+// xs float32 [M, K / 8]: per 128-element group, its two 64-blocks' scales
+// (max|x| / 32767, times 2^-13) 8 times each, as the kernel's lanes use them.
+// Returns false, with xq / xs unspecified, if x holds an inf or NaN.
+bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
+                    float* xs);
+// y[m, n] for n in [n0, n1), m < M, from quantize_x_i16's xq / xs; bias
+// (float32) may be null; y: elements of ydt with row stride ldy.
+void gemv_4bit_i16_rows(const int16_t* xq, const float* xs, int64_t M, int64_t K,
+                        const uint8_t* packed, const float* absmax, int64_t blocksize,
+                        QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y,
+                        DType ydt, int64_t ldy);
+
 // Rows of W per group of the small-M tiles (common/tiles.h). Callers that
 // split [0, N) between threads hand out whole groups, so that a row's sums
 // never depend on the split.

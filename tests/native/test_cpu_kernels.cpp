@@ -488,6 +488,74 @@ void test_gemv(const NamedKernel& kernel, Isa isa, const QuantWeight& q, int64_t
   }
 }
 
+// gemm_4bit's int16 GEMV (cpu/gemv_i16.cpp) against its definition written
+// out in scalars (double sums of exact integer products), with exact-size
+// buffers (a sanitizer sees any over-read of the masked byte-offset load or
+// of x) and sentinels around y.
+void test_gemv_i16(const QuantWeight& q, int64_t M, int64_t ldx, bool with_bias, std::mt19937& rng) {
+  const int64_t N = q.N, K = q.K;
+  g_ctx = fmt("gemv_4bit_i16_rows %s N=%lld K=%lld bs=%lld M=%lld ldx=%lld bias=%d",
+              q.qt == QuantType::NF4 ? "nf4" : "fp4", ll(N), ll(K), ll(q.bs), ll(M), ll(ldx),
+              int(with_bias));
+  std::vector<float> x = normal_vec(rng, (M - 1) * ldx + K);
+  if (M > 1) std::fill(x.begin() + ldx, x.begin() + ldx + 64, 0.0f);  // a zero block (row 1)
+  x[0] *= 1e4f;  // one outlier: the first block's scale is set by it
+  std::vector<float> bias = normal_vec(rng, N);
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * K / 8);
+  CHECK(cpu::quantize_x_i16(x.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
+        "finite x reported non-finite");
+  const float sentinel = -12345.0f;
+  const int64_t ldy = N + 3;
+  std::vector<float> y(M * ldy, sentinel);
+  cpu::gemv_4bit_i16_rows(xq.data(), xs.data(), M, K, q.packed.data(), q.absmax.data(), q.bs,
+                          q.qt, with_bias ? bias.data() : nullptr, 0, N, y.data(), DType::F32,
+                          ldy);
+  int64_t bad = -1, touched = -1;
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < ldy; ++n) {
+      const float v = y[m * ldy + n];
+      if (n >= N) {
+        if (v != sentinel && touched < 0) touched = m * ldy + n;
+        continue;
+      }
+      double ref = with_bias ? bias[n] : 0.0, mag = std::fabs(ref);
+      for (int64_t j = 0; j < K / 64; ++j) {
+        const float* xb = x.data() + m * ldx + 64 * j;
+        float am = 0.0f;
+        for (int i = 0; i < 64; ++i) am = std::max(am, std::fabs(xb[i]));
+        const float sc = am / 32767.0f;
+        int64_t dot = 0, absdot = 0;  // absdot bounds the kernel's lane partials
+        for (int i = 0; i < 64; ++i) {
+          const int64_t k = 64 * j + i;
+          const uint8_t byte = q.packed[(n * K + k) / 2];
+          const int idx = (k % 2) ? (byte & 15) : (byte >> 4);
+          const int64_t xqi = am > 0.0f ? static_cast<int64_t>(std::nearbyint(xb[i] / sc)) : 0;
+          dot += xqi * cpu::i16_code(q.qt, idx);
+          absdot += std::abs(xqi * cpu::i16_code(q.qt, idx));
+        }
+        const double scale = q.absmax[(n * K + 64 * j) / q.bs] * (static_cast<double>(sc) / 8192.0);
+        ref += static_cast<double>(dot) * scale;
+        mag += static_cast<double>(absdot) * std::fabs(scale);
+      }
+      const double err = std::fabs(v - ref) / std::max(mag, 1e-30);
+      worst = std::max(worst, err);
+      if (err > 2e-6 && bad < 0) bad = m * ldy + n;
+    }
+  }
+  CHECK(bad < 0, "y[%lld] = %.9g: off its definition by %.3g of sum|products|", ll(bad),
+        bad >= 0 ? y[bad] : 0.0f, worst);
+  CHECK(touched < 0, "y[%lld] past N written: %.9g", ll(touched), touched >= 0 ? y[touched] : 0.0f);
+  // A NaN or an infinity anywhere in x is reported (the op then computes in float32).
+  for (float special : {std::nanf(""), INFINITY, -INFINITY}) {
+    std::vector<float> xb = x;
+    xb[(M - 1) * ldx + K - 1] = special;
+    CHECK(!cpu::quantize_x_i16(xb.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
+          "x with %g in its last element reported finite", special);
+  }
+}
+
 void test_dequantize_rows_permuted(Isa isa, const QuantWeight& q, std::mt19937& rng) {
   const int64_t N = q.N, K = q.K;
   // The dequantized weights in permute_k order: permute_k applied to W as if
@@ -849,6 +917,22 @@ int main() {
           }
         }
       }
+    }
+    if (isa == Isa::AVX512 && cpu::gemv_i16_supported()) {
+      for (QuantType qt : qts) {
+        for (const auto& [K, bs] : kbs) {
+          if (!cpu::gemv_i16_ok(1, K, bs, isa)) continue;
+          for (int64_t N : {1, 3, 17}) {
+            const QuantWeight q = make_weight(N, K, bs, qt, rng);
+            for (int64_t M = 1; M <= cpu::kGemvI16MaxM; ++M) {
+              test_gemv_i16(q, M, K, M % 2 == 1, rng);
+              test_gemv_i16(q, M, K + 7, M % 2 == 0, rng);
+            }
+          }
+        }
+      }
+    } else if (isa == Isa::AVX512) {
+      std::printf("note: this CPU has no AVX-512 VNNI: the int16 GEMV is not exercised here\n");
     }
     test_gelu(isa, rng);
     test_layer_norm(isa, rng);
