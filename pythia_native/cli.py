@@ -38,6 +38,9 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="keep 4-bit copies of loaded revisions here and load them from here (no download)")
     p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--compute", default="float32", choices=["float32", "int16"],
+                   help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
+                   "values in the CPU decode GEMV: ~1.3x faster there, ~6e-5 relative error per layer)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -99,7 +102,7 @@ def _load(args, **extra):
     return load(
         args.model, args.revision, quant_type=args.quant_type, double_quant=args.double_quant, device=args.device,
         dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None,
-        quantized_cache=args.quantized_cache, **extra,
+        quantized_cache=args.quantized_cache, compute=args.compute, **extra,
     )
 
 
@@ -184,6 +187,7 @@ def _score_revisions(args) -> int:
                  free_hub_files=args.free_hub_files)
     print("revision\ttokens\tlogprob\tmean\tperplexity")
     for rev, engine in revs:
+        engine.model.compute = args.compute
         scores = engine.score(texts, prepend_eos=not args.no_eos)
         lp, n = sum(s.total for s in scores), sum(len(s.tokens) for s in scores)
         print(f"{rev}\t{n}\t{lp:.4f}\t{lp / n:.6f}\t{math.exp(-lp / n):.4f}", flush=True)
@@ -224,7 +228,7 @@ def cmd_bench(args) -> int:
         # float16 values and, on the CPU, a float16 head: what load() gives for a Pythia checkpoint.
         head = torch.float16 if dev.type == "cpu" and dt != torch.float16 else None
         model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type, dtype=dt, device=dev,
-                                   head_dtype=head)
+                                   head_dtype=head, compute=args.compute)
         engine = Pythia(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
         name = f"random pythia-{args.size}"
     else:

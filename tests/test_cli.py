@@ -120,3 +120,17 @@ def test_module_entry_point_runs():
     p = subprocess.run([sys.executable, "-m", "pythia_native", "revisions", "pythia-70m-v0"], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and len(p.stdout.split()) == 143
+
+
+def test_compute_flag_reaches_the_model(capsys, ckpt):
+    from pythia_native import load
+
+    code, int16, _ = run(capsys, "generate", "--model", ckpt, "--device", "cpu", "-n", "8", "--ignore-eos",
+                         "--no-stream", "--compute", "int16", "Once upon a time")
+    assert code == 0 and int16.strip()
+    assert load(ckpt, device="cpu", compute="int16").model.compute == "int16"
+    assert load(ckpt, device="cpu").model.compute == "float32"
+    with pytest.raises(ValueError, match="compute must be one of"):
+        load(ckpt, device="cpu", compute="int4")
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(ckpt), "--compute", "int4", "hi"])

@@ -333,3 +333,42 @@ def test_graphs_on_a_second_gpu_cuda():
     with torch.cuda.device(0):
         assert graphed.generate_ids([5, 6, 7], 24, ignore_eos=True) == eager.generate_ids([5, 6, 7], 24, ignore_eos=True)
         assert torch.cuda.current_device() == 0
+
+
+@pytest.mark.parametrize("shape", ["14m", "160m"])
+def test_int16_compute_decode_close_to_float32_and_to_transformers(shape):
+    # compute="int16": decode steps (M = 1) through the int16 GEMV. The logits
+    # stay within int16's error of float32's, and greedy decoding still
+    # matches transformers on the dequantized weights (peaked random logits).
+    import pythia_native as pn
+
+    hf, model = pair(shape)
+    prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (1, 11))
+    vocab = SHAPES[shape]["vocab_size"]
+    ids = torch.randint(0, vocab, (1, 20))
+    steps = {}
+    for mode in ("float32", "int16"):
+        model.compute = mode
+        cache = model.new_cache(1, 32)
+        out = [model(ids[:, :8], full_positions(1, 8), cache, span=8)]
+        for t in range(8, 20):
+            out.append(model(ids[:, t : t + 1], torch.full((1, 1), t), cache))
+        steps[mode] = torch.cat(out)
+    assert torch.equal(steps["int16"][0], steps["float32"][0])  # the prefill (M = 8) computes in float32
+    err = rel_err(steps["int16"][1:], steps["float32"][1:])
+    if pn.build_info()["cpu_gemv_int16"]:
+        assert 0 < err <= 2e-3, err
+    else:
+        assert err == 0  # no VNNI: float32 throughout
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=1)[0, 11:]
+    assert Pythia(model, max_len=64).generate_ids(prompt[0].tolist(), 32, ignore_eos=True) == ref.tolist()
+
+
+def test_compute_mode_is_checked():
+    _, model = pair("tiny")
+    with pytest.raises(ValueError, match="compute must be one of 'float32', 'int16', got 'int8'"):
+        PythiaModel(model.config, compute="int8")
+    model.compute = "fp16"
+    with pytest.raises(ValueError, match="got 'fp16'"):
+        model.bind()
