@@ -5,6 +5,8 @@ For each weight shape (K x N, W is [N, K]) and batch M (x is [M, K]) this
 times, in the same run and on the same NF4 weights (blocksize 64, bias on):
 
   pn     pythia_native.gemm_4bit on pre-quantized weights (the op directly)
+  pn16   the same with compute="int16" (CPU only: x rounded to int16 per 64
+         values in the GEMV, M <= 4; other M compute in float32 as pn)
   l4b    bitsandbytes nn.Linear4bit, eval mode, under torch.inference_mode()
          (on a CPU with AVX-512 BF16 it repacks its weight into its bf16 CPU
          layout on the first call; that call is warm-up, not timed)
@@ -64,7 +66,7 @@ QUICK_M = [1, 16, 128]
 BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 CHECK_ROWS = 64  # rows of x checked against the fp64 reference, spread over all M
-IMPLS = ("pn", "l4b", "mm4", "dense")
+IMPLS = ("pn", "pn16", "l4b", "mm4", "dense")
 
 
 # ----------------------------------------------------------------- imports --
@@ -293,6 +295,11 @@ def setup_layer(pn, bnb, bnbF, K: int, N: int, name: str, device: torch.device, 
     layer.calls["pn"] = lambda x: [
         (lambda p=p, a=a: pn.gemm_4bit(x, p, a, shape, b, BLOCKSIZE, QUANT_TYPE)) for p, a in pn_pool
     ]
+    # compute="int16" changes nothing on CUDA (the GPU kernels compute in float32).
+    layer.calls["pn16"] = None if device.type == "cuda" else lambda x: [
+        (lambda p=p, a=a: pn.gemm_4bit(x, p, a, shape, b, BLOCKSIZE, QUANT_TYPE, compute="int16"))
+        for p, a in pn_pool
+    ]
 
     # dense: F.linear with the unquantized weight.
     n_dense = pool_size(w.numel() * w.element_size(), pool_bytes)
@@ -364,10 +371,11 @@ class Row:
     methods: dict[str, str]
     paired: dict[str, float] = field(default_factory=dict)  # peer -> median of paired ratios
 
-    def speedup(self, peer: str) -> Optional[float]:
-        if peer in self.paired:
-            return self.paired[peer]
-        t, p = self.us.get("pn"), self.us.get(peer)
+    def speedup(self, peer: str, impl: str = "pn") -> Optional[float]:
+        key = peer if impl == "pn" else f"{peer}/{impl}"
+        if key in self.paired:
+            return self.paired[key]
+        t, p = self.us.get(impl), self.us.get(peer)
         return None if t is None or p is None else p / t
 
 
@@ -386,9 +394,9 @@ def fmt_err(v: Optional[float]) -> str:
 
 
 COLUMNS = [
-    ("shape KxN", 11), ("layer", 13), ("M", 5), ("thr", 3), ("pn us", 9), ("l4b us", 9), ("mm4 us", 9),
-    ("dense us", 9), ("pn GB/s", 8), ("%bw", 5), ("pn GFLOP/s", 10), ("vs l4b", 7), ("vs mm4", 7),
-    ("err pn", 8), ("err l4b", 8),
+    ("shape KxN", 11), ("layer", 13), ("M", 5), ("thr", 3), ("pn us", 9), ("pn16 us", 9), ("l4b us", 9),
+    ("mm4 us", 9), ("dense us", 9), ("pn GB/s", 8), ("%bw", 5), ("pn GFLOP/s", 10), ("vs l4b", 7), ("vs mm4", 7),
+    ("pn16 vs l4b", 11), ("err pn", 8), ("err pn16", 8), ("err l4b", 8),
 ]
 
 
@@ -397,7 +405,8 @@ def row_cells(r: Row, skipped: set[str]) -> list[str]:
         f"{r.K}x{r.N}", r.name, str(r.M), str(r.threads),
         *(fmt_us(r.us.get(k), k in skipped) for k in IMPLS),
         f"{r.gbps:.1f}", "n/a" if r.pct_bw is None else f"{r.pct_bw:.0f}", f"{r.gflops:.1f}",
-        fmt_x(r.speedup("l4b")), fmt_x(r.speedup("mm4")), fmt_err(r.err.get("pn")), fmt_err(r.err.get("l4b")),
+        fmt_x(r.speedup("l4b")), fmt_x(r.speedup("mm4")), fmt_x(r.speedup("l4b", "pn16")),
+        fmt_err(r.err.get("pn")), fmt_err(r.err.get("pn16")), fmt_err(r.err.get("l4b")),
     ]
 
 
@@ -521,10 +530,13 @@ def write_markdown(path: str, device: torch.device, dtype: torch.dtype, pn, bnb,
     lines += [
         "",
         "Columns: `pn` pythia-native `gemm_4bit`; `l4b` bitsandbytes `nn.Linear4bit` (eval, inference mode); "
+        "`pn16` the same op with `compute=\"int16\"` (x rounded to int16 per 64 values in the CPU GEMV, "
+        "M <= 4; it computes as pn above that); "
         "`mm4` `bitsandbytes.matmul_4bit`; `dense` `F.linear` with the unquantized weight. "
         "Times are microseconds per call. `pn GB/s` = (N*K/2 + 4*N*K/64) bytes of NF4 weight and absmax "
         "/ pn time; `%bw` = that as a percentage of the copy bandwidth above; `pn GFLOP/s` = 2*M*N*K / pn time. "
-        "`vs l4b`, `vs mm4` = peer time / pn time (above 1x: pn is faster). `err` = max |y - ref| / max |ref| "
+        "`vs l4b`, `vs mm4` = peer time / pn time (above 1x: pn is faster); `pn16 vs l4b` likewise for pn16, "
+        "from its own alternated pairs with l4b. `err` = max |y - ref| / max |ref| "
         f"over {CHECK_ROWS} rows of x spread over M, ref = x.double() @ W_deq.double().T + b with W_deq the "
         "dequantized NF4 weight (so quantization error is not counted, only the arithmetic's).",
     ]
@@ -540,20 +552,22 @@ def write_markdown(path: str, device: torch.device, dtype: torch.dtype, pn, bnb,
 
 def summarize(rows: list[Row]) -> list[str]:
     ms, threads = sorted({r.M for r in rows}), sorted({r.threads for r in rows})
-    out = ["| M | threads | vs l4b | vs mm4 | vs dense | pn %bw (median) |", "|---|---|---|---|---|---|"]
+    out = ["| M | threads | vs l4b | vs mm4 | vs dense | pn16 vs l4b | pn %bw (median) |",
+           "|---|---|---|---|---|---|---|"]
     for m in ms:
         for t in threads:
             sel = [r for r in rows if r.M == m and r.threads == t]
             if not sel:
                 continue
 
-            def gmean(peer: str) -> str:
-                v = [r.speedup(peer) for r in sel if r.speedup(peer) is not None]
+            def gmean(peer: str, impl: str = "pn") -> str:
+                v = [r.speedup(peer, impl) for r in sel if r.speedup(peer, impl) is not None]
                 return "n/a" if not v else f"{math.exp(sum(math.log(x) for x in v) / len(v)):.2f}x"
 
             pct = [r.pct_bw for r in sel if r.pct_bw is not None]
             pct_s = f"{statistics.median(pct):.0f}" if pct else "n/a"
-            out.append(f"| {m} | {t} | {gmean('l4b')} | {gmean('mm4')} | {gmean('dense')} | {pct_s} |")
+            out.append(f"| {m} | {t} | {gmean('l4b')} | {gmean('mm4')} | {gmean('dense')} | "
+                       f"{gmean('l4b', 'pn16')} | {pct_s} |")
     return out
 
 
@@ -663,7 +677,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 rows_idx = torch.linspace(0, M - 1, min(M, CHECK_ROWS)).round().long().unique().to(device)
                 ref = x[rows_idx].double() @ layer.w_deq64.T + layer.bias.double()
                 err: dict[str, Optional[float]] = {}
-                for key in ("pn", "l4b"):
+                for key in ("pn", "pn16", "l4b"):
                     mk = layer.calls.get(key)
                     err[key] = rel_error(mk(x)[0](), ref, rows_idx) if mk is not None else None
                 del ref
@@ -679,6 +693,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                               target_s, repeats)
                         us["pn"], us["l4b"] = a * 1e6, b * 1e6
                         methods["pn"] = methods["l4b"] = "wall, alternated"
+                        if layer.calls.get("pn16"):
+                            a16, _, paired["l4b/pn16"] = time_cpu_paired(
+                                layer.calls["pn16"](x), layer.calls["l4b"](x), target_s, repeats)
+                            us["pn16"], methods["pn16"] = a16 * 1e6, "wall, alternated"
                     for key in IMPLS:
                         if key in us:
                             continue

@@ -34,11 +34,13 @@ SHAPES = {
     "1.4b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
 }
 # pythia-native-nf4: activations float32 on the CPU, float16 on CUDA; -bf16: bfloat16
-# activations; -qhead: embed_out in 4 bits too (costs logit accuracy, see --head-error).
+# activations; -qhead: embed_out in 4 bits too (costs logit accuracy, see --head-error);
+# -int16: the 4-bit Linears with compute="int16" (the CPU decode GEMV rounds x to int16
+# per 64 values; see --int16-error for what it costs in logits).
 # On the CPU the dense embed_out of the first two is kept in float16, as load() keeps a
 # Pythia checkpoint's (its files are float16: the same values as a float32 head).
-VARIANTS = ["pythia-native-nf4", "pythia-native-nf4-bf16", "pythia-native-nf4-qhead", "transformers-fp32",
-            "transformers-bf16", "transformers-bnb-nf4"]
+VARIANTS = ["pythia-native-nf4", "pythia-native-nf4-bf16", "pythia-native-nf4-qhead", "pythia-native-nf4-int16",
+            "transformers-fp32", "transformers-bf16", "transformers-bnb-nf4"]
 
 
 def hf_config(shape: str):
@@ -92,16 +94,18 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         from pythia_native.config import PythiaConfig
 
         dtype = torch.float32 if device == "cpu" else torch.float16
-        if variant.endswith("-bf16"):
+        options = variant.split("-")[3:]  # after pythia-native-nf4
+        if "bf16" in options:
             dtype = torch.bfloat16
-        qhead = variant.endswith("-qhead")
+        qhead = "qhead" in options
+        compute = "int16" if "int16" in options else "float32"
         # Random weights quantized straight into the model (no transformers copy in
         # memory, so the peak below is the engine's own).
         # On the CPU a dense head stays float16, as pythia_native.load() keeps
         # a Pythia (float16) checkpoint's: the same values as a float32 head.
         head_dtype = torch.float16 if device == "cpu" and not qhead else None
         model = PythiaModel.random(PythiaConfig.from_dict(config.to_dict()), dtype=dtype, quantize_embed_out=qhead,
-                                   device=device, head_dtype=head_dtype)
+                                   device=device, head_dtype=head_dtype, compute=compute)
         engine = Pythia(model, max_batch=batch, max_len=prompt + new)
         prompts = ids.tolist()
 
@@ -189,6 +193,35 @@ def head_error(shape: str, seed: int = 0) -> str:
             f"rms dlogit / logit std = {rms:.2e}, top-1 agreement {100 * top1:.1f}%, KL(dense || 4-bit) = {kl:.2e} nats/token")
 
 
+def int16_error(shape: str, steps: int = 32, seed: int = 0) -> str:
+    """What compute="int16" costs in logits: one random model decoding the same
+    tokens (float32's greedy choices, teacher-forced) in both modes, logits of
+    every decode step compared (the prefill computes in float32 in both)."""
+    from pythia_native.config import PythiaConfig
+    from pythia_native.model import PythiaModel
+
+    torch.manual_seed(seed)
+    model = PythiaModel.random(PythiaConfig.from_dict(hf_config(shape).to_dict()), head_dtype=torch.float16)
+    prompt = torch.randint(2, 50000, (1, 32))
+    out = {}
+    for mode in ("float32", "int16"):
+        model.compute = mode
+        cache = model.new_cache(1, 32 + steps)
+        logits = [model(prompt, torch.arange(32).view(1, 32), cache, span=32)]
+        for t in range(steps):
+            tok = out["float32"][t].argmax(-1, keepdim=True) if mode == "int16" else logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(tok, torch.tensor([[32 + t]]), cache))
+        out[mode] = logits
+    a = torch.cat(out["float32"][1:]).double()
+    b = torch.cat(out["int16"][1:]).double()
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    return (f"compute=int16 ({shape}-shaped random weights, float32 activations, {steps} teacher-forced decode steps "
+            f"after a 32-token prompt): max |dlogit| / max |logit| = {rel:.2e} against compute=float32, "
+            f"top-1 agreement {100 * top1:.1f}%, KL(float32 || int16) = {kl:.2e} nats/token")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -201,6 +234,7 @@ def main():
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--out", help="append the markdown table to this file")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
+    ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
 
@@ -264,6 +298,8 @@ def main():
         )
     if args.head_error:
         lines += ["", head_error(args.shapes[0])]
+    if args.int16_error:
+        lines += ["", int16_error(args.shapes[0])]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
