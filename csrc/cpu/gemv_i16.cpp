@@ -6,9 +6,13 @@
 // vpermps lookup) per 16 weights and is bound by it and its shifts. Here one
 // vpermw looks up 32 codes as int16, and vpdpwssd multiplies 32 int16 pairs
 // into int32 on either 512-bit port. Measured on the 2-vCPU AVX-512 Xeon this
-// was written on (a standalone A/B of the two inner loops, 1 thread, weights
-// in cache, alternated): 1.3-1.45x the float32 loop's speed. The shuffle port
-// still binds (replacing vpermw by an xor took another 1.3x).
+// was written on: a standalone A/B of the two inner loops (1 thread, weights
+// in cache, alternated) 1.2-1.5x the float32 loop's speed; through the op,
+// M = 1, 1 thread, each timed in alternation with bitsandbytes' Linear4bit
+// (benchmarks/results/gemm_4bit_cpu_m1.md): 2.06-3.22x Linear4bit on the
+// pythia-160m shapes and 1.41-1.62x on the 1b-12b ones, where the float32
+// GEMV does 1.85-2.76x and 0.95-1.50x. The shuffle port still binds
+// (replacing vpermw by an xor made the standalone loop 1.2-1.4x faster).
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
