@@ -118,8 +118,7 @@ def _composed(x, positions, k_cache, v_cache, *rest) -> torch.Tensor:
     """``neox_block_``'s result as a new tensor (the op's arguments, in its
     order), through :func:`compose_block` and the per-op kernels of x's device."""
     ln1_w, ln1_b, ln2_w, ln2_b, eps, *linears = rest[:17]
-    inter, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual, *opt = rest[17:]
-    compute = opt[0] if opt else "float32"
+    inter, blocksize, quant_type, rotary_ndims, rope_theta, scale, parallel_residual, compute = rest[17:]
     hidden = x.shape[-1]
     shapes = [(3 * hidden, hidden), (hidden, hidden), (inter, hidden), (hidden, inter)]
 
@@ -136,11 +135,21 @@ def _composed(x, positions, k_cache, v_cache, *rest) -> torch.Tensor:
     return layer(x, positions, k_cache, v_cache, None)
 
 
+def _with_defaults(op, args: tuple) -> tuple:
+    """``args`` of ``op`` with the schema's defaults appended for those left
+    out: the dispatcher hands a Python kernel only the arguments its caller
+    gave (keyword ones made positional)."""
+    missing = op._schema.arguments[len(args):]
+    return (*args, *(a.default_value for a in missing))
+
+
 def composed_block_(*args) -> None:
-    """``neox_block_`` (the op's arguments, in its order) through
-    :func:`compose_block` on the per-op kernels of x's device, after the op's
-    own argument checks (csrc/block.cpp): the op's CUDA kernel, and on the
-    CPU the oracle the fused kernel is tested against."""
+    """``neox_block_`` (the op's arguments, in its order; trailing ones with a
+    default may be left out) through :func:`compose_block` on the per-op
+    kernels of x's device, after the op's own argument checks
+    (csrc/block.cpp): the op's CUDA kernel, and on the CPU the oracle the
+    fused kernel is tested against."""
+    args = _with_defaults(torch.ops.pythia_native.neox_block_.default, args)
     _C.check_neox_block_args(*args)
     args[0].copy_(_composed(*args))
 

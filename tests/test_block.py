@@ -131,6 +131,18 @@ def test_fused_int16_equals_composition_int16(shape, B, T):
         assert torch.equal(fused[0], plain[0])  # M > 4: float32 throughout
 
 
+def test_composition_fills_the_schema_defaults():
+    # The dispatcher gives a Python kernel (the CUDA one is composed_block_)
+    # only the arguments its caller passed: compute left out means "float32".
+    p = make_block("hd256", torch.float32)
+    x, pos, k, v = make_inputs("hd256", torch.float32, 1, 1)
+    full = [t.clone() for t in (x, k, v)]
+    composed_block_(*flat_args(full[0], pos, full[1], full[2], p))
+    short = [t.clone() for t in (x, k, v)]
+    composed_block_(*flat_args(short[0], pos, short[1], short[2], p)[:-1])
+    assert all(torch.equal(a, b) for a, b in zip(full, short))
+
+
 def test_no_bias_fp4_blocksize_128():
     fused, composed, _ = run_three("hd80", torch.float32, 2, 1, bias=False, quant_type="fp4", blocksize=128)
     for f, c in zip(fused, composed):

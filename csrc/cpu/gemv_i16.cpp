@@ -96,7 +96,7 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
         for (int l = 0; l < 8; ++l) sr[16 * g + 8 * h + l] = s * (1.0f / 8192.0f);
         const __m512 sv = _mm512_set1_ps(s);
         for (int i = 0; i < 4; ++i) {
-          __m512i r = am > 0.0f ? _mm512_cvt_roundps_epi32(_mm512_div_ps(v[i], sv),
+          __m512i r = s > 0.0f ? _mm512_cvt_roundps_epi32(_mm512_div_ps(v[i], sv),
                                                            _MM_FROUND_TO_NEAREST_INT |
                                                                _MM_FROUND_NO_EXC)
                                 : _mm512_setzero_si512();

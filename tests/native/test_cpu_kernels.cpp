@@ -531,7 +531,7 @@ void test_gemv_i16(const QuantWeight& q, int64_t M, int64_t ldx, bool with_bias,
           const int64_t k = 64 * j + i;
           const uint8_t byte = q.packed[(n * K + k) / 2];
           const int idx = (k % 2) ? (byte & 15) : (byte >> 4);
-          const int64_t xqi = am > 0.0f ? static_cast<int64_t>(std::nearbyint(xb[i] / sc)) : 0;
+          const int64_t xqi = sc > 0.0f ? static_cast<int64_t>(std::nearbyint(xb[i] / sc)) : 0;
           dot += xqi * cpu::i16_code(q.qt, idx);
           absdot += std::abs(xqi * cpu::i16_code(q.qt, idx));
         }
