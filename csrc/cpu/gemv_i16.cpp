@@ -57,6 +57,12 @@ namespace {
 
 // The source element (within its group) of each word lane w of xq's vector j.
 constexpr int kI16Offset[4] = {1, 0, 3, 2};
+// x's integer range per 64-block, [-kXMax, kXMax], and the codes' scale:
+// 8 * kCodeScale * kXMax < 2^31, so a lane's 8 products per group cannot
+// overflow int32.
+constexpr int32_t kXMax = 32767;
+constexpr float kCodeScale = 8192.0f;
+static_assert(8.0 * kCodeScale * kXMax < 2147483648.0, "a lane's int32 sum could overflow");
 
 template <typename E>
 PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
@@ -71,7 +77,7 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
     for (int w = 0; w < 32; ++w) t[w] = static_cast<int16_t>(4 * (w % 16) + kI16Offset[j]);
     idx[j] = _mm512_load_si512(t);
   }
-  const __m512i lim = _mm512_set1_epi32(32767), nlim = _mm512_set1_epi32(-32767);
+  const __m512i lim = _mm512_set1_epi32(kXMax), nlim = _mm512_set1_epi32(-kXMax);
   __mmask16 bad = 0;
   for (int64_t m = 0; m < M; ++m) {
     const E* xr = x + m * ldx;
@@ -90,10 +96,10 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
                                          _mm512_and_si512(_mm512_castps_si512(v[i]), absmask)));
         }
         const float am = _mm512_reduce_max_ps(amax);
-        const float s = am / 32767.0f;
+        const float s = am / static_cast<float>(kXMax);
         // The group's two block scales, each over the 8 dword lanes that
         // hold its block's sums (see row_i16), and times 2^-13 for the codes.
-        for (int l = 0; l < 8; ++l) sr[16 * g + 8 * h + l] = s * (1.0f / 8192.0f);
+        for (int l = 0; l < 8; ++l) sr[16 * g + 8 * h + l] = s * (1.0f / kCodeScale);
         const __m512 sv = _mm512_set1_ps(s);
         for (int i = 0; i < 4; ++i) {
           __m512i r = s > 0.0f ? _mm512_cvt_roundps_epi32(_mm512_div_ps(v[i], sv),
@@ -210,7 +216,7 @@ bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa) {
 }
 
 int16_t i16_code(QuantType qt, int c) {
-  return static_cast<int16_t>(std::nearbyint(code_table(qt)[c & 15] * 8192.0f));
+  return static_cast<int16_t>(std::nearbyint(code_table(qt)[c & 15] * kCodeScale));
 }
 
 PN_I16 bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
