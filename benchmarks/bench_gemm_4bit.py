@@ -67,6 +67,7 @@ BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 CHECK_ROWS = 64  # rows of x checked against the fp64 reference, spread over all M
 IMPLS = ("pn", "pn16", "l4b", "mm4", "dense")
+PN16_MAX_M = 4  # compute="int16" changes only the CPU GEMV (M <= 4); above, pn16 is pn and is not timed
 
 
 # ----------------------------------------------------------------- imports --
@@ -531,7 +532,7 @@ def write_markdown(path: str, device: torch.device, dtype: torch.dtype, pn, bnb,
         "",
         "Columns: `pn` pythia-native `gemm_4bit`; `l4b` bitsandbytes `nn.Linear4bit` (eval, inference mode); "
         "`pn16` the same op with `compute=\"int16\"` (x rounded to int16 per 64 values in the CPU GEMV, "
-        "M <= 4; it computes as pn above that); "
+        f"M <= {PN16_MAX_M}; above that it computes as pn and reads skip); "
         "`mm4` `bitsandbytes.matmul_4bit`; `dense` `F.linear` with the unquantized weight. "
         "Times are microseconds per call. `pn GB/s` = (N*K/2 + 4*N*K/64) bytes of NF4 weight and absmax "
         "/ pn time; `%bw` = that as a percentage of the copy bandwidth above; `pn GFLOP/s` = 2*M*N*K / pn time. "
@@ -693,7 +694,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                               target_s, repeats)
                         us["pn"], us["l4b"] = a * 1e6, b * 1e6
                         methods["pn"] = methods["l4b"] = "wall, alternated"
-                        if layer.calls.get("pn16"):
+                        if layer.calls.get("pn16") and M <= PN16_MAX_M:
                             a16, _, paired["l4b/pn16"] = time_cpu_paired(
                                 layer.calls["pn16"](x), layer.calls["l4b"](x), target_s, repeats)
                             us["pn16"], methods["pn16"] = a16 * 1e6, "wall, alternated"
@@ -703,6 +704,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         mk = layer.calls.get(key)
                         if mk is None:
                             us[key] = None
+                            continue
+                        if key == "pn16" and M > PN16_MAX_M:
+                            us[key] = None
+                            skipped_cells.add(key)
                             continue
                         if key == "mm4" and args.skip_slow_peers and device.type == "cpu" and M >= 128:
                             us[key] = None
