@@ -75,8 +75,10 @@ bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa);
 // round(code[c] * 8192): the int16 code table (c in [0, 16)).
 int16_t i16_code(QuantType qt, int c);
 // x [M, K] (dt, row stride ldx) -> xq int16 [M, K] in the kernel's order and
-// xs float32 [M, K / 8]: per 128-element group, its two 64-blocks' scales
-// (max|x| / 32767, times 2^-13) 8 times each, as the kernel's lanes use them.
+// xs float32 [M, K / 8] (row stride K / 8, of which the first 16 per pair of
+// 128-element groups are used): per pair, its four 64-blocks' scales
+// (max|x| / 32767, times 2^-13) 4 times each, block b in lanes 4q + b, as the
+// kernel's lanes use them (0 for the missing half of an odd last pair).
 // Returns false, with xq / xs unspecified, if x holds an inf or NaN.
 bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
                     float* xs);

@@ -5,14 +5,19 @@
 // Why: the float32 GEMV (cpu/gemm_4bit.cpp) spends one 512-bit shuffle (the
 // vpermps lookup) per 16 weights and is bound by it and its shifts. Here one
 // vpermw looks up 32 codes as int16, and vpdpwssd multiplies 32 int16 pairs
-// into int32 on either 512-bit port. Measured on the 2-vCPU AVX-512 Xeon this
-// was written on: a standalone A/B of the two inner loops (1 thread, weights
-// in cache, alternated) 1.2-1.5x the float32 loop's speed; through the op,
-// M = 1, 1 thread, each timed in alternation with bitsandbytes' Linear4bit
-// (benchmarks/results/gemm_4bit_cpu_m1.md): 2.06-3.22x Linear4bit on the
-// pythia-160m shapes and 1.41-1.62x on the 1b-12b ones, where the float32
-// GEMV does 1.85-2.76x and 0.95-1.50x. The shuffle port still binds
-// (replacing vpermw by an xor made the standalone loop 1.2-1.4x faster).
+// into int32. On the 2-vCPU AVX-512 Xeon this was written on, one 512-bit
+// FMA-class instruction (FMA, vpdpwssd, vmulps) issues per cycle and mixes
+// of 512-bit instructions reach ~1.4 per cycle, so what binds is the count of
+// vector instructions per weight: 4 lookups, 2 shifts and 4 multiplies per
+// 128 weights, plus the scaling, which row_i16 pays once per 256 weights.
+// Measured there (1 thread, M = 1, bench_gemm_4bit, each side timed in
+// alternation with bitsandbytes' Linear4bit, three runs, 2026-12-02):
+// 1.85-4.41x Linear4bit on the pythia-160m shapes and 1.20-1.75x on the
+// 1b-12b ones; the same session's float32 GEMV 0.94-3.04x and 0.63-0.85x.
+// The first version of this kernel (one group at a time, a bookkeeping
+// prefetcher per group) ran 1.04-1.27x on the large shapes in that session;
+// in a standalone in-process A/B the pairing and the plain prefetch are
+// 1.15-1.30x faster than it.
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
@@ -35,7 +40,9 @@
 // call (quantize_x_i16): xq[g*128 + 32j + w] = x[g*128 + 4w + {1,0,3,2}[j]].
 // Words 0-15 are the group's first block, 16-31 its second, so after the four
 // vpdpwssd dword lanes 0-7 hold the first block's partial sums, 8-15 the
-// second's, and one FMA applies both scales.
+// second's. Two groups' vectors are then folded into one with lane 4q + b
+// holding block b of the pair (row_i16), and one multiply and one FMA apply
+// the four blocks' scales; xs holds them in that order.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
@@ -97,9 +104,15 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
         }
         const float am = _mm512_reduce_max_ps(amax);
         const float s = am / static_cast<float>(kXMax);
-        // The group's two block scales, each over the 8 dword lanes that
-        // hold its block's sums (see row_i16), and times 2^-13 for the codes.
-        for (int l = 0; l < 8; ++l) sr[16 * g + 8 * h + l] = s * (1.0f / kCodeScale);
+        // The block's scale (times 2^-13 for the codes) in the lanes of its
+        // pair of groups that hold its sums (row_i16): 4q + b, b its place
+        // among the pair's four blocks.
+        const int b = 2 * static_cast<int>(g % 2) + h;
+        for (int q = 0; q < 4; ++q) sr[8 * (g - g % 2) + 4 * q + b] = s * (1.0f / kCodeScale);
+        // An odd last group's pair has no second group: 0 in its lanes.
+        if (g % 2 == 0 && g + 1 == K / 128) {
+          for (int q = 0; q < 4; ++q) sr[8 * g + 4 * q + 2 + h] = 0.0f;
+        }
         const __m512 sv = _mm512_set1_ps(s);
         for (int i = 0; i < 4; ++i) {
           __m512i r = s > 0.0f ? _mm512_cvt_roundps_epi32(_mm512_div_ps(v[i], sv),
@@ -125,45 +138,84 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
   return bad == 0;
 }
 
-// sums[m] = the float32 total of one row of W (K / 2 bytes at w, absmax at
-// a) against MT rows of xq. BS64: blocksize 64, each half of a group has its
-// own absmax; a larger blocksize (a power of two, so a multiple of 128) puts
-// the whole group in one block.
-template <int MT, bool BS64>
-PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
-                           const float* a, int64_t bs, __m512i table, StreamPrefetcher& pw,
-                           StreamPrefetcher& pa, float* sums) {
-  __m512 tot[MT];
-  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
-  const int64_t ng = K / 128, xlanes = K / 8;
+// One group of 128 weights (64 packed bytes at w) against MT rows of xq
+// (the group's 128 values at xg, row stride K): f[m] = its 16 int32 lane sums
+// (lanes 0-7 the group's first 64-block, 8-15 its second), as float32 (exact:
+// each lane is at most 8 products, |sum| < 2^31, and converts with at most one
+// rounding). 4 lookups, 2 shifts, 4 multiplies per row of x, 1 convert.
+template <int MT>
+PN_I16 inline void group_i16(const uint8_t* w, const int16_t* xg, int64_t K, __m512i table,
+                             __m512* f) {
   // The second load (one byte on) must not read past the group: its 64th
   // byte would be the next group's first, or past the end of the weight.
   constexpr __mmask64 kFirst63 = ~(__mmask64{1} << 63);
-  for (int64_t g = 0; g < ng; ++g, w += 64) {
-    pw.before(w + 64);
-    pa.before(a + (BS64 ? 2 * g + 2 : (128 * g + 64) / bs + 1));
-    const __m512i l0 = _mm512_loadu_si512(w);
-    const __m512i l1 = _mm512_maskz_loadu_epi8(kFirst63, w + 1);
-    const __m512i c0 = _mm512_permutexvar_epi16(l0, table);
-    const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l0, 4), table);
-    const __m512i c2 = _mm512_permutexvar_epi16(l1, table);
-    const __m512i c3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l1, 4), table);
-    // absmax of the group's two halves over lanes 0-7 and 8-15: broadcasts
-    // from memory (load ports; a broadcast from a register would take the
-    // shuffle port the lookups need).
-    const __m512 am =
-        BS64 ? _mm512_mask_broadcastss_ps(_mm512_set1_ps(a[2 * g]), 0xFF00, _mm_load_ss(a + 2 * g + 1))
-             : _mm512_set1_ps(a[(128 * g) / bs]);
+  const __m512i l0 = _mm512_loadu_si512(w);
+  const __m512i l1 = _mm512_maskz_loadu_epi8(kFirst63, w + 1);
+  const __m512i c0 = _mm512_permutexvar_epi16(l0, table);
+  const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l0, 4), table);
+  const __m512i c2 = _mm512_permutexvar_epi16(l1, table);
+  const __m512i c3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l1, 4), table);
+  for (int m = 0; m < MT; ++m) {
+    const int16_t* x = xg + m * K;
+    // One chain: no add to join two (the vector ports are what binds).
+    __m512i p = _mm512_madd_epi16(c0, _mm512_loadu_si512(x));
+    p = _mm512_dpwssd_epi32(p, c1, _mm512_loadu_si512(x + 32));
+    p = _mm512_dpwssd_epi32(p, c2, _mm512_loadu_si512(x + 64));
+    p = _mm512_dpwssd_epi32(p, c3, _mm512_loadu_si512(x + 96));
+    f[m] = _mm512_cvtepi32_ps(p);
+  }
+}
+
+// sums[m] = the float32 total of one row of W (K / 2 bytes at w, absmax at
+// a) against MT rows of xq. Groups go in pairs (256 weights, four 64-blocks
+// b = 0..3): the pair's two 16-lane vectors are folded into one whose lane
+// i holds two partial sums of block i % 4 (two shuffles and an add, on the
+// shuffle port the lookups leave room on), so that the convert-free part of
+// the scaling, one multiply and one FMA, and the absmax load come once per
+// pair, not per group. xs holds the scales in that order (quantize_x_rows).
+// An odd last group is a pair whose second group is zero (its absmax not
+// read). BS64: blocksize 64, one absmax per block, the pair's four as one
+// 16-byte broadcast; larger blocksizes (powers of two, multiples of 128): one
+// per group, or one for both.
+template <int MT, bool BS64>
+PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
+                           const float* a, int log2bs, __m512i table, const __m512i fold[2],
+                           float* sums) {
+  __m512 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+  const int64_t ng = K / 128, xlanes = K / 8;
+  for (int64_t g = 0; g < ng; g += 2, w += 128) {
+    const bool two = g + 1 < ng;
+    // Each pair reads two whole cache lines of W: prefetch the two
+    // kPrefetchAhead bytes on into L2 (no bookkeeping: a prefetch never
+    // faults, and the lines past the thread's last row cost nothing
+    // measurable), and absmax as far ahead in rows.
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchAhead, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchAhead + 64, _MM_HINT_T1);
+    const float* ag = a + ((128 * g) >> log2bs);
+    _mm_prefetch(reinterpret_cast<const char*>(ag) + (kPrefetchAhead * 8 >> log2bs), _MM_HINT_T1);
+    __m512 fa[MT], fb[MT];
+    group_i16<MT>(w, xq + 128 * g, K, table, fa);
+    if (two) {
+      group_i16<MT>(w + 64, xq + 128 * g + 128, K, table, fb);
+    } else {
+      for (int m = 0; m < MT; ++m) fb[m] = _mm512_setzero_ps();
+    }
+    // The absmax of block i % 4 in lane i.
+    __m512 am;
+    if (BS64) {
+      am = two ? _mm512_broadcast_f32x4(_mm_loadu_ps(ag))
+               : _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(0x3, ag));
+    } else {
+      const float* ag1 = a + ((128 * g + 128) >> log2bs);
+      am = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*ag), 0xCCCC,
+                                      _mm_load_ss(two ? ag1 : ag));
+    }
     for (int m = 0; m < MT; ++m) {
-      const int16_t* xg = xq + m * K + 128 * g;
-      // Two chains of two products (shorter latency per group than one chain
-      // of four; no difference measurable here, but no cost either).
-      const __m512i p01 = _mm512_dpwssd_epi32(_mm512_madd_epi16(c0, _mm512_loadu_si512(xg)), c1,
-                                              _mm512_loadu_si512(xg + 32));
-      const __m512i p23 = _mm512_dpwssd_epi32(_mm512_madd_epi16(c2, _mm512_loadu_si512(xg + 64)),
-                                              c3, _mm512_loadu_si512(xg + 96));
-      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(xs + m * xlanes + 16 * g), am);
-      tot[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(p01, p23)), scale, tot[m]);
+      const __m512 h = _mm512_add_ps(_mm512_permutex2var_ps(fa[m], fold[0], fb[m]),
+                                     _mm512_permutex2var_ps(fa[m], fold[1], fb[m]));
+      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(xs + m * xlanes + 8 * g), am);
+      tot[m] = _mm512_fmadd_ps(h, scale, tot[m]);
     }
   }
   for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(tot[m]);
@@ -176,11 +228,20 @@ template <int MT, bool BS64>
 PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* packed,
                      const float* absmax, int64_t bs, __m512i table, const float* bias,
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  StreamPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
-  StreamPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
+  const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
+  // The fold of a pair of groups (row_i16): lane i = 4q + b of the result
+  // adds lanes 2q and 2q + 1 of block b's 8, where blocks 0 and 1 are lanes
+  // 0-7 and 8-15 of the first group's vector (indices 0-15 of the two-source
+  // shuffle) and blocks 2 and 3 those of the second's (16-31).
+  alignas(64) int32_t lo[16], hi[16];
+  for (int i = 0; i < 16; ++i) {
+    lo[i] = 8 * (i % 4) + 2 * (i / 4);
+    hi[i] = lo[i] + 1;
+  }
+  const __m512i fold[2] = {_mm512_load_si512(lo), _mm512_load_si512(hi)};
   for (int64_t n = n0; n < n1; ++n) {
     float sums[MT];
-    row_i16<MT, BS64>(xq, xs, K, packed + n * (K / 2), absmax + n * (K / bs), bs, table, pw, pa,
+    row_i16<MT, BS64>(xq, xs, K, packed + n * (K / 2), absmax + n * (K / bs), log2bs, table, fold,
                       sums);
     const float b = bias ? bias[n] : 0.0f;
     for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);

@@ -862,8 +862,9 @@ int main() {
   const QuantType qts[] = {QuantType::NF4, QuantType::FP4};
   // {K, blocksize}: every blocksize of the list that divides K (row-aligned).
   std::vector<std::pair<int64_t, int64_t>> kbs;
-  // 2112: three chunks of the tiles (common/tiles.h kChunk = 1024), the last partial.
-  for (int64_t K : {64, 128, 768, 96, 2112}) {
+  // 2112: three chunks of the tiles (common/tiles.h kChunk = 1024), the last partial;
+  // 128 and 384: an odd number of 128-groups (the int16 GEMV pairs them).
+  for (int64_t K : {64, 128, 384, 768, 96, 2112}) {
     for (int64_t bs : blocksizes) {
       if (K % bs == 0) kbs.emplace_back(K, bs);
     }
