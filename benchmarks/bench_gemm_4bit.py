@@ -6,7 +6,7 @@ times, in the same run and on the same NF4 weights (blocksize 64, bias on):
 
   pn     pythia_native.gemm_4bit on pre-quantized weights (the op directly)
   pn16   the same with compute="int16" (CPU only: x rounded to int16 per 64
-         values in the GEMV, M <= 4; other M compute in float32 as pn)
+         values in the GEMV, M <= 16; other M compute in float32 as pn)
   l4b    bitsandbytes nn.Linear4bit, eval mode, under torch.inference_mode()
          (on a CPU with AVX-512 BF16 it repacks its weight into its bf16 CPU
          layout on the first call; that call is warm-up, not timed)
@@ -67,7 +67,9 @@ BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 CHECK_ROWS = 64  # rows of x checked against the fp64 reference, spread over all M
 IMPLS = ("pn", "pn16", "l4b", "mm4", "dense")
-PN16_MAX_M = 4  # compute="int16" changes only the CPU GEMV (M <= 4); above, pn16 is pn and is not timed
+# compute="int16" changes only the CPU GEMV, M <= build_info()["cpu_gemv_int16_max_m"]
+# (set from the build in main); above, pn16 is pn and is not timed.
+PN16_MAX_M = 16
 
 
 # ----------------------------------------------------------------- imports --
@@ -640,6 +642,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     fingerprint = extension_fingerprint(pn)
     load_start = load_average()
     print(f"# pythia-native {git_state()} build_info {pn.build_info()}", flush=True)
+    global PN16_MAX_M
+    PN16_MAX_M = int(pn.build_info().get("cpu_gemv_int16_max_m", 0))
     print(f"# extension {fingerprint}; load average {load_start}", flush=True)
 
     bw: dict[int, float] = {}

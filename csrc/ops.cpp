@@ -194,6 +194,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 // AVX2's tiles are 4 x 2 (16 ymm registers): ahead of BLAS up to M = 16 on the
 // machine measured, whose BLAS itself used AVX-512. The scalar tiles never
 // beat BLAS, so they exist as the readable definition (and are tested).
+// compute="int16" takes its own GEMV up to cpu::kGemvI16MaxM (16) instead.
 constexpr int64_t kCpuGemvMaxM = 4;
 int64_t cpu_tiles_max_m(cpu::Isa isa) {
   switch (isa) {
@@ -523,9 +524,11 @@ PYBIND11_MODULE(_C, mod) {
     // Whether gemm_4bit(compute="int16") can take its int16 GEMV on this CPU
     // (AVX-512 with VNNI; it also needs the active ISA to be AVX-512).
     info["cpu_gemv_int16"] = cpu::gemv_i16_supported();
+    // The rows of x (M) up to which it does.
+    info["cpu_gemv_int16_max_m"] = cpu::kGemvI16MaxM;
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen, "
-     "whether the CPU has the int16 GEMV (AVX-512 VNNI).");
+     "whether the CPU has the int16 GEMV (AVX-512 VNNI) and up to which M it runs.");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

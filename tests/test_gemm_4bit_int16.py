@@ -31,8 +31,8 @@ ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10
 
 
 @needs_int16
-@pytest.mark.parametrize("M", [1, 2, 3, 4])
-@pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (768, 2304), (3072, 33), (1280, 5)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])  # 5-16: rows of x in groups of 4
+@pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (384, 3), (768, 2304), (3072, 33), (1280, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_definition(M, K, N, dtype):
     x, p, a, b = _problem(M, K, N, dtype, seed=M * K + N)
@@ -97,7 +97,7 @@ def test_non_finite_x_takes_float32(bad, dtype):
 
 @pytest.mark.parametrize(
     "M,K,N,blocksize",
-    [(5, 256, 7, 64),  # M above the GEMV: the float32 tiles
+    [(17, 256, 7, 64),  # M above the int16 GEMV (16): the float32 tiles
      (1, 200, 7, 64),  # K % 128 != 0
      (2, 192, 7, 64),  # K % 128 == 64
      (1, 256, 7, 32),  # blocksize below 64
@@ -127,6 +127,16 @@ def test_noncontiguous_and_leading_dims():
     assert torch.equal(pn.gemm_4bit(x.view(2, 2, 256), p, a, (33, 256), b, compute="int16").view(4, 33), y)
     # Rows of x are quantized one by one: row 2 alone gives row 2's result.
     assert torch.equal(pn.gemm_4bit(x[2:3], p, a, (33, 256), b, compute="int16"), y[2:3])
+
+
+@needs_int16
+def test_rows_of_x_do_not_depend_on_their_batch():
+    # M = 13: rows in groups of 4, 4, 4 and 1; each row's sums run in the same
+    # order in any group, so each equals the row computed alone.
+    x, p, a, b = _problem(13, 384, 29, torch.float32)
+    y = pn.gemm_4bit(x, p, a, (29, 384), b, compute="int16")
+    for m in range(13):
+        assert torch.equal(y[m : m + 1], pn.gemm_4bit(x[m : m + 1], p, a, (29, 384), b, compute="int16")), m
 
 
 @needs_int16
