@@ -434,9 +434,10 @@ def cpu_model() -> str:
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
     flags_line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
     flags = set(flags_line.split(":", 1)[1].split()) if flags_line else set()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model\t")), "?")
-    return f"{name} (family 6 model {model}; {os.cpu_count()} logical CPUs; {', '.join(isa) or 'no AVX2'})"
+    family = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("cpu family")), "?")
+    return f"{name} (family {family} model {model}; {os.cpu_count()} logical CPUs; {', '.join(isa) or 'no AVX2'})"
 
 
 def load_average() -> str:

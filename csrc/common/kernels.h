@@ -70,8 +70,8 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
 // aligned, active ISA AVX-512 on a CPU with VNNI) and otherwise compute in
 // float32, which is within the mode's bound. Up to M = 16 rows of x, in
 // groups of 4 per pass over each row of W: measured 1.16-2.03x the float32
-// tiles' speed at M = 5-16 and 1.05-1.13x at M = 24-32 (2-vCPU AVX-512 Xeon,
-// one thread, alternated in one process, 2026-12-02), so above 16 the more
+// tiles' speed at M = 5-16 and 1.05-1.13x at M = 24-32 (2-vCPU AMD EPYC with
+// AVX-512, one thread, alternated in one process, 2026-12-02), so above 16 the more
 // exact tiles keep it.
 constexpr int64_t kGemvI16MaxM = 16;
 bool gemv_i16_supported();  // this CPU has AVX-512 BW/VL/DQ and VNNI

@@ -5,14 +5,17 @@
 // Why: the float32 GEMV (cpu/gemm_4bit.cpp) spends one 512-bit shuffle (the
 // vpermps lookup) per 16 weights and is bound by it and its shifts. Here one
 // vpermw looks up 32 codes as int16, and vpdpwssd multiplies 32 int16 pairs
-// into int32. On the 2-vCPU AVX-512 Xeon this was written on, one 512-bit
-// FMA-class instruction (FMA, vpdpwssd, vmulps) issues per cycle and mixes
-// of 512-bit instructions reach ~1.4 per cycle, so what binds is the count of
-// vector instructions per weight: 4 lookups, 2 shifts and 4 multiplies per
-// 128 weights, plus the scaling, which row_i16 pays once per 256 weights.
-// Measured there (1 thread, M = 1, bench_gemm_4bit, each side timed in
-// alternation with bitsandbytes' Linear4bit, three runs, 2026-12-02):
-// 1.85-4.41x Linear4bit on the pythia-160m shapes and 1.20-1.75x on the
+// into int32. It was first measured on a 2-vCPU AVX-512 Xeon (family 6
+// model 207; benchmarks/results/gemm_4bit_cpu_m1.md), then reworked on a
+// 2-vCPU AMD EPYC (family 25 model 17, AVX-512 on 256-bit units): there one
+// 512-bit FMA-class instruction (FMA, vpdpwssd, vmulps) issues per cycle and
+// mixes of 512-bit instructions reach ~1.4 per cycle, so what binds is the
+// count of vector instructions per weight: 4 lookups, 2 shifts and 4
+// multiplies per 128 weights, plus the scaling, which row_i16 pays once per
+// 256 weights. Measured on the EPYC (1 thread, M = 1, bench_gemm_4bit, each
+// side timed in alternation with bitsandbytes' Linear4bit, five runs,
+// 2026-12-02; benchmarks/results/gemm_4bit_cpu_m1_epyc.md):
+// 1.54-4.41x Linear4bit on the pythia-160m shapes and 1.20-1.75x on the
 // 1b-12b ones; the same session's float32 GEMV 0.94-3.04x and 0.63-0.85x.
 // The first version of this kernel (one group at a time, a bookkeeping
 // prefetcher per group) ran 1.04-1.27x on the large shapes in that session;
