@@ -345,16 +345,19 @@ def test_int16_compute_decode_close_to_float32_and_to_transformers(shape):
     hf, model = pair(shape)
     prompt = torch.randint(2, SHAPES[shape]["vocab_size"], (1, 11))
     vocab = SHAPES[shape]["vocab_size"]
-    ids = torch.randint(0, vocab, (1, 20))
+    # A prefill longer than the int16 GEMV's M (it computes in float32), then
+    # 12 decode steps.
+    p = pn.build_info()["cpu_gemv_int16_max_m"] + 4
+    ids = torch.randint(0, vocab, (1, p + 12))
     steps = {}
     for mode in ("float32", "int16"):
         model.compute = mode
-        cache = model.new_cache(1, 32)
-        out = [model(ids[:, :8], full_positions(1, 8), cache, span=8)]
-        for t in range(8, 20):
+        cache = model.new_cache(1, p + 16)
+        out = [model(ids[:, :p], full_positions(1, p), cache, span=p)]
+        for t in range(p, p + 12):
             out.append(model(ids[:, t : t + 1], torch.full((1, 1), t), cache))
         steps[mode] = torch.cat(out)
-    assert torch.equal(steps["int16"][0], steps["float32"][0])  # the prefill (M = 8) computes in float32
+    assert torch.equal(steps["int16"][0], steps["float32"][0])  # the prefill computes in float32
     err = rel_err(steps["int16"][1:], steps["float32"][1:])
     if pn.build_info()["cpu_gemv_int16"]:
         assert 0 < err <= 2e-3, err
