@@ -32,7 +32,8 @@ ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10
 
 @needs_int16
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])  # 5-16: rows of x in groups of 4
-@pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (384, 3), (768, 2304), (3072, 33), (1280, 5)])
+# K = 4224: 33 groups (a lone last one); at M = 16, 132 KiB of int16 x.
+@pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (384, 3), (768, 2304), (3072, 33), (1280, 5), (4224, 19)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_definition(M, K, N, dtype):
     x, p, a, b = _problem(M, K, N, dtype, seed=M * K + N)

@@ -921,7 +921,12 @@ int main() {
     }
     if (isa == Isa::AVX512 && cpu::gemv_i16_supported()) {
       for (QuantType qt : qts) {
-        for (const auto& [K, bs] : kbs) {
+        // + K = 4224: 33 groups (a lone last one) and, at M = 4, 33 KiB of
+        // int16 x, more than some L1s.
+        std::vector<std::pair<int64_t, int64_t>> kbs16 = kbs;
+        kbs16.emplace_back(4224, 64);
+        kbs16.emplace_back(4224, 128);
+        for (const auto& [K, bs] : kbs16) {
           if (!cpu::gemv_i16_ok(1, K, bs, isa)) continue;
           for (int64_t N : {1, 3, 17}) {
             const QuantWeight q = make_weight(N, K, bs, qt, rng);
