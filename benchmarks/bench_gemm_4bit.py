@@ -67,9 +67,9 @@ BLOCKSIZE = 64
 QUANT_TYPE = "nf4"
 CHECK_ROWS = 64  # rows of x checked against the fp64 reference, spread over all M
 IMPLS = ("pn", "pn16", "l4b", "mm4", "dense")
-# compute="int16" changes only the CPU GEMV, M <= build_info()["cpu_gemv_int16_max_m"]
-# (set from the build in main); above, pn16 is pn and is not timed.
-PN16_MAX_M = 16
+# compute="int16" changes only the CPU GEMV, M <= build_info()["cpu_gemv_int16_max_m"];
+# above, pn16 is pn and is not timed. Set from the build in main.
+PN16_MAX_M = 0
 
 
 # ----------------------------------------------------------------- imports --
@@ -644,7 +644,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_start = load_average()
     print(f"# pythia-native {git_state()} build_info {pn.build_info()}", flush=True)
     global PN16_MAX_M
-    PN16_MAX_M = int(pn.build_info().get("cpu_gemv_int16_max_m", 0))
+    PN16_MAX_M = int(pn.build_info()["cpu_gemv_int16_max_m"])
     print(f"# extension {fingerprint}; load average {load_start}", flush=True)
 
     bw: dict[int, float] = {}

@@ -9,6 +9,7 @@ from conftest import CPU_ISAS
 from pythia_native import reference as ref
 
 HAS_INT16 = pn.build_info()["cpu_gemv_int16"]
+INT16_MAX_M = pn.build_info()["cpu_gemv_int16_max_m"]
 needs_int16 = pytest.mark.skipif(not HAS_INT16, reason="this CPU has no AVX-512 VNNI: the op computes in float32")
 
 
@@ -31,7 +32,7 @@ ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10
 
 
 @needs_int16
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 16])  # 5-16: rows of x in groups of 4
+@pytest.mark.parametrize("M", sorted({1, 2, 3, 4, 5, 8, INT16_MAX_M}))  # above 4: rows of x in groups of 4
 # K = 4224: 33 groups (a lone last one); at M = 16, 132 KiB of int16 x.
 @pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (384, 3), (768, 2304), (3072, 33), (1280, 5), (4224, 19)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -98,7 +99,7 @@ def test_non_finite_x_takes_float32(bad, dtype):
 
 @pytest.mark.parametrize(
     "M,K,N,blocksize",
-    [(17, 256, 7, 64),  # M above the int16 GEMV (16): the float32 tiles
+    [(INT16_MAX_M + 1, 256, 7, 64),  # M above the int16 GEMV: the float32 tiles
      (1, 200, 7, 64),  # K % 128 != 0
      (2, 192, 7, 64),  # K % 128 == 64
      (1, 256, 7, 32),  # blocksize below 64
