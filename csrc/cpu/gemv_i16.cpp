@@ -38,13 +38,13 @@
 // 32 words, word w holds (from bit 0) the nibbles of elements 4w+1, 4w,
 // 4w+3, 4w+2. vpermw reads bits 0-4 of each word, so with the 16 codes
 // repeated twice in its 32-entry table the bits above a nibble need no mask:
-// words of the group (nibble 4w+1), words >> 4 (4w), the group loaded one
-// byte later (4w+3) and that >> 4 (4w+2). x is put in the same order once per
+// words of the group (nibble 4w+1), words >> 4 (4w), >> 8 (4w+3) and >> 12
+// (4w+2). x is put in the same order once per
 // call (quantize_x_i16): xq[g*128 + 32j + w] = x[g*128 + 4w + {1,0,3,2}[j]].
 // Words 0-15 are the group's first block, 16-31 its second, so after the four
 // vpdpwssd dword lanes 0-7 hold the first block's partial sums, 8-15 the
 // second's. Two groups' vectors are then folded into one with lane 4q + b
-// holding block b of the pair (row_i16), and one multiply and one FMA apply
+// holding block b of the pair (scale_pair), and one multiply and one FMA apply
 // the four blocks' scales; xs holds them in that order.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -145,20 +145,19 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
 // (the group's 128 values at xg, row stride K): f[m] = its 16 int32 lane sums
 // (lanes 0-7 the group's first 64-block, 8-15 its second; exact, at most 8
 // products each, |sum| < 2^31) converted to float32 (rounded only above
-// 2^24). 4 lookups and 2 shifts per group, 4 multiplies and 1 convert per row
-// of x.
+// 2^24). 4 lookups and 3 shifts per group, 4 multiplies and 1 convert per row
+// of x. The shifts could be 2 with a second load of the group one byte on
+// (its words' bits 0-3 are nibble 4w+3): that load spans two cache lines and
+// must be masked at the group's end, and measured slower on the EPYC
+// (standalone, alternated, 1 thread: the three shifts 1.03-1.18x faster).
 template <int MT>
 PN_I16 inline void group_i16(const uint8_t* w, const int16_t* xg, int64_t K, __m512i table,
                              __m512* f) {
-  // The second load (one byte on) must not read past the group: its 64th
-  // byte would be the next group's first, or past the end of the weight.
-  constexpr __mmask64 kFirst63 = ~(__mmask64{1} << 63);
-  const __m512i l0 = _mm512_loadu_si512(w);
-  const __m512i l1 = _mm512_maskz_loadu_epi8(kFirst63, w + 1);
-  const __m512i c0 = _mm512_permutexvar_epi16(l0, table);
-  const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l0, 4), table);
-  const __m512i c2 = _mm512_permutexvar_epi16(l1, table);
-  const __m512i c3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l1, 4), table);
+  const __m512i l = _mm512_loadu_si512(w);
+  const __m512i c0 = _mm512_permutexvar_epi16(l, table);
+  const __m512i c1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l, 4), table);
+  const __m512i c2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l, 8), table);
+  const __m512i c3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(l, 12), table);
   for (int m = 0; m < MT; ++m) {
     const int16_t* x = xg + m * K;
     // One chain: no add to join two (the vector ports are what binds).
@@ -170,73 +169,99 @@ PN_I16 inline void group_i16(const uint8_t* w, const int16_t* xg, int64_t K, __m
   }
 }
 
-// sums[m] = the float32 total of one row of W (K / 2 bytes at w, absmax at
-// a) against MT rows of xq. Groups go in pairs (256 weights, four 64-blocks
-// b = 0..3): the pair's two 16-lane vectors are folded into one whose lane
-// i holds two partial sums of block i % 4 (two shuffles and an add), so that
-// the scaling (the absmax load, one multiply, one FMA) comes once per pair,
-// not per group: 13.5 vector instructions per group instead of 15. xs holds
-// the scales in that order (quantize_x_rows).
-// An odd last group is a pair whose second group is zero (its absmax not
-// read). BS64: blocksize 64, one absmax per block, the pair's four as one
-// 16-byte broadcast; larger blocksizes (powers of two, multiples of 128): one
-// per group, or one for both.
-template <int MT, bool BS64>
-PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
-                           const float* a, int log2bs, __m512i table, const __m512i fold[2],
-                           float* sums) {
-  __m512 tot[MT];
-  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
-  const int64_t ng = K / 128, xlanes = K / 8;
-  for (int64_t g = 0; g < ng; g += 2, w += 128) {
-    const bool two = g + 1 < ng;
-    // Each pair reads two whole cache lines of W: prefetch the two
-    // kPrefetchAhead bytes on into L2 (no bookkeeping: a prefetch never
-    // faults, and the lines past the thread's last row cost nothing
-    // measurable), and absmax as far ahead in rows.
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchAhead, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchAhead + 64, _MM_HINT_T1);
-    const float* ag = a + ((128 * g) >> log2bs);
-    _mm_prefetch(reinterpret_cast<const char*>(ag) + (kPrefetchAhead * 8 >> log2bs), _MM_HINT_T1);
-    __m512 fa[MT], fb[MT];
-    group_i16<MT>(w, xq + 128 * g, K, table, fa);
-    if (two) {
-      group_i16<MT>(w + 64, xq + 128 * g + 128, K, table, fb);
-    } else {
-      for (int m = 0; m < MT; ++m) fb[m] = _mm512_setzero_ps();
-    }
-    // The absmax of block i % 4 in lane i.
-    __m512 am;
-    if (BS64) {
-      am = two ? _mm512_broadcast_f32x4(_mm_loadu_ps(ag))
-               : _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(0x3, ag));
-    } else {
-      const float* ag1 = a + ((128 * g + 128) >> log2bs);
-      am = _mm512_mask_broadcastss_ps(_mm512_set1_ps(*ag), 0xCCCC,
-                                      _mm_load_ss(two ? ag1 : ag));
-    }
-    for (int m = 0; m < MT; ++m) {
-      const __m512 h = _mm512_add_ps(_mm512_permutex2var_ps(fa[m], fold[0], fb[m]),
-                                     _mm512_permutex2var_ps(fa[m], fold[1], fb[m]));
-      const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(xs + m * xlanes + 8 * g), am);
-      tot[m] = _mm512_fmadd_ps(h, scale, tot[m]);
-    }
+// tot[m] += the four 64-blocks of a pair of groups (fa[m]: the first
+// group's lane sums, fb[m]: the second's) times their scales: the two 16-lane
+// vectors are folded into one whose lane i holds two partial sums of block
+// i % 4 (two shuffles and an add), then one multiply (x's scales, xs, by
+// absmax, am: lane i holds block i % 4's) and one FMA.
+template <int MT>
+PN_I16 inline void scale_pair(const __m512* fa, const __m512* fb, __m512 am, const float* xs,
+                              int64_t xlanes, const __m512i fold[2], __m512* tot) {
+  for (int m = 0; m < MT; ++m) {
+    const __m512 h = _mm512_add_ps(_mm512_permutex2var_ps(fa[m], fold[0], fb[m]),
+                                   _mm512_permutex2var_ps(fa[m], fold[1], fb[m]));
+    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(xs + m * xlanes), am);
+    tot[m] = _mm512_fmadd_ps(h, scale, tot[m]);
   }
-  for (int m = 0; m < MT; ++m) sums[m] = _mm512_reduce_add_ps(tot[m]);
 }
 
-// Rows [n0, n1) of W, one at a time, each against all M rows of x in groups
-// of up to 4 (a group shares the row's lookups; the row, K / 2 bytes, stays
-// in L1 from one group to the next, so W comes from memory once for any M).
-// Each row of x is summed in the same order whatever M and its group are.
-// Rows of W in pairs at M = 1, as the float32 GEMV does for K <= 3072,
-// measured no faster on the Xeon (alternated A/B, 1 thread: within its noise).
+// sums[r * MT + m] = the float32 total of row r < R of W (K / 2 bytes each
+// from w, absmax from a, rows consecutive) against MT rows of xq (one of MT,
+// R is 1). Groups go in pairs (256 weights, four 64-blocks b = 0..3) so that
+// the scaling (scale_pair) comes once per 256 weights: ~14.5 vector
+// instructions per group instead of 16. xs holds the scales in scale_pair's
+// order (quantize_x_rows). R rows of W side by side (at M = 1) share each
+// load of x and its scales; every (row of x, row of W) is summed in the same
+// order whatever MT and R.
+// An odd last group is a pair whose second group is zero (its absmax not
+// read); it is done after the loop, which then has no branch: with the test
+// inside, the loop ran 1.1-1.3x slower (standalone, alternated, EPYC).
+// BS64: blocksize 64, one absmax per block, the pair's four as one 16-byte
+// broadcast; larger blocksizes (powers of two, multiples of 128): one per
+// group, or one for both.
+// ahead: how far past the pair being read each row prefetches its bytes
+// (into L2; absmax as far ahead in rows). No bookkeeping: a prefetch never
+// faults, and the lines past the thread's last row cost nothing measurable.
+template <int MT, int R, bool BS64>
+PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
+                           const float* a, int log2bs, int64_t ahead, __m512i table,
+                           const __m512i fold[2], float* sums) {
+  static_assert(MT == 1 || R == 1, "rows of x or rows of W side by side, not both");
+  __m512 tot[R * MT];
+  for (int i = 0; i < R * MT; ++i) tot[i] = _mm512_setzero_ps();
+  const int64_t ng = K / 128, xlanes = K / 8, wrow = K / 2, arow = K >> log2bs;
+  const int64_t aahead = (ahead * 8) >> log2bs;
+  __m512 fa[MT], fb[MT];
+  int64_t g = 0;
+  for (; g + 1 < ng; g += 2, w += 128) {
+    const float* ag = a + (BS64 ? 2 * g : (128 * g) >> log2bs);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * wrow;
+      const float* ar = ag + r * arow;
+      // Each pair reads two whole cache lines of each row.
+      _mm_prefetch(reinterpret_cast<const char*>(wr) + ahead, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(wr) + ahead + 64, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(ar) + aahead, _MM_HINT_T1);
+      group_i16<MT>(wr, xq + 128 * g, K, table, fa);
+      group_i16<MT>(wr + 64, xq + 128 * g + 128, K, table, fb);
+      // The absmax of block i % 4 in lane i.
+      const __m512 am =
+          BS64 ? _mm512_broadcast_f32x4(_mm_loadu_ps(ar))
+               : _mm512_mask_broadcastss_ps(_mm512_set1_ps(*ar), 0xCCCC,
+                                            _mm_load_ss(ar + ((128 * g + 128) >> log2bs) -
+                                                        ((128 * g) >> log2bs)));
+      scale_pair<MT>(fa, fb, am, xs + 8 * g, xlanes, fold, tot + r * MT);
+    }
+  }
+  if (g < ng) {
+    const float* ag = a + ((128 * g) >> log2bs);
+    for (int r = 0; r < R; ++r) {
+      const float* ar = ag + r * arow;
+      group_i16<MT>(w + r * wrow, xq + 128 * g, K, table, fa);
+      for (int m = 0; m < MT; ++m) fb[m] = _mm512_setzero_ps();
+      const __m512 am = BS64 ? _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(0x3, ar))
+                             : _mm512_set1_ps(*ar);
+      scale_pair<MT>(fa, fb, am, xs + 8 * g, xlanes, fold, tot + r * MT);
+    }
+  }
+  for (int i = 0; i < R * MT; ++i) sums[i] = _mm512_reduce_add_ps(tot[i]);
+}
+
+// Rows [n0, n1) of W against all M rows of x. At M = 1, four rows of W side
+// by side; each prefetches the same place four rows on (at least
+// kPrefetchAhead bytes), where the stream will be one block of rows later.
+// Measured standalone on the EPYC (1 thread, alternated in one process):
+// 1.1-1.2x one row at a time on the Pythia shapes that fit its 32 MiB L3 and
+// 1.1x on 5120x15360, streamed from memory. Above M = 1, one row of W at a
+// time against the rows of x in groups of 4 (a group shares the row's
+// lookups; the row, K / 2 bytes, stays in L1 from one group to the next, so
+// W comes from memory once for any M).
 template <bool BS64>
 PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
                      const uint8_t* packed, const float* absmax, int64_t bs, __m512i table,
                      const float* bias, int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
-  // The fold of a pair of groups (row_i16): lane i = 4q + b of the result
+  // The fold of a pair of groups (scale_pair): lane i = 4q + b of the result
   // adds lanes 2q and 2q + 1 of block b's 8, where blocks 0 and 1 are lanes
   // 0-7 and 8-15 of the first group's vector (indices 0-15 of the two-source
   // shuffle) and blocks 2 and 3 those of the second's (16-31).
@@ -246,21 +271,35 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
     hi[i] = lo[i] + 1;
   }
   const __m512i fold[2] = {_mm512_load_si512(lo), _mm512_load_si512(hi)};
-  const int64_t xlanes = K / 8;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = packed + n * (K / 2);
-    const float* a = absmax + n * (K / bs);
+  const int64_t xlanes = K / 8, wrow = K / 2, arow = K / bs;
+  constexpr int kRows = 4;
+  int64_t n = n0;
+  if (M == 1) {
+    const int64_t ahead = std::max<int64_t>(kPrefetchAhead, kRows * wrow);
+    float sums[kRows];
+    for (; n + kRows <= n1; n += kRows) {
+      row_i16<1, kRows, BS64>(xq, xs, K, packed + n * wrow, absmax + n * arow, log2bs, ahead,
+                              table, fold, sums);
+      for (int r = 0; r < kRows; ++r) {
+        store_out(y, ydt, n + r, sums[r] + (bias ? bias[n + r] : 0.0f));
+      }
+    }
+  }
+  for (; n < n1; ++n) {
+    const uint8_t* w = packed + n * wrow;
+    const float* a = absmax + n * arow;
     const float b = bias ? bias[n] : 0.0f;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int16_t* xg = xq + m0 * K;
       const float* sg = xs + m0 * xlanes;
       float sums[4];
       const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
+      const int64_t ahead = kPrefetchAhead;
       switch (mt) {
-        case 4: row_i16<4, BS64>(xg, sg, K, w, a, log2bs, table, fold, sums); break;
-        case 3: row_i16<3, BS64>(xg, sg, K, w, a, log2bs, table, fold, sums); break;
-        case 2: row_i16<2, BS64>(xg, sg, K, w, a, log2bs, table, fold, sums); break;
-        default: row_i16<1, BS64>(xg, sg, K, w, a, log2bs, table, fold, sums); break;
+        case 4: row_i16<4, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
+        case 3: row_i16<3, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
+        case 2: row_i16<2, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
+        default: row_i16<1, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
       }
       for (int m = 0; m < mt; ++m) store_out(y, ydt, (m0 + m) * ldy + n, sums[m] + b);
     }
