@@ -108,7 +108,7 @@ def gemm_4bit(
     definition). The relative error of y is ~6e-5 on Pythia-shaped layers,
     against ~1e-7 for float32 and ~4e-3 for bitsandbytes' CPU kernel. The CPU
     GEMV (M <= 16, K % 128 == 0, blocksize >= 64, an AVX-512 CPU with VNNI)
-    takes it (measured on a 2-vCPU AMD EPYC with AVX-512, one thread: 1.3-2.8x the
+    takes it (measured on a 2-vCPU AMD EPYC with AVX-512, one thread: 1.6-2.4x the
     float32 kernels' speed at M = 1 on the Pythia shapes, 1.2-2.0x at M = 5-16);
     every other path, and an x holding an inf or NaN, computes in float32,
     which is within the bound.

@@ -7,20 +7,25 @@
 // vpermw looks up 32 codes as int16, and vpdpwssd multiplies 32 int16 pairs
 // into int32. It was first measured on a 2-vCPU AVX-512 Xeon (family 6
 // model 207; benchmarks/results/gemm_4bit_cpu_m1.md), then reworked on a
-// 2-vCPU AMD EPYC (family 25 model 17, AVX-512 on 256-bit units): there one
-// 512-bit FMA-class instruction (FMA, vpdpwssd, vmulps) issues per cycle and
-// mixes of 512-bit instructions reach ~1.4 per cycle, so what binds is the
-// count of vector instructions per weight: 4 lookups, 2 shifts and 4
-// multiplies per 128 weights, plus the scaling, which row_i16 pays once per
-// 256 weights. Measured on the EPYC (1 thread, M = 1, bench_gemm_4bit, each
-// side timed in alternation with bitsandbytes' Linear4bit, five runs,
-// 2026-12-02; benchmarks/results/gemm_4bit_cpu_m1_epyc.md):
-// 1.54-4.41x Linear4bit on the pythia-160m shapes and 1.20-1.75x on the
-// 1b-12b ones; the same session's float32 GEMV 0.94-3.04x and 0.63-0.85x.
-// The first version of this kernel (one group at a time, a bookkeeping
-// prefetcher per group) ran 1.04-1.27x on the large shapes in that session;
-// in a standalone in-process A/B the pairing and the plain prefetch are
-// 1.15-1.30x faster than it.
+// 2-vCPU AMD EPYC (family 25 model 17, AVX-512 on 256-bit units). Measured
+// there with independent-instruction loops (2026-12-02): vpsrlw, vpermw,
+// vpdpwssd, vcvtdq2ps, FMA one per cycle each; a shift and a vpdpwssd (or a
+// convert and a vpdpwssd) two per cycle together, vpermw with either 1.5;
+// this kernel's mix per 128 weights (3 shifts, 4 lookups, 4 multiplies, a
+// convert, and half of a pair's fold and scaling) ~2 per cycle, ~7 cycles.
+// The loop itself, on L1-resident data, takes ~9.3 cycles per 128 weights,
+// ~6.2 without its shifts and ~8.5 without its lookups, so the shifts bind;
+// but a multiply-high (vpmulhuw) in place of a shift (0.94-1.0x), a second
+// load one byte on in place of two shifts, and two shorter multiply chains
+// per group (0.97-1.01x) all measured slower or even. Four rows of W side by
+// side at M = 1 (rows_i16) share each load of x.
+// Through the op (1 thread, M = 1, bench_gemm_4bit, each side timed in
+// alternation with bitsandbytes' Linear4bit, three runs, 2026-12-02;
+// benchmarks/results/gemm_4bit_cpu_m1_epyc.md): 1.96-4.22x Linear4bit on the
+// pythia-160m shapes, 1.43-1.55x on the 1b/1.4b ones and 1.11-1.29x on
+// 5120x15360 (44 MB, streamed from memory at 18-21 GB/s, 69-83% of the copy
+// bandwidth the same runs measured). Standalone, in one process, alternated with the kernel of
+// the previous results: 1.22-1.55x faster at M = 1, 1.00-1.13x at M = 2-4.
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
