@@ -24,8 +24,9 @@
 // benchmarks/results/gemm_4bit_cpu_m1_epyc.md): 1.96-4.22x Linear4bit on the
 // pythia-160m shapes, 1.43-1.55x on the 1b/1.4b ones and 1.11-1.29x on
 // 5120x15360 (44 MB, streamed from memory at 18-21 GB/s, 69-83% of the copy
-// bandwidth the same runs measured). Standalone, in one process, alternated with the kernel of
-// the previous results: 1.22-1.55x faster at M = 1, 1.00-1.13x at M = 2-4.
+// bandwidth the same runs measured). Standalone, in one process, alternated
+// with the kernel of the previous results: 1.22-1.55x faster at M = 1,
+// 1.00-1.13x at M = 2-4.
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
@@ -154,7 +155,7 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
 // of x. The shifts could be 2 with a second load of the group one byte on
 // (its words' bits 0-3 are nibble 4w+3): that load spans two cache lines and
 // must be masked at the group's end, and measured slower on the EPYC
-// (standalone, alternated, 1 thread: the three shifts 1.03-1.18x faster).
+// (standalone, alternated, 1 thread: the three shifts 1.01-1.18x faster).
 template <int MT>
 PN_I16 inline void group_i16(const uint8_t* w, const int16_t* xg, int64_t K, __m512i table,
                              __m512* f) {
@@ -256,8 +257,8 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
 // by side; each prefetches the same place four rows on (at least
 // kPrefetchAhead bytes), where the stream will be one block of rows later.
 // Measured standalone on the EPYC (1 thread, alternated in one process):
-// 1.1-1.2x one row at a time on the Pythia shapes that fit its 32 MiB L3 and
-// 1.1x on 5120x15360, streamed from memory. Above M = 1, one row of W at a
+// 1.07-1.13x one row at a time on the Pythia shapes that fit its 32 MiB L3
+// and 1.12x on 5120x15360, streamed from memory. Above M = 1, one row of W at a
 // time against the rows of x in groups of 4 (a group shares the row's
 // lookups; the row, K / 2 bytes, stays in L1 from one group to the next, so
 // W comes from memory once for any M).
