@@ -114,7 +114,7 @@ PN_I16 bool quantize_x_rows(const E* x, int64_t M, int64_t K, int64_t ldx, int16
         const float am = _mm512_reduce_max_ps(amax);
         const float s = am / static_cast<float>(kXMax);
         // The block's scale (times 2^-13 for the codes) in the lanes of its
-        // pair of groups that hold its sums (row_i16): 4q + b, b its place
+        // pair of groups that hold its sums (scale_pair): 4q + b, b its place
         // among the pair's four blocks.
         const int b = 2 * static_cast<int>(g % 2) + h;
         for (int q = 0; q < 4; ++q) sr[8 * (g - g % 2) + 4 * q + b] = s * (1.0f / kCodeScale);
@@ -213,14 +213,19 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
                            const float* a, int log2bs, int64_t ahead, __m512i table,
                            const __m512i fold[2], float* sums) {
   static_assert(MT == 1 || R == 1, "rows of x or rows of W side by side, not both");
+  const int lb = BS64 ? 6 : log2bs;  // a constant for blocksize 64
   __m512 tot[R * MT];
   for (int i = 0; i < R * MT; ++i) tot[i] = _mm512_setzero_ps();
-  const int64_t ng = K / 128, xlanes = K / 8, wrow = K / 2, arow = K >> log2bs;
-  const int64_t aahead = (ahead * 8) >> log2bs;
+  const int64_t ng = K / 128, xlanes = K / 8, wrow = K / 2, arow = K >> lb;
+  const int64_t aahead = (ahead * 8) >> lb;
+  // Above blocksize 64, the second group's absmax is the next one at 128 and
+  // the first's above (a pair starts on an even group, so a block of >= 256
+  // holds both).
+  const int64_t second = 128 >> lb;
   __m512 fa[MT], fb[MT];
   int64_t g = 0;
   for (; g + 1 < ng; g += 2, w += 128) {
-    const float* ag = a + (BS64 ? 2 * g : (128 * g) >> log2bs);
+    const float* ag = a + ((128 * g) >> lb);
     for (int r = 0; r < R; ++r) {
       const uint8_t* wr = w + r * wrow;
       const float* ar = ag + r * arow;
@@ -231,16 +236,14 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
       group_i16<MT>(wr, xq + 128 * g, K, table, fa);
       group_i16<MT>(wr + 64, xq + 128 * g + 128, K, table, fb);
       // The absmax of block i % 4 in lane i.
-      const __m512 am =
-          BS64 ? _mm512_broadcast_f32x4(_mm_loadu_ps(ar))
-               : _mm512_mask_broadcastss_ps(_mm512_set1_ps(*ar), 0xCCCC,
-                                            _mm_load_ss(ar + ((128 * g + 128) >> log2bs) -
-                                                        ((128 * g) >> log2bs)));
+      const __m512 am = BS64 ? _mm512_broadcast_f32x4(_mm_loadu_ps(ar))
+                             : _mm512_mask_broadcastss_ps(_mm512_set1_ps(*ar), 0xCCCC,
+                                                          _mm_load_ss(ar + second));
       scale_pair<MT>(fa, fb, am, xs + 8 * g, xlanes, fold, tot + r * MT);
     }
   }
   if (g < ng) {
-    const float* ag = a + ((128 * g) >> log2bs);
+    const float* ag = a + ((128 * g) >> lb);
     for (int r = 0; r < R; ++r) {
       const float* ar = ag + r * arow;
       group_i16<MT>(w + r * wrow, xq + 128 * g, K, table, fa);
@@ -300,7 +303,7 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
       const float* sg = xs + m0 * xlanes;
       float sums[4];
       const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-      const int64_t ahead = kPrefetchAhead;
+      constexpr int64_t ahead = kPrefetchAhead;
       switch (mt) {
         case 4: row_i16<4, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
         case 3: row_i16<3, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
