@@ -43,6 +43,7 @@ def build(args):
     model = PythiaModel.random(config, dtype=dtype, quantize_embed_out=args.qhead, device=args.device,
                                head_dtype=head_dtype)
     model.fuse_decode = not args.unfused
+    model.compute = args.compute
     engine = Pythia(model, max_batch=args.batch, max_len=args.prompt + args.steps + 2)
     torch.manual_seed(0)
     prompts = torch.randint(2, 50000, (args.batch, args.prompt)).tolist()
@@ -101,6 +102,8 @@ def main():
     ap.add_argument("--unfused", action="store_true",
                     help="compose each decode block from the per-op kernels instead of the fused neox_block_ "
                     "(a per-op breakdown of the blocks; model.fuse_decode = False)")
+    ap.add_argument("--compute", default="float32", choices=["float32", "int16"],
+                    help="the 4-bit Linears' arithmetic (gemm_4bit's compute; model.compute)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--out", help="append the markdown to this file")
     args = ap.parse_args()
@@ -137,7 +140,7 @@ def main():
     lines = [
         f"## Decode step profile: {args.shape}-shaped, {args.device} ({where}), batch {args.batch}, "
         f"{str(dtype).replace('torch.', '')} activations{', 4-bit embed_out' if args.qhead else ''}"
-        f"{', blocks unfused' if args.unfused else ''}",
+        f"{', blocks unfused' if args.unfused else ''}{', compute=int16' if args.compute == 'int16' else ''}",
         "",
         f"torch {torch.__version__}, {date.today()}, build_info {pythia_native.build_info()}; "
         f"prompt {args.prompt}, {args.steps} decode steps profiled.",
