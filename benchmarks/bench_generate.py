@@ -11,6 +11,13 @@ own. "Bandwidth achieved" is the bytes of weights one decode step reads
 (4-bit layers, their absmax, the dense embed_out row block) over the step time,
 beside the copy bandwidth measured on this machine.
 
+A shared machine's speed drifts by 20-50% within minutes, and each variant
+runs at a different time. ``--rounds R`` runs the whole list of variants R
+times, one after another (a, b, c, a, b, c, ...): each number in the table is
+then the median over the rounds, and "vs transformers+bnb" the median of the
+ratios within each round (with their range), so a slow phase that hits both
+sides of one round cancels out.
+
     python benchmarks/bench_generate.py --device cpu --threads 2 --shapes 160m
     python benchmarks/bench_generate.py --device cuda --shapes 160m 1.4b --batch 1 8
 """
@@ -230,6 +237,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the list of variants this many times in turn; report medians over the rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--out", help="append the markdown table to this file")
@@ -244,26 +253,41 @@ def main():
         print("RESULT " + json.dumps(r))
         return
 
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     bw = copy_bandwidth(args.device)
+    # runs[(shape, batch, variant)] = one result dict per round (or an error).
+    runs: dict[tuple, list] = {}
+    for rnd in range(args.rounds):
+        for shape in args.shapes:
+            for batch in args.batch:
+                for v in args.variants:
+                    cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
+                           "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
+                           "--threads", str(args.threads)]
+                    p = subprocess.run(cmd, capture_output=True, text=True)
+                    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                    if line is None:
+                        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                        print(f"{v} {shape} b{batch}: FAILED ({err})", file=sys.stderr)
+                        runs.setdefault((shape, batch, v), []).append(dict(error=err))
+                        continue
+                    r = json.loads(line[7:])
+                    runs.setdefault((shape, batch, v), []).append(r)
+                    print(f"round {rnd + 1}: {v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  "
+                          f"{r['step_ms']:7.2f} ms/step  first token {r['first_ms']:7.1f} ms  "
+                          f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
     rows = []
-    for shape in args.shapes:
-        for batch in args.batch:
-            for v in args.variants:
-                cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
-                       "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-                       "--threads", str(args.threads)]
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                    print(f"{v} {shape} b{batch}: FAILED ({err})", file=sys.stderr)
-                    rows.append(dict(variant=v, shape=shape, batch=batch, error=err))
-                    continue
-                r = json.loads(line[7:])
-                rows.append(r)
-                print(f"{v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  {r['step_ms']:7.2f} ms/step  "
-                      f"first token {r['first_ms']:7.1f} ms  "
-                      f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
+    for (shape, batch, v), rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            rows.append(dict(variant=v, shape=shape, batch=batch, error=rs[0]["error"]))
+            continue
+        med = {k: statistics.median(r[k] for r in ok) for k in ("tok_s", "step_ms", "weight_gb_s", "first_ms", "peak_mb")}
+        # The ratio to the peer within each round (both measured minutes apart at most).
+        peer = runs.get((shape, batch, "transformers-bnb-nf4"), [])
+        ratios = [r["tok_s"] / q["tok_s"] for r, q in zip(rs, peer) if "error" not in r and "error" not in q]
+        rows.append(dict(variant=v, shape=shape, batch=batch, ratios=ratios, **med))
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     try:
@@ -276,7 +300,7 @@ def main():
 
     lines = [
         f"## Decode, {args.device} ({dev}), {args.threads} thread(s), prompt {args.prompt}, {args.new} new tokens, "
-        f"median of {args.repeats}",
+        f"median of {args.repeats}" + (f", {args.rounds} rounds (medians over them)" if args.rounds > 1 else ""),
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb_v}, {date.today()}; "
         f"measured copy bandwidth {bw:.1f} GB/s.",
@@ -289,9 +313,12 @@ def main():
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | | |")
             continue
-        peer = next((q for q in rows if q["shape"] == r["shape"] and q["batch"] == r["batch"]
-                     and q["variant"] == "transformers-bnb-nf4" and "error" not in q), None)
-        ratio = f"{r['tok_s'] / peer['tok_s']:.2f}x" if peer else "n/a"
+        ratios = r["ratios"]
+        ratio = "n/a"
+        if len(ratios) == 1 or r["variant"] == "transformers-bnb-nf4":
+            ratio = f"{ratios[0]:.2f}x"
+        elif ratios:
+            ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | {ratio} | "
             f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['first_ms']:.1f} | {r['peak_mb']:.0f} |"
