@@ -27,6 +27,15 @@
 // bandwidth the same runs measured). Standalone, in one process, alternated
 // with the kernel of the previous results: 1.22-1.55x faster at M = 1,
 // 1.00-1.13x at M = 2-4.
+// On a 2-vCPU Xeon reporting family 6 model 167 (2026-12-02) vpermw is two
+// micro-ops (p0 + p5; with a vpdpwssd, a shift or a convert beside it,
+// 0.75-1.0 of each per cycle, against 0.5 for vpermb, vpshufb or vpermps), so
+// the mix above is ~18.5 micro-ops per 128 weights on two vector ports, ~9.3
+// cycles; it runs ~11. A vpermb lookup of the same int16 codes needs its
+// index bytes built (a multishift and a ternary logic op per 32 codes): no
+// fewer micro-ops. There: 1.98-3.32x Linear4bit at M = 1 on seven shapes,
+// 1.31-1.57x on 5120x15360 (at the read bandwidth of one core;
+// benchmarks/results/gemm_4bit_cpu_m1_xeon167.md).
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
