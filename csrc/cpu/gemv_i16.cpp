@@ -28,8 +28,9 @@
 // with the kernel of the previous results: 1.22-1.55x faster at M = 1,
 // 1.00-1.13x at M = 2-4.
 // On a 2-vCPU Xeon reporting family 6 model 167 (2026-12-02) vpermw is two
-// micro-ops (p0 + p5; with a vpdpwssd, a shift or a convert beside it,
-// 0.75-1.0 of each per cycle, against 0.5 for vpermb, vpshufb or vpermps), so
+// micro-ops (p0 + p5: beside a vpdpwssd, a shift or a convert, the pair
+// takes 0.8-1.0 cycles per instruction, against 0.55 with vpermb, vpshufb or
+// vpermps in its place), so
 // the mix above is ~18.5 micro-ops per 128 weights on two vector ports, ~9.3
 // cycles; it runs ~11. A vpermb lookup of the same int16 codes needs its
 // index bytes built (a multishift and a ternary logic op per 32 codes): no
