@@ -23,7 +23,7 @@
 // 4 KiB ahead beat 2 and 8 KiB (T1/T2 hints: no better than T0). Weights
 // already in cache lose nothing measurable (bench_gemm_4bit, M = 1).
 // gemm_f16w's GEMV no longer uses it: each block of 4 rows asks for the
-// next block's lines from inside its loop, which measured 1.11-1.31x this
+// next block's lines from inside its loop, which measured 1.06-1.31x this
 // prefetcher on a 105 MB-L3 Xeon (cpu/gemm_f16w.cpp).
 #pragma once
 #include <xmmintrin.h>

@@ -22,9 +22,10 @@
 // it reads its own, one per 64 bytes. Measured on a 2-vCPU Xeon (AVX-512,
 // 105 MB L3; two 77 MB heads alternated, so from DRAM; in one process,
 // alternated with the previous prefetch, a StreamPrefetcher (common/
-// prefetch.h) asking 4 KiB ahead once per block, 2026-12-02): 1.11-1.13x at
-// M = 1 (19.1 GB/s on 2 threads, the 19.0-19.3 GB/s a plain read of memory
-// reaches there), 1.26-1.31x at M = 4, 1.18-1.19x at M = 8, AVX2 1.19-1.26x.
+// prefetch.h) asking 4 KiB ahead once per block, 2026-12-02): 1.06-1.13x at
+// M = 1 in three runs (up to 19.1 GB/s on 2 threads, the 19.0-19.3 GB/s a
+// plain read of memory reaches there), in one run 1.26-1.31x at M = 4,
+// 1.18-1.19x at M = 8, AVX2 1.19-1.26x (1 and 2 threads).
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
