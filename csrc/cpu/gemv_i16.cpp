@@ -218,9 +218,12 @@ PN_I16 inline void scale_pair(const __m512* fa, const __m512* fb, __m512 am, con
 // ahead: how far past the pair being read each row prefetches its bytes
 // (into L1; absmax as far ahead in rows). No bookkeeping: a prefetch never
 // faults, and the lines past the thread's last row cost nothing measurable.
-// Into L1 rather than L2 (T0, not T1): 1.04-1.09x on weights streamed from
-// DRAM, 0.99-1.04x on weights in cache (a 2-vCPU Xeon with a 105 MB L3, 1 and
-// 2 threads, alternated in one process, 2026-12-02).
+// Into L1 rather than L2 (T0, not T1): 1.01-1.10x on 160m- and 1.4b-shaped
+// weights streamed from DRAM (287-340 MB of them cycled), 0.99-1.04x on
+// weights in cache (a 2-vCPU Xeon with a 105 MB L3, 1 and 2 threads,
+// alternated in one process, 2026-12-02). Also measured there, no better:
+// twice the distance, a second prefetch into L2 further on, four lines every
+// other pair (0.92-1.02x); no software prefetch: 0.69-0.77x.
 template <int MT, int R, bool BS64>
 PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
                            const float* a, int log2bs, int64_t ahead, __m512i table,
