@@ -41,9 +41,8 @@ def build(args):
     # As bench_generate: on the CPU a dense head stays float16 (a Pythia checkpoint's).
     head_dtype = torch.float16 if args.device == "cpu" and not args.qhead else None
     model = PythiaModel.random(config, dtype=dtype, quantize_embed_out=args.qhead, device=args.device,
-                               head_dtype=head_dtype)
+                               head_dtype=head_dtype, compute=args.compute)
     model.fuse_decode = not args.unfused
-    model.compute = args.compute
     engine = Pythia(model, max_batch=args.batch, max_len=args.prompt + args.steps + 2)
     torch.manual_seed(0)
     prompts = torch.randint(2, 50000, (args.batch, args.prompt)).tolist()

@@ -188,6 +188,18 @@ void store_block(const float* x, int64_t K, const uint16_t* w, int64_t n, const 
       store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
 }
 
+// store_block for mt (1-4) rows of x.
+template <class Blocks, int R, bool kPrefetch>
+void store_block_mt(int mt, const float* x, int64_t K, const uint16_t* w, int64_t n,
+                    const float* bias, void* y, DType ydt, int64_t ldy) {
+  switch (mt) {
+    case 4: store_block<Blocks, R, 4, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
+    case 3: store_block<Blocks, R, 3, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
+    case 2: store_block<Blocks, R, 2, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
+    default: store_block<Blocks, R, 1, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
+  }
+}
+
 // One block of R rows of W against every row of x, in groups of up to 4
 // (the block, R * K * 2 bytes, stays in L1 from one group to the next, so W
 // comes from memory once whatever M is). The first group prefetches the next
@@ -200,20 +212,10 @@ void rows_block(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t
     const float* xm = x + m0 * K;
     void* ym = static_cast<char*>(y) + m0 * ldy * esize;
     const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-    if (kPrefetch && m0 == 0) {
-      switch (mt) {
-        case 4: store_block<Blocks, R, 4, true>(xm, K, w, n, bias, ym, ydt, ldy); break;
-        case 3: store_block<Blocks, R, 3, true>(xm, K, w, n, bias, ym, ydt, ldy); break;
-        case 2: store_block<Blocks, R, 2, true>(xm, K, w, n, bias, ym, ydt, ldy); break;
-        default: store_block<Blocks, R, 1, true>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      }
-      continue;
-    }
-    switch (mt) {
-      case 4: store_block<Blocks, R, 4, false>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 3: store_block<Blocks, R, 3, false>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      case 2: store_block<Blocks, R, 2, false>(xm, K, w, n, bias, ym, ydt, ldy); break;
-      default: store_block<Blocks, R, 1, false>(xm, K, w, n, bias, ym, ydt, ldy); break;
+    if (m0 == 0) {
+      store_block_mt<Blocks, R, kPrefetch>(mt, xm, K, w, n, bias, ym, ydt, ldy);
+    } else {
+      store_block_mt<Blocks, R, false>(mt, xm, K, w, n, bias, ym, ydt, ldy);
     }
   }
 }

@@ -30,9 +30,8 @@
 // On a 2-vCPU Xeon reporting family 6 model 167 (2026-12-02) vpermw is two
 // micro-ops (p0 + p5: beside a vpdpwssd, a shift or a convert, the pair
 // takes 0.8-1.0 cycles per instruction, against 0.55 with vpermb, vpshufb or
-// vpermps in its place), so
-// the mix above is ~18.5 micro-ops per 128 weights on two vector ports, ~9.3
-// cycles; it runs ~11. A vpermb lookup of the same int16 codes needs its
+// vpermps in its place), so the mix above is ~18.5 micro-ops per 128 weights
+// on two vector ports, ~9.3 cycles; it runs ~11. A vpermb lookup of the same int16 codes needs its
 // index bytes built (a multishift and a ternary logic op per 32 codes): no
 // fewer micro-ops. There: 1.98-3.32x Linear4bit at M = 1 on seven shapes,
 // 1.31-1.57x on 5120x15360 (at the read bandwidth of one core;
