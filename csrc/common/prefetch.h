@@ -22,9 +22,9 @@
 //    10.1 -> 11.9, 9.2 -> 11.8 and +5% on two.
 // 4 KiB ahead beat 2 and 8 KiB (T1/T2 hints: no better than T0). Weights
 // already in cache lose nothing measurable (bench_gemm_4bit, M = 1).
-// gemm_f16w's GEMV no longer uses it: each block of 4 rows asks for the
-// next block's lines from inside its loop, which measured 1.06-1.31x this
-// prefetcher on a 105 MB-L3 Xeon (cpu/gemm_f16w.cpp).
+// gemm_f16w's GEMV no longer uses it: each row of a block asks for its own
+// lines from inside the block's loop (cpu/gemm_f16w.cpp), and so does the
+// int16 GEMV (cpu/gemv_i16.cpp); both read several streams at once (below).
 #pragma once
 #include <xmmintrin.h>
 
@@ -35,6 +35,24 @@ namespace pythia_native {
 namespace cpu {
 
 constexpr int64_t kPrefetchAhead = 4096;
+
+// Several streams at once. One thread reading one stream front to back, with
+// or without software prefetch, draws far less from memory than the core can:
+// on a 2-vCPU Xeon (family 6 model 167, 105 MB L3, 2026-12-02; 320 MB read
+// with 512-bit loads, a standalone loop) one stream gave 6.2-9.0 GB/s and
+// four or eight interleaved streams, megabytes apart, 10.1-13.4 GB/s (huge
+// pages: no different); two threads, 13.6-17.5 against 19.9-26.7 GB/s. Read the way the GEMVs read W (blocks of four rows
+// side by side, two lines of each per step, prefetching ahead): four
+// consecutive rows 9.2-10.4 GB/s, four rows a quarter of the matrix apart
+// 15.4-16.1 (eight: 16-17; two: 12.2-12.6). So the int16 GEMV at M = 1
+// (cpu/gemv_i16.cpp) and gemm_f16w's GEMV (cpu/gemm_f16w.cpp) take the rows of
+// a block that far apart, each prefetching kRowAhead bytes (or a row) on
+// along its own stream; 2048 measured better than 4096 or one row alone.
+// The float32 4-bit GEMV (cpu/gemm_4bit.cpp) read as four streams (rows in
+// turn from four quarters, a StreamPrefetcher each, 1-8 KiB ahead) measured
+// 0.89-1.03x its one stream on the same weights from DRAM: it does not keep
+// up with one stream's ~6-9 GB/s per core, so it keeps it.
+constexpr int64_t kRowAhead = 2048;
 
 struct StreamPrefetcher {
   const char* next;

@@ -17,15 +17,17 @@
 // Napkin math, pythia-160m head (N = 50304, K = 768, M = 1): 77 MB of weights
 // against 39 M FMAs. Per 16 weights: one vcvtph2ps (2 uops) + one FMA, ~1.5
 // cycles, i.e. ~30 GB/s of float16 per core at 3 GHz: above what the memory
-// delivers (~12 GB/s for one core here), so the kernel is bound by DRAM and
-// prefetches its rows: each block of rows asks for the next block's lines as
-// it reads its own, one per 64 bytes. Measured on a 2-vCPU Xeon (AVX-512,
-// 105 MB L3; two 77 MB heads alternated, so from DRAM; in one process,
-// alternated with the previous prefetch, a StreamPrefetcher (common/
-// prefetch.h) asking 4 KiB ahead once per block, 2026-12-02): 1.06-1.13x at
-// M = 1 in three runs (up to 19.1 GB/s on 2 threads, the 19.0-19.3 GB/s a
-// plain read of memory reaches there), in one run 1.26-1.31x at M = 4,
-// 1.18-1.19x at M = 8, AVX2 1.19-1.26x (1 and 2 threads).
+// delivers, so the kernel is bound by DRAM. It reads W as several streams at
+// once (the rows of a block far apart, see rows()), each row prefetching its
+// own lines one per 64 bytes. Measured on a 2-vCPU Xeon (family 6 model 167,
+// 105 MB L3; four 77 MB heads cycled, so from DRAM; in one process,
+// alternated with the previous kernel, whose 4 consecutive rows prefetched
+// the next block's lines, 2026-12-02): 1.60-1.63x at M = 1 on one thread
+// (8.9 -> 14.2-14.6 GB/s) and 1.41-1.43x on two (16.3 -> 23.1-23.4 GB/s, above
+// the 18.5-19.3 GB/s one plain stream per thread reads there); M = 4
+// 1.44-1.47x and 1.40-1.41x; AVX2 (two streams) 1.23-1.26x. (That previous
+// kernel had measured 1.06-1.13x at M = 1 over a StreamPrefetcher asking
+// 4 KiB ahead once per block.)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
@@ -68,10 +70,13 @@ void rows_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, const 
 
 #define PN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
-// R rows of W (n .. n + R) against MT rows of x.
+// R rows of W (n + r * step, r < R) against MT rows of x; with kPrefetch,
+// each row asks for its line `ahead` bytes on.
 template <int R, int MT, bool kPrefetch>
 PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w, int64_t n,
-                                   float (&out)[R][MT]) {
+                                   int64_t step, int64_t ahead, float (&out)[R][MT]) {
+  const uint16_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n + r * step) * K;
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -79,14 +84,13 @@ PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w,
   for (int64_t k = 0; k < K16; k += 16) {
     __m512 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
-    // Every other step (64 bytes of each row): the same line of the block R
-    // rows on.
+    // Every other step (64 bytes of each row).
     if (kPrefetch && (k & 31) == 0) {
-      for (int r = 0; r < R; ++r) prefetch_row_line(w + (n + r) * K + k, R * K * 2);
+      for (int r = 0; r < R; ++r) prefetch_row_line(wr[r] + k, ahead);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 wv = _mm512_cvtph_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + r) * K + k)));
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + k)));
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
@@ -95,7 +99,7 @@ PN_AVX512 inline void block_avx512(const float* x, int64_t K, const uint16_t* w,
     __m512 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, x + m * K + K16);
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, w + (n + r) * K + K16));
+      const __m512 wv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, wr[r] + K16));
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
@@ -121,7 +125,9 @@ PN_AVX512 void widen_avx512(const uint16_t* w, int64_t count, float* out) {
 
 template <int R, int MT, bool kPrefetch>
 PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int64_t n,
-                               float (&out)[R][MT]) {
+                               int64_t step, int64_t ahead, float (&out)[R][MT]) {
+  const uint16_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = w + (n + r * step) * K;
   __m256 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -129,20 +135,20 @@ PN_AVX2 inline void block_avx2(const float* x, int64_t K, const uint16_t* w, int
   for (int64_t k = 0; k < K8; k += 8) {
     __m256 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
-    // Every fourth step (64 bytes of each row): the same line R rows on.
+    // Every fourth step (64 bytes of each row).
     if (kPrefetch && (k & 31) == 0) {
-      for (int r = 0; r < R; ++r) prefetch_row_line(w + (n + r) * K + k, R * K * 2);
+      for (int r = 0; r < R; ++r) prefetch_row_line(wr[r] + k, ahead);
     }
     for (int r = 0; r < R; ++r) {
       const __m256 wv = _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + r) * K + k)));
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + k)));
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int m = 0; m < MT; ++m) {
       float s = hsum8(acc[r][m]);
-      for (int64_t k = K8; k < K; ++k) s += to_f32(F16{w[(n + r) * K + k]}) * x[m * K + k];
+      for (int64_t k = K8; k < K; ++k) s += to_f32(F16{wr[r][k]}) * x[m * K + k];
       out[r][m] = s;
     }
   }
@@ -164,72 +170,85 @@ PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
 struct Avx512Blocks {
   static constexpr int kRows = 4;
   template <int R, int MT, bool kPrefetch>
-  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, float (&out)[R][MT]) {
-    block_avx512<R, MT, kPrefetch>(x, K, w, n, out);
+  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t step,
+                  int64_t ahead, float (&out)[R][MT]) {
+    block_avx512<R, MT, kPrefetch>(x, K, w, n, step, ahead, out);
   }
 };
 struct Avx2Blocks {
   static constexpr int kRows = 2;
   template <int R, int MT, bool kPrefetch>
-  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, float (&out)[R][MT]) {
-    block_avx2<R, MT, kPrefetch>(x, K, w, n, out);
+  static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t step,
+                  int64_t ahead, float (&out)[R][MT]) {
+    block_avx2<R, MT, kPrefetch>(x, K, w, n, step, ahead, out);
   }
 };
 
-// R rows of W from n against MT rows of x, stored with the bias; with
-// kPrefetch, the kernel also asks for the next block of R rows.
+// R rows of W (n + r * step) against MT rows of x, stored with the bias;
+// with kPrefetch, each row also asks for its lines `ahead` bytes on.
 template <class Blocks, int R, int MT, bool kPrefetch>
-void store_block(const float* x, int64_t K, const uint16_t* w, int64_t n, const float* bias,
-                 void* y, DType ydt, int64_t ldy) {
+void store_block(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t step,
+                 int64_t ahead, const float* bias, void* y, DType ydt, int64_t ldy) {
   float out[R][MT];
-  Blocks::template run<R, MT, kPrefetch>(x, K, w, n, out);
-  for (int r = 0; r < R; ++r)
+  Blocks::template run<R, MT, kPrefetch>(x, K, w, n, step, ahead, out);
+  for (int r = 0; r < R; ++r) {
+    const int64_t nr = n + r * step;
     for (int m = 0; m < MT; ++m)
-      store_out(y, ydt, m * ldy + n + r, out[r][m] + (bias ? bias[n + r] : 0.0f));
+      store_out(y, ydt, m * ldy + nr, out[r][m] + (bias ? bias[nr] : 0.0f));
+  }
 }
 
 // store_block for mt (1-4) rows of x.
 template <class Blocks, int R, bool kPrefetch>
 void store_block_mt(int mt, const float* x, int64_t K, const uint16_t* w, int64_t n,
-                    const float* bias, void* y, DType ydt, int64_t ldy) {
+                    int64_t step, int64_t ahead, const float* bias, void* y, DType ydt,
+                    int64_t ldy) {
   switch (mt) {
-    case 4: store_block<Blocks, R, 4, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
-    case 3: store_block<Blocks, R, 3, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
-    case 2: store_block<Blocks, R, 2, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
-    default: store_block<Blocks, R, 1, kPrefetch>(x, K, w, n, bias, y, ydt, ldy); break;
+    case 4: store_block<Blocks, R, 4, kPrefetch>(x, K, w, n, step, ahead, bias, y, ydt, ldy); break;
+    case 3: store_block<Blocks, R, 3, kPrefetch>(x, K, w, n, step, ahead, bias, y, ydt, ldy); break;
+    case 2: store_block<Blocks, R, 2, kPrefetch>(x, K, w, n, step, ahead, bias, y, ydt, ldy); break;
+    default: store_block<Blocks, R, 1, kPrefetch>(x, K, w, n, step, ahead, bias, y, ydt, ldy); break;
   }
 }
 
 // One block of R rows of W against every row of x, in groups of up to 4
 // (the block, R * K * 2 bytes, stays in L1 from one group to the next, so W
-// comes from memory once whatever M is). The first group prefetches the next
-// block (kPrefetch), the others find it asked for.
+// comes from memory once whatever M is). The first group prefetches
+// (kPrefetch), the others find the lines asked for.
 template <class Blocks, int R, bool kPrefetch>
 void rows_block(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t n,
-                const float* bias, void* y, DType ydt, int64_t ldy) {
+                int64_t step, int64_t ahead, const float* bias, void* y, DType ydt,
+                int64_t ldy) {
   const int64_t esize = dtype_size(ydt);
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* xm = x + m0 * K;
     void* ym = static_cast<char*>(y) + m0 * ldy * esize;
     const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
     if (m0 == 0) {
-      store_block_mt<Blocks, R, kPrefetch>(mt, xm, K, w, n, bias, ym, ydt, ldy);
+      store_block_mt<Blocks, R, kPrefetch>(mt, xm, K, w, n, step, ahead, bias, ym, ydt, ldy);
     } else {
-      store_block_mt<Blocks, R, false>(mt, xm, K, w, n, bias, ym, ydt, ldy);
+      store_block_mt<Blocks, R, false>(mt, xm, K, w, n, step, ahead, bias, ym, ydt, ldy);
     }
   }
 }
 
-// Rows [n0, n1) of W: blocks of Blocks::kRows, each prefetching the next
-// (one line per 64 bytes read, spread through the block's loop), then single
-// rows.
+// Rows [n0, n1) of W: blocks of Blocks::kRows rows a quarter (AVX2: a half)
+// of the range apart, rows n0 + i + r * q for q = (n1 - n0) / kRows, so that
+// W is read as kRows streams, each front to back and prefetching its own
+// lines a row (at least kRowAhead bytes) on (common/prefetch.h: several
+// streams draw more from memory than one); then the rows left over singly.
 template <class Blocks>
 void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
           int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   constexpr int R = Blocks::kRows;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_block<Blocks, R, true>(x, M, K, w, n, bias, y, ydt, ldy);
-  for (; n < n1; ++n) rows_block<Blocks, 1, false>(x, M, K, w, n, bias, y, ydt, ldy);
+  const int64_t q = (n1 - n0) / R;
+  const int64_t ahead = std::max<int64_t>(kRowAhead, K * 2);
+  for (int64_t i = 0; i < q; ++i) {
+    rows_block<Blocks, R, true>(x, M, K, w, n0 + i, q, ahead, bias, y, ydt, ldy);
+  }
+  for (int64_t n = n0 + R * q; n < n1; ++n) {
+    rows_block<Blocks, 1, false>(x, M, K, w, n, 1, 0, bias, y, ydt, ldy);
+  }
 }
 
 bool avx2_usable() { return __builtin_cpu_supports("f16c"); }

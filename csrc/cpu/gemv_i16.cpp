@@ -200,8 +200,8 @@ PN_I16 inline void scale_pair(const __m512* fa, const __m512* fb, __m512 am, con
   }
 }
 
-// sums[r * MT + m] = the float32 total of row r < R of W (K / 2 bytes each
-// from w, absmax from a, rows consecutive) against MT rows of xq (one of MT,
+// sums[r * MT + m] = the float32 total of row r < R of W (K / 2 bytes from
+// w + r * wstep, absmax from a + r * astep) against MT rows of xq (one of MT,
 // R is 1). Groups go in pairs (256 weights, four 64-blocks b = 0..3) so that
 // the scaling (scale_pair) comes once per 256 weights: ~14.5 vector
 // instructions per group instead of 16. xs holds the scales in scale_pair's
@@ -225,13 +225,13 @@ PN_I16 inline void scale_pair(const __m512* fa, const __m512* fb, __m512 am, con
 // other pair (0.92-1.02x); no software prefetch: 0.69-0.77x.
 template <int MT, int R, bool BS64>
 PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const uint8_t* w,
-                           const float* a, int log2bs, int64_t ahead, __m512i table,
-                           const __m512i fold[2], float* sums) {
+                           const float* a, int64_t wstep, int64_t astep, int log2bs,
+                           int64_t ahead, __m512i table, const __m512i fold[2], float* sums) {
   static_assert(MT == 1 || R == 1, "rows of x or rows of W side by side, not both");
   const int lb = BS64 ? 6 : log2bs;  // a constant for blocksize 64
   __m512 tot[R * MT];
   for (int i = 0; i < R * MT; ++i) tot[i] = _mm512_setzero_ps();
-  const int64_t ng = K / 128, xlanes = K / 8, wrow = K / 2, arow = K >> lb;
+  const int64_t ng = K / 128, xlanes = K / 8;
   const int64_t aahead = (ahead * 8) >> lb;
   // Above blocksize 64, the second group's absmax is the next one at 128 and
   // the first's above (a pair starts on an even group, so a block of >= 256
@@ -242,8 +242,8 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
   for (; g + 1 < ng; g += 2, w += 128) {
     const float* ag = a + ((128 * g) >> lb);
     for (int r = 0; r < R; ++r) {
-      const uint8_t* wr = w + r * wrow;
-      const float* ar = ag + r * arow;
+      const uint8_t* wr = w + r * wstep;
+      const float* ar = ag + r * astep;
       // Each pair reads two whole cache lines of each row.
       _mm_prefetch(reinterpret_cast<const char*>(wr) + ahead, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(wr) + ahead + 64, _MM_HINT_T0);
@@ -260,8 +260,8 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
   if (g < ng) {
     const float* ag = a + ((128 * g) >> lb);
     for (int r = 0; r < R; ++r) {
-      const float* ar = ag + r * arow;
-      group_i16<MT>(w + r * wrow, xq + 128 * g, K, table, fa);
+      const float* ar = ag + r * astep;
+      group_i16<MT>(w + r * wstep, xq + 128 * g, K, table, fa);
       for (int m = 0; m < MT; ++m) fb[m] = _mm512_setzero_ps();
       const __m512 am = BS64 ? _mm512_broadcast_f32x4(_mm_maskz_loadu_ps(0x3, ar))
                              : _mm512_set1_ps(*ar);
@@ -272,11 +272,18 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
 }
 
 // Rows [n0, n1) of W against all M rows of x. At M = 1, four rows of W side
-// by side; each prefetches the same place four rows on (at least
-// kPrefetchAhead bytes), where the stream will be one block of rows later.
-// Measured standalone on the EPYC (1 thread, alternated in one process):
-// 1.07-1.13x one row at a time on the Pythia shapes that fit its 32 MiB L3
-// and 1.12x on 5120x15360, streamed from memory. Above M = 1, one row of W at a
+// by side (measured standalone on the EPYC, 1 thread, alternated in one
+// process: 1.07-1.13x one row at a time on the Pythia shapes that fit its
+// 32 MiB L3 and 1.12x on 5120x15360, streamed from memory). The four are a
+// quarter of the thread's rows apart (rows n0 + i + r * q, q = (n1 - n0) / 4),
+// so that W is read as four separate streams, each front to back, each
+// prefetching one row (at least kRowAhead bytes) ahead: four streams draw
+// more from memory than one (common/prefetch.h). Against four consecutive
+// rows, alternated in one process on weights streamed from DRAM (287-354 MB
+// cycled; a 2-vCPU Xeon, family 6 model 167, 2026-12-02): 1.22-1.33x on
+// 160m-, 1.4b- and 12b-shaped weights at one thread, 1.14-1.33x at two; eight
+// rows apart, 1.02-1.22x. Rows the quarters leave over (at most three) go one
+// at a time. Above M = 1, one row of W at a
 // time against the rows of x in groups of 4 (a group shares the row's
 // lookups; the row, K / 2 bytes, stays in L1 from one group to the next, so
 // W comes from memory once for any M).
@@ -299,15 +306,20 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
   constexpr int kRows = 4;
   int64_t n = n0;
   if (M == 1) {
-    const int64_t ahead = std::max<int64_t>(kPrefetchAhead, kRows * wrow);
+    // The four rows of a block are a quarter of the thread's rows apart, so
+    // that each is its own stream: see rows_i16's comment.
+    const int64_t q = (n1 - n0) / kRows;
+    const int64_t ahead = std::max<int64_t>(kRowAhead, wrow);
     float sums[kRows];
-    for (; n + kRows <= n1; n += kRows) {
-      row_i16<1, kRows, BS64>(xq, xs, K, packed + n * wrow, absmax + n * arow, log2bs, ahead,
-                              table, fold, sums);
+    for (int64_t i = 0; i < q; ++i) {
+      row_i16<1, kRows, BS64>(xq, xs, K, packed + (n0 + i) * wrow, absmax + (n0 + i) * arow,
+                              q * wrow, q * arow, log2bs, ahead, table, fold, sums);
       for (int r = 0; r < kRows; ++r) {
-        store_out(y, ydt, n + r, sums[r] + (bias ? bias[n + r] : 0.0f));
+        const int64_t nr = n0 + i + r * q;
+        store_out(y, ydt, nr, sums[r] + (bias ? bias[nr] : 0.0f));
       }
     }
+    n = n0 + kRows * q;
   }
   for (; n < n1; ++n) {
     const uint8_t* w = packed + n * wrow;
@@ -320,10 +332,10 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
       const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
       constexpr int64_t ahead = kPrefetchAhead;
       switch (mt) {
-        case 4: row_i16<4, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
-        case 3: row_i16<3, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
-        case 2: row_i16<2, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
-        default: row_i16<1, 1, BS64>(xg, sg, K, w, a, log2bs, ahead, table, fold, sums); break;
+        case 4: row_i16<4, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
+        case 3: row_i16<3, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
+        case 2: row_i16<2, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
+        default: row_i16<1, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
       }
       for (int m = 0; m < mt; ++m) store_out(y, ydt, (m0 + m) * ldy + n, sums[m] + b);
     }
