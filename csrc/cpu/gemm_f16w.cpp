@@ -25,9 +25,9 @@
 // the next block's lines, 2026-12-02): 1.60-1.63x at M = 1 on one thread
 // (8.9 -> 14.2-14.6 GB/s) and 1.41-1.43x on two (16.3 -> 23.1-23.4 GB/s, above
 // the 18.5-19.3 GB/s one plain stream per thread reads there); M = 4
-// 1.44-1.47x and 1.40-1.41x; AVX2 (two streams) 1.23-1.26x. (That previous
-// kernel had measured 1.06-1.13x at M = 1 over a StreamPrefetcher asking
-// 4 KiB ahead once per block.)
+// 1.44-1.47x and 1.40-1.41x; AVX2 with two streams 1.23-1.26x, with four
+// (rows()) 1.19-1.21x more. (That previous kernel had measured 1.06-1.13x at
+// M = 1 over a StreamPrefetcher asking 4 KiB ahead once per block.)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
@@ -166,9 +166,11 @@ PN_AVX2 void widen_avx2(const uint16_t* w, int64_t count, float* out) {
 // ----------------------------------------------------------------- driver ---
 
 // The ISA kernels by name, for the driver: kRows rows of W per block (what
-// fits the accumulators in registers: 4 x MT zmm, 2 x MT ymm).
+// fits the accumulators in registers: 4 x MT zmm, 2 x MT ymm), kRowsM1 at
+// M = 1.
 struct Avx512Blocks {
   static constexpr int kRows = 4;
+  static constexpr int kRowsM1 = 4;
   template <int R, int MT, bool kPrefetch>
   static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t step,
                   int64_t ahead, float (&out)[R][MT]) {
@@ -177,6 +179,7 @@ struct Avx512Blocks {
 };
 struct Avx2Blocks {
   static constexpr int kRows = 2;
+  static constexpr int kRowsM1 = 4;
   template <int R, int MT, bool kPrefetch>
   static void run(const float* x, int64_t K, const uint16_t* w, int64_t n, int64_t step,
                   int64_t ahead, float (&out)[R][MT]) {
@@ -232,15 +235,14 @@ void rows_block(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t
   }
 }
 
-// Rows [n0, n1) of W: blocks of Blocks::kRows rows a quarter (AVX2: a half)
-// of the range apart, rows n0 + i + r * q for q = (n1 - n0) / kRows, so that
-// W is read as kRows streams, each front to back and prefetching its own
-// lines a row (at least kRowAhead bytes) on (common/prefetch.h: several
-// streams draw more from memory than one); then the rows left over singly.
-template <class Blocks>
-void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
-          int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  constexpr int R = Blocks::kRows;
+// Rows [n0, n1) of W: blocks of R rows a 1/R of the range apart, rows
+// n0 + i + r * q for q = (n1 - n0) / R, so that W is read as R streams, each
+// front to back and prefetching its own lines a row (at least kRowAhead
+// bytes) on (common/prefetch.h: several streams draw more from memory than
+// one); then the rows left over singly.
+template <class Blocks, int R>
+void rows_r(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+            int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   const int64_t q = (n1 - n0) / R;
   const int64_t ahead = std::max<int64_t>(kRowAhead, K * 2);
   for (int64_t i = 0; i < q; ++i) {
@@ -248,6 +250,18 @@ void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* 
   }
   for (int64_t n = n0 + R * q; n < n1; ++n) {
     rows_block<Blocks, 1, false>(x, M, K, w, n, 1, 0, bias, y, ydt, ldy);
+  }
+}
+// R = Blocks::kRows, or kRowsM1 at M = 1 (AVX2: four streams rather than
+// two, 1.19-1.21x on the 77 MB head from DRAM, 1 and 2 threads, alternated;
+// four rows of one accumulator each fit its 16 registers).
+template <class Blocks>
+void rows(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* bias,
+          int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+  if (M == 1) {
+    rows_r<Blocks, Blocks::kRowsM1>(x, M, K, w, bias, n0, n1, y, ydt, ldy);
+  } else {
+    rows_r<Blocks, Blocks::kRows>(x, M, K, w, bias, n0, n1, y, ydt, ldy);
   }
 }
 
