@@ -94,6 +94,21 @@ def test_odd_element_count_layout(device):
     _check(x, p, a, (7, 5), b)
 
 
+@pytest.mark.parametrize("compute", ["float32", "int16"])
+@pytest.mark.parametrize("K,N", [(768, 7), (768, 33), (3072, 13), (4096, 6)])
+def test_row_order_does_not_change_bits(K, N, compute):
+    # The M = 1 GEMVs read a block's rows far apart (rows i, i + q, ... of a
+    # thread's range) and the rows left over one at a time: each output must
+    # still be exactly its row of W computed alone.
+    x, p, a, b = _problem(1, K, N, torch.float32, "cpu")
+    y = pn.gemm_4bit(x, p, a, (N, K), b, compute=compute)
+    rb, ab = K // 2, K // 64
+    for r in range(N):
+        alone = pn.gemm_4bit(x, p.flatten()[r * rb : (r + 1) * rb].clone(), a[r * ab : (r + 1) * ab].clone(),
+                             (1, K), b[r : r + 1], compute=compute)
+        assert torch.equal(y[:, r], alone[:, 0]), r
+
+
 @pytest.mark.parametrize("M", [1, 16])
 def test_respects_thread_count(M):
     x, p, a, b = _problem(M, 768, 2304, torch.float32, "cpu")
