@@ -34,8 +34,10 @@
 // on two vector ports, ~9.3 cycles; it runs ~11. A vpermb lookup of the same int16 codes needs its
 // index bytes built (a multishift and a ternary logic op per 32 codes): no
 // fewer micro-ops. There: 1.98-3.32x Linear4bit at M = 1 on seven shapes,
-// 1.31-1.57x on 5120x15360 (at the read bandwidth of one core;
-// benchmarks/results/gemm_4bit_cpu_m1_xeon167.md).
+// 1.31-1.57x on 5120x15360 (at the read bandwidth of one core, one stream;
+// benchmarks/results/gemm_4bit_cpu_m1_xeon167.md); with rows_i16's four
+// streams, 1.90-4.48x on all eight over six runs, 1.93-2.08x on 5120x15360
+// (benchmarks/results/gemm_4bit_cpu_m1_xeon167_streams.md).
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
