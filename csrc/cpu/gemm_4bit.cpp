@@ -177,18 +177,22 @@ PN_AVX512 inline void gemv_row_avx512(const float* xp, int64_t K, const uint8_t*
 // the pythia-160m shapes (2-vCPU AVX-512 Xeon, medians of 5 alternated runs):
 // R = 2 took 768x2304 from 128 to 110 us and 768x768 from 39 to 36 us; K =
 // 3072 rows gained nothing measurable (their per-row work is 4x rarer); R = 3
-// and 4 were slower than 2 (more live registers than zmm0-31 hold). K = 8192
-// (8192x2048) read 8% slower with pairs in one A/B of 7 alternated runs (4% in
-// a control A/B with the same code on both sides, so partly noise); x alone is
-// 32 KiB there, two rows streaming beside it crowd the 48 KiB L1, and no K >=
-// 2048 shape gained (2048x6144 neutral). Pairs stop at kM1PairsMaxK (x <= 12
-// KiB).
+// and 4 were slower than 2 (more live registers than zmm0-31 hold). Pairs
+// once stopped at K = 3072: consecutive pairs read K = 8192 8% slower from
+// cache in one A/B (x alone is 32 KiB there). Pairs half the range apart,
+// each row its own stream (below), gain at every K: alternated in one process
+// against one row at a time (a 2-vCPU Xeon, family 6 model 167, 2026-12-03),
+// from DRAM (330 MB of each shape cycled), 1 / 2 threads: 8192x2048 1.30x /
+// 1.31x, 4096x1024 1.13x / 1.25x, 10240x2560 1.18x / 1.22x, 16384x4096 1.26x
+// / 1.34x, 20480x5120 1.21x / 1.30x, 5120x15360 1.09x / 1.24x (2048x8192, a
+// pair both ways, 1.00x); one weight called repeatedly (from cache):
+// 1.40-1.59x / 1.24-1.41x on four of them. At K = 20480 x (80 KiB) no longer
+// fits L1 and a pair reads it from L2 half as often as single rows do.
 // The R rows are wstep bytes apart (astep absmax), each prefetching its own
 // lines `ahead` bytes on (absmax as far in rows), one per 64 bytes: the
 // driver takes a pair's rows half the thread's range apart, two streams (see
 // gemv_rows_avx512).
 constexpr int kM1RowsPerStep = 2;
-constexpr int64_t kM1PairsMaxK = 3072;
 template <int R>
 PN_AVX512 inline void gemv_rows_m1_bs64_avx512(const float* x, int64_t K, const uint8_t* w,
                                                 const float* a, int64_t wstep, int64_t astep,
@@ -260,7 +264,7 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
   // ahead in rows.
   const int64_t esize = dtype_size(ydt);
   int64_t n = n0;
-  if (M == 1 && bs == 64 && K <= kM1PairsMaxK) {
+  if (M == 1 && bs == 64) {
     // Decoding: rows in pairs n0 + i, n0 + i + q (q = (n1 - n0) / 2, two
     // streams); an odd last row goes through the loop below, with the same
     // bits. Against consecutive pairs prefetched by a StreamPrefetcher
