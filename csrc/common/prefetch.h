@@ -48,10 +48,11 @@ constexpr int64_t kPrefetchAhead = 4096;
 // (cpu/gemv_i16.cpp) and gemm_f16w's GEMV (cpu/gemm_f16w.cpp) take the rows of
 // a block that far apart, each prefetching kRowAhead bytes (or a row) on
 // along its own stream; 2048 measured better than 4096 or one row alone.
-// The float32 4-bit GEMV (cpu/gemm_4bit.cpp) read as four streams (rows in
-// turn from four quarters, a StreamPrefetcher each, 1-8 KiB ahead) measured
-// 0.89-1.03x its one stream on the same weights from DRAM: it does not keep
-// up with one stream's ~6-9 GB/s per core, so it keeps it.
+// The float32 4-bit GEMV (cpu/gemm_4bit.cpp) at M = 1 takes its pairs of
+// rows half the range apart, two streams with the same per-row prefetch
+// (1.05-1.34x one stream from DRAM); read as four streams (rows in turn from
+// four quarters, a StreamPrefetcher each, 1-8 KiB ahead) it measured
+// 0.89-1.03x one stream: its own work, ~8-9 GB/s per core, binds it first.
 constexpr int64_t kRowAhead = 2048;
 
 struct StreamPrefetcher {
