@@ -95,7 +95,7 @@ def test_odd_element_count_layout(device):
 
 
 @pytest.mark.parametrize("compute", ["float32", "int16"])
-@pytest.mark.parametrize("K,N", [(768, 7), (768, 33), (3072, 13), (4096, 6)])
+@pytest.mark.parametrize("K,N", [(768, 7), (768, 33), (3072, 13), (4096, 6), (8192, 5)])
 def test_row_order_does_not_change_bits(K, N, compute):
     # The M = 1 GEMVs read a block's rows far apart (rows i, i + q, ... of a
     # thread's range) and the rows left over one at a time: each output must
