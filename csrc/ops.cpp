@@ -279,11 +279,13 @@ void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t 
   if (int16 && cpu::gemv_i16_ok(M, k, blocksize, isa)) {
     // xq int16 [M, k] then the scales float32 [M, k / 8]: 2.5 bytes per
     // element of x, inside xp's 4 (k % 128 == 0 keeps xs 64-byte aligned).
+    const cpu::I16Kernel kern = cpu::i16_kernel(isa);
     int16_t* xq = reinterpret_cast<int16_t*>(xp);
     float* xs = reinterpret_cast<float*>(xq + M * k);
-    if (cpu::quantize_x_i16(x, dt, M, k, ldx, xq, xs)) {
+    if (cpu::quantize_x_i16(kern, x, dt, M, k, ldx, xq, xs)) {
       at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-        cpu::gemv_4bit_i16_rows(xq, xs, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n);
+        cpu::gemv_4bit_i16_rows(kern, xq, xs, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt,
+                                n);
       });
       return;
     }
@@ -521,14 +523,19 @@ PYBIND11_MODULE(_C, mod) {
     info["cpu_isa_active"] = std::string(cpu::isa_name(cpu::active_isa()));
     info["cpu_isas_compiled"] =
         std::vector<std::string>{"scalar", "avx2", "avx512"};
-    // Whether gemm_4bit(compute="int16") can take its int16 GEMV on this CPU
-    // (AVX-512 with VNNI; it also needs the active ISA to be AVX-512).
-    info["cpu_gemv_int16"] = cpu::gemv_i16_supported();
+    // Whether gemm_4bit(compute="int16") has an int16 GEMV on this CPU (AVX2
+    // is enough); which kernel the best ISA takes ("avx512_vnni", "avx2" or
+    // "none") and which the active one does (differs under a forced ISA).
+    const cpu::I16Kernel best16 = cpu::i16_kernel(cpu::best_isa());
+    info["cpu_gemv_int16"] = best16 != cpu::I16Kernel::None;
+    info["cpu_gemv_int16_best"] = std::string(cpu::i16_kernel_name(best16));
+    info["cpu_gemv_int16_kernel"] =
+        std::string(cpu::i16_kernel_name(cpu::i16_kernel(cpu::active_isa())));
     // The rows of x (M) up to which it does.
     info["cpu_gemv_int16_max_m"] = cpu::kGemvI16MaxM;
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen, "
-     "whether the CPU has the int16 GEMV (AVX-512 VNNI) and up to which M it runs.");
+     "whether the CPU has an int16 GEMV (and which one runs now) and up to which M.");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

@@ -116,7 +116,7 @@ def test_fused_bfloat16_within_twice_the_composition_error(shape, B, T, parallel
         assert _rel_err(f, r) <= 2 * _rel_err(c, r) + 1e-6, name
 
 
-@pytest.mark.skipif(not pn.build_info()["cpu_gemv_int16"], reason="no AVX-512 VNNI: int16 computes in float32")
+@pytest.mark.skipif(not pn.build_info()["cpu_gemv_int16"], reason="no AVX2: int16 computes in float32")
 @pytest.mark.parametrize("shape", ["hd80", "hd256"])  # hd80: only K = 640 (down) takes int16; hd256: all four
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 3), (3, 6)])  # M = 18: every Linear in float32
 def test_fused_int16_equals_composition_int16(shape, B, T):

@@ -1,6 +1,8 @@
-"""gemm_4bit(compute="int16"): the int16 GEMV (csrc/cpu/gemv_i16.cpp) against
-its definition (reference.gemm_4bit_int16), its error against the exact
-product, and every case where the op must compute in float32 instead."""
+"""gemm_4bit(compute="int16"): the int16 GEMVs (csrc/cpu/gemv_i16.cpp with
+AVX-512 VNNI, csrc/cpu/gemv_i16_avx2.cpp with AVX2) against their definition
+(reference.gemm_4bit_int16), their error against the exact product, and every
+case where the op must compute in float32 instead. Each test runs under each
+ISA that has an int16 kernel (the cpu_isa fixture forces it)."""
 import pytest
 import torch
 
@@ -8,9 +10,11 @@ import pythia_native as pn
 from conftest import CPU_ISAS
 from pythia_native import reference as ref
 
-HAS_INT16 = pn.build_info()["cpu_gemv_int16"]
 INT16_MAX_M = pn.build_info()["cpu_gemv_int16_max_m"]
-needs_int16 = pytest.mark.skipif(not HAS_INT16, reason="this CPU has no AVX-512 VNNI: the op computes in float32")
+# The ISAs with an int16 kernel: AVX-512 (the VNNI kernel where the CPU has
+# VNNI, else the AVX2 one) and AVX2. Scalar computes in float32.
+I16_ISAS = ["avx512", "avx2"]
+each_int16_isa = pytest.mark.parametrize("cpu_isa", I16_ISAS, indirect=True)
 
 
 def _problem(M, K, N, dtype, bias=True, blocksize=64, quant_type="nf4", seed=0, x_scale=1.0):
@@ -31,12 +35,12 @@ def _rel(y, r):
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-@needs_int16
+@each_int16_isa
 @pytest.mark.parametrize("M", sorted({1, 2, 3, 4, 5, 8, INT16_MAX_M}))  # above 4: rows of x in groups of 4
 # K = 4224: 33 groups (a lone last one); at M = 16, 132 KiB of int16 x.
 @pytest.mark.parametrize("K,N", [(128, 1), (128, 7), (384, 3), (768, 2304), (3072, 33), (1280, 5), (4224, 19)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_matches_definition(M, K, N, dtype):
+def test_matches_definition(cpu_isa, M, K, N, dtype):
     x, p, a, b = _problem(M, K, N, dtype, seed=M * K + N)
     y = pn.gemm_4bit(x, p, a, (N, K), b, compute="int16")
     assert y.dtype == dtype and y.shape == (M, N)
@@ -52,19 +56,19 @@ def test_matches_definition(M, K, N, dtype):
         assert _rel(pn.gemm_4bit(x, p, a, (N, K), b), exact) <= 1e-5
 
 
-@needs_int16
+@each_int16_isa
 @pytest.mark.parametrize("blocksize", [64, 128, 256, 1024])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_blocksizes_quant_types(blocksize, quant_type, bias):
+def test_blocksizes_quant_types(cpu_isa, blocksize, quant_type, bias):
     x, p, a, b = _problem(2, 1024, 37, torch.float32, bias=bias, blocksize=blocksize, quant_type=quant_type)
     y = pn.gemm_4bit(x, p, a, (37, 1024), b, blocksize, quant_type, compute="int16")
     r = ref.gemm_4bit_int16(x, p, a, (37, 1024), b, blocksize, quant_type)
     assert _rel(y, r) <= 1e-6
 
 
-@needs_int16
-def test_awkward_x():
+@each_int16_isa
+def test_awkward_x(cpu_isa):
     K, N = 512, 19
     _, p, a, b = _problem(1, K, N, torch.float32)
     g = torch.Generator().manual_seed(3)
@@ -84,9 +88,10 @@ def test_awkward_x():
     assert torch.equal(pn.gemm_4bit(z, p, a, (N, K), b, compute="int16"), b.view(1, N))
 
 
+@each_int16_isa
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_non_finite_x_takes_float32(bad, dtype):
+def test_non_finite_x_takes_float32(cpu_isa, bad, dtype):
     # An inf or NaN must not be rounded into a finite integer: the op computes
     # that call in float32, which propagates it exactly as compute="float32".
     x, p, a, b = _problem(2, 256, 9, dtype)
@@ -105,20 +110,36 @@ def test_non_finite_x_takes_float32(bad, dtype):
      (1, 256, 7, 32),  # blocksize below 64
      (300, 128, 7, 64)],  # large M: the float32 panels
 )
-def test_where_int16_does_not_apply_float32_runs(M, K, N, blocksize):
+@each_int16_isa
+def test_where_int16_does_not_apply_float32_runs(cpu_isa, M, K, N, blocksize):
     x, p, a, b = _problem(M, K, N, torch.float32, blocksize=blocksize)
     assert torch.equal(pn.gemm_4bit(x, p, a, (N, K), b, blocksize, compute="int16"),
                        pn.gemm_4bit(x, p, a, (N, K), b, blocksize))
 
 
-@pytest.mark.parametrize("cpu_isa", [i for i in CPU_ISAS if i != "avx512"], indirect=True)
+@each_int16_isa
+def test_each_isa_runs_its_int16_kernel(cpu_isa):
+    # The kernel the forced ISA takes, as build_info reports it, and proof that
+    # it ran: int16's result is not float32's, and is within its own error.
+    info = pn.build_info()
+    # Under avx512 (the best ISA, or the fixture skips): VNNI's kernel where the CPU has it.
+    assert info["cpu_gemv_int16_kernel"] == (info["cpu_gemv_int16_best"] if cpu_isa == "avx512" else "avx2")
+    assert info["cpu_gemv_int16_kernel"] in ("avx512_vnni", "avx2")
+    x, p, a, b = _problem(1, 768, 64, torch.float32)
+    y16, y32 = pn.gemm_4bit(x, p, a, (64, 768), b, compute="int16"), pn.gemm_4bit(x, p, a, (64, 768), b)
+    assert not torch.equal(y16, y32)
+    assert _rel(y16, y32) <= 3e-4
+
+
+@pytest.mark.parametrize("cpu_isa", [i for i in CPU_ISAS if i not in I16_ISAS], indirect=True)
 def test_other_isas_compute_float32(cpu_isa):
+    assert pn.build_info()["cpu_gemv_int16_kernel"] == "none"
     x, p, a, b = _problem(1, 768, 64, torch.float32)
     assert torch.equal(pn.gemm_4bit(x, p, a, (64, 768), b, compute="int16"), pn.gemm_4bit(x, p, a, (64, 768), b))
 
 
-@needs_int16
-def test_noncontiguous_and_leading_dims():
+@each_int16_isa
+def test_noncontiguous_and_leading_dims(cpu_isa):
     x, p, a, b = _problem(4, 256, 33, torch.float32)
     wide = torch.zeros(4, 512)
     wide[:, ::2] = x
@@ -131,8 +152,8 @@ def test_noncontiguous_and_leading_dims():
     assert torch.equal(pn.gemm_4bit(x[2:3], p, a, (33, 256), b, compute="int16"), y[2:3])
 
 
-@needs_int16
-def test_rows_of_x_do_not_depend_on_their_batch():
+@each_int16_isa
+def test_rows_of_x_do_not_depend_on_their_batch(cpu_isa):
     # M = 13: rows in groups of 4, 4, 4 and 1; each row's sums run in the same
     # order in any group, so each equals the row computed alone.
     x, p, a, b = _problem(13, 384, 29, torch.float32)
@@ -141,8 +162,8 @@ def test_rows_of_x_do_not_depend_on_their_batch():
         assert torch.equal(y[m : m + 1], pn.gemm_4bit(x[m : m + 1], p, a, (29, 384), b, compute="int16")), m
 
 
-@needs_int16
-def test_thread_split_does_not_change_bits():
+@each_int16_isa
+def test_thread_split_does_not_change_bits(cpu_isa):
     x, p, a, b = _problem(1, 768, 2304, torch.float32)
     n = torch.get_num_threads()
     try:

@@ -362,7 +362,7 @@ def test_int16_compute_decode_close_to_float32_and_to_transformers(shape):
     if pn.build_info()["cpu_gemv_int16"]:
         assert 0 < err <= 2e-3, err
     else:
-        assert err == 0  # no VNNI: float32 throughout
+        assert err == 0  # no AVX2 (no int16 kernel): float32 throughout
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=1)[0, 11:]
     model.compute = "int16"  # greedy decoding in int16 against transformers in float32

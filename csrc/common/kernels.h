@@ -65,33 +65,47 @@ void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed
 
 // gemm_4bit's compute="int16" GEMV (cpu/gemv_i16.cpp, which defines the
 // numerics): x rounded to int16 per 64 elements, exact int32 sums per
-// 128-weight group, float32 across groups. AVX-512 with VNNI only; callers
+// 64-block, float32 across blocks. Two kernels: AVX-512 with VNNI
+// (gemv_i16.cpp) and AVX2 + FMA (gemv_i16_avx2.cpp; 8 float32 lanes instead
+// of 16, so the two agree to float32 rounding, not bit for bit). Callers
 // check gemv_i16_ok (M <= kGemvI16MaxM, K % 128 == 0, 64 <= blocksize, row-
-// aligned, active ISA AVX-512 on a CPU with VNNI) and otherwise compute in
+// aligned, an int16 kernel for the active ISA) and otherwise compute in
 // float32, which is within the mode's bound. Up to M = 16 rows of x, in
 // groups of 4 per pass over each row of W: measured 1.16-2.03x the float32
-// tiles' speed at M = 5-16 and 1.05-1.13x at M = 24-32 (2-vCPU AMD EPYC with
-// AVX-512, one thread, alternated in one process, 2026-12-02), so above 16 the more
-// exact tiles keep it.
+// tiles' speed at M = 5-16 and 1.05-1.13x at M = 24-32 (AVX-512 kernel, 2-vCPU
+// AMD EPYC with AVX-512, one thread, alternated in one process, 2026-12-02),
+// so above 16 the more exact tiles keep it.
 constexpr int64_t kGemvI16MaxM = 16;
-bool gemv_i16_supported();  // this CPU has AVX-512 BW/VL/DQ and VNNI
+enum class I16Kernel : int32_t { None = 0, AVX2 = 1, AVX512VNNI = 2 };
+// The int16 kernel the kernels take under `isa` on this CPU: AVX512VNNI when
+// isa is AVX-512 and the CPU has VNNI, AVX2 for AVX-512 without VNNI and for
+// AVX2, None for scalar.
+I16Kernel i16_kernel(Isa isa);
+const char* i16_kernel_name(I16Kernel k);  // "avx512_vnni", "avx2", "none"
 bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa);
 // round(code[c] * 8192): the int16 code table (c in [0, 16)).
 int16_t i16_code(QuantType qt, int c);
-// x [M, K] (dt, row stride ldx) -> xq int16 [M, K] in the kernel's order and
-// xs float32 [M, K / 8] (row stride K / 8, of which the first 16 per pair of
-// 128-element groups are used): per pair, its four 64-blocks' scales
-// (max|x| / 32767, times 2^-13) 4 times each, block b in lanes 4q + b, as the
-// kernel's lanes use them (0 for the missing half of an odd last pair).
-// Returns false, with xq / xs unspecified, if x holds an inf or NaN.
-bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
-                    float* xs);
-// y[m, n] for n in [n0, n1), m < M, from quantize_x_i16's xq / xs; bias
+// x [M, K] (dt, row stride ldx) -> xq int16 [M, K] in kernel k's order and
+// its scales xs float32 (max|x| / 32767 per 64-block, times 2^-13), laid out
+// as k's lanes use them: AVX512VNNI [M, K / 8] (per pair of 128-element
+// groups, its four 64-blocks' scales 4 times each, block b in lanes 4q + b; 0
+// for the missing half of an odd last pair), AVX2 [M, K / 64] (one per
+// block). Returns false, with xq / xs unspecified, if x holds an inf or NaN.
+bool quantize_x_i16(I16Kernel k, const void* x, DType dt, int64_t M, int64_t K, int64_t ldx,
+                    int16_t* xq, float* xs);
+// y[m, n] for n in [n0, n1), m < M, from quantize_x_i16(k)'s xq / xs; bias
 // (float32) may be null; y: elements of ydt with row stride ldy.
-void gemv_4bit_i16_rows(const int16_t* xq, const float* xs, int64_t M, int64_t K,
+void gemv_4bit_i16_rows(I16Kernel k, const int16_t* xq, const float* xs, int64_t M, int64_t K,
                         const uint8_t* packed, const float* absmax, int64_t blocksize,
                         QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y,
                         DType ydt, int64_t ldy);
+// The two kernels behind them (k = AVX2 here; AVX512VNNI in gemv_i16.cpp).
+bool quantize_x_i16_avx2(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
+                         float* xs);
+void gemv_4bit_i16_rows_avx2(const int16_t* xq, const float* xs, int64_t M, int64_t K,
+                             const uint8_t* packed, const float* absmax, int64_t blocksize,
+                             QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y,
+                             DType ydt, int64_t ldy);
 
 // Rows of W per group of the small-M tiles (common/tiles.h). Callers that
 // split [0, N) between threads hand out whole groups, so that a row's sums

@@ -346,7 +346,9 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
 
 }  // namespace
 
-bool gemv_i16_supported() {
+namespace {
+
+bool avx512_vnni() {
   static const bool ok = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -356,17 +358,8 @@ bool gemv_i16_supported() {
   return ok;
 }
 
-bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa) {
-  return isa == Isa::AVX512 && gemv_i16_supported() && M >= 1 && M <= kGemvI16MaxM &&
-         K % 128 == 0 && blocksize % 64 == 0 && K % blocksize == 0;
-}
-
-int16_t i16_code(QuantType qt, int c) {
-  return static_cast<int16_t>(std::nearbyint(code_table(qt)[c & 15] * kCodeScale));
-}
-
-PN_I16 bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, int16_t* xq,
-                    float* xs) {
+PN_I16 bool quantize_x_i16_avx512(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx,
+                                  int16_t* xq, float* xs) {
   switch (dt) {
     case DType::F32: return quantize_x_rows(static_cast<const float*>(x), M, K, ldx, xq, xs);
     case DType::BF16: return quantize_x_rows(static_cast<const Bf16*>(x), M, K, ldx, xq, xs);
@@ -375,10 +368,10 @@ PN_I16 bool quantize_x_i16(const void* x, DType dt, int64_t M, int64_t K, int64_
   return false;
 }
 
-PN_I16 void gemv_4bit_i16_rows(const int16_t* xq, const float* xs, int64_t M, int64_t K,
-                        const uint8_t* packed, const float* absmax, int64_t blocksize,
-                        QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y,
-                        DType ydt, int64_t ldy) {
+PN_I16 void gemv_4bit_i16_rows_avx512(const int16_t* xq, const float* xs, int64_t M, int64_t K,
+                                      const uint8_t* packed, const float* absmax,
+                                      int64_t blocksize, QuantType qt, const float* bias,
+                                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
   alignas(64) int16_t t[32];
   for (int i = 0; i < 32; ++i) t[i] = i16_code(qt, i);
   const __m512i table = _mm512_load_si512(t);
@@ -386,6 +379,55 @@ PN_I16 void gemv_4bit_i16_rows(const int16_t* xq, const float* xs, int64_t M, in
     rows_i16<true>(xq, xs, M, K, packed, absmax, blocksize, table, bias, n0, n1, y, ydt, ldy);
   } else {
     rows_i16<false>(xq, xs, M, K, packed, absmax, blocksize, table, bias, n0, n1, y, ydt, ldy);
+  }
+}
+
+}  // namespace
+
+I16Kernel i16_kernel(Isa isa) {
+  switch (isa) {
+    // Every CPU the AVX-512 ISA is chosen on has AVX2 and FMA too.
+    case Isa::AVX512: return avx512_vnni() ? I16Kernel::AVX512VNNI : I16Kernel::AVX2;
+    case Isa::AVX2: return I16Kernel::AVX2;
+    case Isa::Scalar: break;
+  }
+  return I16Kernel::None;
+}
+
+const char* i16_kernel_name(I16Kernel k) {
+  switch (k) {
+    case I16Kernel::AVX512VNNI: return "avx512_vnni";
+    case I16Kernel::AVX2: return "avx2";
+    case I16Kernel::None: break;
+  }
+  return "none";
+}
+
+bool gemv_i16_ok(int64_t M, int64_t K, int64_t blocksize, Isa isa) {
+  return i16_kernel(isa) != I16Kernel::None && M >= 1 && M <= kGemvI16MaxM && K % 128 == 0 &&
+         blocksize % 64 == 0 && K % blocksize == 0;
+}
+
+int16_t i16_code(QuantType qt, int c) {
+  return static_cast<int16_t>(std::nearbyint(code_table(qt)[c & 15] * kCodeScale));
+}
+
+bool quantize_x_i16(I16Kernel k, const void* x, DType dt, int64_t M, int64_t K, int64_t ldx,
+                    int16_t* xq, float* xs) {
+  return k == I16Kernel::AVX512VNNI ? quantize_x_i16_avx512(x, dt, M, K, ldx, xq, xs)
+                                    : quantize_x_i16_avx2(x, dt, M, K, ldx, xq, xs);
+}
+
+void gemv_4bit_i16_rows(I16Kernel k, const int16_t* xq, const float* xs, int64_t M, int64_t K,
+                        const uint8_t* packed, const float* absmax, int64_t blocksize,
+                        QuantType qt, const float* bias, int64_t n0, int64_t n1, void* y,
+                        DType ydt, int64_t ldy) {
+  if (k == I16Kernel::AVX512VNNI) {
+    gemv_4bit_i16_rows_avx512(xq, xs, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt,
+                              ldy);
+  } else {
+    gemv_4bit_i16_rows_avx2(xq, xs, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt,
+                            ldy);
   }
 }
 

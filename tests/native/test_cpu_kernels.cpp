@@ -493,23 +493,24 @@ void test_gemv(const NamedKernel& kernel, Isa isa, const QuantWeight& q, int64_t
 // buffers (a sanitizer sees any over-read of W, absmax or x) and sentinels
 // around y. N = 17: four blocks of four rows side by side at M = 1 and a
 // lone row after them; N = 1, 3: only lone rows.
-void test_gemv_i16(const QuantWeight& q, int64_t M, int64_t ldx, bool with_bias, std::mt19937& rng) {
+void test_gemv_i16(cpu::I16Kernel kern, const QuantWeight& q, int64_t M, int64_t ldx,
+                   bool with_bias, std::mt19937& rng) {
   const int64_t N = q.N, K = q.K;
-  g_ctx = fmt("gemv_4bit_i16_rows %s N=%lld K=%lld bs=%lld M=%lld ldx=%lld bias=%d",
-              q.qt == QuantType::NF4 ? "nf4" : "fp4", ll(N), ll(K), ll(q.bs), ll(M), ll(ldx),
-              int(with_bias));
+  g_ctx = fmt("gemv_4bit_i16_rows[%s] %s N=%lld K=%lld bs=%lld M=%lld ldx=%lld bias=%d",
+              cpu::i16_kernel_name(kern), q.qt == QuantType::NF4 ? "nf4" : "fp4", ll(N), ll(K),
+              ll(q.bs), ll(M), ll(ldx), int(with_bias));
   std::vector<float> x = normal_vec(rng, (M - 1) * ldx + K);
   if (M > 1) std::fill(x.begin() + ldx, x.begin() + ldx + 64, 0.0f);  // a zero block (row 1)
   x[0] *= 1e4f;  // one outlier: the first block's scale is set by it
   std::vector<float> bias = normal_vec(rng, N);
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * K / 8);
-  CHECK(cpu::quantize_x_i16(x.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
+  CHECK(cpu::quantize_x_i16(kern, x.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
         "finite x reported non-finite");
   const float sentinel = -12345.0f;
   const int64_t ldy = N + 3;
   std::vector<float> y(M * ldy, sentinel);
-  cpu::gemv_4bit_i16_rows(xq.data(), xs.data(), M, K, q.packed.data(), q.absmax.data(), q.bs,
+  cpu::gemv_4bit_i16_rows(kern, xq.data(), xs.data(), M, K, q.packed.data(), q.absmax.data(), q.bs,
                           q.qt, with_bias ? bias.data() : nullptr, 0, N, y.data(), DType::F32,
                           ldy);
   int64_t bad = -1, touched = -1;
@@ -552,7 +553,7 @@ void test_gemv_i16(const QuantWeight& q, int64_t M, int64_t ldx, bool with_bias,
   for (float special : {std::nanf(""), INFINITY, -INFINITY}) {
     std::vector<float> xb = x;
     xb[(M - 1) * ldx + K - 1] = special;
-    CHECK(!cpu::quantize_x_i16(xb.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
+    CHECK(!cpu::quantize_x_i16(kern, xb.data(), DType::F32, M, K, ldx, xq.data(), xs.data()),
           "x with %g in its last element reported finite", special);
   }
 }
@@ -920,7 +921,8 @@ int main() {
         }
       }
     }
-    if (isa == Isa::AVX512 && cpu::gemv_i16_supported()) {
+    // Each ISA's own int16 kernel (AVX-512 without VNNI takes the AVX2 one).
+    if (const cpu::I16Kernel kern = cpu::i16_kernel(isa); kern != cpu::I16Kernel::None) {
       for (QuantType qt : qts) {
         // + K = 4224: 33 groups (a lone last one) and, at M = 4, 33 KiB of
         // int16 x, more than some L1s.
@@ -932,14 +934,12 @@ int main() {
           for (int64_t N : {1, 3, 17}) {
             const QuantWeight q = make_weight(N, K, bs, qt, rng);
             for (int64_t M = 1; M <= cpu::kGemvI16MaxM; ++M) {
-              test_gemv_i16(q, M, K, M % 2 == 1, rng);
-              test_gemv_i16(q, M, K + 7, M % 2 == 0, rng);
+              test_gemv_i16(kern, q, M, K, M % 2 == 1, rng);
+              test_gemv_i16(kern, q, M, K + 7, M % 2 == 0, rng);
             }
           }
         }
       }
-    } else if (isa == Isa::AVX512) {
-      std::printf("note: this CPU has no AVX-512 VNNI: the int16 GEMV is not exercised here\n");
     }
     test_gelu(isa, rng);
     test_layer_norm(isa, rng);
