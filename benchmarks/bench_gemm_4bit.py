@@ -25,6 +25,13 @@ large M it is compute-bound and GFLOP/s and the dense time are.
   python benchmarks/bench_gemm_4bit.py --device cuda --out benchmarks/results/gemm_4bit_cuda.md
   python benchmarks/bench_gemm_4bit.py --quick            # a smoke run, seconds
 
+--cpu-isa avx2 (or scalar) holds pythia-native's CPU kernels to that ISA, as
+on a CPU without AVX-512. To hold torch's own kernels (dense, mm4's F.linear)
+to AVX2 as well, set ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ONEDNN_MAX_CPU_ISA=AVX2 in the environment. bitsandbytes picks its CPU
+gemv by its own cpuid check: with AVX-512 BF16 (l4b here) its bf16 kernel,
+without it dequantize_4bit + F.linear, which is what mm4 times.
+
 bitsandbytes is optional: without it the peer columns read n/a.
 """
 from __future__ import annotations
@@ -501,6 +508,10 @@ def write_markdown(path: str, device: torch.device, dtype: torch.dtype, pn, bnb,
     ]
     if device.type == "cpu":
         lines.append(f"- bitsandbytes CPU path: {bnb_cpu_path(bnb)}")
+        held = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+                if k in os.environ}
+        lines.append(f"- pythia-native CPU ISA: {pn._C.cpu_isa()} (int16 kernel {pn.build_info()['cpu_gemv_int16_kernel']})"
+                     + (f"; torch's kernels held by {held}" if held else ""))
     lines.append("- copy bandwidth (2 x bytes / time of a large tensor copy): "
                  + ", ".join(f"{bw[t]:.1f} GB/s" + (f" at {t} thread(s)" if device.type == "cpu" else "")
                              for t in sorted(bw)))
@@ -611,6 +622,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pool-mb", type=float, default=None,
                     help="rotate through weight copies totalling this many MiB (default: cuda 4 x L2, cpu 0 = off)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: time eager launches instead of CUDA graphs")
+    ap.add_argument("--cpu-isa", choices=("auto", "avx512", "avx2", "scalar"), default="auto",
+                    help="hold pythia-native's CPU kernels to this ISA (default: the best this CPU has)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -637,6 +650,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pool_bytes = 0
 
     pn = import_pythia_native()
+    pn._C.set_cpu_isa(args.cpu_isa)
     bnb, bnbF = import_bitsandbytes()
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}), "
           f"dtype {dtype}, torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'n/a')}", flush=True)

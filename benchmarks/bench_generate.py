@@ -20,6 +20,13 @@ sides of one round cancels out.
 
     python benchmarks/bench_generate.py --device cpu --threads 2 --shapes 160m
     python benchmarks/bench_generate.py --device cuda --shapes 160m 1.4b --batch 1 8
+
+``--cpu-isa avx2`` holds pythia-native's CPU kernels to AVX2, as on a CPU
+without AVX-512; ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ONEDNN_MAX_CPU_ISA=AVX2 in the environment hold torch's (every variant runs in
+a child process that inherits them). bitsandbytes chooses its CPU gemv by its
+own cpuid check (its bf16 kernel needs AVX-512 BF16, else dequantize +
+F.linear) and cannot be held.
 """
 from __future__ import annotations
 
@@ -87,7 +94,8 @@ def weight_bytes_per_token(config, dense_head_bytes: int) -> int:
     return int(params // 2 + params // 64 * 4 + config.vocab_size * h * dense_head_bytes)
 
 
-def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int):
+def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int,
+                cpu_isa: str = "auto"):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import transformers
@@ -98,8 +106,10 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         from pythia_native.generate import Pythia
         from pythia_native.model import PythiaModel
 
+        from pythia_native import _C
         from pythia_native.config import PythiaConfig
 
+        _C.set_cpu_isa(cpu_isa)
         dtype = torch.float32 if device == "cpu" else torch.float16
         options = variant.split("-")[3:]  # after pythia-native-nf4
         if "bf16" in options:
@@ -244,12 +254,15 @@ def main():
     ap.add_argument("--out", help="append the markdown table to this file")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
+    ap.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "scalar"],
+                    help="hold pythia-native's CPU kernels to this ISA (default: the best this CPU has)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
 
     if args.one:
         v, shape, batch = args.one.split(",")
-        r = run_variant(v, shape, args.device, int(batch), args.prompt, args.new, args.repeats, args.threads)
+        r = run_variant(v, shape, args.device, int(batch), args.prompt, args.new, args.repeats, args.threads,
+                        args.cpu_isa)
         print("RESULT " + json.dumps(r))
         return
 
@@ -264,7 +277,7 @@ def main():
                 for v in args.variants:
                     cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
                            "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-                           "--threads", str(args.threads)]
+                           "--threads", str(args.threads), "--cpu-isa", args.cpu_isa]
                     p = subprocess.run(cmd, capture_output=True, text=True)
                     line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
                     if line is None:
@@ -303,7 +316,10 @@ def main():
         f"median of {args.repeats}" + (f", {args.rounds} rounds (medians over them)" if args.rounds > 1 else ""),
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb_v}, {date.today()}; "
-        f"measured copy bandwidth {bw:.1f} GB/s.",
+        f"measured copy bandwidth {bw:.1f} GB/s."
+        + (f" pythia-native's CPU kernels held to {args.cpu_isa}." if args.cpu_isa != "auto" else "")
+        + "".join(f" {k}={os.environ[k]}." for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                     "ONEDNN_MAX_CPU_ISA") if k in os.environ),
         "",
         "| shape | batch | variant | decode tok/s | ms/step | vs transformers+bnb | weights GB/s | % of copy bw | "
         "first token ms | peak MB |",

@@ -103,15 +103,18 @@ def gemm_4bit(
 
     ``compute="int16"`` lets a kernel round x to 16-bit integers per 64
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to
-    multiples of 2^-13, and sum each 128-weight group exactly in int32
+    multiples of 2^-13, and sum each 64-weight block exactly in int32
     (:func:`pythia_native.reference.gemm_4bit` with the same argument is the
     definition). The relative error of y is ~6e-5 on Pythia-shaped layers,
     against ~1e-7 for float32 and ~4e-3 for bitsandbytes' CPU kernel. The CPU
-    GEMV (M <= 16, K % 128 == 0, blocksize >= 64, an AVX-512 CPU with VNNI)
-    takes it (measured on a 2-vCPU AMD EPYC with AVX-512, one thread: 1.6-2.4x the
-    float32 kernels' speed at M = 1 on the Pythia shapes, 1.2-2.0x at M = 5-16);
-    every other path, and an x holding an inf or NaN, computes in float32,
-    which is within the bound.
+    GEMV (M <= 16, K % 128 == 0, blocksize >= 64, a CPU with AVX2) takes it:
+    with AVX-512 VNNI 1.6-2.4x the float32 kernels' speed at M = 1 on the
+    Pythia shapes and 1.2-2.0x at M = 5-16 (a 2-vCPU AMD EPYC, one thread), on
+    AVX2 alone 3.6-4.4x at M = 1 and 1.4-3.0x at M = 2-16 (a Xeon held to
+    AVX2). The two kernels agree to float32 rounding
+    (``build_info()["cpu_gemv_int16_kernel"]`` names the one in use). Every
+    other path, and an x holding an inf or NaN, computes in float32, which is
+    within the bound.
     """
     n, k = (int(s) for s in shape)
     return _ops.gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type, compute)

@@ -1,20 +1,26 @@
 // gemm_4bit's compute="int16" GEMV for CPUs without AVX-512 VNNI (AVX2 + FMA:
-// AMD Zen 1-4 without AVX-512, Intel client cores, Skylake-X's AVX-512 without
-// VNNI). The numerics are gemv_i16.cpp's, defined by reference.py
+// AMD Zen 1-3, Intel client cores without AVX-512, Skylake-X's AVX-512
+// without VNNI). The numerics are gemv_i16.cpp's, defined by reference.py
 // gemm_4bit_int16: x rounded to int16 per 64 elements (the same rounding),
 // the codes to multiples of 2^-13, exact int32 sums over each 64-block, the
 // rest in float32. The float32 sums run over 8 lanes instead of 16, so the
 // two kernels agree to float32 rounding, not bit for bit.
 //
 // Why: AVX2 has no 16-entry shuffle of 32-bit lanes, so the float32 GEMV
-// (cpu/gemm_4bit.cpp) looks each code up twice (two vpermps of 8 entries and
-// a blendv, ~3 micro-ops per 8 weights before its FMA) and runs at ~1.5 GB/s
-// per core on a Xeon (family 6 model 167, forced to AVX2, 2026-12-03), about
-// half of bitsandbytes' Linear4bit there. Here the 16 int16 codes are two
-// 16-byte tables (low and high bytes) that vpshufb indexes directly with the
-// nibbles, and vpunpck{l,h}bw interleaves the two bytes into the int16 codes:
-// per 64 weights (32 bytes) 3 ops to split the nibbles, 4 lookups, 4
-// interleaves, 4 vpmaddwd and 3 adds, then a convert, a multiply and an FMA.
+// (cpu/gemm_4bit.cpp) looks up every 8 codes with two vpermps (one per half
+// of the table) and a blendv (~1.2 cycles each in a loop of independent
+// blendvs on the host below). It runs at ~1.5 GB/s per core on a Xeon
+// (family 6 model 167, held to AVX2, 2026-12-03), about half of
+// bitsandbytes' Linear4bit there. Here the 16 int16 codes are two 16-byte
+// tables (low and high bytes) that vpshufb indexes with the nibbles
+// directly, and vpunpck{l,h}bw interleaves the two bytes into the int16
+// codes. Per 64 weights (32 bytes): 3 ops to split the nibbles, 4 lookups, 4
+// interleaves, 4 vpmaddwd and 3 adds, then a convert, a multiply and an FMA
+// (~21 on three vector ports, ~7 cycles; it runs ~10 at the ~2 GHz this
+// host's instruction loops suggest). Measured there, alternated
+// in one process: 3.6-4.4x the float32 GEMV at M = 1 (one thread, the
+// Pythia shapes), 1.4-3.0x at M = 2-16 (benchmarks/results/
+// gemm_4bit_cpu_avx2_xeon167.md).
 //
 // Layout. A block is 64 weights = 32 packed bytes, one register. Byte i holds
 // element 2i in its high nibble and 2i + 1 in its low one (FORMAT.md). The
