@@ -277,8 +277,9 @@ void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t 
                          const float* bias_p, int64_t n, void* y, float* xp, cpu::Isa isa,
                          bool int16) {
   if (int16 && cpu::gemv_i16_ok(M, k, blocksize, isa)) {
-    // xq int16 [M, k] then the scales float32 [M, k / 8]: 2.5 bytes per
-    // element of x, inside xp's 4 (k % 128 == 0 keeps xs 64-byte aligned).
+    // xq int16 [M, k] then the scales float32 ([M, k / 8] for the AVX-512
+    // kernel, [M, k / 64] for AVX2's): at most 2.5 bytes per element of x,
+    // inside xp's 4 (k % 128 == 0 keeps xs 64-byte aligned).
     const cpu::I16Kernel kern = cpu::i16_kernel(isa);
     int16_t* xq = reinterpret_cast<int16_t*>(xp);
     float* xs = reinterpret_cast<float*>(xq + M * k);

@@ -1,6 +1,9 @@
 // gemm_4bit's compute="int16" GEMV (M <= 16): x rounded to 16-bit integers per
 // 64 elements, the 16 codes to multiples of 2^-13, products summed exactly in
-// int32 over each 128-weight group, then scaled and summed in float32.
+// int32 over each 128-weight group, then scaled and summed in float32. This
+// is the AVX-512 VNNI kernel; CPUs without VNNI take its AVX2 sibling
+// (cpu/gemv_i16_avx2.cpp, the same numerics over 8 float32 lanes), chosen
+// here by i16_kernel().
 //
 // Why: the float32 GEMV (cpu/gemm_4bit.cpp) spends one 512-bit shuffle (the
 // vpermps lookup) per 16 weights and is bound by it and its shifts. Here one
