@@ -116,10 +116,10 @@ def test_fused_bfloat16_within_twice_the_composition_error(shape, B, T, parallel
         assert _rel_err(f, r) <= 2 * _rel_err(c, r) + 1e-6, name
 
 
-@pytest.mark.skipif(not pn.build_info()["cpu_gemv_int16"], reason="no AVX2: int16 computes in float32")
+@pytest.mark.parametrize("cpu_isa", ["avx512", "avx2"], indirect=True)  # the ISAs with an int16 kernel
 @pytest.mark.parametrize("shape", ["hd80", "hd256"])  # hd80: only K = 640 (down) takes int16; hd256: all four
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 1), (2, 3), (3, 6)])  # M = 18: every Linear in float32
-def test_fused_int16_equals_composition_int16(shape, B, T):
+def test_fused_int16_equals_composition_int16(cpu_isa, shape, B, T):
     fused, composed, reference = run_three(shape, torch.float32, B, T, compute="int16")
     plain, _, _ = run_three(shape, torch.float32, B, T)
     for f, c, r, name in zip(fused, composed, reference, ("x", "k_cache", "v_cache")):

@@ -491,8 +491,9 @@ void test_gemv(const NamedKernel& kernel, Isa isa, const QuantWeight& q, int64_t
 // gemm_4bit's int16 GEMV (cpu/gemv_i16.cpp) against its definition written
 // out in scalars (double sums of exact integer products), with exact-size
 // buffers (a sanitizer sees any over-read of W, absmax or x) and sentinels
-// around y. N = 17: four blocks of four rows side by side at M = 1 and a
-// lone row after them; N = 1, 3: only lone rows.
+// around y. N = 17: at M = 1 four blocks of four rows side by side (AVX-512
+// VNNI) or eight pairs (AVX2), and a lone row after them; N = 1, 3: lone rows
+// or one pair and a lone row.
 void test_gemv_i16(cpu::I16Kernel kern, const QuantWeight& q, int64_t M, int64_t ldx,
                    bool with_bias, std::mt19937& rng) {
   const int64_t N = q.N, K = q.K;
