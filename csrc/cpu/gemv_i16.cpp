@@ -74,6 +74,7 @@
 #include <cmath>
 
 #include "common/elements.h"
+#include "common/i16_rows.h"
 #include "common/kernels.h"
 #include "common/prefetch.h"
 #include "common/simd_x86.h"
@@ -287,11 +288,11 @@ PN_I16 inline void row_i16(const int16_t* xq, const float* xs, int64_t K, const 
 // rows, alternated in one process on weights streamed from DRAM (287-354 MB
 // cycled; a 2-vCPU Xeon, family 6 model 167, 2026-12-02): 1.22-1.33x on
 // 160m-, 1.4b- and 12b-shaped weights at one thread, 1.14-1.33x at two; eight
-// rows apart, 1.02-1.22x. Rows the quarters leave over (at most three) go one
-// at a time. Above M = 1, one row of W at a
-// time against the rows of x in groups of 4 (a group shares the row's
-// lookups; the row, K / 2 bytes, stays in L1 from one group to the next, so
-// W comes from memory once for any M).
+// rows apart, 1.02-1.22x. The schedule (rows the quarters leave over one at
+// a time; above M = 1 one row of W at a time against the rows of x in groups
+// of 4) is common/i16_rows.h's, shared with the AVX2 kernel; through it the
+// M = 1 loop measured 0.99-1.03x the loop written out here before (L1/L3
+// weights, 1 thread, alternated in one process, same bits, 2026-12-03).
 template <bool BS64>
 PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
                      const uint8_t* packed, const float* absmax, int64_t bs, __m512i table,
@@ -308,43 +309,13 @@ PN_I16 void rows_i16(const int16_t* xq, const float* xs, int64_t M, int64_t K,
   }
   const __m512i fold[2] = {_mm512_load_si512(lo), _mm512_load_si512(hi)};
   const int64_t xlanes = K / 8, wrow = K / 2, arow = K / bs;
-  constexpr int kRows = 4;
-  int64_t n = n0;
-  if (M == 1) {
-    // The four rows of a block are a quarter of the thread's rows apart, so
-    // that each is its own stream: see rows_i16's comment.
-    const int64_t q = (n1 - n0) / kRows;
-    const int64_t ahead = std::max<int64_t>(kRowAhead, wrow);
-    float sums[kRows];
-    for (int64_t i = 0; i < q; ++i) {
-      row_i16<1, kRows, BS64>(xq, xs, K, packed + (n0 + i) * wrow, absmax + (n0 + i) * arow,
-                              q * wrow, q * arow, log2bs, ahead, table, fold, sums);
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t nr = n0 + i + r * q;
-        store_out(y, ydt, nr, sums[r] + (bias ? bias[nr] : 0.0f));
-      }
-    }
-    n = n0 + kRows * q;
-  }
-  for (; n < n1; ++n) {
-    const uint8_t* w = packed + n * wrow;
-    const float* a = absmax + n * arow;
-    const float b = bias ? bias[n] : 0.0f;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int16_t* xg = xq + m0 * K;
-      const float* sg = xs + m0 * xlanes;
-      float sums[4];
-      const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-      constexpr int64_t ahead = kPrefetchAhead;
-      switch (mt) {
-        case 4: row_i16<4, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
-        case 3: row_i16<3, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
-        case 2: row_i16<2, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
-        default: row_i16<1, 1, BS64>(xg, sg, K, w, a, 0, 0, log2bs, ahead, table, fold, sums); break;
-      }
-      for (int m = 0; m < mt; ++m) store_out(y, ydt, (m0 + m) * ldy + n, sums[m] + b);
-    }
-  }
+  i16_rows<4>(M, n0, n1, wrow, bias, y, ydt, ldy,
+              [&](auto mt, auto r, int64_t m0, int64_t n, int64_t step, int64_t ahead,
+                  float* sums) PN_I16 {
+                row_i16<decltype(mt)::value, decltype(r)::value, BS64>(
+                    xq + m0 * K, xs + m0 * xlanes, K, packed + n * wrow, absmax + n * arow,
+                    step * wrow, step * arow, log2bs, ahead, table, fold, sums);
+              });
 }
 
 }  // namespace

@@ -38,6 +38,7 @@
 #include <cmath>
 
 #include "common/elements.h"
+#include "common/i16_rows.h"
 #include "common/kernels.h"
 #include "common/prefetch.h"
 #include "common/simd_x86.h"
@@ -153,7 +154,7 @@ PN_I16_AVX2 inline void row_i16_avx2(const int16_t* xq, const float* xs, int64_t
   static_assert(MT == 1 || R == 1, "rows of x or rows of W side by side, not both");
   __m256 tot[R * MT];
   for (int i = 0; i < R * MT; ++i) tot[i] = _mm256_setzero_ps();
-  const int64_t nb = K / 64, xlanes = K / 64;
+  const int64_t nb = K / 64;  // 64-blocks per row, and x's scales per row
   // The absmax bytes `ahead` bytes of W on: 2 * ahead weights, 4 bytes per block.
   const int64_t aahead = (ahead * 8) >> log2bs;
   for (int64_t j = 0; j < nb; j += 2, w += 64) {
@@ -168,7 +169,7 @@ PN_I16_AVX2 inline void row_i16_avx2(const int16_t* xq, const float* xs, int64_t
         block_i16_avx2<MT>(wr + 32 * h, xq + 64 * (j + h), K, t, s);
         const __m256 am = _mm256_broadcast_ss(ar + ((64 * (j + h)) >> log2bs));
         for (int m = 0; m < MT; ++m) {
-          const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(xs + m * xlanes + j + h), am);
+          const __m256 scale = _mm256_mul_ps(_mm256_broadcast_ss(xs + m * nb + j + h), am);
           tot[r * MT + m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[m]), scale, tot[r * MT + m]);
         }
       }
@@ -189,15 +190,14 @@ PN_I16_AVX2 bool quantize_x_i16_avx2(const void* x, DType dt, int64_t M, int64_t
   return false;
 }
 
-// Rows [n0, n1) of W against all M rows of x, as rows_i16 in gemv_i16.cpp
-// but at M = 1 with two rows of W side by side, half the thread's rows apart
-// (two streams from memory, common/prefetch.h), an odd row left over alone.
+// Rows [n0, n1) of W against all M rows of x in common/i16_rows.h's order,
+// as the AVX-512 kernel, but at M = 1 with two rows of W side by side, half
+// the thread's rows apart (two streams from memory, common/prefetch.h).
 // Against four rows a quarter apart (the AVX-512 kernel's choice), alternated
 // in one process on a 2-vCPU Xeon (family 6 model 167) forced to AVX2,
 // 2026-12-03: 1.03-1.06x with W in cache, 1.01-1.05x streamed from DRAM
 // (300 MB cycled) on one thread and 1.02-1.20x on two; one row at a time
-// 0.86-1.02x. Above M = 1 one row of W at a time against the rows of x in
-// groups of 4 (the row stays in L1 from one group to the next).
+// 0.86-1.02x.
 PN_I16_AVX2 void gemv_4bit_i16_rows_avx2(const int16_t* xq, const float* xs, int64_t M,
                                          int64_t K, const uint8_t* packed, const float* absmax,
                                          int64_t blocksize, QuantType qt, const float* bias,
@@ -215,41 +215,13 @@ PN_I16_AVX2 void gemv_4bit_i16_rows_avx2(const int16_t* xq, const float* xs, int
   t.nib = _mm256_set1_epi8(0x0F);
   const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   const int64_t xlanes = K / 64, wrow = K / 2, arow = K / blocksize;
-  constexpr int kRows = 2;
-  int64_t n = n0;
-  if (M == 1) {
-    const int64_t q = (n1 - n0) / kRows;
-    const int64_t ahead = std::max<int64_t>(kRowAhead, wrow);
-    float sums[kRows];
-    for (int64_t i = 0; i < q; ++i) {
-      row_i16_avx2<1, kRows>(xq, xs, K, packed + (n0 + i) * wrow, absmax + (n0 + i) * arow,
-                             q * wrow, q * arow, log2bs, ahead, t, sums);
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t nr = n0 + i + r * q;
-        store_out(y, ydt, nr, sums[r] + (bias ? bias[nr] : 0.0f));
-      }
-    }
-    n = n0 + kRows * q;
-  }
-  for (; n < n1; ++n) {
-    const uint8_t* w = packed + n * wrow;
-    const float* a = absmax + n * arow;
-    const float b = bias ? bias[n] : 0.0f;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int16_t* xg = xq + m0 * K;
-      const float* sg = xs + m0 * xlanes;
-      float sums[4];
-      const int mt = static_cast<int>(std::min<int64_t>(4, M - m0));
-      constexpr int64_t ahead = kPrefetchAhead;
-      switch (mt) {
-        case 4: row_i16_avx2<4, 1>(xg, sg, K, w, a, 0, 0, log2bs, ahead, t, sums); break;
-        case 3: row_i16_avx2<3, 1>(xg, sg, K, w, a, 0, 0, log2bs, ahead, t, sums); break;
-        case 2: row_i16_avx2<2, 1>(xg, sg, K, w, a, 0, 0, log2bs, ahead, t, sums); break;
-        default: row_i16_avx2<1, 1>(xg, sg, K, w, a, 0, 0, log2bs, ahead, t, sums); break;
-      }
-      for (int m = 0; m < mt; ++m) store_out(y, ydt, (m0 + m) * ldy + n, sums[m] + b);
-    }
-  }
+  i16_rows<2>(M, n0, n1, wrow, bias, y, ydt, ldy,
+              [&](auto mt, auto r, int64_t m0, int64_t n, int64_t step, int64_t ahead,
+                  float* sums) PN_I16_AVX2 {
+                row_i16_avx2<decltype(mt)::value, decltype(r)::value>(
+                    xq + m0 * K, xs + m0 * xlanes, K, packed + n * wrow, absmax + n * arow,
+                    step * wrow, step * arow, log2bs, ahead, t, sums);
+              });
 }
 
 }  // namespace cpu
