@@ -256,11 +256,13 @@ at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
     });
     if (narrow_panel) panel_mm.narrow(0, 0, rows).copy_(panel.narrow(0, 0, rows));
     const at::Tensor w = panel_mm.narrow(0, 0, rows);
+    // Straight into y's columns [r0, r0 + rows): a row-major view with
+    // leading dimension n, which BLAS takes as it is (no temporary + copy).
     at::Tensor out_slice = y.narrow(1, r0, rows);
     if (b.has_value()) {
-      out_slice.copy_(at::addmm(b->narrow(0, r0, rows), xm, w.t()));
+      at::addmm_out(out_slice, b->narrow(0, r0, rows), xm, w.t());
     } else {
-      out_slice.copy_(at::mm(xm, w.t()));
+      at::mm_out(out_slice, xm, w.t());
     }
   }
   return y;
