@@ -99,7 +99,11 @@ def gemm_4bit(
     in float32, but torch lets it combine split-K partial sums in the input
     dtype unless ``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``
     (``..._bf16_...``) is False; the op follows those global settings, as
-    ``F.linear`` does.
+    ``F.linear`` does. Likewise for a float32 x: below ``"highest"`` (the
+    default), ``torch.set_float32_matmul_precision`` lets the paths that end
+    in BLAS (CPU M > 64, or M > 16 with AVX2 alone; CUDA M > 16) multiply in
+    bf16 (oneDNN on the CPU: ~2e-3 relative error measured at M = 300) or
+    TF32 (cuBLAS); the GEMV and the CPU tiles stay float32 whatever it says.
 
     ``compute="int16"`` lets a kernel round x to 16-bit integers per 64
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to

@@ -121,3 +121,28 @@ def test_respects_thread_count(M):
     # Each output is computed whole by one thread (GEMV: a row of W; tiles: a
     # group of 4 rows): the result does not depend on the split.
     assert torch.equal(y1, pn.gemm_4bit(x, p, a, (2304, 768), b))
+
+
+@pytest.mark.parametrize("M", [1, 17, 300])
+def test_float32_matmul_precision_follows_torch(M, device):
+    """torch.set_float32_matmul_precision("medium"/"high") lets BLAS multiply
+    float32 in bf16 (CPU, oneDNN) or TF32 (cuBLAS). gemm_4bit's own kernels
+    stay float32 whatever it says; the paths that end in a BLAS call (CPU
+    above M = 64, or above 16 with AVX2 alone; CUDA above M = 16) follow it as
+    F.linear on the dequantized weight does, and are float32 again at the
+    default, "highest"."""
+    shape = (768, 768)
+    x, p, a, b = _problem(M, 768, 768, torch.float32, device)
+    exact = ref.gemm_4bit(x.double(), p, a, shape, b.double())
+    w = pn.dequantize_4bit(p, a, shape, dtype=torch.float32)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        y = pn.gemm_4bit(x, p, a, shape, b)
+        plain = torch.nn.functional.linear(x, w, b)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _rel_err(y, exact) <= max(1e-5, 2 * _rel_err(plain, exact))
+    if M == 1:  # a GEMV on every device: never BLAS, so float32 whatever the setting
+        assert _rel_err(y, exact) <= 1e-5
+    assert _rel_err(pn.gemm_4bit(x, p, a, shape, b), exact) <= 1e-5
