@@ -133,14 +133,32 @@ class Pythia:
         return batch
 
     def _ensure_cache(self, batch_size: int) -> None:
-        if batch_size > self.cache.max_batch:
-            old, self.cache = self.cache, None  # free the old one before allocating the larger one
-            self._graphs.clear()
-            try:
-                self.cache = self.model.new_cache(batch_size, self.max_len)
-            except BaseException:
-                self.cache = old  # e.g. out of memory: the engine keeps working at the old size
-                raise
+        current = 0 if self.cache is None else self.cache.max_batch
+        if batch_size <= current:
+            return
+        # The old cache (and the graphs that read it) are released before the
+        # larger one is allocated, so the peak is the new cache, not both: on a
+        # GPU near its limit both may not fit where the new one alone does.
+        self._drop_graphs()
+        self.cache = None
+        try:
+            self.cache = self.model.new_cache(batch_size, self.max_len)
+        except BaseException:
+            # E.g. out of memory: the engine keeps working at the old size (its
+            # contents need not survive: every call prefills its own prompts).
+            if current:
+                try:
+                    self.cache = self.model.new_cache(current, self.max_len)
+                except BaseException:
+                    pass  # still None: the next call allocates again
+            raise
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured CUDA graphs (recaptured on next use) and their
+        memory pool: a pool id whose graphs are all gone must not be passed to
+        a new capture (torch's allocator asserts that a reused pool is in use)."""
+        self._graphs.clear()
+        self._graph_pool = None
 
     # -------------------------------------------------------------- decode --
 

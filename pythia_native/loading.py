@@ -270,7 +270,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         if _storages(engine.model) != before:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.
-            engine._graphs.clear()
+            engine._drop_graphs()
 
 
 def _storages(model: PythiaModel) -> list[tuple[str, int]]:

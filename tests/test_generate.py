@@ -1,5 +1,7 @@
 """The generate loop, sampling, streaming, stop conditions and scoring."""
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -316,15 +318,46 @@ def test_failed_cache_growth_keeps_the_engine_usable(engine, monkeypatch):
     e = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=32)
     before = e.generate_ids([5, 6], 4, ignore_eos=True)
 
-    def out_of_memory(*args, **kwargs):
-        raise MemoryError("simulated")
+    real = e.model.new_cache
+
+    def out_of_memory(max_batch, max_len=None):
+        if max_batch > 1:
+            raise MemoryError("simulated")
+        return real(max_batch, max_len)
 
     monkeypatch.setattr(e.model, "new_cache", out_of_memory)
     with pytest.raises(MemoryError):
         e.generate_ids([[5, 6], [7, 8]], 4)
-    monkeypatch.undo()
     assert e.cache is not None and e.cache.max_batch == 1
     assert e.generate_ids([5, 6], 4, ignore_eos=True) == before
+
+    # Not even the old size fits any more: the error still reaches the caller,
+    # and the next call allocates again.
+    monkeypatch.setattr(e.model, "new_cache", lambda *a, **k: (_ for _ in ()).throw(MemoryError("simulated")))
+    with pytest.raises(MemoryError):
+        e.generate_ids([[5, 6], [7, 8]], 4)
+    assert e.cache is None
+    monkeypatch.undo()
+    assert e.generate_ids([5, 6], 4, ignore_eos=True) == before
+
+
+def test_cache_growth_frees_the_old_cache_first(engine, monkeypatch):
+    # The peak while growing is the new cache alone: nothing holds the old one
+    # (nor the graphs or the bound decode loop) when the new one is allocated.
+    e = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=32)
+    e.generate_ids([5, 6], 4, ignore_eos=True)
+    old = weakref.ref(e.cache)
+    real = e.model.new_cache
+    freed = []
+
+    def new_cache(max_batch, max_len=None):
+        gc.collect()
+        freed.append(old() is None)
+        return real(max_batch, max_len)
+
+    monkeypatch.setattr(e.model, "new_cache", new_cache)
+    e.generate_ids([[5, 6], [7, 8]], 4, ignore_eos=True)
+    assert freed == [True] and e.cache.max_batch == 2
 
 
 def test_larger_batch_than_cache_reallocates(engine):
