@@ -155,8 +155,9 @@ class Pythia:
 
     def _drop_graphs(self) -> None:
         """Forget the captured CUDA graphs (recaptured on next use) and their
-        memory pool: a pool id whose graphs are all gone must not be passed to
-        a new capture (torch's allocator asserts that a reused pool is in use)."""
+        memory pool: a new capture gets a fresh pool rather than the id of one
+        whose graphs are all gone (which torch's allocator may have erased, or
+        hold still in use by a lingering workspace)."""
         self._graphs.clear()
         self._graph_pool = None
 
