@@ -101,7 +101,9 @@ def gemm_4bit(
     (``..._bf16_...``) is False; the op follows those global settings, as
     ``F.linear`` does. Likewise for a float32 x: below ``"highest"`` (the
     default), ``torch.set_float32_matmul_precision`` lets the paths that end
-    in BLAS (CPU M > 64, or M > 16 with AVX2 alone; CUDA M > 16) multiply in
+    in BLAS (CPU: M above the tiles' 64, or 16 with AVX2 alone, or K not a
+    multiple of blocksize; CUDA: M > 16, or K not a multiple of blocksize
+    or 32, or an x or W not 16-byte aligned) multiply in
     bf16 (oneDNN on the CPU: ~2e-3 relative error measured at M = 300) or
     TF32 (cuBLAS); the GEMV and the CPU tiles stay float32 whatever it says.
 

@@ -128,7 +128,7 @@ def test_float32_matmul_precision_follows_torch(M, device):
     """torch.set_float32_matmul_precision("medium"/"high") lets BLAS multiply
     float32 in bf16 (CPU, oneDNN) or TF32 (cuBLAS). gemm_4bit's own kernels
     stay float32 whatever it says; the paths that end in a BLAS call (CPU
-    above M = 64, or above 16 with AVX2 alone; CUDA above M = 16) follow it as
+    above M = 64, or 16 with AVX2 alone; CUDA above M = 16) follow it as
     F.linear on the dequantized weight does, and are float32 again at the
     default, "highest"."""
     shape = (768, 768)
