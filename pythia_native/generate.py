@@ -149,8 +149,8 @@ class Pythia:
             if current:
                 try:
                     self.cache = self.model.new_cache(current, self.max_len)
-                except BaseException:
-                    pass  # still None: the next call allocates again
+                except Exception:
+                    pass  # still None: the next call allocates again; the first error is raised
             raise
 
     def _drop_graphs(self) -> None:

@@ -125,12 +125,10 @@ def test_respects_thread_count(M):
 
 @pytest.mark.parametrize("M", [1, 17, 300])
 def test_float32_matmul_precision_follows_torch(M, device):
-    """torch.set_float32_matmul_precision("medium"/"high") lets BLAS multiply
-    float32 in bf16 (CPU, oneDNN) or TF32 (cuBLAS). gemm_4bit's own kernels
-    stay float32 whatever it says; the paths that end in a BLAS call (CPU
-    above M = 64, or 16 with AVX2 alone; CUDA above M = 16) follow it as
-    F.linear on the dequantized weight does, and are float32 again at the
-    default, "highest"."""
+    """The contract in gemm_4bit's docstring: below "highest", its BLAS paths
+    follow torch.set_float32_matmul_precision as F.linear on the dequantized
+    weight does (bf16 or TF32 products), its own kernels stay float32, and
+    "highest" (the default) is float32 again."""
     shape = (768, 768)
     x, p, a, b = _problem(M, 768, 768, torch.float32, device)
     exact = ref.gemm_4bit(x.double(), p, a, shape, b.double())

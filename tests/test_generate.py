@@ -333,7 +333,10 @@ def test_failed_cache_growth_keeps_the_engine_usable(engine, monkeypatch):
 
     # Not even the old size fits any more: the error still reaches the caller,
     # and the next call allocates again.
-    monkeypatch.setattr(e.model, "new_cache", lambda *a, **k: (_ for _ in ()).throw(MemoryError("simulated")))
+    def nothing_fits(max_batch, max_len=None):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(e.model, "new_cache", nothing_fits)
     with pytest.raises(MemoryError):
         e.generate_ids([[5, 6], [7, 8]], 4)
     assert e.cache is None
