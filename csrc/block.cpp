@@ -63,7 +63,7 @@ void check_vector(const at::Tensor& t, const char* name, int64_t n, const at::Te
 void check_linear(const char* name, const at::Tensor& packed, const at::Tensor& absmax,
                   const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                   int64_t blocksize, const at::Tensor& x) {
-  check_packed(packed, absmax, n * k, blocksize, kOp, name);
+  check_packed(packed, absmax, weight_numel(n, k, kOp), blocksize, kOp, name);
   TORCH_CHECK(packed.device() == x.device(), "pythia_native.neox_block_: ", name,
               "packed must be on x's device ", x.device(), ", got ", packed.device());
   check_bias(bias, x, n, kOp, name);

@@ -17,6 +17,7 @@
 #include "ops.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -48,8 +49,17 @@ void check_float_dtype(const at::Tensor& t, const char* name, const char* op) {
               ": ", name, " must be float32, float16 or bfloat16, got ", s);
 }
 
+int64_t weight_numel(int64_t n, int64_t k, const char* op) {
+  int64_t numel = 0;
+  TORCH_CHECK(!c10::mul_overflows(n, k, &numel) && numel <= kMaxWeightNumel, "pythia_native.",
+              op, ": a weight of shape (", n, ", ", k, ") has more than 2^62 elements");
+  return numel;
+}
+
 void check_packed(const at::Tensor& packed, const at::Tensor& absmax, int64_t numel,
                   int64_t blocksize, const char* op, const char* name) {
+  TORCH_CHECK(numel >= 0 && numel <= kMaxWeightNumel, "pythia_native.", op, ": ", name,
+              "weight element count ", numel, " is outside [0, 2^62]");
   TORCH_CHECK(packed.scalar_type() == at::kByte, "pythia_native.", op, ": ", name,
               "packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "pythia_native.", op, ": ", name,
@@ -92,7 +102,7 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "[..., k] with k = ", k, ", got ", x.sizes());
   TORCH_CHECK(x.device() == packed.device(), "pythia_native.gemm_4bit: x and packed must be on "
               "the same device, got ", x.device(), " and ", packed.device());
-  check_packed(packed, absmax, n * k, blocksize, "gemm_4bit");
+  check_packed(packed, absmax, weight_numel(n, k, "gemm_4bit"), blocksize, "gemm_4bit");
   check_bias(bias, x, n, "gemm_4bit");
 }
 
@@ -105,7 +115,7 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
   int64_t numel = 1;
   for (int64_t s : shape) {
     TORCH_CHECK(s >= 0, "pythia_native.dequantize_4bit: shape must be non-negative, got ", shape);
-    numel *= s;
+    numel = weight_numel(numel, s, "dequantize_4bit");
   }
   check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
   return numel;

@@ -20,8 +20,15 @@ void check_blocksize(int64_t blocksize);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// packed: uint8 with (numel + 1) / 2 elements; absmax: float32 with
-// ceil(numel / blocksize) elements; both contiguous, on one device.
+// The element count of a 4-bit weight is at most this (2^62), so that
+// (numel + 1) / 2 and ceil(numel / blocksize) cannot overflow int64. Shapes
+// whose product exceeds it (or int64) raise instead of wrapping to a small
+// count that a tiny packed tensor could match.
+constexpr int64_t kMaxWeightNumel = int64_t{1} << 62;
+// n * k for a weight [n, k] (n, k >= 0), or an error naming `op` when the
+// product exceeds kMaxWeightNumel.
+int64_t weight_numel(int64_t n, int64_t k, const char* op);
+
 // A 4-bit weight of `numel` elements: packed uint8 [(numel + 1) / 2] and
 // absmax float32 [ceil(numel / blocksize)], contiguous, on one device. `name`
 // prefixes the argument names in the errors ("qkv_" -> "qkv_packed ...").

@@ -66,6 +66,25 @@ def test_gemm_bad_args(q):
         pn.gemm_4bit(x, packed, absmax, (7, 64), blocksize=100)
 
 
+def test_weight_shapes_past_int64_raise():
+    # 2^33 x 2^31 = 2^64 wraps to 0 in int64: empty packed / absmax tensors
+    # would then pass the size checks and the kernel would index rows it was
+    # never given. x is a stride-0 view, so [1, 2^31] costs no memory.
+    empty_p, empty_a = torch.zeros(0, dtype=torch.uint8), torch.zeros(0)
+    x = torch.zeros(1).expand(1, 2**31)
+    with pytest.raises(RuntimeError, match=r"gemm_4bit: a weight of shape \(8589934592, 2147483648\) "
+                       r"has more than 2\^62 elements"):
+        pn.gemm_4bit(x, empty_p, empty_a, (2**33, 2**31))
+    # Within int64 but past the 2^62 bound (kMaxWeightNumel in ops.h), which
+    # keeps (numel + 1) / 2 and ceil(numel / blocksize) far from wrapping.
+    with pytest.raises(RuntimeError, match="more than 2\\^62 elements"):
+        pn.gemm_4bit(torch.zeros(1).expand(1, 2**61), empty_p, empty_a, (3, 2**61))
+    with pytest.raises(RuntimeError, match="dequantize_4bit: a weight of shape .* has more than 2\\^62"):
+        pn.dequantize_4bit(empty_p, empty_a, (2**32, 2**32))
+    with pytest.raises(RuntimeError, match="more than 2\\^62"):
+        pn.dequantize_4bit(empty_p, empty_a, (2**30, 2**31, 3))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_device_mismatch(q):
     packed, absmax = q
