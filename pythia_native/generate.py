@@ -4,7 +4,8 @@ stop conditions, streaming; and scoring (log-probabilities, perplexity).
 :class:`Pythia` holds a :class:`~pythia_native.model.PythiaModel`, its
 tokenizer and one preallocated :class:`~pythia_native.model.KVCache`. On CUDA
 each decode step (one token per sequence) is captured as a CUDA graph the
-first time a batch size is seen, and replayed after: the step's inputs are
+first time a batch size is seen (with the model's current fuse_decode and
+compute: Pythia._graph_key), and replayed after: the step's inputs are
 copied into static tensors, nothing is allocated, and Python launches one
 graph instead of ~15 kernels per layer.
 
@@ -22,6 +23,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from . import ops
 from .errors import GenerationError
 from .model import KVCache, PythiaModel
 from .sampling import SamplingParams, sample
@@ -69,7 +71,7 @@ class Pythia:
             )
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, bool, str], _Graph] = {}  # by _graph_key
         # Bumped by load_revision (loading.load_revision_): a decode loop that bound the
         # model before a revision load binds it again (a buffer may have been reallocated).
         self._model_epoch = 0
@@ -189,14 +191,24 @@ class Pythia:
         # replayed on. Inference mode: the static inputs are cloned inside it, so they
         # are inference tensors, and an in-place copy into one is refused outside it.
         with torch.cuda.device(self.device), torch.inference_mode():
-            g = self._graphs.get(ids.shape[0])
+            key = self._graph_key(ids.shape[0])
+            g = self._graphs.get(key)
             if g is None:
                 g = self._capture(ids, positions)
-                self._graphs[ids.shape[0]] = g
+                self._graphs[key] = g
             g.ids.copy_(ids)
             g.positions.copy_(positions)
             g.graph.replay()
             return g.logits
+
+    def _graph_key(self, batch_size: int) -> tuple[int, bool, str]:
+        """What a captured decode step was recorded with besides its tensors:
+        the batch size and the settings the model reads when it is bound
+        (``model.fuse_decode``, ``model.compute``). A graph replays what it
+        recorded, so a change to either after a capture must capture anew, as
+        it takes effect at the next call when decoding eagerly (the graphs of
+        the earlier settings stay, for when they come back)."""
+        return batch_size, bool(self.model.fuse_decode), ops.check_compute(self.model.compute)
 
     def _capture(self, ids: torch.Tensor, positions: torch.Tensor) -> _Graph:
         """Capture the decode step for this batch size. The warm-up runs use the

@@ -363,6 +363,24 @@ def test_cache_growth_frees_the_old_cache_first(engine, monkeypatch):
     assert freed == [True] and e.cache.max_batch == 2
 
 
+def test_graph_key_follows_the_settings_read_at_bind(engine):
+    # A CUDA graph replays what it recorded, so the settings the model reads
+    # when it is bound key the graphs as the batch size does (the captures
+    # themselves: test_graph_decode_equals_eager_cuda, on a GPU).
+    model = engine.model
+    fuse, compute = model.fuse_decode, model.compute
+    try:
+        model.fuse_decode, model.compute = True, "float32"
+        assert engine._graph_key(2) == (2, True, "float32")
+        model.fuse_decode, model.compute = False, "int16"
+        assert engine._graph_key(3) == (3, False, "int16")
+        model.compute = "int8"
+        with pytest.raises(ValueError, match="compute must be one of"):
+            engine._graph_key(1)
+    finally:
+        model.fuse_decode, model.compute = fuse, compute
+
+
 def test_larger_batch_than_cache_reallocates(engine):
     small = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=64)
     out = small.generate_ids([[5, 6], [7, 8, 9]], 6, ignore_eos=True)

@@ -295,7 +295,7 @@ def test_greedy_generation_matches_transformers_cuda(shape):
         ref = hf.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=1)[0, 11:]
     engine = Pythia(model, max_len=128)
     assert engine.generate_ids(prompt[0].tolist(), 64, ignore_eos=True) == ref.tolist()
-    assert set(engine._graphs) == {1}  # the decode steps ran as a captured graph
+    assert set(engine._graphs) == {(1, True, "float32")}  # the decode steps ran as a captured graph
 
 
 @needs_cuda
@@ -310,7 +310,16 @@ def test_graph_decode_equals_eager_cuda(dtype):
     # Another batch size gets its own graph; the first one replays with new positions.
     assert graphed.generate_ids(prompts[1], 24, ignore_eos=True) == eager.generate_ids(prompts[1], 24, ignore_eos=True)
     assert graphed.generate_ids(prompts, 8, ignore_eos=True) == eager.generate_ids(prompts, 8, ignore_eos=True)
-    assert set(graphed._graphs) == {1, 3}
+    assert {key[0] for key in graphed._graphs} == {1, 3}
+    # A setting the model reads when bound, changed after the capture, is seen
+    # (a new graph) as it is when decoding eagerly, and the old graph replays
+    # again once the setting is back.
+    model.fuse_decode = False
+    assert graphed.generate_ids(prompts, 8, ignore_eos=True) == eager.generate_ids(prompts, 8, ignore_eos=True)
+    assert (3, False, "float32") in graphed._graphs
+    model.fuse_decode = True
+    assert graphed.generate_ids(prompts, 8, ignore_eos=True) == eager.generate_ids(prompts, 8, ignore_eos=True)
+    assert set(graphed._graphs) == {(1, True, "float32"), (3, True, "float32"), (3, False, "float32")}
 
 
 @needs_cuda

@@ -271,7 +271,7 @@ def test_4bit_revision_with_another_blocksize_reallocates_and_drops_graphs(hub_c
     # shape, so that buffer cannot be written in place; captured graphs must not survive it.
     add_blocksize_128_revision(hub_cache, tmp_path, tok)
     engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
-    engine._graphs[1] = "captured on the old buffers"  # stands in for a CUDA graph (CPU engines capture none)
+    engine._graphs[engine._graph_key(1)] = "captured on the old buffers"  # stands in for a CUDA graph (CPU engines capture none)
     ptrs = storage(engine)[0]
     engine.load_revision("step16")
     assert engine._graphs == {}
