@@ -76,9 +76,17 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
 
   const size_t elem = x2.element_size();
   const bool gemv_ok = M <= cuda::kGemvMaxM && k % blocksize == 0 && k % 32 == 0 &&
-                       aligned16(packed.data_ptr()) && aligned16(x2.data_ptr()) &&
-                       (x2.stride(0) * elem) % 16 == 0;
+                       aligned16(packed.data_ptr());
   if (gemv_ok) {
+    // The GEMV reads x in 16-byte loads. An x that is not 16-byte aligned
+    // (a view at an odd offset), or whose rows are not (row stride not a
+    // multiple of 16 bytes; row 1 on is never read at M = 1), is copied to
+    // fresh storage (allocator blocks are 512-byte aligned, and k % 32 == 0
+    // keeps every row so): M * K elements, against the N * K * 2 bytes that
+    // dequantizing the weight for cuBLAS would write and read again.
+    if (!aligned16(x2.data_ptr()) || (M > 1 && (x2.stride(0) * elem) % 16 != 0)) {
+      x2 = x2.clone(at::MemoryFormat::Contiguous);
+    }
     at::Tensor y = at::empty({M, n}, x.options());
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     check_launch(cuda::gemv_4bit(x2.data_ptr(), M, k, x2.stride(0), packed.data_ptr<uint8_t>(),

@@ -88,6 +88,25 @@ def test_noncontiguous_x(device):
     torch.testing.assert_close(pn.gemm_4bit(xt, p, a, (33, 128), b), pn.gemm_4bit(x, p, a, (33, 128), b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 3])
+def test_misaligned_x_gives_the_same_bits(M, dtype, device):
+    # x one element past a 16-byte boundary, and rows of K + 1 elements (a row
+    # stride that is no multiple of 16 bytes): the same kernel, so the same
+    # bits, as an aligned contiguous x. (On CUDA the GEMV's 16-byte loads need
+    # aligned rows: such an x is copied, not sent to dequantize + cuBLAS.)
+    K, N = 768, 40
+    x, p, a, b = _problem(M, K, N, dtype, device)
+    want = pn.gemm_4bit(x, p, a, (N, K), b)
+    shifted = torch.zeros(M * K + 1, dtype=dtype, device=device)[1:].view(M, K)
+    shifted.copy_(x)
+    padded = torch.zeros(M * (K + 1) + 1, dtype=dtype, device=device)[1:].view(M, K + 1)[:, :K]
+    padded.copy_(x)
+    for view in (shifted, padded):
+        assert view.data_ptr() % 16 != 0
+        assert torch.equal(pn.gemm_4bit(view, p, a, (N, K), b), want)
+
+
 def test_odd_element_count_layout(device):
     # N*K odd: the last byte holds a pad nibble; rows straddle bytes and blocks.
     x, p, a, b = _problem(3, 5, 7, torch.float32, device)
