@@ -568,4 +568,11 @@ PYBIND11_MODULE(_C, mod) {
      "benchmarks.");
   mod.def("check_neox_block_args", &check_neox_block,
           "neox_block_'s argument checks (its arguments, in order): raise what the op would.");
+#ifdef PN_WITH_CUDA
+  mod.def("cuda_stream_create", &cuda_stream_create, pybind11::arg("device"),
+          "A new non-blocking CUDA stream on `device`, not from torch's pool, as an integer "
+          "handle (for torch.cuda.ExternalStream); release it with cuda_stream_destroy.");
+  mod.def("cuda_stream_destroy", &cuda_stream_destroy, pybind11::arg("stream"),
+          "Release a stream from cuda_stream_create (its queued work completes first).");
+#endif
 }

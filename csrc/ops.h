@@ -59,6 +59,18 @@ std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n);
 
 DType to_dtype(at::ScalarType t);
 
+#ifdef PN_WITH_CUDA
+// A CUDA stream of the caller's own on `device` (not one of torch's pooled
+// streams; non-blocking, so no implicit sync with the legacy default stream),
+// as an integer handle for torch.cuda.ExternalStream, and its release
+// (ops_cuda.cpp). The engine captures its CUDA graphs on one: torch keys
+// cuBLAS workspaces by stream and, when a graph is reset, frees those of the
+// stream it was captured on (pytorch issue #193402), so two engines' graphs
+// captured on one pooled stream could free each other's workspace.
+uint64_t cuda_stream_create(int64_t device);
+void cuda_stream_destroy(uint64_t stream);
+#endif
+
 // Element-wise CPU passes (GELU, the block's residual adds) split between
 // threads above this many values; a decode step's 768-20,480 run on one
 // thread (~3-10 us for GELU, cheaper than a fork of the pool and its cache

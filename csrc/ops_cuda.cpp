@@ -128,6 +128,25 @@ at::Tensor gelu_cuda(const at::Tensor& x) {
 
 }  // namespace
 
+uint64_t cuda_stream_create(int64_t device) {
+  const int64_t count = c10::cuda::device_count();
+  TORCH_CHECK(device >= 0 && device < count, "pythia_native.cuda_stream_create: device must be in "
+              "[0, ", count, "), got ", device);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaStream_t stream = nullptr;
+  const cudaError_t status = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  TORCH_CHECK(status == cudaSuccess, "pythia_native.cuda_stream_create: ",
+              cudaGetErrorString(status));
+  return reinterpret_cast<uint64_t>(stream);
+}
+
+void cuda_stream_destroy(uint64_t stream) {
+  // Work still queued on it completes first (CUDA releases the stream after).
+  // An error (at exit the runtime may be gone already) is ignored: nothing
+  // can be done about it from a destructor, and the handle is not reused.
+  (void)cudaStreamDestroy(reinterpret_cast<cudaStream_t>(stream));
+}
+
 TORCH_LIBRARY_IMPL(pythia_native, CUDA, m) {
   m.impl("quantize_4bit", &quantize_4bit_cuda);
   m.impl("dequantize_4bit", &dequantize_4bit_cuda);

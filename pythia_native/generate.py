@@ -23,7 +23,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from . import ops
+from . import _C, ops
 from .errors import GenerationError
 from .model import KVCache, PythiaModel
 from .sampling import SamplingParams, sample
@@ -32,12 +32,39 @@ from .tokenizer import StreamDecoder, Tokenizer
 Prompt = Union[str, Sequence[int]]
 
 
+class _CaptureStream:
+    """A CUDA stream of one engine's own, for capturing its decode graphs.
+
+    Not one of torch's pooled streams (``torch.cuda.Stream()`` hands those out
+    round-robin, 32 per device, so two engines can get the same one): torch
+    keys cuBLAS workspaces by stream and, when a graph is reset, frees those of
+    the stream it was captured on, including workspaces other live graphs
+    captured on that stream still use (pytorch issue #193402; the head's
+    ``F.linear`` and the M > 16 ``gemm_4bit`` path call cuBLAS). Every graph
+    holds its stream, so the stream is released after the last of them."""
+
+    def __init__(self, device: torch.device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self.handle = _C.cuda_stream_create(index)
+        # Held by the instance: at interpreter exit this module's globals (_C)
+        # may already be cleared when the last graph, and so this, goes.
+        self._destroy = _C.cuda_stream_destroy
+        self.stream = torch.cuda.ExternalStream(self.handle, device=self.device)
+
+    def __del__(self):
+        handle, self.handle = getattr(self, "handle", 0), 0
+        if handle:
+            self._destroy(handle)
+
+
 @dataclass
 class _Graph:
     graph: "torch.cuda.CUDAGraph"
     ids: torch.Tensor  # [B, 1] static input
     positions: torch.Tensor  # [B, 1]
     logits: torch.Tensor  # [B, V] static output
+    stream: _CaptureStream  # captured on: kept while any graph captured on it lives
 
 
 class Pythia:
@@ -224,13 +251,14 @@ class Pythia:
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        if self._capture_stream is None:
-            # torch.cuda.graph's default capture stream is one per process, made on
-            # whichever device was current at the first capture anywhere.
-            self._capture_stream = torch.cuda.Stream(device=dev)
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream):
+        if self._capture_stream is None or self._capture_stream.device != dev:
+            # Not torch.cuda.graph's default capture stream, which is one per process
+            # (made on whichever device was current at the first capture anywhere),
+            # nor a pooled one that another engine may share: see _CaptureStream.
+            self._capture_stream = _CaptureStream(dev)
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream.stream):
             logits = self.model(static_ids, static_pos, self.cache)
-        return _Graph(graph, static_ids, static_pos, logits)
+        return _Graph(graph, static_ids, static_pos, logits, self._capture_stream)
 
     def _token_stream(
         self,

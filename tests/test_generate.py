@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from neox import hf_model, pair, tokenizer_path, trained_tokenizer
+from pythia_native import _C
 from pythia_native.errors import GenerationError
 from pythia_native.generate import Pythia
 from pythia_native.sampling import SamplingParams, filter_logits, greedy, probabilities, sample
@@ -379,6 +380,16 @@ def test_graph_key_follows_the_settings_read_at_bind(engine):
             engine._graph_key(1)
     finally:
         model.fuse_decode, model.compute = fuse, compute
+
+
+@pytest.mark.skipif(not _C.build_info()["cuda"], reason="the CUDA build's streams")
+def test_capture_stream_creation_checks_the_device():
+    # The engine's own capture streams (generate._CaptureStream) come from the
+    # extension; a device that is not there is an error, not a crash.
+    with pytest.raises(RuntimeError, match=r"cuda_stream_create: device must be in \[0, "):
+        _C.cuda_stream_create(torch.cuda.device_count())
+    with pytest.raises(RuntimeError, match="device must be in"):
+        _C.cuda_stream_create(-1)
 
 
 def test_larger_batch_than_cache_reallocates(engine):

@@ -4,6 +4,8 @@ Our model quantizes; transformers gets the same weights dequantized, so the
 comparisons isolate our arithmetic: rotary, the KV cache, attention, the
 4-bit GEMM, LayerNorm, GELU and the parallel residual.
 """
+import gc
+
 import pytest
 import torch
 
@@ -320,6 +322,28 @@ def test_graph_decode_equals_eager_cuda(dtype):
     model.fuse_decode = True
     assert graphed.generate_ids(prompts, 8, ignore_eos=True) == eager.generate_ids(prompts, 8, ignore_eos=True)
     assert set(graphed._graphs) == {(1, True, "float32"), (3, True, "float32"), (3, False, "float32")}
+
+
+@needs_cuda
+def test_engines_capture_on_streams_of_their_own_cuda():
+    # pytorch #193402: resetting a graph frees the cuBLAS workspaces of the
+    # stream it was captured on, which other live graphs captured there use.
+    # Each engine captures on a stream of its own, so dropping one engine's
+    # graphs (as cache growth does) leaves the other's replaying correctly.
+    _, model = pair("14m", dtype=torch.float16, device="cuda")
+    eager = Pythia(model, max_len=64, cuda_graphs=False)
+    a, b = Pythia(model, max_len=64), Pythia(model, max_len=64)
+    want = eager.generate_ids([5, 6, 7], 16, ignore_eos=True)
+    assert a.generate_ids([5, 6, 7], 16, ignore_eos=True) == want
+    assert b.generate_ids([5, 6, 7], 16, ignore_eos=True) == want
+    assert a._capture_stream.handle != b._capture_stream.handle
+    for _ in range(40):  # cycle torch's stream pool (32 per device) past where it began
+        torch.cuda.Stream()
+    a._drop_graphs()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert b.generate_ids([5, 6, 7], 16, ignore_eos=True) == want
+    assert a.generate_ids([5, 6, 7], 16, ignore_eos=True) == want  # recaptured
 
 
 @needs_cuda
