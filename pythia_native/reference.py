@@ -227,11 +227,19 @@ def decode_attention(
     L = k_cache.shape[2]
     k = k_cache[:B].float()
     v = v_cache[:B].float()
-    scores = torch.einsum("bthd,bhld->bhtl", q.float(), k) * scale
-    visible = torch.arange(L, device=q.device)[None, None, :] <= positions[:, :, None]  # [B, T, L]
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-    return torch.einsum("bhtl,bhld->bthd", probs, v).to(q.dtype)
+    slots = torch.arange(L, device=q.device)
+    out = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
+    # One query per sequence at a time, over the slots it sees only: a masked
+    # slot must not reach the result, and 0 * (a NaN or inf there) would.
+    for t in range(T):
+        visible = slots[None, :] <= positions[:, t, None]  # [B, L]
+        kt = k.masked_fill(~visible[:, None, :, None], 0.0)
+        vt = v.masked_fill(~visible[:, None, :, None], 0.0)
+        scores = torch.einsum("bhd,bhld->bhl", q[:, t].float(), kt) * scale
+        probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        has_slots = visible.any(-1)[:, None, None]  # a padding query sees none: zeros
+        out[:, t] = torch.where(has_slots, torch.einsum("bhl,bhld->bhd", probs, vt), 0.0)
+    return out.to(q.dtype)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:

@@ -278,6 +278,42 @@ def test_decode_attention_bc_equals_b_and_noncontiguous_q(device):
     assert _rel_err(out, exact) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_never_reads_slots_it_cannot_see(dtype, device):
+    # Slots past a query's position hold whatever an earlier sequence left
+    # (inf or NaN after an overflow): they must not reach its output, not even
+    # as 0 * NaN. A NaN in a slot the query sees is not hidden either.
+    B, T, H, D, L = 3, 2, 2, 64, 150  # past one CUDA split (128 keys)
+    pos = torch.tensor([[3, 4], [-1, 0], [130, 131]], device=device)
+    q = torch.randn(B, T, H, D, device=device).to(dtype)
+    k, v = _caches(B, H, L, D, dtype, device, 3)
+    clean = pn.decode_attention(q, k, v, pos)
+    seen = torch.arange(L, device=device)[None, :] <= pos[:, -1:]  # [B, L] slots any query sees
+    for poison in (float("nan"), float("inf"), -float("inf")):
+        kp = k.masked_fill(~seen[:, None, :, None], poison)
+        vp = v.masked_fill(~seen[:, None, :, None], poison)
+        assert torch.equal(pn.decode_attention(q, kp, vp, pos), clean)
+    # Query (0, 0) at position 3 does not see slot 4, which query (0, 1) does.
+    vp = v.clone()
+    vp[0, 0, 4, 5] = float("nan")
+    out = pn.decode_attention(q, k, vp, pos)
+    assert torch.equal(out[0, 0], clean[0, 0]) and torch.equal(out[1:], clean[1:])
+    nan = torch.zeros_like(out, dtype=torch.bool)
+    nan[0, 1, 0, 5] = True  # v's element 5 of that slot reaches element 5 of the output only
+    assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan], clean[~nan])
+    want = ref.decode_attention(q, k, vp, pos, D**-0.5)
+    assert torch.equal(want.isnan(), out.isnan())
+    # A NaN key makes its score NaN, and a softmax over a NaN score is NaN in
+    # every dim (as torch's): the key must not be dropped as a ~0 weight.
+    kp = k.clone()
+    kp[2, 1, 129, 7] = float("nan")  # sequence 2, head 1, the slot both its queries see
+    out = pn.decode_attention(q, kp, v, pos)
+    nan = torch.zeros_like(nan)
+    nan[2, :, 1] = True
+    assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan], clean[~nan])
+    assert torch.equal(ref.decode_attention(q, kp, v, pos, D**-0.5).isnan(), nan)
+
+
 def test_decode_attention_default_scale_and_empty(device):
     B, T, H, D, L = 1, 2, 2, 32, 9
     q = torch.randn(B, T, H, D, device=device)
@@ -296,6 +332,12 @@ def test_decode_attention_every_cpu_isa(cpu_isa, dtype, D, L):
     T = min(L, 6)
     pos = torch.stack([torch.arange(L - T, L), torch.arange(T) - 3])
     _run_decode(2, T, 2, D, L, dtype, "cpu", seed=D + L, pos=pos)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_attention_unseen_slots_every_cpu_isa(cpu_isa, dtype):
+    test_decode_attention_never_reads_slots_it_cannot_see(dtype, "cpu")
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)

@@ -17,12 +17,16 @@ namespace cpu {
 // exp(x) as Cephes expf computes it: x = n ln2 + r (n rounded to nearest even,
 // ln2 in two parts), exp(r) by a degree-5 polynomial (~1 ulp), times 2^n.
 // Inputs are clamped to >= -87.3 first (n >= -126), so a lane below that
-// (down to -inf, and NaN) comes out ~1e-38 > 0, not 0: callers mask such
-// lanes. Inputs above ~88 overflow (no caller has them). The
-// vector versions round exactly as the scalar one does (the same FMAs, and
-// 2^n is exact), so a kernel using them writes the same bits on every ISA.
+// (down to -inf) comes out ~1e-38 > 0, not 0: callers mask such lanes. NaN
+// stays NaN (the clamp is vmaxps(-87.3, x), which returns x when x is NaN):
+// a softmax over a NaN score must give NaN, as torch's and the CUDA kernel's
+// do, not drop that key as a ~0 weight. Inputs above ~88 overflow (no
+// caller has them). The vector versions round exactly as the scalar one does
+// (the same FMAs, and 2^n is exact), so a kernel using them writes the same
+// bits on every ISA.
 inline float exp_cephes(float x) {
-  x = x >= -87.3f ? x : -87.3f;  // as vmaxps(x, -87.3): NaN becomes -87.3 too
+  if (x != x) return x;  // NaN (and no float -> int conversion of it below)
+  x = x >= -87.3f ? x : -87.3f;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   float r = std::fma(-n, 0.693359375f, x);
   r = std::fma(-n, -2.12194440e-4f, r);
@@ -40,7 +44,7 @@ inline float exp_cephes(float x) {
 
 // As exp_cephes, 16 lanes; 2^n by vscalefps.
 PN_SIMD_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN lanes stay NaN (second operand)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -110,7 +114,7 @@ PN_SIMD_AVX512 inline __m512 rounded(__m512 v) {
 
 // As exp16, 8 lanes; 2^n built in the exponent field (n >= -126 after the clamp).
 PN_SIMD_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // NaN lanes stay NaN (second operand)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

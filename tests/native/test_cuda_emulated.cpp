@@ -403,10 +403,13 @@ void test_rotary() {
 // softmax) and so, through it, against its naive references. Both sum in
 // float32 in different orders: |out - cpu| <= 1e-5 * max |v| + the output's
 // rounding (one dtype ulp).
+// poison_unseen: the slots of sequence b past all its positions hold NaN, as
+// an earlier request may have left them; no query may read them (the CPU
+// twin does not, and 0 * NaN in the kernel would show in the comparison).
 void check_decode(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t L,
-                  const std::vector<int64_t>& positions) {
-  g_ctx = fmt("decode %s B=%lld T=%lld H=%lld D=%lld L=%lld", dt_name(dt), ll(B), ll(T), ll(H),
-              ll(D), ll(L));
+                  const std::vector<int64_t>& positions, bool poison_unseen = false) {
+  g_ctx = fmt("decode %s B=%lld T=%lld H=%lld D=%lld L=%lld%s", dt_name(dt), ll(B), ll(T), ll(H),
+              ll(D), ll(L), poison_unseen ? " NaN past the positions" : "");
   const int64_t rows = B * T * H, cache_n = B * H * L * D;
   Buf q(dt, rows * D), kc(dt, cache_n), vc(dt, cache_n);
   for (int64_t i = 0; i < rows * D; ++i) q.set(i, normal());
@@ -414,6 +417,18 @@ void check_decode(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t 
   for (int64_t i = 0; i < cache_n; ++i) {
     kc.set(i, normal());
     vmax = std::max(vmax, std::fabs(vc.set(i, normal())));
+  }
+  if (poison_unseen) {
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t last = -1;
+      for (int64_t t = 0; t < T; ++t) last = std::max(last, positions[b * T + t]);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t j = last + 1; j < L; ++j)
+          for (int64_t d = 0; d < D; ++d) {
+            kc.set(((b * H + h) * L + j) * D + d, NAN);
+            vc.set(((b * H + h) * L + j) * D + d, NAN);
+          }
+    }
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   Buf out(dt, rows * D + 1), ref(dt, rows * D);
@@ -446,6 +461,9 @@ void test_decode() {
     check_decode(dt, 2, 2, 2, 64, 300, {127, 128, -1, 299});
     check_decode(dt, 3, 1, 1, 80, 129, {0, 128, 500});
     check_decode(dt, 1, 3, 2, 128, 256, {126, 255, 129});
+    // Stale NaN past the positions: inside a split and in splits past it.
+    check_decode(dt, 2, 2, 2, 64, 300, {3, 130, -1, 0}, true);
+    check_decode(dt, 1, 1, 1, 80, 129, {127}, true);
   }
   g_ctx = "decode bad arguments";
   std::vector<float> buf(4096, 0.0f);
