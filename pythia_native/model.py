@@ -50,7 +50,9 @@ class KVCache:
     ``k[i]`` is the contiguous ``[max_batch, H, max_len, D]`` block the
     attention ops of layer ``i`` read and write; a decode step writes one slot
     per sequence and allocates nothing. Slots past a sequence's length hold
-    stale values that no query can see (attention stops at its position).
+    stale values that no query can see: ``decode_attention`` stops at each
+    query's position, and a prefill zeroes the stale slots its SDPA reads
+    (:func:`_clear_unwritten_slots`).
     """
 
     def __init__(self, config: PythiaConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
@@ -73,6 +75,26 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+def _clear_unwritten_slots(cache: KVCache, positions: torch.Tensor, span: int) -> None:
+    """Zero slots ``last_b + 1 .. span - 1`` of each sequence b (``last_b`` its
+    largest position in ``positions [B, T]``), in every layer, before a prefill.
+
+    No query of b sees those slots, but the prefill's SDPA reads the first
+    ``span`` slots of every sequence and multiplies the masked ones by a zero
+    probability: a NaN or inf an earlier request left there (an overflow in
+    float16, a broken revision in a sweep) would come out as 0 * inf = NaN in
+    b's output. Zeros there keep it out; slots b writes are never touched.
+    Writes only the stale part (none for one sequence, or prompts of one
+    length); reads the positions on the host (a sync on CUDA, once per prefill)."""
+    if positions.numel() == 0:
+        return
+    for b, last in enumerate(positions.max(dim=1).values.tolist()):
+        start = max(last + 1, 0)
+        if start < span:
+            cache.k[:, b, :, start:span].zero_()
+            cache.v[:, b, :, start:span].zero_()
 
 
 def _fits_float16(t: torch.Tensor) -> bool:
@@ -351,7 +373,10 @@ class PythiaModel(nn.Module):
 
         @torch.inference_mode()
         def run(input_ids, positions, cache, *, span=None, last_only=True, hidden_states=None):
-            mask = None if span is None else prefill_mask(positions, span)
+            mask = None
+            if span is not None:
+                mask = prefill_mask(positions, span)
+                _clear_unwritten_slots(cache, positions, span)
             # x is this call's own tensor: a decode step's layers update it in
             # place (Layer.bind), so the residual stream is copied when kept.
             x = F.embedding(input_ids, embed_in)

@@ -392,6 +392,26 @@ def test_capture_stream_creation_checks_the_device():
         _C.cuda_stream_create(-1)
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_stale_nan_in_the_cache_does_not_reach_a_ragged_prefill(engine, poison):
+    # An earlier request may leave inf/NaN in the cache (a float16 overflow, a
+    # broken revision in a sweep). A later batch's shorter prompts must not
+    # see them: the prefill's SDPA multiplies masked slots by 0, and 0 * inf
+    # is NaN, so the stale slots it reads are zeroed first.
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    want = engine.generate_ids(prompts, 5, ignore_eos=True)
+    engine.cache.k.fill_(poison)
+    engine.cache.v.fill_(poison)
+    try:
+        assert engine.generate_ids(prompts, 5, ignore_eos=True) == want
+        logits = engine.model(torch.tensor([[0, 0, 5], [6, 7, 8]]), torch.tensor([[-1, -1, 0], [0, 1, 2]]),
+                              engine.cache, span=3)
+        assert torch.isfinite(logits).all()
+    finally:
+        engine.cache.k.zero_()
+        engine.cache.v.zero_()
+
+
 def test_larger_batch_than_cache_reallocates(engine):
     small = Pythia(engine.model, engine.tokenizer, max_batch=1, max_len=64)
     out = small.generate_ids([[5, 6], [7, 8, 9]], 6, ignore_eos=True)
