@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "common/attention_kernels.h"
 #include "ops.h"
@@ -39,9 +40,20 @@ void check_positions(const at::Tensor& positions, int64_t B, int64_t T, const at
               positions.device());
 }
 
+void check_rope_theta(double rope_theta, const char* op) {
+  const float f = static_cast<float>(rope_theta);
+  TORCH_CHECK(std::isfinite(f) && f > 0.0f, "pythia_native.", op, ": rope_theta must be a "
+              "finite float32 > 0, got ", rope_theta);
+}
+
+void check_attention_scale(double scale, const char* op) {
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), "pythia_native.", op,
+              ": scale must be a finite float32, got ", scale);
+}
+
 RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& positions,
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                      int64_t rotary_ndims) {
+                                      int64_t rotary_ndims, double rope_theta) {
   const char* op = "rotary_kv_cache_";
   check_float_dtype(qkv, "qkv", op);
   TORCH_CHECK(qkv.dim() == 3, "pythia_native.rotary_kv_cache_: qkv must have shape "
@@ -65,11 +77,13 @@ RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& p
                   rotary_ndims <= kAttnMaxHeadDim,
               "pythia_native.rotary_kv_cache_: rotary_ndims must be even and in [0, min(D, ",
               kAttnMaxHeadDim, ")] with D = ", D, ", got ", rotary_ndims);
+  check_rope_theta(rope_theta, op);
   return {B, T, H, D, L};
 }
 
 DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& positions) {
+                                       const at::Tensor& v_cache, const at::Tensor& positions,
+                                       double scale) {
   const char* op = "decode_attention";
   check_float_dtype(q, "q", op);
   TORCH_CHECK(q.dim() == 4, "pythia_native.decode_attention: q must have shape [B, T, H, D], "
@@ -92,6 +106,7 @@ DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_
               kAttnHeadDimMultiple, " and at most ", kAttnMaxHeadDim, ", got q of shape ",
               q.sizes());
   check_positions(positions, B, T, q, op);
+  check_attention_scale(scale, op);
   return {B, T, H, D, L};
 }
 
@@ -134,7 +149,7 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
                                at::Tensor& k_cache, at::Tensor& v_cache, int64_t rotary_ndims,
                                double rope_theta) {
   const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
-                                                   rotary_ndims);
+                                                   rotary_ndims, rope_theta);
   at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
   if (s.B * s.T == 0) return q;
   const at::Tensor positions = positions_in.contiguous();
@@ -150,7 +165,7 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
 at::Tensor decode_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& positions_in,
                                 double scale) {
-  const DecodeDims s = check_decode_attention_args(q_in, k_cache, v_cache, positions_in);
+  const DecodeDims s = check_decode_attention_args(q_in, k_cache, v_cache, positions_in, scale);
   at::Tensor out = at::empty({s.B, s.T, s.H, s.D}, q_in.options());
   const int64_t rows = s.B * s.T * s.H;
   if (rows == 0) return out;

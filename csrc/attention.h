@@ -15,10 +15,11 @@ struct RotaryDims {
 
 // qkv [B, T, H*3*D] float32/float16/bfloat16; positions int64 [B, T];
 // k_cache, v_cache [Bc >= B, H, L, D] contiguous, qkv's dtype and device;
-// rotary_ndims even in [0, D]. Does not look at the positions' values.
+// rotary_ndims even in [0, D]; rope_theta as check_rope_theta. Does not look
+// at the positions' values.
 RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& positions,
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                      int64_t rotary_ndims);
+                                      int64_t rotary_ndims, double rope_theta);
 
 // Sizes of a checked decode_attention call.
 struct DecodeDims {
@@ -27,9 +28,17 @@ struct DecodeDims {
 
 // q [B, T, H, D] float32/float16/bfloat16; k_cache, v_cache [Bc >= B, H, L, D]
 // contiguous, q's dtype and device, L >= 1; D % 8 == 0 and D <= 256;
-// positions int64 [B, T].
+// positions int64 [B, T]; scale as check_attention_scale.
 DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
-                                       const at::Tensor& v_cache, const at::Tensor& positions);
+                                       const at::Tensor& v_cache, const at::Tensor& positions,
+                                       double scale);
+
+// The kernels take these scalars as float32: rope_theta must be finite and
+// > 0 there (0, a negative or a non-finite base makes every angle NaN or
+// inf), the softmax scale finite (inf or NaN turns every score into inf/NaN,
+// which comes out as NaN or as an arbitrary row, not as an error).
+void check_rope_theta(double rope_theta, const char* op);
+void check_attention_scale(double scale, const char* op);
 
 // Shared checks: a cache is [Bc, H, L, D], contiguous, with `like`'s dtype
 // and device; positions are int64 [B, T] on `like`'s device.

@@ -26,7 +26,7 @@ at::Tensor rotary_kv_cache_cuda(const at::Tensor& qkv_in, const at::Tensor& posi
                                 at::Tensor& k_cache, at::Tensor& v_cache, int64_t rotary_ndims,
                                 double rope_theta) {
   const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
-                                                   rotary_ndims);
+                                                   rotary_ndims, rope_theta);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
   if (s.B * s.T == 0) return q;
@@ -44,7 +44,7 @@ at::Tensor rotary_kv_cache_cuda(const at::Tensor& qkv_in, const at::Tensor& posi
 at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& positions_in,
                                  double scale) {
-  const DecodeDims s = check_decode_attention_args(q_in, k_cache, v_cache, positions_in);
+  const DecodeDims s = check_decode_attention_args(q_in, k_cache, v_cache, positions_in, scale);
   // The kernel reads K/V rows with 16-byte loads; any cache torch allocates
   // is aligned, only an odd storage offset is not.
   TORCH_CHECK(aligned16(k_cache.data_ptr()) && aligned16(v_cache.data_ptr()),

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -82,7 +83,7 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
                       const at::Tensor& down_packed, const at::Tensor& down_absmax,
                       const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
                       int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
-                      double /*rope_theta*/, double /*scale*/, bool /*parallel_residual*/,
+                      double rope_theta, double scale, bool /*parallel_residual*/,
                       const std::string& compute) {
   check_float_dtype(x, "x", kOp);
   TORCH_CHECK(x.dim() == 3, "pythia_native.neox_block_: x must have shape [B, T, hidden], got ",
@@ -112,7 +113,10 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
   check_vector(ln1_bias, "ln1_bias", s.hidden, x);
   check_vector(ln2_weight, "ln2_weight", s.hidden, x);
   check_vector(ln2_bias, "ln2_bias", s.hidden, x);
-  TORCH_CHECK(eps >= 0.0, "pythia_native.neox_block_: eps must be >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(static_cast<float>(eps)) && eps >= 0.0,
+              "pythia_native.neox_block_: eps must be a finite float32 >= 0, got ", eps);
+  check_rope_theta(rope_theta, kOp);
+  check_attention_scale(scale, kOp);
   TORCH_CHECK(intermediate_size >= 1, "pythia_native.neox_block_: intermediate_size must be "
               ">= 1, got ", intermediate_size);
   check_blocksize(blocksize);

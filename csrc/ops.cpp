@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace pythia_native {
 
@@ -455,8 +456,13 @@ at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& neste
   TORCH_CHECK(nested_code.scalar_type() == at::kFloat && nested_code.numel() == 256,
               "pythia_native.dequantize_absmax: nested_code must be float32 with 256 entries, "
               "got ", nested_code.scalar_type(), " ", nested_code.sizes());
-  TORCH_CHECK(nested_blocksize >= 1, "pythia_native.dequantize_absmax: nested_blocksize must be "
-              "positive, got ", nested_blocksize);
+  // bitsandbytes nests in blocks of 256; any size works here, bounded so
+  // that ceil(n / nested_blocksize) cannot overflow.
+  TORCH_CHECK(nested_blocksize >= 1 && nested_blocksize <= (int64_t{1} << 31),
+              "pythia_native.dequantize_absmax: nested_blocksize must be in [1, 2^31], got ",
+              nested_blocksize);
+  TORCH_CHECK(std::isfinite(static_cast<float>(offset)), "pythia_native.dequantize_absmax: "
+              "offset must be a finite float32, got ", offset);
   const int64_t n = absmax_q.numel();
   TORCH_CHECK(nested_absmax.numel() == ceil_div(n, nested_blocksize),
               "pythia_native.dequantize_absmax: nested_absmax must hold ceil(", n, " / ",
@@ -467,8 +473,11 @@ at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& neste
               "pythia_native.dequantize_absmax: absmax_q, nested_absmax and nested_code must "
               "be on one device");
   const at::Tensor q = absmax_q.reshape({-1}).to(at::kLong);
-  const at::Tensor scale =
-      nested_absmax.reshape({-1}).repeat_interleave(nested_blocksize).narrow(0, 0, n);
+  // Block i / nb of each value, gathered: n values whatever nb is (repeating
+  // each nested scale nb times would allocate ceil(n / nb) * nb).
+  const at::Tensor block =
+      at::arange(n, absmax_q.options().dtype(at::kLong)).floor_divide(nested_blocksize);
+  const at::Tensor scale = nested_absmax.reshape({-1}).index_select(0, block);
   return (nested_code.reshape({-1}).index_select(0, q) * scale + offset).to(at::kFloat);
 }
 

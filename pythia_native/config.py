@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -78,6 +79,12 @@ class PythiaConfig:
             raise ConfigError(
                 f"config: head_dim {self.head_dim} x rotary_pct {self.rotary_pct} gives an odd rotary_ndims {self.rotary_ndims}"
             )
+        # JSON as Python reads it may hold NaN and Infinity: refused here, not
+        # as NaN logits (or an op's error) at the first forward.
+        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ConfigError(f"config: rope_theta (rotary_emb_base) must be a finite number > 0, got {self.rope_theta!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps >= 0):
+            raise ConfigError(f"config: layer_norm_eps must be a finite number >= 0, got {self.layer_norm_eps!r}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(f"config: hidden_act {self.hidden_act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
         if self.tie_word_embeddings:

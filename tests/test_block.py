@@ -217,6 +217,11 @@ def _bad(name):
         "blocksize": (lambda a: a["p"].update(blocksize=48), "blocksize must be a power of two"),
         "quant type": (lambda a: a["p"].update(quant_type="int4"), "quant_type must be 'nf4' or 'fp4'"),
         "rotary odd": (lambda a: a["p"].update(rotary_ndims=3), "rotary_ndims must be even"),
+        "eps nan": (lambda a: a["p"].update(eps=float("nan")), "eps must be a finite float32 >= 0, got nan"),
+        "eps past float32": (lambda a: a["p"].update(eps=1e39), "eps must be a finite float32 >= 0"),
+        "rope_theta 0": (lambda a: a["p"].update(rope_theta=0.0), "rope_theta must be a finite float32 > 0, got 0"),
+        "rope_theta inf": (lambda a: a["p"].update(rope_theta=float("inf")), "rope_theta must be a finite float32 > 0"),
+        "scale nan": (lambda a: a["p"].update(scale=float("nan")), "scale must be a finite float32, got nan"),
     }
     return cases[name]
 
@@ -224,7 +229,8 @@ def _bad(name):
 @pytest.mark.parametrize("case", [
     "x int", "x 2-d", "x strided", "cache dtype", "cache heads", "cache batch", "positions dtype",
     "positions shape", "position past cache", "ln1 shape", "ln2 dtype", "qkv packed", "up absmax",
-    "down bias", "intermediate", "blocksize", "quant type", "rotary odd",
+    "down bias", "intermediate", "blocksize", "quant type", "rotary odd", "eps nan", "eps past float32",
+    "rope_theta 0", "rope_theta inf", "scale nan",
 ])
 @pytest.mark.parametrize("path", ["op", "composition"])
 def test_bad_input_names_the_argument_and_changes_nothing(case, path):

@@ -41,6 +41,30 @@ def test_dequantize_bad_args(q):
         pn.dequantize_4bit(packed, absmax, (-7, -64))
 
 
+def test_dequantize_absmax_bad_args():
+    absmax_q = torch.randint(0, 256, (300,), dtype=torch.uint8)
+    nested, code = torch.rand(2), torch.linspace(-1, 1, 256)
+    with pytest.raises(RuntimeError, match="absmax_q must be uint8"):
+        pn.dequantize_absmax(absmax_q.int(), nested, code, 0.5)
+    with pytest.raises(RuntimeError, match="nested_absmax must be float32"):
+        pn.dequantize_absmax(absmax_q, nested.double(), code, 0.5)
+    with pytest.raises(RuntimeError, match="nested_code must be float32 with 256 entries"):
+        pn.dequantize_absmax(absmax_q, nested, code[:-1], 0.5)
+    with pytest.raises(RuntimeError, match=r"nested_absmax must hold ceil\(300 / 256\) = 2 values, got \[3\]"):
+        pn.dequantize_absmax(absmax_q, torch.rand(3), code, 0.5)
+    # A corrupt quant_state's offset or nested block size: an error, not NaN
+    # absmax (or an allocation of nested_blocksize floats, as there was).
+    for offset, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (1e39, r"1e\+39")):
+        with pytest.raises(RuntimeError, match=f"offset must be a finite float32, got {shown}"):
+            pn.dequantize_absmax(absmax_q, nested, code, offset)
+    for nb in (0, -256, 2**31 + 1, 2**62):
+        with pytest.raises(RuntimeError, match=r"nested_blocksize must be in \[1, 2\^31\], got " + str(nb)):
+            pn.dequantize_absmax(absmax_q, torch.rand(1), code, 0.5, nb)
+    # The largest block size is fine (one nested scale for everything).
+    one = pn.dequantize_absmax(absmax_q, torch.tensor([2.0]), code, 0.5, 2**31)
+    assert torch.equal(one, code[absmax_q.long()] * 2.0 + 0.5)
+
+
 def test_gemm_bad_args(q):
     packed, absmax = q
     x = torch.randn(2, 64)
@@ -138,6 +162,11 @@ def test_rotary_kv_cache_bad_args():
             pn.rotary_kv_cache_(qkv, pos, k, v, r)
     with pytest.raises(RuntimeError, match=r"positions must be < L = 7 \(the cache length\), got 7"):
         pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1, 2], [3, 4, 7]]), k, v, 8)
+    # The base of the angles: 0, negative or non-finite (as float32) makes them NaN/inf.
+    for theta, shown in ((0.0, "0"), (-10000.0, "-10000"), (float("nan"), "nan"), (float("inf"), "inf"), (1e39, r"1e\+39")):
+        with pytest.raises(RuntimeError, match=rf"rotary_kv_cache_: rope_theta must be a finite float32 > 0, got {shown}"):
+            pn.rotary_kv_cache_(qkv, pos, k, v, 8, theta)
+    assert not k.any() and not v.any()  # nothing was written
 
 
 def test_decode_attention_bad_args():
@@ -167,6 +196,11 @@ def test_decode_attention_bad_args():
         pn.decode_attention(q, k, v, pos.float())
     with pytest.raises(RuntimeError, match=r"positions must have shape \[B, T\] = \[2, 3\]"):
         pn.decode_attention(q, k, v, pos.view(-1))
+    # An inf or NaN scale turns every score into inf/NaN: an error, not NaN rows.
+    for scale, shown in ((float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf"), (1e39, r"1e\+39")):
+        with pytest.raises(RuntimeError, match=rf"decode_attention: scale must be a finite float32, got {shown}"):
+            pn.decode_attention(q, k, v, pos, scale)
+    pn.decode_attention(q, k, v, pos, 0.0)  # finite: uniform attention, fine
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -5,6 +5,7 @@ comparisons isolate our arithmetic: rotary, the KV cache, attention, the
 4-bit GEMM, LayerNorm, GELU and the parallel residual.
 """
 import gc
+import json
 
 import pytest
 import torch
@@ -268,6 +269,17 @@ def test_config_errors_name_the_problem(tmp_path):
         PythiaConfig.from_dict({**PUBLISHED_160M, "num_attention_heads": 7})
     with pytest.raises(ConfigError, match="hidden_act"):
         PythiaConfig.from_dict({**PUBLISHED_160M, "hidden_act": "relu"})
+    # Python's json reads NaN and Infinity: a corrupt config fails here, not as NaN logits.
+    for bad in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ConfigError, match=r"rope_theta \(rotary_emb_base\) must be a finite number > 0"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, "rotary_emb_base": bad})
+    for bad in (float("nan"), float("inf"), -1e-5):
+        with pytest.raises(ConfigError, match="layer_norm_eps must be a finite number >= 0"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, "layer_norm_eps": bad})
+    (tmp_path / "config.json").write_text(json.dumps({**PUBLISHED_160M, "rotary_emb_base": float("inf")}))
+    with pytest.raises(ConfigError, match="got inf"):
+        PythiaConfig.from_json(tmp_path)
+    (tmp_path / "config.json").unlink()
     with pytest.raises(ConfigError, match="no config.json"):
         PythiaConfig.from_json(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
