@@ -7,24 +7,37 @@
 #   bash benchmarks/gpu_check.sh                  # every stage
 #   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate profile
 #
-# Under a per-command time limit (10 minutes on the device tool), run it as
-# three calls on the same warm machine, the build kept between them:
-#   STAGE_TIMEOUT=280 bash benchmarks/gpu_check.sh install cuda-tests tests
-#   STAGE_TIMEOUT=280 bash benchmarks/gpu_check.sh bench bench-generate
-#   bash benchmarks/gpu_check.sh profile
-# (a fresh machine needs `install` again first; the build is incremental).
+# On the device tool (15 minutes of device time per issue, start-up included,
+# at most 10 per command), one call does the work that needs the GPU; the
+# `tests` stage (the whole suite, whose CPU part CI runs anyway) is left out:
+#   here, once: mkdir -p .wheels && python3 -m pip download --no-deps --only-binary=:all: \
+#       --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d .wheels bitsandbytes==0.50.2
+#   run(command="STAGE_TIMEOUT=240 bash benchmarks/gpu_check.sh install cuda-tests bench bench-generate",
+#       carry=[".wheels"], timeout_s=540)
+# (.wheels/ is ignored by git, so it travels only when carried; the wheel is
+# ~43 MB of the 64 MiB a call may carry.) `profile` fits a second call on the
+# same warm machine; a fresh machine needs `install` again first (the build
+# is incremental on a warm one).
 #
 # Expects the machine's own python with torch (CUDA build), nvcc, ninja,
 # pytest and transformers; no network. bitsandbytes (the benchmark's peer) is
 # installed from .wheels/bitsandbytes-*.whl when the repo carries one.
-# Results and logs go to $OUT (default benchmarks/results). A failing test
-# stage is reported but does not stop the benchmark; a failing build does.
+# Results go to $OUT (default benchmarks/results): gemm_4bit_cuda.md,
+# generate_cuda.md, profile_cuda.md. Each stage's log goes to $LOG_DIR
+# (default build/gpu_check_logs); when $OUT was given (the device tool sets
+# it, and brings back at most 8 files from it), the logs are also packed after
+# every stage into one file, $OUT/gpu_check_logs.tar.gz, so a run cut off by
+# its time limit still returns what it logged. A failing test stage is
+# reported but does not stop the benchmark; a failing build does.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+PACK_LOGS=0
+[ -n "${OUT:-}" ] && PACK_LOGS=1
 OUT="${OUT:-$REPO/benchmarks/results}"
-mkdir -p "$OUT"
+LOG_DIR="${LOG_DIR:-$REPO/build/gpu_check_logs}"
+mkdir -p "$OUT" "$LOG_DIR"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(install cuda-tests tests bench bench-generate profile)
@@ -41,7 +54,13 @@ T_ALL=$SECONDS
 
 want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
-# stage NAME CMD...: run CMD, log to $OUT/NAME.log, record time and outcome.
+# The logs as one file in $OUT (see the header); a no-op without a given $OUT.
+pack_logs() {
+  [ "$PACK_LOGS" = 1 ] || return 0
+  tar -czf "$OUT/gpu_check_logs.tar.gz" -C "$LOG_DIR" . 2>/dev/null || true
+}
+
+# stage NAME CMD...: run CMD, log to $LOG_DIR/NAME.log, record time and outcome.
 # STAGE_TIMEOUT=seconds bounds each stage (exit 124 = timed out). pytest's exit
 # status 5 (nothing collected) counts as "no tests", not as a failure.
 # QUIET=1 keeps the output in the log only and shows its last 40 lines.
@@ -53,10 +72,10 @@ stage() {
   echo
   echo "=== [$name] $(date +%T): $*"
   if [ "${QUIET:-0}" = 1 ]; then
-    "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
-    tail -n 40 "$OUT/$name.log"
+    "${cmd[@]}" >"$LOG_DIR/$name.log" 2>&1 || rc=$?
+    tail -n 40 "$LOG_DIR/$name.log"
   else
-    "${cmd[@]}" 2>&1 | tee "$OUT/$name.log" || rc=${PIPESTATUS[0]}
+    "${cmd[@]}" 2>&1 | tee "$LOG_DIR/$name.log" || rc=${PIPESTATUS[0]}
   fi
   local dt=$((SECONDS - t0)) verdict="ok"
   if [ "$rc" -eq 5 ] && [[ "$name" == *tests* ]]; then verdict="no tests collected"
@@ -64,6 +83,8 @@ stage() {
   elif [ "$rc" -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
   echo "=== [$name] $verdict in ${dt} s"
   SUMMARY+=("$(printf '%-12s %-20s %5d s' "$name" "$verdict" "$dt")")
+  printf '%s\n' "${SUMMARY[@]}" >"$LOG_DIR/summary.txt"
+  pack_logs
   [ "$verdict" = "ok" ] || [ "$verdict" = "no tests collected" ]
 }
 
@@ -87,7 +108,7 @@ if want install; then
     echo "no .wheels/{bitsandbytes,accelerate}-*.whl: the benchmarks' bitsandbytes columns read n/a unless installed"
   fi
   if ! QUIET=1 stage install "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
-    echo "BUILD FAILED: see $OUT/install.log"
+    echo "BUILD FAILED: see $LOG_DIR/install.log"
     printf '%s\n' "${SUMMARY[@]}"
     exit 1
   fi
@@ -121,15 +142,8 @@ if want profile; then
   done
 fi
 
-# Results written elsewhere (an earlier run into benchmarks/results) travel with $OUT too.
-if [ "$(cd "$OUT" && pwd)" != "$REPO/benchmarks/results" ]; then
-  for f in "$REPO"/benchmarks/results/*.md; do
-    [ -e "$f" ] && [ ! -e "$OUT/$(basename "$f")" ] && cp "$f" "$OUT/"
-  done
-fi
-
 echo
-echo "=== summary ($((SECONDS - T_ALL)) s in all; logs and results in $OUT)"
+echo "=== summary ($((SECONDS - T_ALL)) s in all; results in $OUT, logs in $LOG_DIR)"
 printf '%s\n' "${SUMMARY[@]}"
 if [ -f "$OUT/gemm_4bit_cuda.md" ]; then
   echo
