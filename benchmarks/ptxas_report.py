@@ -9,9 +9,8 @@ Run it after changing a kernel: a spill (local-memory traffic in the GEMV's
 inner loop) or a register count that halves the resident warps shows here
 before any GPU time is spent. The occupancy column takes the block size
 that each launcher in csrc/cuda/ passes (read from its source) and the
-per-SM limits of compute capability 8.0-9.0 (65,536 registers, 64 warps, 32
-blocks, registers allocated in 256-register warp units); shared memory does
-not limit any kernel here.
+arch's per-SM limits (SM_LIMITS: registers allocated in 256-register warp
+units); shared memory does not limit any kernel here.
 """
 from __future__ import annotations
 
@@ -116,20 +115,31 @@ def parse(lines: list[str]) -> list[dict]:
         if m:
             cur.update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
             continue
-        m = re.search(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?", line)
+        m = re.search(r"Used (\d+) registers", line)
         if m:
-            cur.update(regs=int(m.group(1)), smem=int(m.group(2) or 0))
+            # "..., used 1 barriers[, 8 bytes lmem], 64 bytes smem" (lmem where a kernel spills)
+            smem = re.search(r"(\d+) bytes smem", line)
+            cur.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
             rows.append(cur)
             cur = None
     return rows
 
 
-def occupancy(regs: int, threads: int) -> str:
-    """Resident warps per SM out of 64, as the registers allow (cc 8.0-9.0)."""
+# Per-SM limits by compute capability (CUDA occupancy tables): resident warps,
+# resident blocks; every one of these has 65,536 32-bit registers per SM.
+SM_LIMITS = {75: (32, 16), 80: (64, 32), 86: (48, 16), 87: (48, 16), 89: (48, 24), 90: (64, 32)}
+
+
+def occupancy(regs: int, threads: int, arch: str) -> str:
+    """Resident warps per SM as the registers allow, or "-" for an arch not in SM_LIMITS."""
+    m = re.fullmatch(r"sm_(\d+)a?", arch)
+    if not m or int(m.group(1)) not in SM_LIMITS:
+        return "-"
+    max_warps, max_blocks = SM_LIMITS[int(m.group(1))]
     warps = (threads + 31) // 32
-    regs_per_warp = (regs * 32 + 255) // 256 * 256
-    blocks = min(32, 64 // warps, 65536 // (regs_per_warp * warps))
-    return f"{blocks * warps}/64 ({blocks} blocks of {threads})"
+    regs_per_warp = (regs * 32 + 255) // 256 * 256  # allocated per warp in units of 256
+    blocks = min(max_blocks, max_warps // warps, 65536 // (regs_per_warp * warps))
+    return f"{blocks * warps}/{max_warps} ({blocks} blocks of {threads})"
 
 
 def main() -> int:
@@ -157,7 +167,7 @@ def main() -> int:
     ]
     for r in rows:
         threads = threads_of.get(r["kernel"])
-        occ = occupancy(r["regs"], threads) if threads else "-"
+        occ = occupancy(r["regs"], threads, args.arch) if threads else "-"
         out.append(f"| {r['file']} | {r['kernel']} | {r['instance']} | {r['regs']} | "
                    f"{r['spill_st']}/{r['spill_ld']} | {r['stack']} | {r['smem']} | {occ} |")
     text = "\n".join(out) + "\n"

@@ -230,12 +230,13 @@ def decode_attention(
     slots = torch.arange(L, device=q.device)
     out = torch.zeros(B, T, H, D, dtype=torch.float32, device=q.device)
     # One query per sequence at a time, over the slots it sees only: a masked
-    # slot must not reach the result, and 0 * (a NaN or inf there) would.
+    # slot must not reach the result. Its score is overwritten by -inf below,
+    # but its value would be multiplied by a zero probability, and 0 * (a NaN
+    # or inf left there) is NaN: masked values are zeroed first.
     for t in range(T):
         visible = slots[None, :] <= positions[:, t, None]  # [B, L]
-        kt = k.masked_fill(~visible[:, None, :, None], 0.0)
         vt = v.masked_fill(~visible[:, None, :, None], 0.0)
-        scores = torch.einsum("bhd,bhld->bhl", q[:, t].float(), kt) * scale
+        scores = torch.einsum("bhd,bhld->bhl", q[:, t].float(), k) * scale
         probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
         has_slots = visible.any(-1)[:, None, None]  # a padding query sees none: zeros
         out[:, t] = torch.where(has_slots, torch.einsum("bhl,bhld->bhd", probs, vt), 0.0)

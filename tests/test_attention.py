@@ -288,11 +288,13 @@ def test_decode_attention_never_reads_slots_it_cannot_see(dtype, device):
     q = torch.randn(B, T, H, D, device=device).to(dtype)
     k, v = _caches(B, H, L, D, dtype, device, 3)
     clean = pn.decode_attention(q, k, v, pos)
+    clean_ref = ref.decode_attention(q, k, v, pos, D**-0.5)
     seen = torch.arange(L, device=device)[None, :] <= pos[:, -1:]  # [B, L] slots any query sees
     for poison in (float("nan"), float("inf"), -float("inf")):
         kp = k.masked_fill(~seen[:, None, :, None], poison)
         vp = v.masked_fill(~seen[:, None, :, None], poison)
         assert torch.equal(pn.decode_attention(q, kp, vp, pos), clean)
+        assert torch.equal(ref.decode_attention(q, kp, vp, pos, D**-0.5), clean_ref)  # the oracle too
     # Query (0, 0) at position 3 does not see slot 4, which query (0, 1) does.
     vp = v.clone()
     vp[0, 0, 4, 5] = float("nan")
