@@ -509,6 +509,9 @@ class Pythia:
             ids = [int(bos)] + ids
         if len(ids) < 2:
             raise GenerationError("a text to score needs at least 2 tokens (or prepend_eos=True)")
+        if self.max_len < 2:
+            # A window of one token holds a context but no target to score.
+            raise GenerationError(f"scoring needs a context of at least 2 tokens; this engine has max_len={self.max_len}")
         self._ensure_cache(1)
         logprobs = torch.empty(len(ids) - 1, dtype=torch.float32)
         window, stride = self.max_len, max(self.max_len // 2, 1)

@@ -453,6 +453,18 @@ def test_score_long_text_in_windows(tokenizer):
     assert torch.allclose(b.logprobs[15:23], direct.logprobs[-8:], atol=1e-5)
 
 
+def test_score_needs_a_window_of_two(tokenizer):
+    # A one-token window scores nothing: a clear error, not an indexing error
+    # deep in the window loop. Two tokens score every target with one token of context.
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    with pytest.raises(GenerationError, match="max_len=1"):
+        Pythia(model, tokenizer, max_len=1).score([5, 6, 7])
+    two = Pythia(model, tokenizer, max_len=2).score([5, 6, 7])
+    direct = [Pythia(model, tokenizer, max_len=2).score(pair_ids, prepend_eos=False).logprobs[0]
+              for pair_ids in ([0, 5], [5, 6], [6, 7])]
+    assert torch.allclose(two.logprobs, torch.stack(direct), atol=1e-6)
+
+
 def test_score_batch_returns_one_result_per_text(engine):
     out = engine.score(["Hello world", "Once upon a time"])
     assert len(out) == 2 and all(math.isfinite(s.perplexity) for s in out)
