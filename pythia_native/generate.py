@@ -26,7 +26,7 @@ import torch
 from . import _C, ops
 from .errors import GenerationError
 from .model import KVCache, PythiaModel
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, is_int, sample
 from .tokenizer import StreamDecoder, Tokenizer
 
 Prompt = Union[str, Sequence[int]]
@@ -353,9 +353,8 @@ class Pythia:
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate,
                   want_text=False):
         params = SamplingParams(temperature, top_k, top_p)
+        _check_count_and_seed(max_new_tokens, seed)
         batch, single = self._encode(prompts)
-        if max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if stop_strings and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
@@ -411,11 +410,10 @@ class Pythia:
         if self.tokenizer is None:
             raise GenerationError("streaming text needs a tokenizer")
         params = SamplingParams(temperature, top_k, top_p)
+        _check_count_and_seed(max_new_tokens, seed)
         batch, single = self._encode(prompt)
         if not single:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
-        if max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if max_new_tokens == 0:
             return
@@ -545,6 +543,14 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(-float(self.logprobs.mean()))
+
+
+def _check_count_and_seed(max_new_tokens, seed) -> None:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    # torch.Generator.manual_seed takes [-2^63, 2^64) and raises a bare RuntimeError otherwise.
+    if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
+        raise GenerationError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

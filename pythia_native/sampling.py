@@ -2,12 +2,14 @@
 
 Definitions (the tests check the filtered distributions against them):
 
-* temperature ``t``: ``p = softmax(logits / t)``; ``t == 0`` is greedy (argmax,
+* temperature ``t`` (finite): ``p = softmax(logits / t)``; ``t == 0`` is greedy (argmax,
   the lowest id among equal maxima, as ``torch.argmax``).
 * top-k ``k``: keep the ``k`` largest logits (ties with the ``k``-th kept
   too), the rest get probability 0.
-* top-p ``p``: sort by probability, keep the smallest prefix whose total is
-  ``>= p`` (always at least the most likely token), the rest get 0.
+* top-p ``p``: sort by probability (by logit: the same order, kept even where
+  an extreme ``t`` rounds distinct quotients to equal; equal logits by id),
+  keep the smallest prefix whose total is ``>= p`` (always at least the most
+  likely token), the rest get 0.
 * top-k is applied first, then top-p on what is left, then renormalization.
 
 Only the first ``vocab_size`` logits are candidates: the logits of Pythia are
@@ -15,6 +17,8 @@ wider (50304+) than the tokenizer (50277), and the extra ids decode to nothing.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +28,16 @@ import torch
 from .errors import GenerationError
 
 
+def is_int(v) -> bool:
+    """An integer, not a bool (True would pass as 1 where a count is meant)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real number, not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
@@ -31,33 +45,47 @@ class SamplingParams:
     top_p: Optional[float] = None
 
     def __post_init__(self):
-        if self.temperature is None or self.temperature < 0 or self.temperature != self.temperature:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        # inf is refused too: an infinite temperature turns a -inf logit into NaN.
+        if not is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.top_p is not None and (not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
+            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
-    """Logits ``[B, V]`` (float32) with the tokens top-k/top-p remove set to -inf."""
+def filter_logits(
+    logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """``logits / temperature`` (``[B, V]``, float32) with the tokens top-k/top-p
+    remove set to -inf.
+
+    Which tokens go is decided on ``logits`` as given: a positive temperature
+    keeps their order, but at an extreme one the float32 quotients of distinct
+    logits can come out equal, and a tie would then widen top-k (ties with the
+    k-th are kept) or leave top-p's order among them to the sort. top-p's mass
+    is that of ``softmax(logits / temperature)``, the distribution sampled.
+    """
     logits = logits.float()
+    scaled = logits / temperature if temperature != 1.0 else logits
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        drop = logits < kth
+        logits = logits.masked_fill(drop, float("-inf"))
+        scaled = scaled.masked_fill(drop, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        probs = torch.softmax(scaled.gather(-1, order), dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
         drop_sorted = before >= top_p  # the prefix up to the first token reaching top_p stays
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -76,8 +104,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, vocab_size: Opti
     logits = logits[:, :vocab_size].float()
     # The row maximum first, so that a tiny temperature cannot overflow to inf
     # (softmax is unchanged by the shift; the top token stays at 0, never NaN).
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
-    return torch.softmax(filter_logits(logits, params.top_k, params.top_p), dim=-1)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    return torch.softmax(filter_logits(shifted, params.top_k, params.top_p, params.temperature), dim=-1)
 
 
 def sample(

@@ -58,6 +58,28 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     assert filter_logits(logits[:, perm], top_p=0.51).isfinite()[0].tolist() == [False, True, False, True, False]
 
 
+def test_filters_rank_by_logits_at_extreme_temperatures():
+    # logits / 3e38 rounds the small gaps below to -0.0: the quotients tie,
+    # though the logits do not. The filters rank by the logits, so top-k keeps
+    # exactly k and top-p always keeps the most likely token (index 1 here).
+    logits = torch.tensor([[-1e-7, 0.0, -50.0, -2e-7]])
+    t = 3e38
+    assert torch.equal(logits / t, torch.tensor([[0.0, 0.0, -50.0 / t, 0.0]]))
+    p = probabilities(logits, SamplingParams(t, top_k=1))
+    assert p[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    p = probabilities(logits, SamplingParams(t, top_k=2))
+    assert p[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    # Near-uniform mass (0.25 each): top_p = 0.2 keeps the first in the logits' order.
+    p = probabilities(logits, SamplingParams(t, top_p=0.2))
+    assert p[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    p = probabilities(logits, SamplingParams(t, top_p=0.3))
+    assert p[0].tolist() == [0.5, 0.5, 0.0, 0.0]
+    # At an ordinary temperature filter_logits is logits / temperature with the dropped at -inf.
+    x = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    out = filter_logits(x, top_k=3, temperature=0.5)
+    assert torch.equal(out, torch.tensor([[4.0, 2.0, 1.0, float("-inf"), float("-inf")]]))
+
+
 def test_filtered_distribution_is_renormalized_over_kept_tokens():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
@@ -203,6 +225,34 @@ def test_bad_requests_raise_clear_errors(engine):
         list(engine.stream(["a", "b"], 4))
     with pytest.raises(ValueError, match="temperature"):
         engine.generate("a", 4, temperature=-0.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=4.5), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer"),
+    (dict(temperature=1.0, seed=1.5), "seed must be None or an integer"),
+    (dict(temperature=1.0, seed="a"), "seed must be None or an integer"),
+    (dict(temperature=1.0, seed=True), "seed must be None or an integer"),
+    (dict(temperature=1.0, seed=2**64), "seed must be None or an integer"),
+    (dict(temperature=1.0, top_k=True), "top_k must be a positive integer"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature="1"), "temperature must be a finite number"),
+    (dict(temperature=1.0, top_p="0.5"), r"top_p must be in \(0, 1\]"),
+], ids=lambda v: repr(v) if not isinstance(v, str) else "")
+def test_argument_types_are_checked_up_front(engine, kwargs, match):
+    # Named errors instead of a TypeError from a comparison or a RuntimeError
+    # from torch.Generator, in generate, generate_ids and stream alike.
+    kwargs = dict(kwargs)
+    n = kwargs.pop("max_new_tokens", 4)
+    for call in (engine.generate_ids, engine.generate, lambda *a, **k: list(engine.stream(*a, **k))):
+        with pytest.raises(GenerationError, match=match):
+            call("Hello", n, **kwargs)
+    # The ends of the ranges pass: numpy integers, the seed's extremes.
+    assert len(engine.generate_ids([5], np.int64(3), temperature=1.0, seed=-(2**63), ignore_eos=True)) == 3
+    assert len(engine.generate_ids([5], 3, temperature=1.0, seed=2**64 - 1, top_k=np.int64(2),
+                                   ignore_eos=True)) == 3
 
 
 def _scripted(engine, ids, tokenizer=None):
