@@ -558,6 +558,8 @@ PYBIND11_MODULE(_C, mod) {
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen, "
      "whether the CPU has an int16 GEMV (and which one runs now) and up to which M.");
+  mod.def("blocksize_range", []() { return std::make_pair(kMinBlocksize, kMaxBlocksize); },
+          "(min, max) blocksize the kernels take (powers of two in between).");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

@@ -24,6 +24,20 @@ def check_quant_type(quant_type: str) -> str:
     return quant_type
 
 
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """``blocksize`` as an int if the kernels take it (a power of two in
+    ``_C.blocksize_range()``), else a ValueError that names it."""
+    lo, hi = _C.blocksize_range()
+    if (
+        not isinstance(blocksize, int)
+        or isinstance(blocksize, bool)
+        or not lo <= blocksize <= hi
+        or blocksize & (blocksize - 1)
+    ):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {blocksize!r}")
+    return blocksize
+
+
 @functools.lru_cache(maxsize=None)
 def _code_table_cpu(quant_type: str) -> torch.Tensor:
     return torch.tensor(_C.code_table(check_quant_type(quant_type)), dtype=torch.float32)
@@ -81,14 +95,16 @@ def quantize_absmax(absmax: torch.Tensor) -> NestedAbsmax:
     rounding to the nearest code (a value on a midpoint takes the lower code).
     """
     absmax = absmax.float().reshape(-1)
+    n = absmax.numel()
+    code = dynamic_map(absmax.device)
+    if n == 0:  # a weight with no elements: no blocks, no scales
+        return NestedAbsmax(torch.empty(0, dtype=torch.uint8, device=absmax.device), absmax.new_empty(0), code, 0.0)
     offset = absmax.mean()
     centered = absmax - offset
-    n = centered.numel()
     blocks = math.ceil(n / NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(centered, (0, blocks * NESTED_BLOCKSIZE - n))
     nested = padded.view(blocks, NESTED_BLOCKSIZE).abs().amax(dim=1)
     scaled = (padded.view(blocks, -1) / nested.clamp(min=1e-38).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
-    code = dynamic_map(absmax.device)
     bounds = (code[:-1] + code[1:]) / 2
     q = torch.bucketize(scaled, bounds).to(torch.uint8)
     return NestedAbsmax(q, nested, code, float(offset))
@@ -126,22 +142,36 @@ class QuantState:
     def from_tensor(cls, t: torch.Tensor, name: str = "quant_state") -> "QuantState":
         try:
             record = json.loads(bytes(t.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+            if not isinstance(record, dict):
+                raise TypeError(f"expected a JSON object, got {type(record).__name__}")
             quant_type = check_quant_type(record["quant_type"])
-            blocksize = int(record["blocksize"])
+            blocksize = _json_int(record["blocksize"], "blocksize")
             dtype = getattr(torch, record.get("dtype", "float32"))
-            shape = tuple(int(s) for s in record["shape"])
+            if not isinstance(record["shape"], list):
+                raise TypeError(f"shape must be a list, got {record['shape']!r}")
+            shape = tuple(_json_int(s, "shape") for s in record["shape"])
+            nested_offset = None
+            if "nested_offset" in record:
+                nb = _json_int(record.get("nested_blocksize", NESTED_BLOCKSIZE), "nested_blocksize")
+                if nb != NESTED_BLOCKSIZE:
+                    raise ValueError(f"nested_blocksize {nb} is not supported (bitsandbytes uses 256)")
+                nested_offset = record["nested_offset"]
+                if not isinstance(nested_offset, (int, float)) or isinstance(nested_offset, bool) \
+                        or not math.isfinite(nested_offset):
+                    raise ValueError(f"nested_offset must be a finite number, got {nested_offset!r}")
+                nested_offset = float(nested_offset)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise ValueError(f"{name}: not a valid bitsandbytes quant_state record ({e})") from None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{name}: unknown dtype {record.get('dtype')!r}")
-        if blocksize < 2 or blocksize & (blocksize - 1):
-            raise ValueError(f"{name}: blocksize must be a power of two >= 2, got {blocksize}")
+        check_blocksize(blocksize, f"{name}: blocksize")
         if any(s < 0 for s in shape):
             raise ValueError(f"{name}: negative dimension in shape {list(shape)}")
-        nested_offset = None
-        if "nested_offset" in record:
-            nb = int(record.get("nested_blocksize", NESTED_BLOCKSIZE))
-            if nb != NESTED_BLOCKSIZE:
-                raise ValueError(f"{name}: nested_blocksize {nb} is not supported (bitsandbytes uses 256)")
-            nested_offset = float(record["nested_offset"])
         return cls(quant_type, blocksize, dtype, shape, nested_offset)
+
+
+def _json_int(v, what: str) -> int:
+    """An integer field of a quant_state record (JSON: an int, not 48.5 or "64")."""
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{what} must hold integers, got {v!r}")
+    return v

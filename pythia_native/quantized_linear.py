@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import NestedAbsmax, QuantState, check_quant_type, code_table, quantize_absmax
+from .format import NestedAbsmax, QuantState, check_blocksize, check_quant_type, code_table, quantize_absmax
 
 
 class QuantizedLinear(nn.Module):
@@ -50,9 +50,14 @@ class QuantizedLinear(nn.Module):
         # rounded to int16 per 64 elements in the CPU GEMV: ~1.2x faster there
         # with AVX-512 VNNI, ~3.5x with AVX2 only).
         self.compute = ops.check_compute(compute)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.blocksize = int(blocksize)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype (the weight's before quantization), got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = check_blocksize(blocksize)
         self.quant_type = check_quant_type(quant_type)
         self.weight_dtype = dtype  # the dtype the weight had before quantization
         numel = self.in_features * self.out_features
@@ -74,6 +79,7 @@ class QuantizedLinear(nn.Module):
     ) -> "QuantizedLinear":
         """Quantize an ``nn.Linear`` (its weight's device and dtype are kept)."""
         w = linear.weight.detach()
+        check_blocksize(blocksize)
         q = cls(
             linear.in_features,
             linear.out_features,
@@ -103,15 +109,20 @@ class QuantizedLinear(nn.Module):
         compute_dtype: Optional[torch.dtype] = None,
     ) -> "QuantizedLinear":
         """Build from a bitsandbytes-format state dict (keys ``prefix + 'weight'``,
-        ``prefix + 'weight.absmax'``, ...), using the packed bytes as they are."""
+        ``prefix + 'weight.absmax'``, ...), using the packed bytes as they are.
+        The bias (if ``prefix + 'bias'`` is there) is kept in ``compute_dtype``,
+        by default its own dtype; the record's dtype stays the weight's (what
+        ``dequantize()`` and a saved state dict give)."""
         state = parse_quant_state(state_dict, prefix)
         if len(state.shape) != 2:
             raise ValueError(f"{prefix}weight: a Linear weight must be 2-D, quant_state says shape {state.shape}")
         out_f, in_f = state.shape
         bias = state_dict.get(prefix + "bias")
+        if bias is not None:
+            _check_bias(bias, out_f, prefix)
         dtype = compute_dtype or (bias.dtype if bias is not None else state.dtype)
         q = cls(in_f, out_f, bias is not None, blocksize=state.blocksize, quant_type=state.quant_type, dtype=dtype, device=device)
-        q._load_quantized(state_dict, prefix, state)
+        q._commit(state, *q._read_quantized(state_dict, prefix, state))
         if bias is not None:
             q.bias.data.copy_(bias.to(dtype))
         return q
@@ -146,10 +157,7 @@ class QuantizedLinear(nn.Module):
                 f"{prefix}weight: quant_state shape {state.shape} does not match this layer "
                 f"({self.out_features}, {self.in_features})"
             )
-        self.quant_type = state.quant_type
-        self.blocksize = state.blocksize
-        self.weight_dtype = state.dtype
-        self._load_quantized(state_dict, prefix, state)
+        self._commit(state, *self._read_quantized(state_dict, prefix, state))
         return self
 
     # ------------------------------------------------------------- compute --
@@ -241,10 +249,28 @@ class QuantizedLinear(nn.Module):
             put("bias", self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        try:
-            state = parse_quant_state(state_dict, prefix)
-        except (KeyError, ValueError) as e:
-            error_msgs.append(str(e))
+        # Everything is checked before anything is assigned: a state dict that
+        # fails leaves the layer as it was (and usable).
+        present = {k for k in state_dict if k.startswith(prefix)}
+        expected = {prefix + "weight", prefix + "weight.absmax", prefix + "weight.quant_map"}
+        expected |= {k for k in present if k.startswith(prefix + "weight.quant_state.bitsandbytes__")}
+        if self.bias is not None:
+            expected.add(prefix + "bias")
+        state = None
+        if prefix + "weight" not in state_dict:
+            missing_keys.append(prefix + "weight")
+        else:
+            try:
+                state = parse_quant_state(state_dict, prefix)
+            except (KeyError, ValueError) as e:
+                error_msgs.append(str(e).strip("'\""))
+        if state is not None and state.nested_offset is not None:
+            expected |= {prefix + "weight.nested_absmax", prefix + "weight.nested_quant_map"}
+        if strict:
+            # QuantizedLinear has no submodules: a key under its prefix that it
+            # does not read (a bias it has no place for, a stray weight.* entry) is unexpected.
+            unexpected_keys.extend(sorted(present - expected))
+        if state is None:
             return
         if state.shape != (self.out_features, self.in_features):
             error_msgs.append(
@@ -252,27 +278,38 @@ class QuantizedLinear(nn.Module):
                 f"({self.out_features}, {self.in_features})"
             )
             return
-        self.quant_type = state.quant_type
-        self.blocksize = state.blocksize
-        self.weight_dtype = state.dtype
-        try:
-            self._load_quantized(state_dict, prefix, state)
-        except ValueError as e:
-            error_msgs.append(str(e))
+        if prefix + "weight.absmax" not in state_dict:
+            missing_keys.append(prefix + "weight.absmax")
             return
+        bias = None
         if self.bias is not None:
-            b = state_dict.get(prefix + "bias")
-            if b is None:
+            bias = state_dict.get(prefix + "bias")
+            if bias is None:
                 missing_keys.append(prefix + "bias")
-            elif b.shape != self.bias.shape:
-                error_msgs.append(f"{prefix}bias: expected shape {tuple(self.bias.shape)}, got {tuple(b.shape)}")
             else:
-                self.bias.data.copy_(b)
+                try:
+                    _check_bias(bias, self.out_features, prefix)
+                except ValueError as e:
+                    error_msgs.append(str(e))
+                    return
+        try:
+            loaded = self._read_quantized(state_dict, prefix, state)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(str(e).strip("'\""))
+            return
+        self._commit(state, *loaded)
+        if bias is not None:
+            self.bias.data.copy_(bias)
 
-    def _load_quantized(self, sd: dict[str, torch.Tensor], prefix: str, state: QuantState) -> None:
+    def _read_quantized(
+        self, sd: dict[str, torch.Tensor], prefix: str, state: QuantState
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[NestedAbsmax]]:
+        """The packed bytes ``[(numel + 1) // 2, 1]``, the float32 block scales
+        and the double-quantized form (or None) of a bitsandbytes-format layer,
+        on this layer's device, checked against ``state``; nothing is assigned."""
         numel = math.prod(state.shape)
         n_blocks = math.ceil(numel / state.blocksize)
-        packed = sd[prefix + "weight"]
+        packed = _entry(sd, prefix + "weight")
         if packed.dtype != torch.uint8:
             # quant_storage other than uint8 (bnb_4bit_quant_storage): same bytes.
             packed = packed.contiguous().view(torch.uint8)
@@ -283,27 +320,53 @@ class QuantizedLinear(nn.Module):
         qmap = sd.get(prefix + "weight.quant_map")
         if qmap is not None and not torch.equal(qmap.float().cpu().reshape(-1), code_table(state.quant_type)):
             raise ValueError(f"{prefix}weight.quant_map: not the standard {state.quant_type} table")
-        absmax = sd[prefix + "weight.absmax"]
+        absmax = _entry(sd, prefix + "weight.absmax")
         if absmax.numel() != n_blocks:
             raise ValueError(f"{prefix}weight.absmax: expected {n_blocks} block scales, got {absmax.numel()}")
         dev = self.weight.device
-        # In place when the sizes match (a captured CUDA graph keeps pointing at these buffers).
-        _assign(self, "weight", packed.reshape(-1, 1))
+        nested = None
         if state.nested_offset is not None:
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"{prefix}weight.absmax: double-quantized absmax must be uint8, got {absmax.dtype}")
-            self.nested = NestedAbsmax(
+            nested = NestedAbsmax(
                 absmax.reshape(-1).to(dev, copy=True),
-                sd[prefix + "weight.nested_absmax"].float().reshape(-1).to(dev, copy=True),
-                sd[prefix + "weight.nested_quant_map"].float().reshape(-1).to(dev, copy=True),
+                _entry(sd, prefix + "weight.nested_absmax").float().reshape(-1).to(dev, copy=True),
+                _entry(sd, prefix + "weight.nested_quant_map").float().reshape(-1).to(dev, copy=True),
                 state.nested_offset,
             )
-            _assign(self, "absmax", self.nested.decode())
+            try:
+                absmax = nested.decode()
+            except RuntimeError as e:  # dequantize_absmax's checks (sizes of the nested tensors)
+                raise ValueError(f"{prefix}weight: the double-quantized absmax does not decode: {e}") from None
         else:
             if not absmax.is_floating_point():
                 raise ValueError(f"{prefix}weight.absmax: expected float32 block scales, got {absmax.dtype}")
-            self.nested = None
-            _assign(self, "absmax", absmax.float().reshape(-1))
+            absmax = absmax.float().reshape(-1)
+        return packed.reshape(-1, 1), absmax.to(dev), nested
+
+    def _commit(self, state: QuantState, packed: torch.Tensor, absmax: torch.Tensor, nested: Optional[NestedAbsmax]) -> None:
+        """Take what _read_quantized checked. In place when the sizes match (a
+        captured CUDA graph keeps pointing at these buffers)."""
+        self.quant_type = state.quant_type
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype
+        _assign(self, "weight", packed)
+        _assign(self, "absmax", absmax)
+        self.nested = nested
+
+
+def _entry(sd: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """``sd[key]``, or a KeyError that says what is missing."""
+    if key not in sd:
+        raise KeyError(f"{key}: missing from the state dict")
+    return sd[key]
+
+
+def _check_bias(bias: torch.Tensor, out_features: int, prefix: str) -> None:
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise ValueError(f"{prefix}bias: expected a floating-point tensor, got {getattr(bias, 'dtype', type(bias).__name__)}")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{prefix}bias: expected shape ({out_features},), got {tuple(bias.shape)}")
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:

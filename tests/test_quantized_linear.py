@@ -152,3 +152,128 @@ def test_dtype_cast_keeps_absmax_float32(cast, compress, device):
     assert y.dtype == dt
     want = torch.nn.functional.linear(x.float(), ref, q.bias.float())
     torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _record(sd, **changes):
+    key = next(k for k in sd if "quant_state" in k)
+    record = dict(json.loads(bytes(sd[key].tolist())), **changes)
+    return dict(sd, **{key: torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)})
+
+
+def test_strict_load_reports_keys_it_does_not_read():
+    # A bias the layer has no place for, and stray entries under its prefix, are
+    # unexpected keys (nn.Module's rule), not silently dropped.
+    q = QuantizedLinear.from_linear(_linear())
+    sd = q.state_dict()
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bias"'):
+        QuantizedLinear(128, 48, bias=False).load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="weight.junk"):
+        QuantizedLinear(128, 48).load_state_dict(dict(sd, **{"weight.junk": torch.zeros(1)}))
+    res = QuantizedLinear(128, 48, bias=False).load_state_dict(sd, strict=False)
+    assert res.unexpected_keys == ["bias"] and res.missing_keys == []
+    # Nested in a model: only keys under the layer's own prefix are its business.
+    model = nn.Sequential(QuantizedLinear(128, 48), nn.Linear(48, 2))
+    model[0].load_state_dict(sd)
+    model.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("drop", ["weight", "weight.absmax", "weight.nested_absmax", "bias"])
+def test_missing_keys_are_reported_not_keyerrors(drop):
+    sd = QuantizedLinear.from_linear(_linear(), compress_statistics=True).state_dict()
+    del sd[drop]
+    q = QuantizedLinear(128, 48)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    if drop in ("weight", "weight.absmax", "bias"):
+        res = q.load_state_dict(sd, strict=False)
+        assert res.missing_keys == [drop]
+        with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{drop}"'):
+            QuantizedLinear(128, 48).load_state_dict(sd)
+    else:
+        with pytest.raises(RuntimeError, match=f"{drop}: missing"):
+            q.load_state_dict(sd, strict=False)
+    if drop != "bias":  # nothing was taken from a state dict that did not load
+        assert all(torch.equal(before[k], v) for k, v in q.state_dict().items() if k in before)
+    if drop == "bias":  # optional in a bitsandbytes layer: a layer without one
+        assert QuantizedLinear.from_state_dict(sd).bias is None
+    else:
+        with pytest.raises(KeyError, match=f"{drop}: missing from the state dict|{drop}: missing"):
+            QuantizedLinear.from_state_dict(sd)
+
+
+def test_failed_load_leaves_the_layer_as_it_was():
+    lin = _linear()
+    q = QuantizedLinear.from_linear(lin)  # blocksize 64
+    x = torch.randn(3, 128)
+    want = q(x)
+    other = QuantizedLinear.from_linear(_linear(seed=1), blocksize=128, quant_type="fp4").state_dict()
+    for bad in (dict(other, **{"weight.absmax": torch.ones(3)}),          # wrong absmax length
+                dict(other, bias=torch.zeros(49)),                          # wrong bias length
+                dict(other, **{"weight.quant_map": torch.zeros(16)})):      # not the fp4 table
+        with pytest.raises(RuntimeError):
+            q.load_state_dict(bad)
+        assert (q.blocksize, q.quant_type, q.weight_dtype) == (64, "nf4", torch.float32)
+        assert torch.equal(q(x), want)
+    q.load_state_dict(other)  # and a good one still loads
+    assert (q.blocksize, q.quant_type) == (128, "fp4")
+
+
+def test_from_state_dict_keeps_the_records_weight_dtype():
+    # The record's dtype is the weight's before quantization; the bias and
+    # compute dtype do not change it, so a round trip writes the same record.
+    lin = _linear()
+    q16 = QuantizedLinear.from_linear(lin.half())
+    sd = q16.state_dict()
+    for kwargs, bias in ((dict(compute_dtype=torch.float32), sd["bias"]), ({}, sd["bias"].float())):
+        q = QuantizedLinear.from_state_dict(dict(sd, bias=bias), **kwargs)
+        assert q.weight_dtype == torch.float16 and q.bias.dtype == torch.float32
+        assert q.dequantize().dtype == torch.float16
+        key = "weight.quant_state.bitsandbytes__nf4"
+        assert torch.equal(q.state_dict()[key], sd[key])
+
+
+def test_from_state_dict_checks_the_bias():
+    sd = QuantizedLinear.from_linear(_linear()).state_dict()
+    for bias, match in ((torch.zeros(49), r"bias: expected shape \(48,\)"),
+                        (torch.zeros(1, 48), r"bias: expected shape \(48,\)"),
+                        (torch.zeros(48, dtype=torch.int64), "bias: expected a floating-point tensor")):
+        with pytest.raises(ValueError, match=match):
+            QuantizedLinear.from_state_dict(dict(sd, bias=bias))
+
+
+@pytest.mark.parametrize("blocksize", [0, 16, 48, 8192, 64.0, True])
+def test_blocksize_is_checked_where_the_layer_is_made(blocksize):
+    with pytest.raises(ValueError, match=r"blocksize must be a power of two in \[32, 4096\]"):
+        QuantizedLinear(128, 48, blocksize=blocksize)
+    with pytest.raises(ValueError, match=r"blocksize must be a power of two in \[32, 4096\]"):
+        QuantizedLinear.from_linear(_linear(), blocksize=blocksize)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(shape=[48.5, 128]), "shape must hold integers"),
+    (dict(blocksize=64.7), "blocksize must hold integers"),
+    (dict(blocksize="64"), "blocksize must hold integers"),
+    (dict(blocksize=16), r"blocksize must be a power of two in \[32, 4096\]"),
+    (dict(shape="48x128"), "shape must be a list"),
+    (dict(nested_offset=None), "nested_offset must be a finite number"),
+    (dict(nested_offset="abc"), "nested_offset must be a finite number"),
+    (dict(nested_offset=float("nan")), "nested_offset must be a finite number"),
+])
+def test_corrupt_records_name_the_field(changes, match):
+    sd = QuantizedLinear.from_linear(_linear(), compress_statistics=True).state_dict()
+    bad = _record(sd, **changes)
+    with pytest.raises(ValueError, match=match):
+        QuantizedLinear.from_state_dict(bad)
+    with pytest.raises(RuntimeError, match=match):  # collected by load_state_dict, not escaping it
+        QuantizedLinear(128, 48).load_state_dict(bad)
+
+
+def test_zero_element_layer_with_double_quant():
+    # Builds and round-trips (gemm_4bit itself refuses k = 0 with a named error).
+    with pytest.warns(UserWarning, match="zero-element"):
+        lin = nn.Linear(0, 4)
+    q = QuantizedLinear.from_linear(lin, compress_statistics=True)
+    assert q.absmax.numel() == 0 and q.nested.absmax_q.numel() == 0
+    q2 = QuantizedLinear.from_state_dict(q.state_dict())
+    assert q2.absmax.numel() == 0 and q2.nested.absmax_q.numel() == 0 and torch.equal(q2.bias, q.bias)
+    with pytest.raises(RuntimeError, match=r"weight shape \(n, k\) must be positive"):
+        q(torch.randn(2, 0))
