@@ -1,0 +1,110 @@
+"""Autograd through the ops (csrc/autograd.cpp): gemm_4bit, gemm_f16w and gelu
+are differentiable in their activations (gradients equal to torch's for the
+same dequantized weight); a backward through the inference-only ops is an
+error that names the op, never a silently missing (None) gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pythia_native as pn
+from pythia_native import QuantizedLinear
+
+ops = torch.ops.pythia_native
+
+
+def _layer(device, n=48, k=128, seed=0):
+    torch.manual_seed(seed)
+    return QuantizedLinear.from_linear(torch.nn.Linear(k, n)).to(device)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128), (1, 128), (0, 128)], ids=str)
+@pytest.mark.parametrize("compute", ["float32", "int16"])
+def test_gemm_4bit_gradients_match_a_dense_linear(dtype, tol, shape, compute, device):
+    q = _layer(device).to(dtype)
+    q.compute = compute
+    q.bias.requires_grad_(True)
+    w = q.dequantize(dtype)
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(*shape[:-1], 48, device=device, dtype=dtype)
+    q(x).backward(g)
+    xr = x.detach().clone().requires_grad_(True)
+    br = q.bias.detach().clone().requires_grad_(True)
+    F.linear(xr, w, br).backward(g)
+    assert x.grad.shape == x.shape and q.bias.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, xr.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(q.bias.grad, br.grad, rtol=tol, atol=tol)
+
+
+def test_gemm_4bit_gradient_of_a_noncontiguous_x(device):
+    q = _layer(device)
+    base = torch.randn(128, 6, device=device, requires_grad=True)
+    x = base.t()  # [6, 128], strides (1, 6)
+    q(x).sum().backward()
+    torch.testing.assert_close(base.grad, q.dequantize().sum(0).view(128, 1).expand(128, 6))
+
+
+def test_gemm_4bit_refuses_an_absmax_that_requires_grad(device):
+    q = _layer(device)
+    absmax = q.absmax.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="gemm_4bit: absmax requires grad, but the 4-bit weight is frozen"):
+        pn.gemm_4bit(torch.randn(2, 128, device=device), q.weight, absmax, (48, 128))
+    with torch.no_grad():  # no graph is built: nothing to refuse
+        pn.gemm_4bit(torch.randn(2, 128, device=device), q.weight, absmax, (48, 128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_f16w_gradients(dtype, device):
+    torch.manual_seed(0)
+    w = torch.randn(33, 40, device=device).half().requires_grad_(True)
+    b = torch.randn(33, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 3, 40, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 3, 33, device=device, dtype=dtype)
+    pn.gemm_f16w(x, w, b).backward(g)
+    xr, wr, br = (t.detach().float().requires_grad_(True) for t in (x, w, b))
+    F.linear(xr, wr, br).backward(g.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (x.grad.dtype, w.grad.dtype, b.grad.dtype) == (dtype, torch.float16, dtype)
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad.float(), wr.grad, rtol=1e-3, atol=1e-3)  # float16 rounding
+    torch.testing.assert_close(b.grad.float(), br.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_gradient_is_the_exact_derivative(dtype, device):
+    x = torch.linspace(-8, 8, 1001, device=device, dtype=dtype).requires_grad_(True)
+    pn.gelu(x).backward(torch.ones_like(x))
+    xd = x.detach().double()
+    want = 0.5 * torch.special.erfc(-xd / 2**0.5) + xd * torch.exp(-0.5 * xd * xd) / (2 * torch.pi) ** 0.5
+    torch.testing.assert_close(x.grad.double(), want.to(dtype).double(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_inference_ops_refuse_a_backward_by_name(device):
+    B, T, H, D, L = 1, 1, 2, 32, 4
+    q = torch.randn(B, T, H, D, device=device, requires_grad=True)
+    k, v = torch.randn(B, H, L, D, device=device), torch.randn(B, H, L, D, device=device)
+    out = pn.decode_attention(q, k, v, torch.tensor([[2]], device=device))
+    with pytest.raises(RuntimeError, match="derivative for pythia_native::decode_attention is not implemented"):
+        out.sum().backward()
+    qkv = torch.randn(B, T, H * 3 * D, device=device, requires_grad=True)
+    q = pn.rotary_kv_cache_(qkv, torch.tensor([[0]], device=device), torch.zeros_like(k), torch.zeros_like(v), 8)
+    with pytest.raises(RuntimeError, match="derivative for pythia_native::rotary_kv_cache_ is not implemented"):
+        q.sum().backward()
+    layer = _layer(device)
+    absmax = layer.absmax.clone().requires_grad_(True)
+    w = pn.dequantize_4bit(layer.weight, absmax, (48, 128))
+    with pytest.raises(RuntimeError, match="derivative for pythia_native::dequantize_4bit is not implemented"):
+        w.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_with_gradients(dtype, device):
+    # opcheck's autograd checks only look at the Autograd kernel when an input requires grad.
+    q = _layer(device)
+    x = torch.randn(3, 128, device=device, dtype=dtype, requires_grad=True)
+    b = torch.randn(48, device=device, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(ops.gemm_4bit, (x, q.weight, q.absmax, b, 48, 128, 64, "nf4"))
+    w = torch.randn(48, 128, device=device).half().requires_grad_(True)
+    torch.library.opcheck(ops.gemm_f16w, (x, w, b))
+    torch.library.opcheck(ops.gelu, (x,))
