@@ -266,36 +266,88 @@ def neox_block_(
 
 
 # ----------------------------------------------------------- fake kernels ---
-# Shapes only, for torch.compile / FakeTensor / meta tracing.
+# Shapes for torch.compile / FakeTensor / meta tracing, and the checks of the
+# arguments that metadata alone decides (dtypes, the weight's sizes,
+# blocksize, the names), so that a traced call fails where the eager one
+# would, with the same kind of message (the C++ checks, csrc/ops.cpp, stay
+# the full contract and run at every real call).
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fake_check(cond, op: str, msg: str) -> None:
+    torch._check(cond, lambda: f"pythia_native.{op}: {msg}")
+
+
+def _fake_check_float(t: torch.Tensor, name: str, op: str) -> None:
+    _fake_check(t.dtype in _FLOATS, op, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _fake_check_format(blocksize: int, quant_type: str, op: str) -> None:
+    lo, hi = _C.blocksize_range()
+    _fake_check(lo <= blocksize <= hi and blocksize & (blocksize - 1) == 0, op,
+                f"blocksize must be a power of two in [{lo}, {hi}], got {blocksize}")
+    _fake_check(quant_type in ("nf4", "fp4"), op, f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _fake_check_weight(packed, absmax, numel: int, blocksize: int, op: str) -> None:
+    _fake_check(packed.dtype == torch.uint8, op, f"packed must be uint8, got {packed.dtype}")
+    _fake_check(packed.numel() == (numel + 1) // 2, op,
+                f"packed must hold {(numel + 1) // 2} bytes, got shape {list(packed.shape)}")
+    _fake_check(absmax.dtype == torch.float32, op, f"absmax must be float32, got {absmax.dtype}")
+    _fake_check(absmax.numel() == -(-numel // blocksize), op,
+                f"absmax must hold {-(-numel // blocksize)} block scales, got shape {list(absmax.shape)}")
+
+
+def _fake_check_bias(bias, x, n: int, op: str) -> None:
+    if bias is not None:
+        _fake_check(bias.dim() == 1 and bias.shape[0] == n, op, f"bias must have shape [{n}], got {list(bias.shape)}")
+        _fake_check(bias.dtype == x.dtype, op, f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
 
 
 @torch.library.register_fake("pythia_native::quantize_4bit")
 def _quantize_4bit_fake(weight, blocksize, quant_type):
+    _fake_check_float(weight, "weight", "quantize_4bit")
+    _fake_check_format(blocksize, quant_type, "quantize_4bit")
     numel = weight.numel()
     packed = weight.new_empty(((numel + 1) // 2, 1), dtype=torch.uint8)
-    absmax = weight.new_empty((math.ceil(numel / blocksize),), dtype=torch.float32)
+    absmax = weight.new_empty((-(-numel // blocksize),), dtype=torch.float32)
     return packed, absmax
 
 
 @torch.library.register_fake("pythia_native::dequantize_4bit")
 def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype):
+    _fake_check_format(blocksize, quant_type, "dequantize_4bit")
+    _fake_check(dtype in _FLOATS, "dequantize_4bit", f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _fake_check_weight(packed, absmax, math.prod(shape), blocksize, "dequantize_4bit")
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
 @torch.library.register_fake("pythia_native::dequantize_absmax")
 def _dequantize_absmax_fake(absmax_q, nested_absmax, nested_code, offset, nested_blocksize):
+    _fake_check(absmax_q.dtype == torch.uint8, "dequantize_absmax", f"absmax_q must be uint8, got {absmax_q.dtype}")
     return nested_absmax.new_empty((absmax_q.numel(),), dtype=torch.float32)
 
 
 @torch.library.register_fake("pythia_native::gemm_4bit")
 def _gemm_4bit_fake(x, packed, absmax, bias, n, k, blocksize, quant_type, compute="float32"):
+    _fake_check_float(x, "x", "gemm_4bit")
+    _fake_check(n > 0 and k > 0, "gemm_4bit", f"the weight shape (n, k) must be positive, got ({n}, {k})")
+    _fake_check_format(blocksize, quant_type, "gemm_4bit")
+    _fake_check(compute in COMPUTE_MODES, "gemm_4bit", f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+    _fake_check_weight(packed, absmax, n * k, blocksize, "gemm_4bit")
+    _fake_check_bias(bias, x, n, "gemm_4bit")
     torch._check(x.shape[-1] == k, lambda: f"gemm_4bit: x must have shape [..., {k}], got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("pythia_native::gemm_f16w")
 def _gemm_f16w_fake(x, weight, bias):
+    _fake_check_float(x, "x", "gemm_f16w")
+    _fake_check(weight.dim() == 2 and weight.dtype == torch.float16, "gemm_f16w",
+                f"weight must be a 2-D float16 tensor, got {weight.dim()}-D {weight.dtype}")
     n, k = weight.shape
+    _fake_check_bias(bias, x, n, "gemm_f16w")
     torch._check(x.shape[-1] == k, lambda: f"gemm_f16w: x must have shape [..., {k}], got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], n))
 
@@ -316,6 +368,7 @@ def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
 
 @torch.library.register_fake("pythia_native::gelu")
 def _gelu_fake(x):
+    _fake_check_float(x, "x", "gelu")
     return x.new_empty(x.shape)
 
 

@@ -102,3 +102,43 @@ def test_gemm_f16w(M, dtype, device):
 def test_gelu(dtype, device):
     torch.library.opcheck(ops.gelu, (torch.randn(3, 70, device=device, dtype=dtype),))
     torch.library.opcheck(ops.gelu, (torch.randn(0, device=device, dtype=dtype),))
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.quantize_4bit(_meta(100), 0, "nf4"), r"blocksize must be a power of two in \[32, 4096\], got 0"),
+    (lambda: ops.quantize_4bit(_meta(100, dtype=torch.int64), 64, "nf4"), "weight must be float32, float16 or bfloat16"),
+    (lambda: ops.quantize_4bit(_meta(100), 64, "nf5"), "quant_type must be 'nf4' or 'fp4'"),
+    (lambda: ops.dequantize_4bit(_meta(50, 1, dtype=torch.uint8), _meta(2), 64, "nf4", [10, 10], torch.int32),
+     "dtype must be float32"),
+    (lambda: ops.dequantize_4bit(_meta(49, 1, dtype=torch.uint8), _meta(2), 64, "nf4", [10, 10], torch.float32),
+     "packed must hold 50 bytes"),
+    (lambda: ops.gemm_4bit(_meta(2, 128), _meta(3072, 1, dtype=torch.uint8), _meta(96, dtype=torch.float16), None,
+                           48, 128, 64, "nf4"), "absmax must be float32"),
+    (lambda: ops.gemm_4bit(_meta(2, 128), _meta(3072, 1, dtype=torch.uint8), _meta(95), None, 48, 128, 64, "nf4"),
+     "absmax must hold 96 block scales"),
+    (lambda: ops.gemm_4bit(_meta(2, 128), _meta(3072, 1, dtype=torch.uint8), _meta(96), _meta(47), 48, 128, 64, "nf4"),
+     r"bias must have shape \[48\]"),
+    (lambda: ops.gemm_4bit(_meta(2, 128), _meta(3072, 1, dtype=torch.uint8), _meta(96), None, 48, 128, 64, "nf4", "int8"),
+     "compute must be one of"),
+    (lambda: ops.gemm_f16w(_meta(2, 40), _meta(40), None), "weight must be a 2-D float16 tensor"),
+    (lambda: ops.gelu(_meta(5, dtype=torch.int64)), "x must be float32, float16 or bfloat16"),
+])
+def test_fake_kernels_check_what_metadata_decides(call, match):
+    # A traced call (meta / FakeTensor, torch.compile) fails where the eager one
+    # would, with a message that names the argument, not a ZeroDivisionError or
+    # an unpacking error from the shape arithmetic.
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_compiled_call_with_a_bad_blocksize_names_it():
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(w):
+        return pn.quantize_4bit(w, 0)
+
+    with pytest.raises(Exception, match="blocksize must be a power of two"):
+        f(torch.randn(64))
