@@ -95,6 +95,19 @@ def test_specials_follow_torch():
     assert got[7] == 0 and got[8] == 88.0
 
 
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_a_zero_result_has_the_sign_of_x(cpu_isa, dtype):
+    # -0, and negatives so small that x / 2 rounds to -0, give -0 as torch's
+    # GELU does (the erf series' FMA gave 0 + -0 = +0); positives give +0.
+    tiny = torch.finfo(dtype).smallest_normal
+    x = torch.tensor([-0.0, 0.0, -1e-45, 1e-45, -tiny, tiny, -30.0, -60000.0], dtype=torch.float32).to(dtype)
+    x = x.repeat(5)  # vector lanes and the scalar tail
+    got, want = pn.gelu(x), F.gelu(x.float()).to(dtype)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(x)), (got, x)
+
+
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (2, 1, 3072), (1, 17, 8192), (70_001,)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_shapes_dtypes_and_torch(shape, dtype, device):

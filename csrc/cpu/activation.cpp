@@ -16,7 +16,8 @@
 // GELU (0.5 x (1 + erf(x / sqrt 2))) is off by ~2,000 ulp at x = -3 and
 // keeps no correct digit below x = -5. Below x ~ -13.2, where |GELU| <
 // 1e-38 would be a float32 denormal, the result is flushed to (-)0. Specials
-// as torch's ATen kernel: +inf -> +inf, -inf -> NaN, NaN -> NaN.
+// as torch's ATen kernel: +inf -> +inf, -inf -> NaN, NaN -> NaN, and the sign
+// of a zero result is x's (-0 -> -0).
 //
 // Why an op of our own rather than F.gelu: at decode sizes (3,072 or 8,192
 // values per token) torch's CPU GELU (oneDNN's eltwise primitive) took 14 and
@@ -74,7 +75,10 @@ inline float gelu_scalar(float x) {
   float p = kErfP[0];
   for (int i = 1; i < 7; ++i) p = std::fma(p, zz, kErfP[i]);
   const float hx = x * 0.5f;
-  const float series = std::fma(std::fabs(hx), z * p, hx);
+  // x's sign: exact for every nonzero value (hx (1 - erf z) for x < 0), and
+  // it keeps -0 for a -0 or a negative x so small that hx rounds to -0, where
+  // the FMA gives 0 + -0 = +0 (torch's GELU keeps the sign).
+  const float series = std::copysign(std::fma(std::fabs(hx), z * p, hx), x);
   // z >= 0.5: erfc.
   const float t = 1.0f / std::fma(0.5f, z, 1.0f);
   float q = kErfcQ[0];
@@ -113,7 +117,10 @@ PN_AVX512 inline __m512 gelu16(__m512 x) {
   __m512 p = _mm512_set1_ps(kErfP[0]);
   for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, zz, _mm512_set1_ps(kErfP[i]));
   const __m512 hx = _mm512_mul_ps(x, _mm512_set1_ps(0.5f));
-  const __m512 series = _mm512_fmadd_ps(_mm512_abs_ps(hx), _mm512_mul_ps(z, p), hx);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 series = _mm512_or_ps(  // copysign (gelu_scalar)
+      _mm512_abs_ps(_mm512_fmadd_ps(_mm512_abs_ps(hx), _mm512_mul_ps(z, p), hx)),
+      _mm512_and_ps(sign, x));
   const __m512 one = _mm512_set1_ps(1.0f);
   const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, one));
   __m512 q = _mm512_set1_ps(kErfcQ[0]);
@@ -163,7 +170,9 @@ PN_AVX2 inline __m256 gelu8(__m256 x) {
   __m256 p = _mm256_set1_ps(kErfP[0]);
   for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, zz, _mm256_set1_ps(kErfP[i]));
   const __m256 hx = _mm256_mul_ps(x, _mm256_set1_ps(0.5f));
-  const __m256 series = _mm256_fmadd_ps(_mm256_andnot_ps(sign, hx), _mm256_mul_ps(z, p), hx);
+  const __m256 series = _mm256_or_ps(  // copysign (gelu_scalar)
+      _mm256_andnot_ps(sign, _mm256_fmadd_ps(_mm256_andnot_ps(sign, hx), _mm256_mul_ps(z, p), hx)),
+      _mm256_and_ps(sign, x));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.5f), z, one));
   __m256 q = _mm256_set1_ps(kErfcQ[0]);
