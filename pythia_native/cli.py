@@ -108,14 +108,17 @@ def _load(args, **extra):
 
 
 def _read_text(path: Optional[str]) -> str:
+    from .errors import PythiaNativeError
+
     if path is None or path == "-":
         if sys.stdin.isatty() and path is None:
             from .errors import GenerationError
 
             raise GenerationError("no prompt: give one as an argument or pipe it on stdin")
-        return sys.stdin.read()
-    from .errors import PythiaNativeError
-
+        try:
+            return _check_utf8(sys.stdin.read(), "stdin")
+        except UnicodeDecodeError:  # a stdin decoding strictly (a UTF-8 locale without surrogateescape)
+            raise PythiaNativeError("stdin: not UTF-8 text") from None
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -125,8 +128,23 @@ def _read_text(path: Optional[str]) -> str:
         raise PythiaNativeError(f"{path}: not UTF-8 text") from None
 
 
+def _check_utf8(text: str, where: str) -> str:
+    """``text`` unless it holds lone surrogates: what Python makes of bytes that
+    are not UTF-8 in argv and (in the C/POSIX locale) stdin."""
+    from .errors import PythiaNativeError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PythiaNativeError(f"{where}: not UTF-8 text") from None
+    return text
+
+
 def cmd_generate(args) -> int:
-    prompt = args.prompt if args.prompt not in (None, "-") else _read_text(args.prompt)
+    if args.prompt not in (None, "-"):
+        prompt = _check_utf8(args.prompt, "the prompt argument")
+    else:
+        prompt = _read_text(args.prompt)
     engine = _load(args)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
               ignore_eos=args.ignore_eos, truncate=args.truncate)
@@ -147,13 +165,13 @@ def cmd_score(args) -> int:
     if args.revisions is not None or args.every is not None:
         return _score_revisions(args)
     text = _read_text(args.file)
-    texts = _texts_to_score(args, text)
+    line_numbers, texts = _texts_to_score(args, text)
     engine = _load(args)
     scores = engine.score(texts, prepend_eos=not args.no_eos)
     total_lp = sum(s.total for s in scores)
     total_n = sum(len(s.tokens) for s in scores)
     if args.per_line:
-        for i, s in enumerate(scores, 1):
+        for i, s in zip(line_numbers, scores):
             print(f"line {i}\ttokens {len(s.tokens)}\tlogprob {s.total:.4f}\tppl {s.perplexity:.4f}")
     import math
 
@@ -161,13 +179,20 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _texts_to_score(args, text: str) -> list[str]:
-    texts = [line for line in text.splitlines() if line.strip()] if args.per_line else [text]
-    if not texts or not any(t.strip() for t in texts):
+def _texts_to_score(args, text: str) -> tuple[list[int], list[str]]:
+    """The texts to score and their 1-based line numbers in the file (1 without --per-line)."""
+    if args.per_line:
+        # Lines end at "\n" only (a "\r" before it goes too): str.splitlines() also
+        # splits at \f, \v, \x1c-\x1e, \x85, U+2028/9, which a text may hold mid-line.
+        lines = [(i, line.removesuffix("\r")) for i, line in enumerate(text.split("\n"), 1)]
+        numbered = [(i, line) for i, line in lines if line.strip()]
+    else:
+        numbered = [(1, text)]
+    if not numbered or not any(t.strip() for _, t in numbered):
         from .errors import GenerationError
 
         raise GenerationError(f"{args.file}: nothing to score (empty text)")
-    return texts
+    return [i for i, _ in numbered], [t for _, t in numbered]
 
 
 def _score_revisions(args) -> int:
@@ -181,7 +206,7 @@ def _score_revisions(args) -> int:
         raise RevisionError("--revision names one revision; with --revisions/--every, list them all there")
     if args.revisions is not None and args.every is not None:
         raise RevisionError("give either --revisions or --every, not both")
-    texts = _texts_to_score(args, _read_text(args.file))
+    _, texts = _texts_to_score(args, _read_text(args.file))
     revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type,
                  double_quant=args.double_quant, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                  quantized_cache=args.quantized_cache, local_files_only=True if args.offline else None,
@@ -217,9 +242,17 @@ def cmd_export(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    from .errors import GenerationError
     from .generate import Pythia
     from .loading import check_dtype, resolve_device
 
+    if args.repeats < 1:
+        raise GenerationError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.new_tokens < 2:
+        # Decode speed is (time of N tokens - time of 1 token) / (N - 1) steps.
+        raise GenerationError(
+            f"--new-tokens must be >= 2 (decode tok/s is timed as N new tokens minus 1), got {args.new_tokens}"
+        )
     if args.random_weights:
         from .config import PythiaConfig
         from .model import PythiaModel

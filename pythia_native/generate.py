@@ -15,9 +15,10 @@ every sequence's positions start at 0 at its own first token.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import numbers
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -77,6 +78,17 @@ class Pythia:
             model's ``max_position_embeddings``, its default). A request for a
             larger batch reallocates the cache once (and drops captured graphs).
         cuda_graphs: capture decode steps as CUDA graphs (CUDA only).
+
+    One request at a time: :meth:`generate`, :meth:`generate_ids`,
+    :meth:`score` and a :meth:`stream` (from its first item until it is
+    exhausted, closed or garbage-collected) each hold the engine, as they all
+    decode on its one KV cache. A call from another thread waits its turn; a
+    call from the thread that holds the engine (e.g. ``generate`` inside a
+    ``for piece in stream(...)`` loop, or two interleaved streams) raises
+    GenerationError. :meth:`load_revision` between two steps of a stream is
+    allowed. For concurrent requests, make one engine per thread over the
+    same model (``Pythia(engine.model, engine.tokenizer)``: weights shared,
+    caches separate).
     """
 
     def __init__(
@@ -92,10 +104,14 @@ class Pythia:
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_len = self.config.max_position_embeddings if max_len is None else max_len
-        if not 1 <= self.max_len <= self.config.max_position_embeddings:
+        if not is_int(self.max_len) or not 1 <= self.max_len <= self.config.max_position_embeddings:
             raise GenerationError(
-                f"max_len must be in [1, {self.config.max_position_embeddings}] (max_position_embeddings), got {max_len}"
+                f"max_len must be an integer in [1, {self.config.max_position_embeddings}] (max_position_embeddings), "
+                f"got {max_len!r}"
             )
+        if not is_int(max_batch) or max_batch < 1:
+            raise GenerationError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        self.max_len, max_batch = int(self.max_len), int(max_batch)  # numpy integers wrap in arithmetic
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._graphs: dict[tuple[int, bool, str], _Graph] = {}  # by _graph_key
@@ -106,6 +122,38 @@ class Pythia:
         self._capture_stream = None
         # Ids the sampler may choose: those the tokenizer can decode.
         self.vocab_size = min(tokenizer.vocab_size, self.config.vocab_size) if tokenizer else self.config.vocab_size
+        # The one-request-at-a-time guard (_hold). A Lock, not an RLock: a stream's
+        # hold may be released from another thread (the one that closes or collects it).
+        self._lock = threading.Lock()
+        self._holder: Optional[tuple[int, str]] = None  # (thread id, what) while held
+
+    # --------------------------------------------------------------- guard --
+
+    def _acquire(self, what: str) -> None:
+        held = self._holder
+        # Only the holding thread can have set its own id here, so this read needs no lock.
+        if held is not None and held[0] == threading.get_ident():
+            if held[1] == "stream()":
+                raise GenerationError(
+                    f"{what} while a stream() of this engine is still open; exhaust or close() it first "
+                    "(they share one KV cache), or use a second Pythia over the same model"
+                )
+            raise GenerationError(f"{what} inside {held[1]} of the same engine (they share one KV cache)")
+        self._lock.acquire()  # another thread's request: wait for it to finish
+        self._holder = (threading.get_ident(), what)
+
+    def _release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def _hold(self, what: str):
+        """Hold the engine (its KV cache) for one call; see the class docstring."""
+        self._acquire(what)
+        try:
+            yield
+        finally:
+            self._release()
 
     @property
     def device(self) -> torch.device:
@@ -116,12 +164,14 @@ class Pythia:
     def _encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> tuple[list[list[int]], bool]:
         """Prompts as id lists, and whether a single prompt was given."""
         if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "tolist"):
-            prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple))
-            and len(prompts) > 0
-            and all(isinstance(t, numbers.Integral) for t in prompts)
-        )
+            prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids (0-d: a scalar)
+        if not isinstance(prompts, (str, list, tuple)):
+            hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
+            raise GenerationError(
+                f"prompts must be a string, a list of token ids, or a list of either (a batch), "
+                f"got {type(prompts).__name__}{hint}"
+            )
+        single = isinstance(prompts, str) or (len(prompts) > 0 and all(is_int(t) for t in prompts))
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise GenerationError("no prompts given")
@@ -134,7 +184,17 @@ class Pythia:
             else:
                 p = p.tolist() if hasattr(p, "tolist") else p  # a tensor or numpy row
                 if not isinstance(p, (list, tuple)):
-                    raise GenerationError(f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}")
+                    hint = " (decode bytes to str first)" if isinstance(p, (bytes, bytearray)) else ""
+                    raise GenerationError(
+                        f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}{hint}"
+                    )
+                # Integers only: int() would truncate 5.9 to 5, parse "12", take True as 1.
+                bad = next((j for j, t in enumerate(p) if not is_int(t)), None)
+                if bad is not None:
+                    raise GenerationError(
+                        f"prompt {i}: expected a string or a list of token ids (integers); item {bad} is "
+                        f"{p[bad]!r}, a {type(p[bad]).__name__}"
+                    )
                 ids = [int(t) for t in p]
             if not ids:
                 raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
@@ -278,7 +338,7 @@ class Pythia:
             if seed is None:
                 generator.seed()  # a fresh random seed for this call; torch's global RNG is left alone
             else:
-                generator.manual_seed(seed)
+                generator.manual_seed(int(seed))  # a numpy integer is a TypeError there
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
         # Without CUDA graphs, decode steps call the model bound once (PythiaModel.bind:
@@ -353,7 +413,7 @@ class Pythia:
     def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos, truncate,
                   want_text=False):
         params = SamplingParams(temperature, top_k, top_p)
-        _check_count_and_seed(max_new_tokens, seed)
+        max_new_tokens = _check_count_and_seed(max_new_tokens, seed)
         batch, single = self._encode(prompts)
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if stop_strings and self.tokenizer is None:
@@ -366,23 +426,24 @@ class Pythia:
         done = [False] * len(batch)
         decoders = [StreamDecoder(self.tokenizer) for _ in batch] if stop_strings else None
         texts_so_far = [""] * len(batch)
-        for step_ids in self._token_stream(batch, max_new_tokens, params, seed, done):
-            for b, t in enumerate(step_ids):
-                if done[b]:
-                    continue
-                if t in stop_ids:
-                    done[b] = True
-                    continue
-                out[b].append(t)
-                if decoders is not None:
-                    piece = decoders[b].push(t)
-                    texts_so_far[b] += piece
-                    # A new occurrence ends inside the new piece: search it and the
-                    # len(s) - 1 characters before it (pieces can be long: one
-                    # Pythia token is a newline and 19 spaces).
-                    tail = texts_so_far[b]
-                    if any(s in tail[max(len(tail) - len(piece) - len(s) + 1, 0) :] for s in stop_strings):
+        with self._hold("generate()" if want_text else "generate_ids()"):
+            for step_ids in self._token_stream(batch, max_new_tokens, params, seed, done):
+                for b, t in enumerate(step_ids):
+                    if done[b]:
+                        continue
+                    if t in stop_ids:
                         done[b] = True
+                        continue
+                    out[b].append(t)
+                    if decoders is not None:
+                        piece = decoders[b].push(t)
+                        texts_so_far[b] += piece
+                        # A new occurrence ends inside the new piece: search it and the
+                        # len(s) - 1 characters before it (pieces can be long: one
+                        # Pythia token is a newline and 19 spaces).
+                        tail = texts_so_far[b]
+                        if any(s in tail[max(len(tail) - len(piece) - len(s) + 1, 0) :] for s in stop_strings):
+                            done[b] = True
         texts = None
         if want_text:
             texts = [_cut_at_stop(self.tokenizer.decode(ids), stop_strings) for ids in out]
@@ -406,11 +467,14 @@ class Pythia:
         """Generate for one prompt, yielding text as it is decoded. A piece never
         ends inside a UTF-8 character, and text that could be the start of a
         stop string is held back until it is known not to be one. The pieces
-        join to what :meth:`generate` returns."""
+        join to what :meth:`generate` returns.
+
+        The stream holds the engine from its first item until it ends, is
+        closed or is garbage-collected: see the class docstring."""
         if self.tokenizer is None:
             raise GenerationError("streaming text needs a tokenizer")
         params = SamplingParams(temperature, top_k, top_p)
-        _check_count_and_seed(max_new_tokens, seed)
+        max_new_tokens = _check_count_and_seed(max_new_tokens, seed)
         batch, single = self._encode(prompt)
         if not single:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
@@ -418,6 +482,17 @@ class Pythia:
         if max_new_tokens == 0:
             return
         batch = self._fit(batch, max_new_tokens, truncate)
+        # Taken here, in the generator's body (so at the first next(), not at
+        # stream()); the finally gives it back however the generator ends,
+        # close() and garbage collection (GeneratorExit) included.
+        self._acquire("stream()")
+        try:
+            yield from self._stream_pieces(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
+        finally:
+            self._release()
+
+    def _stream_pieces(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings) -> Iterator[str]:
+        """stream()'s pieces, for a checked request, with the engine held."""
         decoder = StreamDecoder(self.tokenizer)
         done = [False]
         text, emitted = "", 0
@@ -435,6 +510,9 @@ class Pythia:
                 break
             if len(text) - hold > emitted:
                 yield text[emitted : len(text) - hold]
+                # The thread that resumed the stream holds the engine now: a
+                # generator may be handed to another thread between two items.
+                self._holder = (threading.get_ident(), "stream()")
                 emitted = len(text) - hold
         if not cut_by_string:
             # Bytes held for an unfinished UTF-8 character come out as generate()
@@ -446,11 +524,37 @@ class Pythia:
             yield text[emitted:]
 
     def _stop_set(self, stop, ignore_eos: bool) -> tuple[set[int], list[str]]:
-        items = [] if stop is None else [stop] if isinstance(stop, (numbers.Integral, str)) else list(stop)
-        ids = {int(s) for s in items if not isinstance(s, str)}
-        strings = [s for s in items if isinstance(s, str)]
-        if any(s == "" for s in strings):
-            raise GenerationError("stop strings must not be empty")
+        if stop is None:
+            items = []
+        elif isinstance(stop, (str, bytes, bytearray)) or is_int(stop):
+            items = [stop]
+        elif hasattr(stop, "tolist"):  # a tensor or numpy array of ids, or a numpy scalar
+            items = stop.tolist()
+            items = items if isinstance(items, list) else [items]
+        elif isinstance(stop, (list, tuple, set, frozenset)):
+            items = list(stop)
+        else:
+            items = [stop]  # reported below as a bad entry
+        ids, strings = set(), []
+        V = self.config.vocab_size
+        for s in items:
+            if hasattr(s, "tolist") and not isinstance(s, (str, bytes, bytearray)):
+                s = s.tolist()  # a 0-d tensor or a numpy scalar: a Python int if integral
+            if isinstance(s, str):
+                if s == "":
+                    raise GenerationError("stop strings must not be empty")
+                strings.append(s)
+            elif is_int(s):
+                if not 0 <= s < V:
+                    raise GenerationError(f"stop id {s} is outside the vocabulary [0, {V})")
+                ids.add(int(s))
+            else:
+                # int() would truncate 9.9, read b"\n" as the id 10 and True as 1.
+                hint = " (give stop strings as str)" if isinstance(s, (bytes, bytearray)) else ""
+                raise GenerationError(
+                    f"stop entry {s!r} ({type(s).__name__}) is neither a token id (an integer in [0, {V})) "
+                    f"nor a non-empty string{hint}"
+                )
         if not ignore_eos and self.config.eos_token_id is not None:
             ids.add(int(self.config.eos_token_id))
         return ids, strings
@@ -498,7 +602,8 @@ class Pythia:
         Returns a :class:`Score` (a list of them for a list of texts).
         """
         batch, single = self._encode(texts)
-        results = [self._score_one(ids, prepend_eos) for ids in batch]
+        with self._hold("score()"):
+            results = [self._score_one(ids, prepend_eos) for ids in batch]
         return results[0] if single else results
 
     def _score_one(self, ids: list[int], prepend_eos: bool) -> "Score":
@@ -545,12 +650,15 @@ class Score:
         return math.exp(-float(self.logprobs.mean()))
 
 
-def _check_count_and_seed(max_new_tokens, seed) -> None:
+def _check_count_and_seed(max_new_tokens, seed) -> int:
+    """Check both; returns max_new_tokens as a Python int (a numpy uint16 would
+    wrap in the context arithmetic of _fit, a uint8 overflow)."""
     if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     # torch.Generator.manual_seed takes [-2^63, 2^64) and raises a bare RuntimeError otherwise.
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
         raise GenerationError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
+    return int(max_new_tokens)
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

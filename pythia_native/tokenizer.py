@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import CheckpointError
+from .errors import CheckpointError, GenerationError
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -42,10 +42,22 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         # Pythia prompts start with no BOS: the GPT-NeoX tokenizer adds none.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # tokenizers says only "TextInputSequence must be str" (a lone surrogate
+            # too): name the cause. Checked here, not up front: the usual text pays nothing.
+            check_text(text)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for t in texts:
+                check_text(t)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -55,6 +67,21 @@ class Tokenizer:
 
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
+
+
+def check_text(text) -> None:
+    """Raise GenerationError unless ``text`` is a str that UTF-8 can encode
+    (no lone surrogates: what ``errors="surrogateescape"`` makes of bytes that
+    are not UTF-8, e.g. ``sys.argv`` or a C-locale stdin)."""
+    if not isinstance(text, str):
+        raise GenerationError(f"text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(
+            f"text is not valid Unicode (lone surrogate {text[e.start]!r} at index {e.start}); "
+            "decode the bytes as UTF-8 (errors='replace' keeps going) before passing them"
+        ) from None
 
 
 class StreamDecoder:

@@ -134,3 +134,56 @@ def test_compute_flag_reaches_the_model(capsys, ckpt):
         load(ckpt, device="cpu", compute="int4")
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(ckpt), "--compute", "int4", "hi"])
+
+
+def test_text_that_is_not_utf8_is_a_one_line_error(capsys, ckpt, monkeypatch):
+    import io
+
+    # A C-locale stdin (surrogateescape) and argv turn bytes that are not UTF-8
+    # into lone surrogates, which the tokenizer refuses with a bare TypeError.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(b"\xff\xfehello".decode("utf-8", "surrogateescape")))
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "-", match="stdin: not UTF-8 text")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a\udcffb"))
+    one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "-", match="stdin: not UTF-8 text")
+    # A stdin decoding strictly raises UnicodeDecodeError while reading.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfehello"), encoding="utf-8"))
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", match="stdin: not UTF-8 text")
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "a\udcff",
+                   match="the prompt argument: not UTF-8 text")
+
+
+def test_bytes_that_are_not_utf8_on_stdin_end_in_one_line(ckpt):
+    p = subprocess.run([sys.executable, "-m", "pythia_native", "generate", "--model", str(ckpt), "--device", "cpu",
+                        "-n", "2"], input=b"\xff\xfehello", capture_output=True, timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("pythia-native: error: stdin: not UTF-8 text"), err
+
+
+def test_score_per_line_splits_at_newlines_only_and_numbers_file_lines(capsys, ckpt, tmp_path):
+    f = tmp_path / "t.txt"
+    # \f, \v, \x1c, \x85 and U+2028 inside a line do not end it; blank and
+    # whitespace-only lines are skipped but counted; CRLF ends a line.
+    lines = ["Hello\x0cworld.", "", "   ", "Once\x0bupon\x1ca\x85time\u2028now.", "Bye.\r", "\t", "End."]
+    f.write_bytes("\n".join(lines).encode("utf-8"))
+    code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", "--per-line", f)
+    assert code == 0
+    numbered = [line.split("\t")[0] for line in out.splitlines() if line.startswith("line ")]
+    assert numbered == ["line 1", "line 4", "line 5", "line 7"]
+    from pythia_native import load
+
+    engine = load(ckpt, device="cpu")
+    want = [engine.score(t) for t in ("Hello\x0cworld.", "Once\x0bupon\x1ca\x85time\u2028now.", "Bye.", "End.")]
+    tokens = [int(line.split("\t")[1].split()[1]) for line in out.splitlines() if line.startswith("line ")]
+    assert tokens == [len(s.tokens) for s in want]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--repeats", "-2"], "--repeats must be >= 1, got -2"),
+    (["--new-tokens", "1"], "--new-tokens must be >= 2 (decode tok/s is timed as N new tokens minus 1), got 1"),
+    (["--new-tokens", "0"], "--new-tokens must be >= 2"),
+])
+def test_bench_argument_errors_are_one_line(capsys, argv, match):
+    one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "4",
+                   *argv, match=match)

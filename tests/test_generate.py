@@ -535,3 +535,249 @@ def test_greedy_is_torch_argmax(dtype):
         assert got.dtype == torch.int64 and torch.equal(got, torch.argmax(view, dim=-1))
     assert greedy(logits)[1:3].tolist() == [7, 3]
     assert greedy(logits[:, :50277])[3] != 50300
+
+
+# ------------------------------------------------- one request at a time --
+# Every call decodes on the engine's one KV cache: a second request while a
+# stream is open (or from another thread) would overwrite the stream's slots.
+
+def _stream_then(engine, interrupt):
+    """Stream 24 greedy tokens; after the second piece call ``interrupt()``
+    (whose GenerationError is returned); the stream's text and that error."""
+    s = engine.stream([10, 11, 12], 24, ignore_eos=True)
+    pieces = [next(s), next(s)]
+    with pytest.raises(GenerationError) as e:
+        interrupt()
+    return "".join(pieces + list(s)), e.value
+
+
+def test_a_call_inside_an_open_stream_is_refused_and_the_stream_unharmed(engine):
+    engine = Pythia(engine.model, engine.tokenizer, max_len=128)  # a cache of one sequence
+    want = "".join(engine.stream([10, 11, 12], 24, ignore_eos=True))
+    calls = {
+        "generate()": lambda: engine.generate("Once upon a time, far away", 8, ignore_eos=True),
+        "generate_ids()": lambda: engine.generate_ids(list(range(100, 140)), 8, ignore_eos=True),
+        "score()": lambda: engine.score("Once upon a time, far away"),
+        "stream()": lambda: next(engine.stream([7, 8, 9], 8)),  # two interleaved streams
+        # A larger batch would reallocate the cache under the stream.
+        "a batch": lambda: engine.generate_ids([[5, 6], [7, 8], [9, 10]], 4, ignore_eos=True),
+    }
+    for name, call in calls.items():
+        got, err = _stream_then(engine, call)
+        assert "a stream() of this engine is still open; exhaust or close() it first" in str(err), name
+        assert got == want, name
+    assert engine.cache.max_batch == 1
+
+
+@pytest.mark.parametrize("end", ["exhausted", "closed", "collected", "raised", "stopped"])
+def test_a_stream_releases_the_engine_however_it_ends(engine, end):
+    want = engine.generate_ids([5, 6], 4, ignore_eos=True)
+    if end == "raised":
+        e = _scripted(engine, [20, 21, 22])
+
+        def failing(*a):
+            yield [20]
+            raise RuntimeError("simulated decode failure")
+
+        e._token_stream = failing
+        s = e.stream([5], 10, ignore_eos=True)
+        with pytest.raises(RuntimeError, match="simulated"):
+            list(s)
+        del e._token_stream  # the real decode loop again
+        assert e.generate_ids([5, 6], 4, ignore_eos=True) == want
+        return
+    stop = engine.generate_ids([10, 11, 12], 24, ignore_eos=True)[6] if end == "stopped" else None
+    s = engine.stream([10, 11, 12], 24, ignore_eos=True, stop=stop)
+    if end != "stopped":
+        next(s)
+    if end == "exhausted":
+        list(s)
+    elif end == "closed":
+        s.close()
+    elif end == "collected":
+        del s
+        gc.collect()
+    elif end == "stopped":
+        list(s)  # ended by a stop id
+    assert engine.generate_ids([5, 6], 4, ignore_eos=True) == want
+    # A stream that never started never held the engine.
+    unstarted = engine.stream([5], 4)
+    assert engine.generate_ids([5, 6], 4, ignore_eos=True) == want
+    del unstarted
+
+
+def test_another_thread_waits_for_an_open_stream(engine):
+    import threading
+
+    want_stream = "".join(engine.stream([10, 11, 12], 24, ignore_eos=True))
+    want_other = engine.generate_ids(list(range(100, 140)), 8, ignore_eos=True)
+    s = engine.stream([10, 11, 12], 24, ignore_eos=True)
+    pieces = [next(s)]
+    got = []
+    t = threading.Thread(target=lambda: got.append(engine.generate_ids(list(range(100, 140)), 8, ignore_eos=True)))
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and not got  # waiting: its prefill would overwrite the stream's cache
+    pieces += list(s)
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert "".join(pieces) == want_stream and got == [want_other]
+
+
+def test_concurrent_calls_from_threads_are_serialized(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [list(range(2 + 7 * i, 2 + 7 * i + 5 + 9 * i)) for i in range(6)]
+    want = [engine.generate_ids(p, 12, ignore_eos=True) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda p: engine.generate_ids(p, 12, ignore_eos=True), prompts))
+            assert got == want
+
+
+def test_a_stream_handed_to_another_thread_is_held_by_that_thread(engine):
+    # The thread that resumed a stream is the one a nested call must not wait
+    # for (it would wait for itself): it gets the error, not a deadlock.
+    import threading
+
+    s = engine.stream([10, 11, 12], 24, ignore_eos=True)
+    next(s)
+    errors = []
+
+    def other():
+        next(s)
+        try:
+            engine.generate_ids([5], 2)
+        except GenerationError as e:
+            errors.append(str(e))
+        list(s)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and errors and "still open" in errors[0]
+    assert engine.generate_ids([5], 2, ignore_eos=True)
+
+
+# --------------------------------------------------- argument types, cont. --
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (torch.tensor([[5.9, 6.9]], dtype=torch.float64), r"prompt 0: .*item 0 is 5.9, a float"),
+    ([[5.9, 6.9]], r"prompt 0: .*item 0 is 5.9, a float"),
+    ([["12", "13"]], r"prompt 0: .*item 0 is '12', a str"),
+    ([["a"]], r"prompt 0: .*item 0 is 'a', a str"),
+    ([True, False], "got bool"),
+    ([[5, True]], r"item 1 is True, a bool"),
+    ([[5, np.float64(6.0)]], r"item 1 is .*6.0.*, a float64"),
+    (None, "prompts must be a string, a list of token ids, or a list of either .* got NoneType"),
+    (5, "prompts must be .* got int"),
+    (torch.tensor(5), "prompts must be .* got int"),
+    (b"hello", r"got bytes \(decode bytes to str first\)"),
+    ([b"hello"], r"prompt 0: .*got bytes \(decode bytes to str first\)"),
+], ids=lambda v: repr(v) if not isinstance(v, str) else "")
+def test_prompts_must_hold_integer_ids(engine, prompts, match):
+    # int() would run [[5.9, 6.9]] as [[5, 6]], "12" as 12 and True as 1.
+    for call in (engine.generate_ids, engine.generate, lambda p, n: engine.score(p)):
+        with pytest.raises(GenerationError, match=match):
+            call(prompts, 3)
+    # Integers of any kind pass: numpy scalars, integer tensors.
+    want = engine.generate_ids([5, 6], 3, ignore_eos=True)
+    assert engine.generate_ids([[np.int32(5), np.uint8(6)]], 3, ignore_eos=True) == [want]
+    assert engine.generate_ids(torch.tensor([[5, 6]], dtype=torch.int16), 3, ignore_eos=True) == [want]
+
+
+@pytest.mark.parametrize("stop, match", [
+    (b"\n", r"stop entry b'\\n' \(bytes\) .* \(give stop strings as str\)"),
+    ([b"\n"], r"stop entry b'\\n' \(bytes\)"),
+    ([9.9], r"stop entry 9.9 \(float\) is neither a token id"),
+    (5.7, r"stop entry 5.7 \(float\)"),
+    (True, r"stop entry True \(bool\)"),
+    ([False], r"stop entry False \(bool\)"),
+    ([None], r"stop entry None \(NoneType\)"),
+    ([[3, 4]], r"stop entry \[3, 4\] \(list\)"),
+    (torch.tensor(3.0), r"stop entry 3.0 \(float\)"),
+    (np.float32(2), r"stop entry 2.0 \(float\)"),
+    (-3, r"stop id -3 is outside the vocabulary \[0, 50304\)"),
+    ([10**9], r"stop id 1000000000 is outside"),
+    (torch.tensor([5, 60000]), r"stop id 60000 is outside"),
+    (object(), r"stop entry <object object .*> \(object\)"),
+], ids=lambda v: repr(v) if not isinstance(v, str) else "")
+def test_stop_entries_are_ids_or_strings(engine, stop, match):
+    for call in (engine.generate_ids, engine.generate, lambda *a, **k: list(engine.stream(*a, **k))):
+        with pytest.raises(GenerationError, match=match):
+            call([10, 11, 12], 5, stop=stop)
+
+
+def test_stop_ids_as_integer_scalars_and_arrays(engine):
+    free = engine.generate_ids([10, 11, 12], 20, ignore_eos=True)
+    s = free[4]
+    want = free[: free.index(s)]
+    for stop in (s, np.int64(s), np.uint16(s), torch.tensor(s), [torch.tensor(s)], torch.tensor([s, 50303]),
+                 np.array([s]), (s,), {s}, [np.int32(s), "\x00never"]):
+        assert engine.generate_ids([10, 11, 12], 20, stop=stop, ignore_eos=True) == want, repr(stop)
+
+
+def test_numpy_seeds_and_counts(engine):
+    kw = dict(temperature=1.0, ignore_eos=True)
+    want = engine.generate_ids([5, 6], 5, seed=7, **kw)
+    for seed in (np.int64(7), np.uint8(7), np.int32(7)):
+        assert engine.generate_ids([5, 6], 5, seed=seed, **kw) == want
+        assert engine.generate([5, 6], 5, seed=seed, **kw) == engine.tokenizer.decode(want)
+        assert "".join(engine.stream([5, 6], 5, seed=seed, **kw)) == engine.tokenizer.decode(want)
+    # A numpy count is a Python int before any arithmetic: uint16(300) would wrap
+    # in the room check (128 - 299), uint8(5) overflow.
+    for call in (engine.generate_ids, engine.generate, lambda *a, **k: list(engine.stream(*a, **k))):
+        with pytest.raises(GenerationError, match="max_new_tokens=300 leaves no room"):
+            call([5], np.uint16(300))
+        with pytest.raises(GenerationError, match="exceeds the context of 128"):
+            call(list(range(2, 122)), np.uint8(20))
+    assert len(engine.generate_ids([5, 6], np.uint8(5), ignore_eos=True)) == 5
+    assert len(engine.generate_ids([5, 6], np.uint16(5), ignore_eos=True)) == 5
+
+
+def test_text_with_a_lone_surrogate_is_a_clear_error(engine):
+    # What Python makes of bytes that are not UTF-8 (argv, a C-locale stdin).
+    text = "a\udcff"
+    calls = (engine.generate, engine.generate_ids, lambda t, n: list(engine.stream(t, n)),
+             lambda t, n: engine.score(t), lambda t, n: engine.generate([t, "b"], n))
+    for call in calls:
+        with pytest.raises(GenerationError, match=r"text is not valid Unicode \(lone surrogate '\\udcff' at index 1\)"):
+            call(text, 3)
+    with pytest.raises(GenerationError, match="lone surrogate"):
+        engine.tokenizer.encode_batch(["ok", "\ud800x"])
+    assert engine.tokenizer.encode_batch(["a b", "c"]) == [engine.tokenizer.encode("a b"), engine.tokenizer.encode("c")]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_len=2.5), r"max_len must be an integer in \[1, 256\] .* got 2.5"),
+    (dict(max_len="16"), "max_len must be an integer .* got '16'"),
+    (dict(max_len=True), "max_len must be an integer .* got True"),
+    (dict(max_len=0), "max_len must be an integer .* got 0"),
+    (dict(max_batch=2.5), "max_batch must be an integer >= 1, got 2.5"),
+    (dict(max_batch="2"), "max_batch must be an integer >= 1, got '2'"),
+    (dict(max_batch=True), "max_batch must be an integer >= 1, got True"),
+    (dict(max_batch=0), "max_batch must be an integer >= 1, got 0"),
+    (dict(max_batch=None), "max_batch must be an integer >= 1, got None"),
+], ids=lambda v: repr(v) if not isinstance(v, str) else "")
+def test_engine_sizes_are_checked(engine, kwargs, match):
+    with pytest.raises(GenerationError, match=match):
+        Pythia(engine.model, engine.tokenizer, **kwargs)
+    e = Pythia(engine.model, engine.tokenizer, max_len=np.int64(32), max_batch=np.uint8(2))
+    assert type(e.max_len) is int and e.cache.max_batch == 2
+    assert len(e.generate_ids([5], np.uint8(31), ignore_eos=True)) == 31
+
+
+def test_load_revision_between_two_steps_of_a_stream_is_allowed(tmp_path, tokenizer):
+    # The engine guard does not cover load_revision: a sweep may load the next
+    # revision between two steps of an open stream (see _model_epoch).
+    from pythia_native import load
+
+    hf_model("tiny", vocab_size=50304).save_pretrained(tmp_path)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    e = load(tmp_path, device="cpu", max_len=64)
+    want = "".join(e.stream("Hello", 12, ignore_eos=True))
+    s = e.stream("Hello", 12, ignore_eos=True)
+    pieces = [next(s)]
+    e.load_revision(None)  # the same weights again
+    assert "".join(pieces + list(s)) == want
