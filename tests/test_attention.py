@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pythia_native as pn
-from conftest import CPU_ISAS
+from conftest import CPU_ISAS, isa_supported
 from pythia_native import reference as ref
 
 # (head_dim, rotary_ndims) of the Pythia configs (rotary_pct 0.25).
@@ -265,6 +265,53 @@ def test_decode_attention_positions_beyond_cache(device):
     # The twin's definition: a position >= L sees all L slots.
     pos = torch.tensor([[36, 37, 100]])
     _run_decode(1, 3, 2, 32, 37, torch.float32, device, pos=pos)
+
+
+def test_decode_attention_largest_position(device):
+    # 2**63 - 1 sees all L slots like any position >= L (pos + 1 overflowed to
+    # a negative slot count: NaN on the CPU, zeros on CUDA).
+    pos = torch.tensor([[2**63 - 1, 36]])
+    _run_decode(1, 2, 2, 32, 37, torch.float32, device, pos=pos)
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS + ["cuda"], indirect=False)
+def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
+    # Scores that are -inf (a -inf key element, or q . k * scale overflowing)
+    # for every slot of the first key blocks (CPU 8-16 keys, CUDA split 128):
+    # softmax gives them weight 0 and the other slots the rest, as torch does;
+    # the running max stayed -inf through those blocks and exp(-inf - -inf) made
+    # the row NaN. A query that sees nothing but -inf scores is NaN (torch's).
+    if (cpu_isa == "cuda") != (device == "cuda"):
+        pytest.skip("the ISA cases run on the CPU, the cuda case on a GPU")
+    if cpu_isa != "cuda":
+        if not isa_supported(cpu_isa):
+            pytest.skip(f"this CPU has no {cpu_isa}")
+        pn._C.set_cpu_isa(cpu_isa)
+    try:
+        B, T, H, D, L = 2, 2, 2, 64, 300
+        q = torch.randn(B, T, H, D, device=device)
+        q[..., 0] = 1.0
+        k, v = _caches(B, H, L, D, torch.float32, device, 5)
+        k[:, :, :140, 0] = -float("inf")
+        pos = torch.tensor([[139, 140], [-1, 299]], device=device)
+        out = pn.decode_attention(q, k, v, pos)
+        want = ref.decode_attention(q, k, v, pos, D**-0.5)
+        assert out[0, 0].isnan().all() and want[0, 0].isnan().all()
+        assert torch.equal(out[1, 0], torch.zeros_like(out[1, 0]))  # padding
+        # Position 140 sees exactly one slot with a finite score: its value.
+        torch.testing.assert_close(out[0, 1], v[0, :, 140], rtol=0, atol=0)
+        assert _rel_err(out[0, 1:], want[0, 1:]) <= 1e-6 and _rel_err(out[1, 1], want[1, 1]) <= 1e-5
+        # An overflowing product instead of a -inf key: scores -8e38 -> -inf for
+        # slots 0-15, 0 for slots 16-23, so the mean of those values.
+        q1 = torch.ones(1, 1, 1, 8, device=device)
+        k1 = torch.zeros(1, 1, 24, 8, device=device)
+        k1[:, :, :16] = 1.0
+        v1 = torch.randn(1, 1, 24, 8, device=device)
+        out = pn.decode_attention(q1, k1, v1, torch.tensor([[23]], device=device), -1e38)
+        torch.testing.assert_close(out[0, 0, 0], v1[0, 0, 16:].mean(0), rtol=1e-6, atol=1e-6)
+    finally:
+        if cpu_isa != "cuda":
+            pn._C.set_cpu_isa("auto")
 
 
 def test_decode_attention_bc_equals_b_and_noncontiguous_q(device):

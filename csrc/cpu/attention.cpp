@@ -56,6 +56,14 @@ namespace {
 // D = 256, fp32) stay in L1 across the accumulate loop's D-chunks.
 constexpr int64_t kKeyBlock = 16;
 
+// A block whose every score is -inf (q . k * scale overflowed, or a -inf key)
+// is skipped: its weights are exactly 0, and while the running max is still
+// -inf, exp(-inf - -inf) would be NaN and poison the row where the blocks that
+// follow (and torch's softmax) give finite weights. A NaN score is not -inf:
+// its block runs and the NaN reaches the row. A row of -inf scores only ends
+// with l = 0, so NaN, as torch's softmax of it.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
 // s[j] = scale * (q . k[j * D : (j + 1) * D]) for j < n; acc = acc * alpha +
 // sum_j p[j] * v[j * D : ...]. q and acc are float32 [D].
 template <typename T>
@@ -141,6 +149,7 @@ PN_AVX512 float attend_row_avx512(const float* q, const T* k, const T* v, int64_
     const __mmask16 valid = nb == 16 ? __mmask16(0xffff) : __mmask16((1u << nb) - 1);
     const __m512 s = _mm512_mask_mov_ps(
         neg_inf, valid, _mm512_mul_ps(fold16(c[0], c[1], c[2], c[3]), _mm512_set1_ps(scale)));
+    if (_mm512_cmp_ps_mask(s, neg_inf, _CMP_EQ_OQ) == __mmask16(0xffff)) continue;  // invalid lanes are -inf
     const float m_new = std::max(m, _mm512_reduce_max_ps(s));
     const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
     const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
@@ -213,6 +222,7 @@ PN_AVX2 float attend_row_avx2(const float* q, const T* k, const T* v, int64_t n,
     const __m256 s = _mm256_blendv_ps(
         _mm256_set1_ps(-std::numeric_limits<float>::infinity()),
         _mm256_mul_ps(_mm256_set_m128(c[1], c[0]), _mm256_set1_ps(scale)), valid);
+    if (_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ)) == 0xff) continue;
     const float m_new = std::max(m, hmax8(s));
     const float alpha = std::exp(m - m_new);
     const __m256 pv = _mm256_and_ps(exp8(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
@@ -247,6 +257,9 @@ float attend_row_scalar(const float* q, const T* k, const T* v, int64_t n, int64
   for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, n - j0);
     scores_scalar(q, k + j0 * D, D, nb, scale, s);
+    bool all_neg_inf = true;
+    for (int64_t j = 0; j < nb; ++j) all_neg_inf = all_neg_inf && s[j] == kNegInf;
+    if (all_neg_inf) continue;
     float bm = s[0];
     for (int64_t j = 1; j < nb; ++j) bm = std::max(bm, s[j]);
     const float m_new = std::max(m, bm);
@@ -296,7 +309,7 @@ void attention_rows(const T* q, const T* kc, const T* vc, const int64_t* positio
       std::fill(o, o + D, from_f32<T>(0.0f));
       continue;
     }
-    const int64_t n = std::min(pos + 1, L);  // slots 0..pos, inclusive
+    const int64_t n = pos < L ? pos + 1 : L;  // slots 0..pos, inclusive (no pos + 1 overflow)
     for (int64_t d = 0; d < D; ++d) qf[d] = to_f32(q[r * D + d]);
     const int64_t head = (b * H + h) * L * D;
     const float l = attend(qf, kc + head, vc + head, n, D, scale, acc);

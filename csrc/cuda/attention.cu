@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   const int tid = threadIdx.x;
   const int64_t h = row % H, bt = row / H, b = bt / T_;
   const int64_t pos = positions[bt];
-  const int64_t n = pos < 0 ? 0 : (pos + 1 < L ? pos + 1 : L);  // visible slots
+  const int64_t n = pos < 0 ? 0 : (pos < L ? pos + 1 : L);  // visible slots (no pos + 1 overflow)
   const int64_t j0 = static_cast<int64_t>(split) * kSplitThreads;
   float* ml = part_ml + (row * S + split) * 2;
   if (j0 >= n) {
@@ -260,14 +260,18 @@ __global__ void __launch_bounds__(kSplitThreads)
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_combine_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                          int S, int D, T* __restrict__ out) {
+                          const int64_t* __restrict__ positions, int64_t H, int S, int D,
+                          T* __restrict__ out) {
   const int64_t row = blockIdx.x;
   const float* ml = part_ml + row * S * 2;
   T* o = out + row * D;
   float M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
   if (M == -INFINITY) {
-    for (int d = threadIdx.x; d < D; d += kCombineThreads) o[d] = from_float<T>(0.0f);
+    // No split saw a finite score: a padding query (zeros), or one whose every
+    // visible score is -inf, whose softmax is NaN (torch's, the CPU kernel's).
+    const float fill = positions[row / H] < 0 ? 0.0f : NAN;
+    for (int d = threadIdx.x; d < D; d += kCombineThreads) o[d] = from_float<T>(fill);
     return;
   }
   float total = 0.0f;
@@ -311,7 +315,8 @@ void launch_decode(const void* q, const void* kc, const void* vc, const int64_t*
       static_cast<const T*>(q), static_cast<const T*>(kc), static_cast<const T*>(vc), positions,
       T_, H, L, static_cast<int>(D), scale, static_cast<int>(S), part_acc, part_ml);
   decode_combine_kernel<T><<<static_cast<unsigned>(rows), kCombineThreads, 0, stream>>>(
-      part_acc, part_ml, static_cast<int>(S), static_cast<int>(D), static_cast<T*>(out));
+      part_acc, part_ml, positions, H, static_cast<int>(S), static_cast<int>(D),
+      static_cast<T*>(out));
 }
 
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit

@@ -406,10 +406,15 @@ void test_rotary() {
 // poison_unseen: the slots of sequence b past all its positions hold NaN, as
 // an earlier request may have left them; no query may read them (the CPU
 // twin does not, and 0 * NaN in the kernel would show in the comparison).
+// neg_inf_prefix > 0: every query's score is -inf for slots 0 .. neg_inf_prefix - 1
+// (q[0] = 1, k[0] = -inf there): a query that sees only those is NaN (torch's
+// softmax of all -inf), one that sees more attends to the rest alone.
 void check_decode(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t L,
-                  const std::vector<int64_t>& positions, bool poison_unseen = false) {
-  g_ctx = fmt("decode %s B=%lld T=%lld H=%lld D=%lld L=%lld%s", dt_name(dt), ll(B), ll(T), ll(H),
-              ll(D), ll(L), poison_unseen ? " NaN past the positions" : "");
+                  const std::vector<int64_t>& positions, bool poison_unseen = false,
+                  int64_t neg_inf_prefix = 0) {
+  g_ctx = fmt("decode %s B=%lld T=%lld H=%lld D=%lld L=%lld%s%s", dt_name(dt), ll(B), ll(T), ll(H),
+              ll(D), ll(L), poison_unseen ? " NaN past the positions" : "",
+              neg_inf_prefix ? " -inf scores first" : "");
   const int64_t rows = B * T * H, cache_n = B * H * L * D;
   Buf q(dt, rows * D), kc(dt, cache_n), vc(dt, cache_n);
   for (int64_t i = 0; i < rows * D; ++i) q.set(i, normal());
@@ -430,6 +435,9 @@ void check_decode(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t 
           }
     }
   }
+  for (int64_t r = 0; r < rows && neg_inf_prefix > 0; ++r) q.set(r * D, 1.0f);
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t j = 0; j < std::min(neg_inf_prefix, L); ++j) kc.set((bh * L + j) * D, -INFINITY);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   Buf out(dt, rows * D + 1), ref(dt, rows * D);
   const float sentinel = out.set(rows * D, 4321.0f);
@@ -442,6 +450,12 @@ void check_decode(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, int64_t 
   int64_t bad = 0;
   for (int64_t i = 0; i < rows * D; ++i) {
     const double a = out.get(i), b = ref.get(i);
+    if (neg_inf_prefix > 0) {
+      const int64_t pos = positions[i / (H * D)];
+      const bool all_neg_inf = pos >= 0 && pos < neg_inf_prefix;
+      CHECK(std::isnan(b) == all_neg_inf, "cpu out[%lld] = %g at position %lld", ll(i), b, ll(pos));
+      if (all_neg_inf && std::isnan(a)) continue;
+    }
     const double tol = 1e-5 * vmax + 2.0 * unit_roundoff(dt) * std::fabs(b);
     if (!(std::fabs(a - b) <= tol)) {
       if (++bad <= 3) CHECK(false, "out[%lld] = %.8g, cpu %.8g", ll(i), a, b);
@@ -460,10 +474,15 @@ void test_decode() {
     // attends to all L slots.
     check_decode(dt, 2, 2, 2, 64, 300, {127, 128, -1, 299});
     check_decode(dt, 3, 1, 1, 80, 129, {0, 128, 500});
+    check_decode(dt, 2, 1, 1, 32, 40, {INT64_MAX, 39});  // pos + 1 would overflow
     check_decode(dt, 1, 3, 2, 128, 256, {126, 255, 129});
     // Stale NaN past the positions: inside a split and in splits past it.
     check_decode(dt, 2, 2, 2, 64, 300, {3, 130, -1, 0}, true);
     check_decode(dt, 1, 1, 1, 80, 129, {127}, true);
+    // -inf scores in the first split (128 keys) and into the second: a split
+    // of only -inf scores drops out, a query seeing nothing else is NaN, a
+    // padding query still zeros.
+    check_decode(dt, 2, 2, 2, 64, 300, {100, 139, -1, 250}, false, 140);
   }
   g_ctx = "decode bad arguments";
   std::vector<float> buf(4096, 0.0f);
