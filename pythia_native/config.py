@@ -43,6 +43,26 @@ SUITE_ARCHITECTURES = {
 }
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_number(rope: dict, d: dict, keys: tuple[str, str, str], default: float) -> float:
+    """``rope[keys[0]]``, else ``d[keys[1]]``, else ``d[keys[2]]``, else ``default``; a number."""
+    for where, key in ((rope, keys[0]), (d, keys[1]), (d, keys[2])):
+        if key in where:
+            v = where[key]
+            if not _is_number(v):
+                raise ConfigError(f"config: {key} must be a number, got {v!r:.60}")
+            return float(v)
+    return default
+
+
+def _check_token_id(name: str, v: Any, vocab_size: int) -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size):
+        raise ConfigError(f"config: {name} must be a token id in [0, vocab_size={vocab_size}), got {v!r}")
+
+
 @dataclass(frozen=True)
 class PythiaConfig:
     """The architecture facts the engine needs; field names follow transformers'."""
@@ -73,19 +93,28 @@ class PythiaConfig:
             raise ConfigError(
                 f"config: hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
             )
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise ConfigError(f"config: rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if not (_is_number(self.rotary_pct) and 0.0 <= self.rotary_pct <= 1.0):
+            raise ConfigError(f"config: rotary_pct must be in [0, 1], got {self.rotary_pct!r}")
         if self.rotary_ndims % 2:
             raise ConfigError(
                 f"config: head_dim {self.head_dim} x rotary_pct {self.rotary_pct} gives an odd rotary_ndims {self.rotary_ndims}"
             )
         # JSON as Python reads it may hold NaN and Infinity: refused here, not
         # as NaN logits (or an op's error) at the first forward.
-        if not (isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+        if not (_is_number(self.rope_theta) and math.isfinite(self.rope_theta) and self.rope_theta > 0):
             raise ConfigError(f"config: rope_theta (rotary_emb_base) must be a finite number > 0, got {self.rope_theta!r}")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps >= 0):
+        if not (_is_number(self.layer_norm_eps) and math.isfinite(self.layer_norm_eps) and self.layer_norm_eps >= 0):
             raise ConfigError(f"config: layer_norm_eps must be a finite number >= 0, got {self.layer_norm_eps!r}")
-        if self.hidden_act not in _ACTIVATIONS:
+        # true/false only: the string "false" would otherwise count as true.
+        for name in ("use_parallel_residual", "attention_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
+        # Token ids index the embedding and the logits: a -1 or an id past the vocabulary
+        # would fail (or wrap around) deep inside score() or generate().
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is not None:
+                _check_token_id(name, getattr(self, name), self.vocab_size)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(f"config: hidden_act {self.hidden_act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
         if self.tie_word_embeddings:
             raise ConfigError("config: tie_word_embeddings=true is not GPT-NeoX as Pythia ships it (embed_out is its own matrix)")
@@ -123,6 +152,9 @@ class PythiaConfig:
         model_type = d.get("model_type")
         if model_type != "gpt_neox":
             raise ConfigError(f"config: model_type is {model_type!r}, not 'gpt_neox' (pythia-native runs GPT-NeoX / Pythia only)")
+        for key in ("rope_parameters", "rope_scaling"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise ConfigError(f"config: {key} must be an object, got {d[key]!r:.60}")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ConfigError(f"config: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
@@ -133,18 +165,24 @@ class PythiaConfig:
         kw: dict[str, Any] = {
             k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         }
-        kw["rotary_pct"] = float(rope.get("partial_rotary_factor", d.get("rotary_pct", d.get("partial_rotary_factor", 0.25))))
-        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", 10000.0))))
+        kw["rotary_pct"] = _read_number(rope, d, ("partial_rotary_factor", "rotary_pct", "partial_rotary_factor"), 0.25)
+        kw["rope_theta"] = _read_number(rope, d, ("rope_theta", "rotary_emb_base", "rope_theta"), 10000.0)
         for k in ("max_position_embeddings", "layer_norm_eps", "use_parallel_residual", "hidden_act", "attention_bias",
                   "bos_token_id", "eos_token_id", "tie_word_embeddings"):
             if k in d and d[k] is not None:
                 kw[k] = d[k]
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
+        eos = kw.get("eos_token_id")
+        if isinstance(eos, list):  # transformers allows several; each is checked, the first is the engine's
+            if not eos:
+                raise ConfigError("config: eos_token_id is an empty list (expected a token id or a list of them)")
+            kw["eos_token_id"] = eos[0]
         try:
-            return cls(**kw)
+            config = cls(**kw)
         except TypeError as e:
             raise ConfigError(f"config: {e}") from None
+        for other in eos[1:] if isinstance(eos, list) else ():
+            _check_token_id("eos_token_id", other, config.vocab_size)
+        return config
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "PythiaConfig":

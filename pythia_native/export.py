@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
 
+from .errors import CheckpointError
 from .model import PythiaModel
 from .quantized_linear import QuantizedLinear
 from .weights import TOKENIZER_FILES
@@ -48,6 +50,27 @@ def quantization_config(model: PythiaModel) -> dict:
     }
 
 
+def check_output_dir(directory: Union[str, os.PathLike]) -> Path:
+    """Raise ``CheckpointError`` unless a checkpoint can be written into ``directory``
+    (an existing directory, or one that can be made): cheap, so callers can check
+    before a long load. Leaves nothing behind."""
+    out = Path(directory).expanduser()
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise CheckpointError(f"cannot write a checkpoint to {out}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is under {existing}, which is a file"
+        raise CheckpointError(f"cannot write a checkpoint to {out}: it {where}; choose a directory")
+    try:  # os.access is no help here (root, read-only mounts, ACLs): try a file
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint to {out}: {existing} is not writable ({e.strerror or e})") from None
+    return out
+
+
 def save_pretrained(
     model: PythiaModel,
     directory: Union[str, os.PathLike],
@@ -62,9 +85,13 @@ def save_pretrained(
     (the dense ones: embeddings, LayerNorms, biases), e.g. the source
     checkpoint's fp16 values, so that they are not stored widened to the
     model's float32 nor rounded through its bfloat16. Shapes must match.
+    Raises ``CheckpointError`` for a directory that cannot be written
+    (checked before anything is written) or a write that fails.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(directory)
+    if getattr(model, "partial_load", None) is not None:
+        raise CheckpointError(f"not exporting: the model's weights are partly overwritten by a load that failed "
+                              f"({model.partial_load}); load a revision again first")
     config = model.config.to_dict()
     config["torch_dtype"] = _DTYPE_NAMES[model.dtype]
     config["quantization_config"] = quantization_config(model)
@@ -77,13 +104,21 @@ def save_pretrained(
     if dense:
         config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(dense.values())).dtype, config["torch_dtype"])
     tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name
-    with open(out / "config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name
+        with open(out / "config.json", "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file() and src.resolve() != (out / name).resolve():
+                    shutil.copyfile(src, out / name)
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write the checkpoint to {out}: {e}") from e
     return out

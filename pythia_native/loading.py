@@ -86,14 +86,21 @@ def bnb_quantization(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     q = config.get("quantization_config")
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise ConfigError(f"config.json: quantization_config must be an object, got {type(q).__name__} {q!r:.60}")
     method = q.get("quant_method", "bitsandbytes")
     if method != "bitsandbytes":
         raise ConfigError(f"config.json: quantization method {method!r} is not supported (bitsandbytes 4-bit only)")
     if q.get("load_in_8bit"):
         raise ConfigError("config.json: a bitsandbytes 8-bit checkpoint (load_in_8bit) is not supported; use the fp16/fp32 "
                           "checkpoint or a 4-bit one")
-    if not q.get("load_in_4bit"):
+    if q.get("load_in_4bit") is not True:
         raise ConfigError("config.json: quantization_config without load_in_4bit; not a bitsandbytes 4-bit checkpoint")
+    quant_type = q.get("bnb_4bit_quant_type", "fp4")
+    if quant_type not in ("nf4", "fp4"):
+        raise ConfigError(f"config.json: bnb_4bit_quant_type {quant_type!r} is not supported (expected 'nf4' or 'fp4')")
+    if not isinstance(q.get("bnb_4bit_use_double_quant", False), bool):
+        raise ConfigError(f"config.json: bnb_4bit_use_double_quant must be true or false, got {q['bnb_4bit_use_double_quant']!r}")
     return q
 
 
@@ -156,18 +163,20 @@ def load(
     if entry is not None:
         try:
             model = build_model(entry, device=dev, dtype=dt)
+            tokenizer = Tokenizer.from_file(Path(entry) / "tokenizer.json")
             directory = entry
         except PythiaNativeError as e:
             from . import quantized_cache as qc
 
+            model = None
             qc.discard(entry, str(e))
             directory = _download(options, rev)
     if model is None:
         model = build_model(directory, quant_type=quant_type, double_quant=double_quant,
                             quantize_embed_out=quantize_embed_out, device=dev, dtype=dt)
-        _maybe_store(options, rev, model, directory)
+        tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
+        _maybe_store(options, rev, model, directory)  # only once the whole load worked
     model.compute = compute
-    tokenizer = Tokenizer.from_file(Path(directory) / "tokenizer.json")
     engine = Pythia(model, tokenizer, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs)
     engine.source = (str(name_or_path), rev, str(directory))
     engine.load_options = options
@@ -219,9 +228,9 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
 
     try:
         qc.store(options.quantized_cache, options.ref, rev, options.settings, model, directory)
-    except OSError as e:  # a full disk or a read-only cache must not fail the load itself
+    except Exception as e:  # a full disk (safetensors' own error type), a read-only cache: never fail the load
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
-                      f"{options.quantized_cache} ({e}); the model is loaded, the next load quantizes again",
+                      f"{options.quantized_cache} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the model is loaded, the next load quantizes again",
                       QuantizedCacheWarning, stacklevel=3)
 
 
@@ -237,9 +246,12 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
     differs from the loaded one, or when it is a bitsandbytes 4-bit checkpoint
     with another quant type or ``embed_out`` layout (load it with :func:`load`
     instead); one with another blocksize loads, but its buffers are
-    reallocated and captured CUDA graphs are dropped (recaptured on next use). A
-    failure while reading the weights leaves the model partly overwritten:
-    load a revision again before using it.
+    reallocated and captured CUDA graphs are dropped (recaptured on next use).
+    Every tensor's name, shape and dtype is checked before anything is written:
+    a revision that does not fit leaves the engine as it was. A failure while
+    writing (an I/O error reading the data) leaves the model unusable
+    (``PythiaModel.partial_load``): generate and score refuse to run until a
+    revision loads.
     """
     options: Optional[LoadOptions] = getattr(engine, "load_options", None)
     if options is None:
@@ -256,6 +268,8 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
                 fill_model_(engine.model, entry)
                 engine.source = (engine.source[0], rev, str(entry))
                 return engine
+            except IncompatibleCheckpointError:
+                raise  # the entry is fine, the engine is another architecture: keep it
             except PythiaNativeError as e:
                 from . import quantized_cache as qc
 
@@ -267,9 +281,10 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         return engine
     finally:
         engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
-        if _storages(engine.model) != before:
+        if _storages(engine.model) != before or engine.model.partial_load is not None:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.
+            # Half-written weights: a replay would skip the model's refusal to run (bind).
             engine._drop_graphs()
 
 
@@ -279,6 +294,11 @@ def _storages(model: PythiaModel) -> list[tuple[str, int]]:
     statistics) anew on each call, so their addresses say nothing about the graphs."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     return [(n, t.data_ptr()) for n, t in tensors]
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A readable checkpoint that does not fit the loaded engine (another architecture or
+    4-bit layout): not a reason to discard a quantized-cache entry."""
 
 
 def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
@@ -293,7 +313,7 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
     if config != model.config:
         diff = [f"{f.name} {getattr(config, f.name)!r} (loaded: {getattr(model.config, f.name)!r})"
                 for f in fields(config) if getattr(config, f.name) != getattr(model.config, f.name)]
-        raise CheckpointError(
+        raise IncompatibleCheckpointError(
             f"{directory}: this checkpoint's architecture differs from the loaded model's ({'; '.join(diff)}); "
             "one engine holds one architecture: load() this checkpoint on its own"
         )
@@ -304,7 +324,7 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
             quant_type = q.get("bnb_4bit_quant_type", "fp4")
             head_4bit = "embed_out.weight.absmax" in keys or "lm_head.weight.absmax" in keys
             if quant_type != model.quant_type or head_4bit != isinstance(model.embed_out, QuantizedLinear):
-                raise CheckpointError(
+                raise IncompatibleCheckpointError(
                     f"{directory}: a bitsandbytes 4-bit checkpoint ({quant_type}, embed_out "
                     f"{'4-bit' if head_4bit else 'dense'}) that does not match the loaded model ({model.quant_type}, "
                     f"embed_out {'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}); load() it on its own"
@@ -338,10 +358,14 @@ def build_model(
                     f"{directory}: config.json says bitsandbytes 4-bit but no weight has 4-bit statistics "
                     "(weight.absmax); the checkpoint files do not match the config"
                 )
-        # A float16 checkpoint's dense head stays float16 on the CPU (the same
-        # values, half the bytes per decode step; see PythiaModel's head_dtype).
+        # A dense head stored in float16 stays float16 on the CPU (the same values,
+        # half the bytes per decode step; see PythiaModel's head_dtype). The file's
+        # dtype, not config.json's torch_dtype: an export of a float32 or bfloat16
+        # engine keeps its float16 head, and must reload to the same logits.
         head_dtype = None
-        if torch.device(device).type == "cpu" and not quantize_embed_out and raw.get("torch_dtype", raw.get("dtype")) == "float16":
+        head = next((k for k in ("embed_out.weight", "lm_head.weight") if k in keys), None)
+        if (torch.device(device).type == "cpu" and not quantize_embed_out and head is not None
+                and reader.spec(head)[1] == torch.float16):
             head_dtype = torch.float16
         model = PythiaModel(config, quant_type=quant_type, double_quant=double_quant,
                             quantize_embed_out=quantize_embed_out, dtype=dtype, device=device, head_dtype=head_dtype)

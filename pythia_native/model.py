@@ -21,7 +21,8 @@ left-padded batch computes exactly what each sequence would alone.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from .block import compose_block, layer_norm_fn, prefill_mask
 from .config import PythiaConfig
 from .errors import CheckpointError, GenerationError
 from .format import check_quant_type
-from .quantized_linear import QuantizedLinear
+from .quantized_linear import QuantizedLinear, parse_quant_state
 from .weights import is_skipped_buffer
 
 # The four Linear layers of a block that are stored in 4 bits.
@@ -104,6 +105,70 @@ def _fits_float16(t: torch.Tensor) -> bool:
         return True
     rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
     return all(torch.equal(c.to(torch.float16).to(c.dtype), c) for c in rows.split(4096))
+
+
+# The dtypes a dense Linear weight may have: those the 4-bit quantizer reads.
+_QUANTIZABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _own_name(name: str) -> str:
+    """transformers 5 calls embed_out lm_head in memory (files keep embed_out)."""
+    return "embed_out." + name[len("lm_head."):] if name.startswith("lm_head.") else name
+
+
+def _layer_of(name: str, prefixes: set[str]) -> Optional[str]:
+    """The 4-bit layer prefix (``...dense.``) whose ``weight*`` entry ``name`` is, or None."""
+    return next((p for p in prefixes if name.startswith(p + "weight")), None)
+
+
+def _check_dense(name: str, shape: tuple, dtype: torch.dtype, expected: tuple, dtypes: Optional[tuple]) -> None:
+    if tuple(shape) != tuple(expected):
+        raise CheckpointError(f"{name}: shape {tuple(shape)} does not fit the config (expected {tuple(expected)})")
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{name}: expected a floating-point tensor, got {dtype}")
+    if dtypes is not None and dtype not in dtypes:
+        raise CheckpointError(
+            f"{name}: dtype {dtype} is not supported (expected {', '.join(str(d) for d in dtypes)}); "
+            "convert the checkpoint to float16, bfloat16 or float32"
+        )
+
+
+def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor], prefix: str) -> None:
+    """What ``module.load_quantized_(entries, prefix)`` checks, assigning nothing
+    (the packed weight may be a meta tensor: only its size is read)."""
+    if prefix + "weight" not in entries:
+        raise CheckpointError(f"{prefix}weight: 4-bit statistics present ({', '.join(sorted(entries))}) but no packed weight")
+    try:
+        state = parse_quant_state(entries, prefix)
+        if state.shape != (module.out_features, module.in_features):
+            raise ValueError(
+                f"{prefix}weight: quant_state shape {state.shape} does not match this layer "
+                f"({module.out_features}, {module.in_features})"
+            )
+        module._read_quantized(entries, prefix, state)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(_message(e)) from None
+
+
+def _message(e: Exception) -> str:
+    """An error's one-line text (a KeyError's str() is the repr of its message)."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_complete(own: dict, quantized: set[str], seen: set[str], unexpected: list[str]) -> None:
+    expected = {n for n in own if not any(n.startswith(q + "weight") for q in quantized)}
+    expected |= {q + "weight" for q in quantized}
+    missing = sorted(expected - seen)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint has {len(unexpected)} tensor(s) this GPT-NeoX config does not: {', '.join(unexpected[:8])}"
+            + (" ..." if len(unexpected) > 8 else "")
+        )
 
 
 # ----------------------------------------------------------------- binding --
@@ -323,6 +388,8 @@ class PythiaModel(nn.Module):
         # LayerNorm's summation order): for per-op profiles and comparisons.
         # Read when the model is bound, i.e. at each generate call.
         self.fuse_decode = True
+        # Why the weights are a mix of two checkpoints (a load that failed half-way), else None.
+        self.partial_load: Optional[str] = None
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -365,6 +432,11 @@ class PythiaModel(nn.Module):
         blocksize) stay the same, which an in-place load with the same layout
         keeps and a reallocating one does not; the generate loop binds again
         after every ``load_revision``."""
+        if self.partial_load is not None:
+            raise GenerationError(
+                f"the model's weights are partly overwritten by a load that failed ({self.partial_load}); "
+                "load a revision again (engine.load_revision) or load() the model anew"
+            )
         embed_in = self.gpt_neox.embed_in.weight
         compute = ops.check_compute(self.compute)
         layers = [layer.bind(fuse=self.fuse_decode, compute=compute) for layer in self.gpt_neox.layers]
@@ -431,39 +503,124 @@ class PythiaModel(nn.Module):
         return names
 
     @torch.no_grad()
-    def load_tensors(self, tensors: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+    def load_tensors(self, tensors, *, strict: bool = True) -> None:
         """Fill the model from ``(name, tensor)`` pairs in transformers' naming,
         one at a time (peak memory: the model plus the tensor in hand).
 
-        Dense weights of 4-bit layers are quantized as they arrive. A layer
-        that is already 4-bit in bitsandbytes' layout (``weight`` uint8 plus
-        ``weight.absmax``, ``weight.quant_state.*``, ...) is taken as it is,
-        never re-quantized, once the whole checkpoint has been read (its
-        entries may sit in different shards). Dense tensors are cast to the
-        model's dtype (LayerNorm stays float32). Parameters are written in
-        place, so captured CUDA graphs stay valid. The buffers in
-        ``weights.SKIPPED_BUFFERS`` are ignored. With ``strict``, a missing or unknown
-        key raises :class:`CheckpointError`.
+        ``tensors``: a ``weights.CheckpointReader``, a mapping (a state dict)
+        or any iterable of pairs. Dense weights of 4-bit layers are quantized
+        as they arrive. A layer that is already 4-bit in bitsandbytes' layout
+        (``weight`` packed in any storage dtype plus ``weight.absmax``,
+        ``weight.quant_state.*``, ...) is taken as it is, never re-quantized,
+        once the whole checkpoint has been read (its entries may sit in
+        different shards). Dense tensors are cast to the model's dtype
+        (LayerNorm stays float32). Parameters are written in place, so
+        captured CUDA graphs stay valid. The buffers in
+        ``weights.SKIPPED_BUFFERS`` are ignored. With ``strict``, a missing or
+        unknown key raises :class:`CheckpointError`.
+
+        A reader or a mapping is checked whole before anything is written
+        (names, shapes and dtypes from the file headers; each 4-bit layer's
+        statistics), so a checkpoint that does not fit leaves the model as it
+        was. Should writing still fail half-way (an I/O error while reading the
+        data, or a bad tensor of a plain iterable), the model is marked
+        unusable (``partial_load``) and refuses to run until a load succeeds.
         """
+        keyed = isinstance(tensors, Mapping) or all(hasattr(tensors, a) for a in ("keys", "get", "spec"))
+        four_bit = self._check_tensors(tensors, strict) if keyed else None
+        state = {"wrote": False}
+        try:
+            self._write_tensors(tensors.items() if isinstance(tensors, Mapping) else tensors, four_bit, strict, state)
+        except BaseException as e:
+            if state["wrote"]:
+                self.partial_load = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise
+        self.partial_load = None
+
+    def _quantized_prefixes(self) -> set[str]:
+        return {p for p in self._linear_prefixes() if isinstance(self.get_submodule(p[:-1]), QuantizedLinear)}
+
+    def _check_tensors(self, source, strict: bool) -> set[str]:
+        """Check a reader's or a mapping's every entry against the model, writing
+        nothing; returns the prefixes of the layers the source holds in 4 bits.
+        Raises :class:`CheckpointError` as :meth:`load_tensors` would."""
+
+        def spec(key: str) -> tuple[tuple[int, ...], torch.dtype]:
+            if isinstance(source, Mapping):
+                t = source[key]
+                return tuple(t.shape), t.dtype
+            return source.spec(key)
+
+        keys: dict[str, str] = {}  # our name -> the source's
+        for key in source.keys():
+            if not is_skipped_buffer(key):
+                keys[_own_name(key)] = key
+        quantized = self._quantized_prefixes()
+        layers: dict[str, list[str]] = {}
+        for name in keys:
+            prefix = _layer_of(name, quantized)
+            if prefix is not None:
+                layers.setdefault(prefix, []).append(name)
+        # bitsandbytes entries beside the weight, or a packed (integer) weight, make a layer 4-bit;
+        # the weight's storage dtype alone does not (bnb_4bit_quant_storage may be a float type).
+        four_bit = {
+            p for p, names in layers.items()
+            if any(n != p + "weight" for n in names) or not spec(keys[p + "weight"])[1].is_floating_point
+        }
+        own = dict(self.named_parameters())
+        seen: set[str] = set()
+        unexpected: list[str] = []
+        for name, key in keys.items():
+            prefix = _layer_of(name, quantized)
+            if prefix in four_bit:
+                continue
+            shape, dtype = spec(key)
+            if prefix is not None:
+                module = self.get_submodule(prefix[:-1])
+                _check_dense(name, shape, dtype, (module.out_features, module.in_features), _QUANTIZABLE)
+            elif name in own:
+                _check_dense(name, shape, dtype, tuple(own[name].shape), None)
+            else:
+                unexpected.append(name)
+                continue
+            seen.add(name)
+        for prefix in sorted(four_bit):
+            entries = {}
+            for name in layers[prefix]:
+                if name == prefix + "weight":  # the packed bytes: checked by size, not read
+                    shape, dtype = spec(keys[name])
+                    entries[name] = torch.empty(shape, dtype=dtype, device="meta")
+                else:
+                    entries[name] = source.get(keys[name])
+            _check_4bit_layer(self.get_submodule(prefix[:-1]), entries, prefix)
+            seen.add(prefix + "weight")
+        if strict:
+            _check_complete(own, quantized, seen, unexpected)
+        return four_bit
+
+    def _write_tensors(self, tensors, four_bit: Optional[set[str]], strict: bool, state: dict) -> None:
+        """The writing half of :meth:`load_tensors`. ``four_bit``: the layers the
+        source holds in 4 bits (:meth:`_check_tensors`), or None to tell them
+        tensor by tensor (a plain iterable, checked here as it goes)."""
         own = {n: p for n, p in self.named_parameters()}
-        quantized = {p for p in self._linear_prefixes() if isinstance(self.get_submodule(p[:-1]), QuantizedLinear)}
+        quantized = self._quantized_prefixes()
+        known = four_bit is not None
+        four_bit = set(four_bit or ())
         pending: dict[str, dict[str, torch.Tensor]] = {}  # prefix -> bitsandbytes entries of one 4-bit layer
         seen: set[str] = set()
         unexpected: list[str] = []
         for name, t in tensors:
             if is_skipped_buffer(name):
                 continue
-            if name.startswith("lm_head."):  # transformers 5 calls embed_out lm_head in memory (files keep embed_out)
-                name = "embed_out." + name[len("lm_head.") :]
-            layer_prefix = next((p for p in quantized if name.startswith(p + "weight")), None)
+            name = _own_name(name)
+            layer_prefix = _layer_of(name, quantized)
             if layer_prefix is not None:
                 module = self.get_submodule(layer_prefix[:-1])
-                if name == layer_prefix + "weight" and t.is_floating_point():
-                    if tuple(t.shape) != (module.out_features, module.in_features):
-                        raise CheckpointError(
-                            f"{name}: shape {tuple(t.shape)} does not fit the config "
-                            f"(expected {(module.out_features, module.in_features)})"
-                        )
+                if not known and (name != layer_prefix + "weight" or not t.is_floating_point()):
+                    four_bit.add(layer_prefix)
+                if layer_prefix not in four_bit:
+                    _check_dense(name, tuple(t.shape), t.dtype, (module.out_features, module.in_features), _QUANTIZABLE)
+                    state["wrote"] = True
                     module.quantize_(t.to(self.device), compress_statistics=self.double_quant)
                     seen.add(name)
                 else:
@@ -473,10 +630,8 @@ class PythiaModel(nn.Module):
             if target is None:
                 unexpected.append(name)
                 continue
-            if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(f"{name}: shape {tuple(t.shape)} does not fit the config (expected {tuple(target.shape)})")
-            if not t.is_floating_point():
-                raise CheckpointError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+            _check_dense(name, tuple(t.shape), t.dtype, tuple(target.shape), None)
+            state["wrote"] = True
             if target is self.embed_out.weight and target.dtype == torch.float16 != self.dtype and not _fits_float16(t):
                 # A head float16 cannot hold exactly: keep it in the activation dtype instead.
                 target = self.embed_out.weight = nn.Parameter(
@@ -486,26 +641,17 @@ class PythiaModel(nn.Module):
             target.copy_(t)
             seen.add(name)
         for prefix, entries in sorted(pending.items()):
-            if prefix + "weight" not in entries:
-                raise CheckpointError(f"{prefix}weight: 4-bit statistics present ({', '.join(sorted(entries))}) but no packed weight")
+            module = self.get_submodule(prefix[:-1])
+            if not known:
+                _check_4bit_layer(module, entries, prefix)
+            state["wrote"] = True
             try:
-                self.get_submodule(prefix[:-1]).load_quantized_(entries, prefix)
+                module.load_quantized_(entries, prefix)
             except (KeyError, ValueError) as e:
-                raise CheckpointError(str(e).strip("'\"")) from None
+                raise CheckpointError(_message(e)) from None
             seen.add(prefix + "weight")
         if strict:
-            expected = {n for n in own if not any(n.startswith(q + "weight") for q in quantized)}
-            expected |= {q + "weight" for q in quantized}
-            missing = sorted(expected - seen)
-            if missing:
-                raise CheckpointError(
-                    f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
-                )
-            if unexpected:
-                raise CheckpointError(
-                    f"checkpoint has {len(unexpected)} tensor(s) this GPT-NeoX config does not: {', '.join(unexpected[:8])}"
-                    + (" ..." if len(unexpected) > 8 else "")
-                )
+            _check_complete(own, quantized, seen, unexpected)
 
     @classmethod
     def random(cls, config: PythiaConfig, *, seed: int = 0, std: float = 0.02, **kwargs) -> "PythiaModel":
@@ -531,6 +677,6 @@ class PythiaModel(nn.Module):
         """Quantize a transformers ``GPTNeoXForCausalLM`` (for tests and comparisons)."""
         config = PythiaConfig.from_dict(hf_model.config.to_dict())
         model = cls(config, **kwargs)
-        model.load_tensors(hf_model.state_dict().items())
+        model.load_tensors(hf_model.state_dict())
         return model
 

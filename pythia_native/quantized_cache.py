@@ -13,7 +13,9 @@ checkpoint as usual (read + quantize) and then write the entry. Layout::
 - ``<revision>``: ``suite.canonical_revision``, so ``main`` and ``step143000``
   of a Pythia repo share one entry (not for pythia-2.8b, whose ``main`` is
   another file: ``suite.MAIN_IS_NOT_FINAL_STEP``); commit hashes as given;
-  branch names of other repos with ``/`` written ``--``. A branch name is
+  branch names of other repos with ``/`` written ``--``, and a name that
+  could be confused with another (``a--b``, ``a b``) with ``@`` and a hash of
+  the exact name appended (``_safe_part``). A branch name is
   trusted to name fixed weights (Pythia branches are never rewritten); for a
   third-party repo whose ``main`` moves, delete its entry to refresh it.
 - ``<tag>``: ``<quant_type>-b<blocksize>`` plus ``-dq`` (double quantization)
@@ -30,9 +32,13 @@ neither are local directories (they have no repo and revision to key by).
 Writes are atomic: the entry is written into ``<tag>.tmp-<pid>-<random>``
 next to it and renamed into place, so a reader never sees half an entry; a
 writer that loses a race to another one discards its copy. An entry that
-fails its check (marker missing or unreadable, ``config.json`` or
-``model.safetensors`` missing, file size not the recorded one) or fails to
-load is reported with a ``QuantizedCacheWarning``, removed, and rebuilt.
+fails its check (marker missing or unreadable, ``config.json``,
+``model.safetensors`` or ``tokenizer.json`` missing, file size not the
+recorded one) or fails to load is reported with a ``QuantizedCacheWarning``,
+removed, and rebuilt. An entry is written only once its load (tokenizer
+included) has worked; a failed write only warns. Temporary directories of
+writers that died (their process is gone) are removed by the next write
+beside them.
 There is no checksum of the tensor bytes (safetensors has none): a flipped
 bit inside the data is not detected.
 
@@ -46,6 +52,7 @@ an entry spares the download and 60% of the disk of each revision.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -64,6 +71,7 @@ from .suite import ModelRef, canonical_revision
 from .weights import CONFIG_FILE, CheckpointReader
 
 ENTRY_FILE = "pythia-native-cache.json"
+TOKENIZER_FILE = "tokenizer.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
 
@@ -83,8 +91,25 @@ class QuantSettings:
                 + ("-qhead" if self.quantize_embed_out else ""))
 
 
+_PLAIN_PART = re.compile(r"[A-Za-z0-9._]+(?:-[A-Za-z0-9._]+)*")
+
+
 def _safe_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "-", text.replace("/", "--"))
+    """A directory name for a repo id or revision, distinct for distinct texts.
+
+    A plain name (``/``-separated parts of ``[A-Za-z0-9._-]`` with no ``--``
+    and no ``-`` at a part's ends) keeps its readable form, ``/`` written
+    ``--`` (``EleutherAI/pythia-14m`` -> ``EleutherAI--pythia-14m``,
+    ``step1000``, ``feat/x`` -> ``feat--x``): each ``--`` there stands for a
+    ``/``, so no two plain names meet. Any other text (``feat--x`` itself,
+    ``a b``, ``..``, a very long name) is written as a readable part, ``@`` and
+    a hash of the exact text; ``@`` never appears in a plain name. (Names that
+    differ only in case still meet on a case-insensitive file system.)"""
+    parts = text.split("/")
+    if all(_PLAIN_PART.fullmatch(p) and p not in (".", "..") for p in parts) and len(text) <= 200:
+        return "--".join(parts)
+    readable = re.sub(r"[^A-Za-z0-9._-]", "-", text.replace("/", "--"))[:64].strip(".") or "-"
+    return f"{readable}@{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
 
 
 def entry_dir(root: Union[str, os.PathLike], ref: ModelRef, revision: str, settings: QuantSettings) -> Path:
@@ -105,8 +130,9 @@ def _check(entry: Path) -> Optional[str]:
         return f"{ENTRY_FILE} is unreadable ({e})"
     if not isinstance(marker, dict) or marker.get("format") != FORMAT_VERSION:
         return f"{ENTRY_FILE} is not format {FORMAT_VERSION}"
-    if not (entry / CONFIG_FILE).is_file():
-        return f"{CONFIG_FILE} is missing"
+    for name in (CONFIG_FILE, TOKENIZER_FILE):
+        if not (entry / name).is_file():
+            return f"{name} is missing"
     weights = entry / WEIGHTS_FILE
     if not weights.is_file():
         return f"{WEIGHTS_FILE} is missing"
@@ -135,6 +161,32 @@ def _remove(path: Path) -> None:
     except OSError:
         trash = path
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) is no probe elsewhere: assume alive, delete nothing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's live process
+        return True
+    return True
+
+
+def _remove_dead_writers(entry: Path) -> None:
+    """Remove ``<tag>.tmp-<pid>-*`` / ``.del-<pid>-*`` beside ``entry`` left by a
+    process that is gone (killed mid-write): nobody else ever removes them."""
+    pattern = re.compile(re.escape(entry.name) + r"\.(?:tmp|del)-(\d+)-[0-9a-f]+")
+    try:
+        siblings = list(entry.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        m = pattern.fullmatch(path.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def find(root, ref: ModelRef, revision: str, settings: QuantSettings) -> Optional[Path]:
@@ -171,8 +223,11 @@ def store(root, ref: ModelRef, revision: str, settings: QuantSettings, model, so
     ``ref@revision``; atomically. Returns the entry directory."""
     from .export import save_pretrained
 
+    if not (Path(source_dir) / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{source_dir} has no {TOKENIZER_FILE} to copy (an entry without one cannot be loaded)")
     entry = entry_dir(root, ref, revision, settings)
     entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_writers(entry)
     tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         save_pretrained(model, tmp, tokenizer_dir=source_dir, dense=_source_dense_tensors(model, Path(source_dir)))

@@ -119,6 +119,15 @@ def weight_files(directory: PathLike) -> list[Path]:
     return shards
 
 
+# safetensors header dtype names
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _SafetensorsFile:
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -135,6 +144,18 @@ class _SafetensorsFile:
 
     def keys(self) -> list[str]:
         return self._keys
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype from the header (no tensor data read)."""
+        try:
+            info = self._handle.get_slice(name)
+            shape, dtype = tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype())
+        except Exception as error:
+            raise CheckpointError(f"Cannot read tensor {name!r} from {self.path}: {error}") from error
+        if dtype is None:  # a dtype this table does not name: ask torch
+            t = self.get(name)
+            return tuple(t.shape), t.dtype
+        return shape, dtype
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -172,6 +193,10 @@ class _TorchBinFile:
         assert self._state is not None
         return list(self._state)
 
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        t = self.get(name)  # mapped, not read
+        return tuple(t.shape), t.dtype
+
     def get(self, name: str) -> torch.Tensor:
         assert self._state is not None
         return self._state[name]
@@ -189,9 +214,11 @@ def _open_weight_file(path: Path):
 class CheckpointReader:
     """Lazy access to the tensors of a checkpoint directory, one tensor at a time.
 
-    ``keys()`` lists every weight (skipped buffers excluded), ``get(name)``
-    reads one, iterating yields ``(name, tensor)`` file by file. At most one
-    weight file is open at a time. Use as a context manager or call
+    ``keys()`` lists every weight (skipped buffers excluded), ``spec(name)``
+    gives one's shape and dtype from the header, ``get(name)`` reads one,
+    iterating yields ``(name, tensor)`` file by file. A sharded checkpoint's
+    tensors are read from the shards its index names, nothing else. At most
+    one weight file is open at a time. Use as a context manager or call
     ``close()``.
 
     Raises ``CheckpointError`` naming the file for a missing, truncated or
@@ -216,6 +243,8 @@ class CheckpointReader:
         return self._open[1]
 
     def _file_keys(self, path: Path) -> list[str]:
+        """The weights read from ``path``: with an index, only those it maps to this shard
+        (a stale copy of a tensor in another shard, or one the index does not list, is ignored)."""
         keys = self._file(path).keys()
         if self._weight_map is not None:
             listed = {k for k, shard in self._weight_map.items() if self.directory / shard == path}
@@ -225,6 +254,7 @@ class CheckpointReader:
                     f"{path} lacks {len(absent)} tensor(s) its index maps to it (e.g. {absent[0]!r}); the shard "
                     "does not belong to this checkpoint: download the revision again."
                 )
+            keys = [k for k in keys if k in listed]
         return [k for k in keys if not is_skipped_buffer(k)]
 
     def keys(self) -> list[str]:
@@ -242,13 +272,21 @@ class CheckpointReader:
         assert self._key_to_file is not None
         return name in self._key_to_file
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor by name (``KeyError`` if the checkpoint has no such weight)."""
+    def _file_of(self, name: str) -> Path:
         self.keys()
         assert self._key_to_file is not None
         if name not in self._key_to_file:
             raise KeyError(f"{name!r} is not a weight of the checkpoint in {self.directory}")
-        return self._file(self._key_to_file[name]).get(name)
+        return self._key_to_file[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name (``KeyError`` if the checkpoint has no such weight)."""
+        return self._file(self._file_of(name)).get(name)
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of one tensor, from the safetensors header (no data read;
+        a ``.bin`` file is mapped, not read)."""
+        return self._file(self._file_of(name)).spec(name)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         seen: set[str] = set()

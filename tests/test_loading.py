@@ -242,3 +242,128 @@ def test_head_dtype_is_checked():
         PythiaModel(config, head_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="is for the CPU"):
         PythiaModel(config, dtype=torch.bfloat16, head_dtype=torch.float16, device="meta")
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_bitsandbytes_checkpoint_with_float_quant_storage(tmp_path, tok_file, storage):
+    """bnb_4bit_quant_storage bf16/fp16/fp32: the packed bytes are stored viewed as that dtype,
+    shape [bytes / itemsize, 1]; the quant_state entries say 4-bit, not the dtype."""
+    from safetensors.torch import load_file, save_file
+
+    hf = hf_model("tiny", vocab_size=50304)
+    engine = load(save_dense(hf, tmp_path / "dense", tok_file), device="cpu")
+    out = engine.save_pretrained(tmp_path / "uint8")
+    sd = load_file(out / "model.safetensors")
+    packed = [k for k in sd if k.endswith(".weight") and (k + ".absmax") in sd]
+    assert len(packed) == 8
+    for k in packed:
+        sd[k] = sd[k].reshape(-1).view(storage).reshape(-1, 1)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_quant_storage"] = str(storage).removeprefix("torch.")
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
+    (other / "config.json").write_text(json.dumps(cfg))
+    back = load(other, device="cpu")
+    layer = back.model.gpt_neox.layers[1].mlp.dense_h_to_4h
+    assert layer.weight.dtype == torch.uint8
+    assert torch.equal(layer.weight, engine.model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight)
+    ids = torch.randint(0, 50000, (2, 9))
+    assert torch.equal(logits_of(back, ids), logits_of(engine, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quantize_embed_out", [False, True])
+def test_export_of_a_float16_checkpoint_reloads_to_the_same_logits(tmp_path, tok_file, dtype, quantize_embed_out):
+    hf = hf_model("tiny", vocab_size=50304).half()
+    kw = dict(device="cpu", dtype=dtype, quantize_embed_out=quantize_embed_out)
+    engine = load(save_dense(hf, tmp_path / "ckpt", tok_file), **kw)
+    back = load(engine.save_pretrained(tmp_path / "export"), **kw)
+    assert back.model.embed_out.weight.dtype == engine.model.embed_out.weight.dtype
+    ids = torch.randint(0, 50000, (2, 9))
+    assert torch.equal(logits_of(back, ids), logits_of(engine, ids))
+    assert back.generate_ids([[5, 6, 7]], 8, ignore_eos=True) == engine.generate_ids([[5, 6, 7]], 8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn], ids=str)
+def test_checkpoint_in_an_unsupported_dtype_is_a_clear_error(tmp_path, tok_file, dtype):
+    from safetensors.torch import load_file, save_file
+
+    d = save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "ckpt", tok_file)
+    sd = {k: v.to(dtype) for k, v in load_file(d / "model.safetensors").items()}
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"weight: dtype {dtype} is not supported \(expected torch.float32"):
+        load(d, device="cpu")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"quantization_config": [1]}, "quantization_config must be an object, got list"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}},
+     "bnb_4bit_quant_type 'int4' is not supported"),
+    ({"rope_parameters": [1, 2]}, "rope_parameters must be an object"),
+    ({"rope_parameters": None, "rotary_pct": "abc"}, "rotary_pct must be a number, got 'abc'"),
+    ({"eos_token_id": []}, "eos_token_id is an empty list"),
+    ({"bos_token_id": -1}, r"bos_token_id must be a token id in \[0, vocab_size=50304\), got -1"),
+    ({"use_parallel_residual": "false"}, "use_parallel_residual must be true or false, got 'false'"),
+])
+def test_malformed_config_values_are_config_errors(tmp_path, tok_file, change, match):
+    d = save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "ckpt", tok_file)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=match):
+        load(d, device="cpu")
+
+
+def test_export_to_an_unusable_path_is_a_clear_error_before_writing(tmp_path, tok_file, monkeypatch):
+    import os
+
+    from pythia_native import export
+
+    engine = load(save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "ckpt", tok_file), device="cpu")
+    monkeypatch.setattr(export, "save_file", lambda *a, **k: pytest.fail("the path should be checked first"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(CheckpointError, match=r"afile: it is a file; choose a directory"):
+        engine.save_pretrained(afile)
+    with pytest.raises(CheckpointError, match=r"it is under .*afile, which is a file"):
+        engine.save_pretrained(afile / "sub" / "out")
+    assert export.check_output_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+    assert not (tmp_path / "new").exists()  # the check leaves nothing behind
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:  # root writes into read-only directories
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(CheckpointError, match=r"ro is not writable \(Permission denied\)"):
+                engine.save_pretrained(ro / "out")
+        finally:
+            ro.chmod(0o755)
+
+    def read_only(*args, **kwargs):  # a read-only mount, for root too
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(export.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(CheckpointError, match=r"ro is not writable \(Read-only file system\)"):
+        engine.save_pretrained(ro / "out")
+
+
+def test_broken_4bit_entries_are_named(tmp_path, tok_file):
+    from safetensors.torch import load_file, save_file
+
+    engine = load(save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "ckpt", tok_file), device="cpu")
+    out = engine.save_pretrained(tmp_path / "export")
+    p = "gpt_neox.layers.1.mlp.dense_h_to_4h.weight"
+    sd = load_file(out / "model.safetensors")
+    del sd[p + ".absmax"]
+    save_file(sd, out / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{p}\.absmax: missing from the state dict$"):
+        load(out, device="cpu")
+    sd = load_file(engine.save_pretrained(tmp_path / "export2") / "model.safetensors")
+    key = p + ".quant_state.bitsandbytes__nf4"
+    record = json.loads(bytes(sd[key].tolist()))
+    record["dtype"] = "Tensor"
+    sd[key] = torch.tensor(list(json.dumps(record).encode()), dtype=torch.uint8)
+    save_file(sd, tmp_path / "export2" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unknown dtype 'Tensor'\)?$"):  # the closing quote kept
+        load(tmp_path / "export2", device="cpu")

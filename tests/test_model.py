@@ -13,7 +13,7 @@ import torch
 from conftest import PYTHIA_160M_CONFIG
 from neox import SHAPES, hf_model, pair
 from pythia_native.config import PythiaConfig
-from pythia_native.errors import CheckpointError, ConfigError
+from pythia_native.errors import CheckpointError, ConfigError, GenerationError
 from pythia_native.generate import Pythia
 from pythia_native.model import KVCache, PythiaModel
 
@@ -421,3 +421,50 @@ def test_compute_mode_is_checked():
     model.compute = "fp16"
     with pytest.raises(ValueError, match="got 'fp16'"):
         model.bind()
+
+
+def test_config_token_ids_and_flags_are_checked():
+    ok = PythiaConfig.from_dict({**PUBLISHED_160M, "eos_token_id": [0, 2], "bos_token_id": 1})
+    assert (ok.eos_token_id, ok.bos_token_id) == (0, 1)  # the first of a list (transformers' form)
+    for key, bad in [("bos_token_id", -1), ("bos_token_id", 50304), ("eos_token_id", 2.0), ("eos_token_id", [0, -1]),
+                     ("eos_token_id", ["0"]), ("bos_token_id", True)]:
+        with pytest.raises(ConfigError, match=f"{key} must be a token id"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, key: bad})
+    with pytest.raises(ConfigError, match="eos_token_id is an empty list"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "eos_token_id": []})
+    for key in ("use_parallel_residual", "attention_bias", "tie_word_embeddings"):
+        with pytest.raises(ConfigError, match=f"{key} must be true or false"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, key: "false"})
+    for key, value in [("rope_parameters", [1, 2]), ("rope_scaling", "linear")]:
+        with pytest.raises(ConfigError, match=f"{key} must be an object"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, key: value})
+    for rope in ({"partial_rotary_factor": "abc"}, {"rope_theta": "1e4"}, {"partial_rotary_factor": None}):
+        with pytest.raises(ConfigError, match="must be a number"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, "rope_parameters": rope})
+    with pytest.raises(ConfigError, match="rotary_pct must be a number, got True"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "rotary_pct": True})
+    with pytest.raises(ConfigError, match="hidden_act"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "hidden_act": ["gelu"]})
+
+
+def test_load_tensors_checks_a_mapping_whole_before_writing():
+    hf = hf_model("tiny")
+    model = PythiaModel.from_hf(hf)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = dict(hf_model("tiny", 1).state_dict())
+    other["gpt_neox.layers.1.post_attention_layernorm.weight"] = torch.zeros(7)
+    with pytest.raises(CheckpointError, match="post_attention_layernorm.weight: shape"):
+        model.load_tensors(other)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.partial_load is None
+    ids = torch.tensor([[5, 6, 7]])
+    model(ids, full_positions(1, 3), model.new_cache(1, 8), span=3)  # still runs
+    # A plain iterable is checked as it goes: a failure after some writes marks the model.
+    with pytest.raises(CheckpointError, match="post_attention_layernorm.weight: shape"):
+        model.load_tensors(other.items())
+    with pytest.raises(GenerationError, match="partly overwritten"):
+        model(ids, full_positions(1, 3), model.new_cache(1, 8), span=3)
+    model.load_tensors(hf.state_dict())
+    assert model.partial_load is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

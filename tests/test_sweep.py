@@ -3,6 +3,7 @@
 random fp16 checkpoint per branch, in the huggingface_hub layout (test_hub.add_snapshot), and any
 online hub call fails the test (test_hub.no_network)."""
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -314,3 +315,209 @@ def test_cli_sweep_argument_errors_are_one_line(capsys, tmp_path, argv, match):
     out, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and err.startswith("pythia-native: error:") and match in err, err
 
+
+
+# ------------------------------------------------- failed loads, cache entries --
+
+
+def add_revision(hub_cache, files, branch, commit, repo=REPO):
+    """Another branch of the fake hub holding ``files`` (a name -> bytes dict)."""
+    refs = hub_cache / ("models--" + repo.replace("/", "--")) / "refs"
+    (refs / branch).parent.mkdir(parents=True, exist_ok=True)  # a branch name may hold a /
+    add_snapshot(hub_cache, repo, files, refs=(branch,), commit=commit_hash(commit))
+
+
+def with_tensors(files, change):
+    """``files`` with model.safetensors rewritten by ``change(state_dict)``."""
+    from safetensors.torch import load as read, save
+
+    sd = read(files["model.safetensors"])
+    change(sd)
+    return {**files, "model.safetensors": save(sd, metadata={"format": "pt"})}
+
+
+def as_bin(files, change=lambda sd: None):
+    """``files`` with the weights as a pytorch_model.bin, changed by ``change(state_dict)``."""
+    import io
+
+    from safetensors.torch import load as read
+
+    sd = read(files["model.safetensors"])
+    change(sd)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    out = {k: v for k, v in files.items() if k != "model.safetensors"}
+    out["pytorch_model.bin"] = buf.getvalue()
+    return out
+
+
+def bad_quant_state(files, tmp_path):
+    """A bitsandbytes 4-bit copy whose last layer's absmax has the wrong size."""
+    from safetensors.torch import load as read, save
+
+    src = tmp_path / "bnb-src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    out = load(src, device="cpu").save_pretrained(tmp_path / "bnb")
+    sd = read((out / "model.safetensors").read_bytes())
+    key = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight.absmax"
+    sd[key] = sd[key][:-1].clone()
+    got = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    got["model.safetensors"] = save(sd, metadata={"format": "pt"})
+    return got
+
+
+LAST = "gpt_neox.layers.1.mlp.dense_4h_to_h.weight"  # late in the file: earlier tensors would be written first
+
+
+@pytest.mark.parametrize("damage", ["missing", "shape", "dtype", "bin-shape", "4bit-absmax"])
+def test_failed_load_revision_leaves_the_engine_as_it_was(hub_cache, sources, tmp_path, damage):
+    files = sources[2]
+    if damage == "missing":
+        files = with_tensors(files, lambda sd: sd.pop(LAST))
+    elif damage == "shape":
+        files = with_tensors(files, lambda sd: sd.__setitem__(LAST, sd[LAST][:, :-1].clone()))
+    elif damage == "dtype":
+        files = with_tensors(files, lambda sd: sd.__setitem__(LAST, sd[LAST].double()))
+    elif damage == "bin-shape":
+        files = as_bin(files, lambda sd: sd.__setitem__(LAST, sd[LAST][:, :-1].clone()))
+    else:
+        files = bad_quant_state(files, tmp_path)
+    add_revision(hub_cache, files, "step32", 32)
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    before, source, layout = logits(engine), engine.source, storage(engine)
+    out = engine.generate_ids([5, 6, 7], 6, ignore_eos=True)
+    with pytest.raises(CheckpointError, match=r"dense_4h_to_h\.weight"):
+        engine.load_revision("step32")
+    assert engine.source == source and storage(engine) == layout
+    assert torch.equal(logits(engine), before)  # not one tensor of step32 written
+    assert engine.generate_ids([5, 6, 7], 6, ignore_eos=True) == out
+    assert engine.model.partial_load is None
+
+
+def test_load_revision_failing_while_writing_refuses_to_run_until_reloaded(hub_cache, monkeypatch, device):
+    from pythia_native import weights
+    from pythia_native.errors import GenerationError
+
+    opts = dict(cache_dir=hub_cache, local_files_only=True, device=device)
+    engine = load("pythia-14m", "step1000", **opts)
+    engine.generate_ids([5, 6, 7], 3, ignore_eos=True)  # on CUDA: a captured decode graph, which must not replay
+    real_get, calls = weights._SafetensorsFile.get, []
+
+    def failing_get(self, name):  # an I/O error once some tensors are written
+        calls.append(name)
+        if len(calls) == 10:
+            raise CheckpointError(f"Cannot read tensor {name!r} from {self.path}: Input/output error")
+        return real_get(self, name)
+
+    monkeypatch.setattr(weights._SafetensorsFile, "get", failing_get)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        engine.load_revision("step2000")
+    monkeypatch.setattr(weights._SafetensorsFile, "get", real_get)
+    assert engine.source[1] == "step1000"
+    for run in (lambda: engine.generate("Hello", 3), lambda: engine.score("Hello world"),
+                lambda: engine.generate_ids([5, 6, 7], 3)):
+        with pytest.raises(GenerationError, match=r"partly overwritten.*Input/output error.*load a revision again"):
+            run()
+    with pytest.raises(CheckpointError, match="partly overwritten"):
+        engine.save_pretrained(Path(engine.source[2]).parent / "nope")
+    engine.load_revision("step2000")
+    fresh = load("pythia-14m", "step2000", **opts)
+    assert torch.equal(logits(engine), logits(fresh))
+    assert engine.generate_ids([5, 6, 7], 6, ignore_eos=True) == fresh.generate_ids([5, 6, 7], 6, ignore_eos=True)
+
+
+def test_architecture_mismatch_keeps_the_cache_entry(hub_cache, tmp_path):
+    q = tmp_path / "q4"
+    load("pythia-14m", "step8000", cache_dir=hub_cache, quantized_cache=q, **OPTS)  # the wide revision's entry
+    weights = entry(q, "step8000") / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizedCacheWarning)
+        with pytest.raises(CheckpointError, match="architecture differs"):
+            engine.load_revision("step8000")
+    assert weights.stat().st_mtime_ns == stamp and quantized_cache.find(
+        q, suite.resolve_model("pythia-14m"), "step8000", quantized_cache.QuantSettings()) is not None
+    assert engine.source[1] == "step1000"
+
+
+@pytest.mark.parametrize("error", ["safetensors", "other"])
+def test_a_failed_cache_write_only_warns(hub_cache, tmp_path, monkeypatch, error):
+    from safetensors import SafetensorError
+
+    from pythia_native import export
+
+    q = tmp_path / "q4"
+    if error == "safetensors":  # what safetensors raises on a full disk (not an OSError)
+        def full(*args, **kwargs):
+            Path(args[1]).write_bytes(b"partial")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  "message: \"No space left on device\" })")
+        monkeypatch.setattr(export, "save_file", full)
+    else:
+        monkeypatch.setattr(quantized_cache, "_source_dense_tensors",
+                            lambda *a: (_ for _ in ()).throw(RuntimeError("unexpected")))
+    with pytest.warns(QuantizedCacheWarning, match="could not write the quantized cache entry"):
+        engine = load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    assert torch.equal(logits(engine), logits(load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)))
+    assert not entry(q, "step1000").exists()
+    assert list((q / "EleutherAI--pythia-14m" / "step1000").iterdir()) == []  # no temporary directory left
+    with pytest.warns(QuantizedCacheWarning):  # the same through load_revision
+        engine.load_revision("step2000")
+    assert engine.source[1] == "step2000"
+
+
+def test_no_cache_entry_without_a_tokenizer(hub_cache, sources, tmp_path):
+    q = tmp_path / "q4"
+    add_revision(hub_cache, {k: v for k, v in sources[2].items() if k != "tokenizer.json"}, "step32", 32)
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load("pythia-14m", "step32", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    assert not entry(q, "step32").exists()
+    # an entry that lost its tokenizer (written before this was checked) is rebuilt, not a dead end
+    good = logits(load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, **OPTS))
+    (entry(q, "step2000") / "tokenizer.json").unlink()
+    with pytest.warns(QuantizedCacheWarning, match="tokenizer.json is missing"):
+        engine = load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    assert torch.equal(logits(engine), good) and (entry(q, "step2000") / "tokenizer.json").is_file()
+
+
+def test_entry_names_never_collide(hub_cache, sources, tmp_path):
+    s = quantized_cache.QuantSettings()
+    other = suite.resolve_model("someone/neox")
+    names = ["feature/x", "feature--x", "a b", "a-b", "a/-b", "a-/b", "..", ".", "x" * 300]
+    dirs = [quantized_cache.entry_dir(tmp_path, other, n, s).parent for n in names]
+    assert len(set(dirs)) == len(names) and all(d.parent == dirs[0].parent for d in dirs)
+    assert all(len(d.name) < 100 for d in dirs)
+    # the names of plain revisions and repos are kept (README: DIR/<org>--<name>/<revision>/nf4-b64/)
+    pythia = suite.resolve_model("pythia-14m")
+    for rev in ("step1000", "main", commit_hash(7)):
+        want = tmp_path / "EleutherAI--pythia-14m" / suite.canonical_revision(pythia, rev) / "nf4-b64"
+        assert quantized_cache.entry_dir(tmp_path, pythia, rev, s) == want
+    # end to end: two branches that used to share an entry each get their own weights
+    repo = "someone/neox"
+    add_revision(hub_cache, sources[1], "feature/x", 41, repo=repo)
+    add_revision(hub_cache, sources[2], "feature--x", 42, repo=repo)
+    q = tmp_path / "q4"
+    for branch in ("feature/x", "feature--x", "feature/x"):
+        cached = load(repo, branch, cache_dir=hub_cache, quantized_cache=q, **OPTS)
+        assert torch.equal(logits(cached), logits(load(repo, branch, cache_dir=hub_cache, **OPTS))), branch
+
+
+def test_stale_temporary_directories_of_dead_writers_are_removed(hub_cache, tmp_path):
+    import subprocess
+    import sys
+
+    q = tmp_path / "q4"
+    parent = q / "EleutherAI--pythia-14m" / "step1000"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [parent / f"nf4-b64.tmp-{dead.pid}-0123abcd", parent / f"nf4-b64.del-{dead.pid}-4567cdef"]
+    alive = parent / f"nf4-b64.tmp-{os.getppid()}-89abcdef"  # a live process: maybe writing
+    for d in stale + [alive]:
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"half")
+    load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    assert not any(d.exists() for d in stale) and alive.is_dir()
+    assert entry(q, "step1000").is_dir()

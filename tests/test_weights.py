@@ -213,3 +213,32 @@ def test_read_config_errors(tmp_path, content, message):
         (tmp_path / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=message):
         read_config(tmp_path)
+
+
+def test_sharded_reads_each_tensor_from_the_shard_its_index_names(tmp_path):
+    weights = tiny_weights()
+    index, shards = write_sharded(tmp_path, weights, "safetensors")
+    # a stale copy of a second-shard tensor (and one the index does not list) in the first shard
+    name = sorted(weights)[-1]
+    data = json.loads((tmp_path / index).read_text())
+    assert data["weight_map"][name] == shards[1]
+    first = {n: weights[n] for n, s in data["weight_map"].items() if s == shards[0]}
+    save_file({**first, name: torch.zeros_like(weights[name]), "stray.weight": torch.ones(2)},
+              str(tmp_path / shards[0]))
+    check_read(tmp_path, weights)
+    with CheckpointReader(tmp_path) as reader:
+        assert torch.equal(reader.get(name), weights[name])
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bin"])
+def test_spec_gives_shape_and_dtype_without_reading(tmp_path, kind):
+    weights = tiny_weights()
+    if kind == "safetensors":
+        save_file(weights, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(weights, tmp_path / "pytorch_model.bin")
+    with CheckpointReader(tmp_path) as reader:
+        for name, t in weights.items():
+            assert reader.spec(name) == (tuple(t.shape), t.dtype), name
+        with pytest.raises(KeyError):
+            reader.spec("gpt_neox.layers.0.attention.bias")
