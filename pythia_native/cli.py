@@ -233,6 +233,9 @@ def cmd_revisions(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .export import check_output_dir
+
+    check_output_dir(args.output)  # before the load: an unwritable path fails in a second, not after minutes
     engine = _load(args, quantize_embed_out=args.quantize_embed_out)
     out = engine.save_pretrained(args.output)
     print(f"wrote {out}", file=sys.stderr)

@@ -21,6 +21,7 @@ left-padded batch computes exactly what each sequence would alone.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Optional
 
@@ -88,10 +89,23 @@ def _clear_unwritten_slots(cache: KVCache, positions: torch.Tensor, span: int) -
     float16, a broken revision in a sweep) would come out as 0 * inf = NaN in
     b's output. Zeros there keep it out; slots b writes are never touched.
     Writes only the stale part (none for one sequence, or prompts of one
-    length); reads the positions on the host (a sync on CUDA, once per prefill)."""
+    length); reads the positions on the host (a sync on CUDA, once per prefill)
+    and, having them, checks ``span`` against them and the cache: a span short
+    of the largest position would silently drop the keys past it, one past the
+    cache fails deep in SDPA, and more rows than the cache holds in the slot
+    clearing."""
+    if not isinstance(span, numbers.Integral) or isinstance(span, bool) or not 1 <= span <= cache.max_len:
+        raise GenerationError(f"span must be an integer in [1, {cache.max_len}] (the cache's max_len), got {span!r}")
+    if positions.dim() != 2 or positions.shape[0] > cache.max_batch:
+        raise GenerationError(
+            f"positions must be [B, T] with B <= {cache.max_batch} (the cache's max_batch), got {tuple(positions.shape)}"
+        )
     if positions.numel() == 0:
         return
-    for b, last in enumerate(positions.max(dim=1).values.tolist()):
+    lasts = positions.max(dim=1).values.tolist()
+    if max(lasts) >= span:
+        raise GenerationError(f"span must be max(positions) + 1 = {max(lasts) + 1} or more, got {span}")
+    for b, last in enumerate(lasts):
         start = max(last + 1, 0)
         if start < span:
             cache.k[:, b, :, start:span].zero_()

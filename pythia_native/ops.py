@@ -195,7 +195,8 @@ def decode_attention(
     and the weighted sum are float32; returns ``[B, T, H, D]`` in q's dtype.
     """
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        # 1 / sqrt(D) where there is a D > 0; otherwise the op names what is wrong with q.
+        scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     return _ops.decode_attention(q, k_cache, v_cache, positions, float(scale))
 
 
@@ -356,14 +357,33 @@ def _gemm_f16w_fake(x, weight, bias):
 def _rotary_kv_cache_fake(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta):
     # The caches are mutated in place (shapes unchanged); the result is a new q.
     B, T = qkv.shape[0], qkv.shape[1]
+    _fake_check_float(qkv, "qkv", "rotary_kv_cache_")
+    _fake_check_cache_pair(k_cache, v_cache, qkv.dtype, "rotary_kv_cache_")
+    _fake_check(positions.dtype == torch.int64, "rotary_kv_cache_", f"positions must be int64, got {positions.dtype}")
     H, D = k_cache.shape[1], k_cache.shape[3]
+    _fake_check(0 <= rotary_ndims <= D and rotary_ndims % 2 == 0, "rotary_kv_cache_",
+                f"rotary_ndims must be even and in [0, D = {D}], got {rotary_ndims}")
     torch._check(qkv.shape[2] == H * 3 * D, lambda: f"rotary_kv_cache_: qkv must have shape [B, T, {H * 3 * D}], got {tuple(qkv.shape)}")
     return qkv.new_empty((B, T, H, D))
 
 
 @torch.library.register_fake("pythia_native::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
+    _fake_check_float(q, "q", "decode_attention")
+    _fake_check(q.dim() == 4, "decode_attention", f"q must have shape [B, T, H, D], got {list(q.shape)}")
+    _fake_check_cache_pair(k_cache, v_cache, q.dtype, "decode_attention")
+    _fake_check(positions.dtype == torch.int64, "decode_attention", f"positions must be int64, got {positions.dtype}")
+    _fake_check(k_cache.shape[1] == q.shape[2] and k_cache.shape[3] == q.shape[3], "decode_attention",
+                f"k_cache must have shape [Bc, H, L, D] with q's H = {q.shape[2]} and D = {q.shape[3]}, "
+                f"got {list(k_cache.shape)}")
     return q.new_empty(q.shape)
+
+
+def _fake_check_cache_pair(k_cache, v_cache, dtype, op: str) -> None:
+    _fake_check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, op,
+                f"k_cache and v_cache must be [Bc, H, L, D] of one shape, got {list(k_cache.shape)} and {list(v_cache.shape)}")
+    _fake_check(k_cache.dtype == dtype and v_cache.dtype == dtype, op,
+                f"k_cache and v_cache must have the activations' dtype {dtype}, got {k_cache.dtype} and {v_cache.dtype}")
 
 
 @torch.library.register_fake("pythia_native::gelu")
@@ -373,7 +393,15 @@ def _gelu_fake(x):
 
 
 @torch.library.register_fake("pythia_native::neox_block_")
-def _neox_block_fake(x, positions, k_cache, v_cache, *rest):
-    # x and the caches are updated in place (shapes unchanged); no result.
+def _neox_block_fake(*args):
+    # x and the caches are updated in place (shapes unchanged); no result. The
+    # op's own checks (csrc/block.cpp) read metadata only, so they run here too
+    # on static shapes (symbolic ones, under dynamic-shape tracing, they cannot take).
+    x = args[0]
     torch._check(x.dim() == 3, lambda: f"neox_block_: x must have shape [B, T, hidden], got {tuple(x.shape)}")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not any(isinstance(d, torch.SymInt) for t in tensors for d in t.shape):
+        # The dispatcher passes only the arguments the caller gave: add the defaults.
+        missing = _ops.neox_block_.default._schema.arguments[len(args):]
+        _C.check_neox_block_args(*args, *(a.default_value for a in missing))
     return None

@@ -314,6 +314,17 @@ def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
             pn._C.set_cpu_isa("auto")
 
 
+def test_decode_attention_default_scale_of_a_bad_q_names_q():
+    # The default scale 1 / sqrt(D) was computed before the op's checks: D = 0 was a
+    # ZeroDivisionError, a 0-d q an IndexError.
+    k = torch.zeros(1, 1, 4, 8)
+    pos = torch.tensor([[0]])
+    with pytest.raises(RuntimeError, match="decode_attention"):
+        pn.decode_attention(torch.zeros(1, 1, 1, 0), k, k, pos)
+    with pytest.raises(RuntimeError, match="decode_attention"):
+        pn.decode_attention(torch.tensor(1.0), k, k, pos)
+
+
 def test_decode_attention_bc_equals_b_and_noncontiguous_q(device):
     B, T, H, D, L = 2, 3, 4, 64, 21
     q = torch.randn(B, H, T, D, device=device).transpose(1, 2)  # [B, T, H, D] view

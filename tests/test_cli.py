@@ -74,6 +74,19 @@ def test_export_and_reload(capsys, ckpt, tmp_path):
     assert code == 0
 
 
+def test_export_to_an_unwritable_path_fails_before_the_load(capsys, tmp_path, monkeypatch):
+    # The path is checked first: no model is loaded (a model name that would
+    # need the network shows it) and nothing is written.
+    (tmp_path / "a-file").write_text("x")
+    loaded = []
+    monkeypatch.setattr("pythia_native.cli._load", lambda *a, **k: loaded.append(1))
+    one_line_error(capsys, "export", "--model", "pythia-160m", "--device", "cpu", tmp_path / "a-file",
+                   match="it is a file")
+    one_line_error(capsys, "export", "--model", "pythia-160m", "--device", "cpu", tmp_path / "a-file" / "sub",
+                   match="which is a file")
+    assert loaded == [] and (tmp_path / "a-file").read_text() == "x"
+
+
 def test_bench_random_weights(capsys):
     code, out, _ = run(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--new-tokens", "4",
                        "--prompt-len", "8", "--repeats", "1", "--threads", "1")

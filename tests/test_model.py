@@ -7,6 +7,7 @@ comparisons isolate our arithmetic: rotary, the KV cache, attention, the
 import gc
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -468,3 +469,24 @@ def test_load_tensors_checks_a_mapping_whole_before_writing():
     model.load_tensors(hf.state_dict())
     assert model.partial_load is None
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_prefill_span_is_checked_against_positions_and_cache():
+    # span (max(positions) + 1) was trusted: one short of it silently dropped the
+    # keys past it, one past the cache failed inside SDPA, and a batch larger
+    # than the cache failed in the slot clearing with an IndexError.
+    _, model = pair("tiny")
+    ids = torch.randint(0, 100, (2, 4))
+    pos = full_positions(2, 4)
+    want = model(ids, pos, model.new_cache(2, 16), span=4)
+    assert torch.equal(model(ids, pos, model.new_cache(2, 16), span=np.int64(4)), want)
+    torch.testing.assert_close(model(ids, pos, model.new_cache(2, 16), span=6), want, rtol=1e-6, atol=1e-6)
+    for span, match in ((2, r"span must be max\(positions\) \+ 1 = 4 or more, got 2"),
+                        (0, r"span must be an integer in \[1, 16\]"),
+                        (20, r"span must be an integer in \[1, 16\]"),
+                        (4.0, r"span must be an integer in \[1, 16\]")):
+        with pytest.raises(GenerationError, match=match):
+            model(ids, pos, model.new_cache(2, 16), span=span)
+    three = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [-1, 0, 1, 2]])
+    with pytest.raises(GenerationError, match=r"B <= 2 \(the cache's max_batch\), got \(3, 4\)"):
+        model(torch.randint(0, 100, (3, 4)), three, model.new_cache(2, 16), span=4)

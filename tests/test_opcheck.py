@@ -126,6 +126,17 @@ def _meta(*shape, dtype=torch.float32):
      "compute must be one of"),
     (lambda: ops.gemm_f16w(_meta(2, 40), _meta(40), None), "weight must be a 2-D float16 tensor"),
     (lambda: ops.gelu(_meta(5, dtype=torch.int64)), "x must be float32, float16 or bfloat16"),
+    (lambda: ops.decode_attention(_meta(2, 1, 2, 16), _meta(2, 2, 8, 17), _meta(2, 2, 8, 17),
+                                  _meta(2, 1, dtype=torch.int64), 1.0), "k_cache must have shape"),
+    (lambda: ops.decode_attention(_meta(2, 1, 2, 16), _meta(2, 2, 8, 16), _meta(2, 2, 8, 16),
+                                  _meta(2, 1, dtype=torch.int32), 1.0), "positions must be int64"),
+    (lambda: ops.decode_attention(_meta(2, 1, 2, 16), _meta(2, 2, 8, 16, dtype=torch.float16),
+                                  _meta(2, 2, 8, 16, dtype=torch.float16), _meta(2, 1, dtype=torch.int64), 1.0),
+     "k_cache and v_cache must have the activations' dtype"),
+    (lambda: ops.rotary_kv_cache_(_meta(1, 1, 96, dtype=torch.int32), _meta(1, 1, dtype=torch.int64),
+                                  _meta(1, 2, 8, 16), _meta(1, 2, 8, 16), 4, 1e4), "qkv must be float32"),
+    (lambda: ops.rotary_kv_cache_(_meta(1, 1, 96), _meta(1, 1, dtype=torch.int64),
+                                  _meta(1, 2, 8, 16), _meta(1, 2, 8, 16), 3, 1e4), "rotary_ndims must be even"),
 ])
 def test_fake_kernels_check_what_metadata_decides(call, match):
     # A traced call (meta / FakeTensor, torch.compile) fails where the eager one
@@ -142,3 +153,4 @@ def test_compiled_call_with_a_bad_blocksize_names_it():
 
     with pytest.raises(Exception, match="blocksize must be a power of two"):
         f(torch.randn(64))
+
