@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import threading
@@ -123,17 +124,26 @@ def run_child(kind: str, path) -> dict:
 
 
 def make_checkpoint(size: str, directory: Path) -> None:
-    if (directory / "model.safetensors").is_file():
-        return
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    if not (directory / "model.safetensors").is_file():
+        import torch
+        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from pythia_native.config import PythiaConfig
+        from pythia_native.config import PythiaConfig
 
-    cfg = PythiaConfig.for_size(size).to_dict()
-    cfg.pop("architectures")
-    torch.manual_seed(0)
-    GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).half().save_pretrained(directory)
+        cfg = PythiaConfig.for_size(size).to_dict()
+        cfg.pop("architectures")
+        torch.manual_seed(0)
+        GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).half().save_pretrained(directory)
+    # A hub snapshot has its tokenizer, and a quantized-cache entry is stored
+    # only with one: the real GPT-NeoX tokenizer (../shared/tokenizer), else a
+    # small trained one (tests/neox.py), which serves the timing just as well.
+    if not (directory / "tokenizer.json").is_file():
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from neox import tokenizer_path, trained_tokenizer
+
+        src = tokenizer_path() or trained_tokenizer(directory)
+        if src != directory / "tokenizer.json":
+            shutil.copyfile(src, directory / "tokenizer.json")
 
 
 def dir_bytes(d: Path) -> int:
