@@ -21,6 +21,7 @@ left-padded batch computes exactly what each sequence would alone.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Optional
@@ -67,8 +68,16 @@ class KVCache:
         shape = (config.num_hidden_layers, max_batch, config.num_attention_heads, max_len, config.head_dim)
         # Zeros, not empty: a slot is never read before it is written, but stale
         # memory should never be able to hold a NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        try:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+            self.k = self.v = None
+            gib = 2 * math.prod(shape) * torch.empty(0, dtype=dtype).element_size() / 2**30
+            raise GenerationError(
+                f"KVCache: max_batch={max_batch} x max_len={max_len} needs {gib:.3g} GiB of {dtype} on {device} "
+                f"and could not be allocated ({str(e).splitlines()[0][:120]}); pass a smaller max_len or max_batch"
+            ) from None
         # Layer i's (k[i], v[i]), made once: a decode step indexes no tensor.
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
         self.max_batch = max_batch

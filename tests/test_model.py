@@ -490,3 +490,13 @@ def test_prefill_span_is_checked_against_positions_and_cache():
     three = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [-1, 0, 1, 2]])
     with pytest.raises(GenerationError, match=r"B <= 2 \(the cache's max_batch\), got \(3, 4\)"):
         model(torch.randint(0, 100, (3, 4)), three, model.new_cache(2, 16), span=4)
+
+
+def test_a_kv_cache_too_large_to_allocate_says_so():
+    # A config whose context is huge (max_len defaults to it): a named error with
+    # the size, not the allocator's bare RuntimeError from deep in torch.zeros.
+    cfg = PythiaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, max_position_embeddings=10**12)
+    model = PythiaModel(cfg)
+    with pytest.raises(GenerationError, match=r"max_batch=1 x max_len=1000000000000 needs .* GiB .* pass a smaller max_len"):
+        Pythia(model)
