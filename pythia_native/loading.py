@@ -226,8 +226,16 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
     from . import quantized_cache as qc
     from .errors import QuantizedCacheWarning
 
+    # The entry is labelled by what the model holds, which after a bitsandbytes
+    # revision in the same engine (its quant type) can differ from what load()
+    # was asked for: a lookup under the asked-for tag then misses, never hits
+    # weights of another format.
+    held = qc.QuantSettings(
+        quant_type=model.quant_type, double_quant=bool(model.double_quant),
+        quantize_embed_out=isinstance(model.embed_out, QuantizedLinear), blocksize=model.blocksize,
+    )
     try:
-        qc.store(options.quantized_cache, options.ref, rev, options.settings, model, directory)
+        qc.store(options.quantized_cache, options.ref, rev, held, model, directory)
     except Exception as e:  # a full disk (safetensors' own error type), a read-only cache: never fail the load
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
                       f"{options.quantized_cache} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the model is loaded, the next load quantizes again",

@@ -644,7 +644,10 @@ class PythiaModel(nn.Module):
                 if layer_prefix not in four_bit:
                     _check_dense(name, tuple(t.shape), t.dtype, (module.out_features, module.in_features), _QUANTIZABLE)
                     state["wrote"] = True
-                    module.quantize_(t.to(self.device), compress_statistics=self.double_quant)
+                    # The model's format, not what a bitsandbytes revision loaded
+                    # before left in the layer (another blocksize, say).
+                    module.quantize_(t.to(self.device), compress_statistics=self.double_quant,
+                                     blocksize=self.blocksize, quant_type=self.quant_type)
                     seen.add(name)
                 else:
                     pending.setdefault(layer_prefix, {})[name] = t

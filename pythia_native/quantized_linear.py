@@ -128,21 +128,35 @@ class QuantizedLinear(nn.Module):
         return q
 
     @torch.no_grad()
-    def quantize_(self, weight: torch.Tensor, *, compress_statistics: bool = False) -> "QuantizedLinear":
+    def quantize_(
+        self,
+        weight: torch.Tensor,
+        *,
+        compress_statistics: bool = False,
+        blocksize: Optional[int] = None,
+        quant_type: Optional[str] = None,
+    ) -> "QuantizedLinear":
         """Quantize a dense ``[out_features, in_features]`` weight into this layer,
-        in place (the buffers keep their storage, so a captured CUDA graph stays valid)."""
+        in place (the buffers keep their storage, so a captured CUDA graph stays
+        valid). ``blocksize`` / ``quant_type``: the format to quantize to, by
+        default the layer's own; a bitsandbytes layer taken as it is
+        (``load_quantized_``) may have left another one there, and a new blocksize
+        reallocates absmax."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight: expected shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
             )
-        packed, absmax = ops.quantize_4bit(weight.to(self.weight.device), self.blocksize, self.quant_type)
-        self.weight.copy_(packed)
+        blocksize = self.blocksize if blocksize is None else check_blocksize(blocksize)
+        quant_type = self.quant_type if quant_type is None else check_quant_type(quant_type)
+        packed, absmax = ops.quantize_4bit(weight.to(self.weight.device), blocksize, quant_type)
         if compress_statistics:
-            self.nested = quantize_absmax(absmax)
-            absmax = self.nested.decode()
+            nested = quantize_absmax(absmax)
+            absmax = nested.decode()
         else:
-            self.nested = None
-        self.absmax.copy_(absmax)
+            nested = None
+        self.weight.copy_(packed)
+        _assign(self, "absmax", absmax)
+        self.blocksize, self.quant_type, self.nested = blocksize, quant_type, nested
         self.weight_dtype = weight.dtype
         return self
 

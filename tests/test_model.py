@@ -500,3 +500,22 @@ def test_a_kv_cache_too_large_to_allocate_says_so():
     model = PythiaModel(cfg)
     with pytest.raises(GenerationError, match=r"max_batch=1 x max_len=1000000000000 needs .* GiB .* pass a smaller max_len"):
         Pythia(model)
+
+
+def test_dense_weights_take_the_models_format_after_a_bitsandbytes_load():
+    # A bitsandbytes layer is taken as it is (here blocksize 128 and fp4); a dense
+    # checkpoint loaded into the same model afterwards is quantized to the
+    # model's own format again (it kept the layer's: blocksize 128, fp4).
+    hf, model = pair("tiny")  # nf4, blocksize 64
+    ids = torch.randint(0, SHAPES["tiny"]["vocab_size"], (1, 9))
+    want = model(ids, full_positions(1, 9), model.new_cache(1, 16), span=9)
+    other = PythiaModel.from_hf(hf, blocksize=128, quant_type="fp4")
+    bnb = {k: v for k, v in other.state_dict().items()}
+    # Our model is nf4: a fp4 checkpoint's layers are refused by load_revision, but
+    # load_tensors takes each layer's format from its quant_state.
+    model.load_tensors(bnb)
+    layer = model.gpt_neox.layers[0].attention.query_key_value
+    assert (layer.blocksize, layer.quant_type) == (128, "fp4")
+    model.load_tensors(hf.state_dict())
+    assert (layer.blocksize, layer.quant_type) == (64, "nf4")
+    assert torch.equal(model(ids, full_positions(1, 9), model.new_cache(1, 16), span=9), want)

@@ -521,3 +521,38 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(hub_cache, tmp_
     load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
     assert not any(d.exists() for d in stale) and alive.is_dir()
     assert entry(q, "step1000").is_dir()
+
+
+def test_entries_are_labelled_by_the_format_the_model_holds(hub_cache, tmp_path, sources):
+    # A sweep that starts at a bitsandbytes fp4 revision holds an fp4 model, and
+    # quantizes the dense revisions after it in fp4: their entries must say fp4,
+    # so that a later load asking for nf4 does not get fp4 weights from an
+    # entry labelled nf4 (it quantizes anew instead).
+    from pythia_native.export import save_pretrained
+    from pythia_native.model import PythiaModel
+    from pythia_native.weights import CheckpointReader
+
+    src = tmp_path / "src-fp4"
+    seed_dir = tmp_path / "seed4"
+    seed_dir.mkdir()
+    for name, data in sources[4].items():
+        (seed_dir / name).write_bytes(data)
+    with CheckpointReader(seed_dir) as reader:
+        fp4 = PythiaModel(pythia_native.config.PythiaConfig.from_dict(json.loads((seed_dir / "config.json").read_text())),
+                          quant_type="fp4")
+        fp4.load_tensors(reader)
+    save_pretrained(fp4, src, tokenizer_dir=seed_dir)
+    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}, refs=("step16",),
+                 commit=commit_hash(16))
+    q = tmp_path / "q"
+    for rev, engine in sweep("pythia-14m", ["step16", "step2000"], cache_dir=hub_cache, quantized_cache=q,
+                             quant_type="nf4", **OPTS):
+        assert engine.model.quant_type == "fp4"
+    entry = quantized_cache.entry_dir(q, suite.resolve_model("pythia-14m"), "step2000",
+                                      quantized_cache.QuantSettings(quant_type="fp4"))
+    assert (entry / "model.safetensors").is_file()
+    assert not quantized_cache.entry_dir(q, suite.resolve_model("pythia-14m"), "step2000",
+                                         quantized_cache.QuantSettings()).exists()
+    fresh = load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, quant_type="nf4", **OPTS)
+    assert fresh.model.quant_type == "nf4"
+    assert torch.equal(logits(fresh), logits(load("pythia-14m", "step2000", cache_dir=hub_cache, **OPTS)))
