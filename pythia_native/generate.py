@@ -85,8 +85,8 @@ class Pythia:
     decode on its one KV cache. A call from another thread waits its turn; a
     call from the thread that holds the engine (e.g. ``generate`` inside a
     ``for piece in stream(...)`` loop, or two interleaved streams) raises
-    GenerationError. :meth:`load_revision` between two steps of a stream is
-    allowed. For concurrent requests, make one engine per thread over the
+    GenerationError. :meth:`load_revision` waits its turn like a request, but
+    runs at once between two steps of the calling thread's own stream. For concurrent requests, make one engine per thread over the
     same model (``Pythia(engine.model, engine.tokenizer)``: weights shared,
     caches separate).
     """
@@ -568,10 +568,19 @@ class Pythia:
         CUDA graphs replay with the new weights; the tokenizer is kept. Needs
         an engine made by :func:`pythia_native.load` (it reuses its name,
         quantization and cache options). See ``loading.load_revision_``.
+
+        It holds the engine like a request: a call from another thread waits
+        for the one in flight (a score must not see half of each revision's
+        weights). From the thread whose stream() is open it runs at once,
+        between two steps of that stream, as it always could.
         """
         from .loading import load_revision_
 
-        return load_revision_(self, revision)
+        held = self._holder
+        if held is not None and held[0] == threading.get_ident():
+            return load_revision_(self, revision)
+        with self._hold("load_revision()"):
+            return load_revision_(self, revision)
 
     # -------------------------------------------------------------- export --
 

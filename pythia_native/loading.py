@@ -217,6 +217,13 @@ def _locate(options: LoadOptions, rev: str) -> tuple[Optional[Path], Optional[Pa
     return _download(options, rev), None
 
 
+def held_settings(model: PythiaModel) -> QuantSettings:
+    """The quantized-cache settings of the format ``model`` holds (its dense
+    revisions are quantized to it)."""
+    return QuantSettings(quant_type=model.quant_type, double_quant=bool(model.double_quant),
+                         quantize_embed_out=isinstance(model.embed_out, QuantizedLinear), blocksize=model.blocksize)
+
+
 def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> None:
     """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns)."""
     if not options.caches or model.source_quantization is not None:
@@ -230,12 +237,8 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
     # revision in the same engine (its quant type) can differ from what load()
     # was asked for: a lookup under the asked-for tag then misses, never hits
     # weights of another format.
-    held = qc.QuantSettings(
-        quant_type=model.quant_type, double_quant=bool(model.double_quant),
-        quantize_embed_out=isinstance(model.embed_out, QuantizedLinear), blocksize=model.blocksize,
-    )
     try:
-        qc.store(options.quantized_cache, options.ref, rev, held, model, directory)
+        qc.store(options.quantized_cache, options.ref, rev, held_settings(model), model, directory)
     except Exception as e:  # a full disk (safetensors' own error type), a read-only cache: never fail the load
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
                       f"{options.quantized_cache} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the model is loaded, the next load quantizes again",

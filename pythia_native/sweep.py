@@ -63,11 +63,18 @@ def select_revisions(
             raise RevisionError(f"{ref} has no branch whose step is a multiple of {every}; see suite.revisions()")
         return chosen
     if steps is not None:
+        # A string or bytes is iterable too: "1000" would be the steps 1, 0, 0, 0.
+        if isinstance(steps, (str, bytes, bytearray)) or not hasattr(steps, "__iter__"):
+            raise RevisionError(f"steps must be step numbers (a list or a range), got {steps!r}")
         wanted: list[Union[str, int]] = list(steps)
         if ref.model is None:
             raise RevisionError(f"{ref} is not a repo of the Pythia suite: pass its branch names as revisions=[...]")
     elif isinstance(revisions, str):
         wanted = [r.strip() for r in revisions.split(",")]
+    elif isinstance(revisions, (bytes, bytearray)) or not hasattr(revisions, "__iter__"):
+        raise RevisionError(
+            f"revisions must be a list of revisions or a comma-separated string, got {revisions!r}"
+        )
     else:
         wanted = list(revisions)
     if not wanted:
@@ -133,14 +140,46 @@ def _sweep(ref: ModelRef, chosen: list[str], load_kwargs: dict, free_hub_files: 
     from .loading import load
 
     engine: Optional[Pythia] = None
-    for rev in chosen:
+    for i, rev in enumerate(chosen):
         if engine is None:
             engine = load(ref, rev, **load_kwargs)
         else:
             engine.load_revision(rev)
-        if free_hub_files:
+        if free_hub_files and _may_free(ref, chosen, i, engine, load_kwargs):
             _free_snapshot(Path(engine.source[2]))
         yield rev, engine
+
+
+def _may_free(ref: ModelRef, chosen: list[str], i: int, engine: Pythia, load_kwargs: dict) -> bool:
+    """Whether revision ``chosen[i]``'s hub snapshot may go now: never a local
+    directory's files; not while a later revision of the list is the same
+    checkpoint (a repeat, or ``main`` and ``step143000``: deleted after the
+    last); and with a quantized cache, only once the 4-bit entry exists (a
+    failed write keeps the only copy on disk)."""
+    if ref.is_local or ref.repo_id is None:
+        return False
+    from .suite import canonical_revision
+
+    def same(a: str, b: str) -> bool:
+        try:
+            return canonical_revision(ref, a) == canonical_revision(ref, b)
+        except Exception:
+            return a == b
+
+    if any(same(chosen[i], later) for later in chosen[i + 1 :]):
+        return False
+    if load_kwargs.get("quantized_cache") is not None:
+        from . import quantized_cache as qc
+        from .loading import held_settings
+
+        model = engine.model
+        if getattr(model, "source_quantization", None) is None and qc.find(
+            load_kwargs["quantized_cache"], ref, chosen[i], held_settings(model)
+        ) is None:
+            warnings.warn(f"{ref}@{chosen[i]}: kept in the hub cache, its 4-bit copy was not written "
+                          "(see the warning before)", stacklevel=3)
+            return False
+    return True
 
 
 def _free_snapshot(directory: Path) -> None:

@@ -219,6 +219,52 @@ def test_free_hub_files_deletes_each_snapshot_after_loading(hub_cache):
     assert not (hub_cache / "models--EleutherAI--pythia-14m" / "refs" / "step1000").exists()
 
 
+def test_free_hub_files_never_deletes_a_local_directory(hub_cache, tmp_path):
+    # A local model directory laid out like a hub snapshot is the user's own files.
+    src = hub_cache / "models--EleutherAI--pythia-14m" / "snapshots" / commit_hash(1)
+    local = tmp_path / "mine" / "models--me--mine" / "snapshots" / "v1"
+    shutil.copytree(src, local)
+    for rev, engine in sweep(str(local), ["main"], free_hub_files=True, device="cpu"):
+        assert logits(engine).isfinite().all()
+    assert (local / "config.json").is_file() and (local / "model.safetensors").is_file()
+
+
+def test_free_hub_files_keeps_what_the_sweep_still_needs(hub_cache, tmp_path):
+    # main and step143000 are one commit: freed after the last of them, so the
+    # sweep runs offline to the end; a repeated revision likewise.
+    snaps = hub_cache / "models--EleutherAI--pythia-14m" / "snapshots"
+    revs = ["step1000", "main", "step1000", "step143000"]
+    got = [rev for rev, engine in sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, **OPTS)]
+    assert got == revs
+    names = {p.name for p in snaps.iterdir()}
+    assert commit_hash(1) not in names and commit_hash(9) not in names
+
+
+def test_free_hub_files_keeps_the_only_copy_when_the_4bit_entry_was_not_written(hub_cache, tmp_path):
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("x")
+    snaps = hub_cache / "models--EleutherAI--pythia-14m" / "snapshots"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rev, engine in sweep("pythia-14m", ["step1000", "step2000"], cache_dir=hub_cache, free_hub_files=True,
+                                 quantized_cache=not_a_dir, **OPTS):
+            pass
+    assert {commit_hash(1), commit_hash(2)} <= {p.name for p in snaps.iterdir()}
+    assert any("kept in the hub cache" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps="1000"), "steps must be step numbers"),
+    (dict(steps=1000), "steps must be step numbers"),
+    (dict(revisions=1000), "revisions must be a list of revisions or a comma-separated string"),
+    (dict(revisions=b"step1000"), "revisions must be a list of revisions or a comma-separated string"),
+])
+def test_revision_lists_of_the_wrong_type_are_named(kwargs, match):
+    # "1000" was read as the steps 1, 0, 0, 0; 1000 and b"step1000" failed obscurely.
+    with pytest.raises(RevisionError, match=match):
+        select_revisions("pythia-14m", **kwargs)
+
+
 def test_cli_scores_each_revision(hub_cache, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("Hello, I am a language model.\nOnce upon a time.\n")
@@ -556,3 +602,24 @@ def test_entries_are_labelled_by_the_format_the_model_holds(hub_cache, tmp_path,
     fresh = load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, quant_type="nf4", **OPTS)
     assert fresh.model.quant_type == "nf4"
     assert torch.equal(logits(fresh), logits(load("pythia-14m", "step2000", cache_dir=hub_cache, **OPTS)))
+
+
+def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_cache):
+    # A score or stream running when another thread loads a revision used half of
+    # each revision's weights; now the load waits for it. The stream's own thread
+    # may still load between two of its steps (test_generate.py, test_load_revision_between_two_steps_of_a_stream_is_allowed).
+    import threading
+
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    want = list(load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS).stream([10, 11, 12], 16, ignore_eos=True))
+    s = engine.stream([10, 11, 12], 16, ignore_eos=True)
+    pieces = [next(s)]
+    t = threading.Thread(target=lambda: engine.load_revision("step2000"))
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and engine.source[1] == "step1000"
+    pieces += list(s)
+    t.join(timeout=60)
+    assert not t.is_alive() and engine.source[1] == "step2000"
+    assert pieces == want
+    assert torch.equal(logits(engine), logits(load("pythia-14m", "step2000", cache_dir=hub_cache, **OPTS)))
