@@ -164,6 +164,10 @@ def cmd_generate(args) -> int:
 def cmd_score(args) -> int:
     if args.revisions is not None or args.every is not None:
         return _score_revisions(args)
+    if args.free_hub_files:
+        from .errors import RevisionError
+
+        raise RevisionError("--free-hub-files applies to a sweep: give --revisions or --every too")
     text = _read_text(args.file)
     line_numbers, texts = _texts_to_score(args, text)
     engine = _load(args)

@@ -13,7 +13,7 @@ FileNotFoundError`` in caller code keeps working.
 | ``OfflineError`` | offline (``HF_HUB_OFFLINE=1`` / ``local_files_only``) and the revision or some of its files are not cached |
 | ``HubConnectionError`` | the hub could not be reached (or answered with a server error) and nothing usable is cached |
 | ``CheckpointError`` | a weight file is missing, truncated, corrupt, or an index names a shard that is not there |
-| ``ConfigError`` | ``config.json`` missing, not JSON, or not a GPT-NeoX causal LM |
+| ``ConfigError`` | ``config.json`` missing, not JSON, or not a GPT-NeoX causal LM; a ``load()`` path option that is empty |
 | ``GenerationError`` | a generate/score request that cannot be served (prompt + new tokens beyond the context, bad sampling values) |
 | ``DeviceError`` | a device or dtype this machine or build cannot use (``cuda`` without a GPU, fp16 on the CPU) |
 """

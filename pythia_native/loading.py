@@ -154,6 +154,11 @@ def load(
     dt = check_dtype(dtype, dev)
     check_quant_type(quant_type)  # before any download
     check_compute(compute)
+    for name, path in (("cache_dir", cache_dir), ("quantized_cache", quantized_cache)):
+        # An empty path is the current directory to os and huggingface_hub: an unset
+        # $VAR in a command line would fill the working directory with checkpoints.
+        if path is not None and not str(path).strip():
+            raise ConfigError(f"{name} is an empty path (an unset variable?); give a directory or leave it out")
     ref = resolve_model(name_or_path)
     rev = resolve_revision(ref, revision)
     options = LoadOptions(ref, QuantSettings(quant_type, double_quant, quantize_embed_out), cache_dir,

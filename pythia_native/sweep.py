@@ -111,6 +111,7 @@ def sweep(
     max_batch: int = 1,
     max_len: Optional[int] = None,
     cuda_graphs: bool = True,
+    compute: str = "float32",
 ) -> Iterator[tuple[str, Pythia]]:
     """Yield ``(revision, engine)`` for each revision of ``model``, in the order given.
 
@@ -132,7 +133,7 @@ def sweep(
     load_kwargs = dict(quant_type=quant_type, double_quant=double_quant, quantize_embed_out=quantize_embed_out,
                        device=device, dtype=dtype, cache_dir=cache_dir, local_files_only=local_files_only,
                        token=token, max_batch=max_batch, max_len=max_len, cuda_graphs=cuda_graphs,
-                       quantized_cache=quantized_cache)
+                       quantized_cache=quantized_cache, compute=compute)
     return _sweep(ref, chosen, load_kwargs, free_hub_files)
 
 

@@ -623,3 +623,28 @@ def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_c
     assert not t.is_alive() and engine.source[1] == "step2000"
     assert pieces == want
     assert torch.equal(logits(engine), logits(load("pythia-14m", "step2000", cache_dir=hub_cache, **OPTS)))
+
+
+def test_an_empty_cache_path_is_an_error_not_the_working_directory(hub_cache, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for kwargs, name in ((dict(quantized_cache=""), "quantized_cache"), (dict(cache_dir=" "), "cache_dir")):
+        with pytest.raises(pythia_native.errors.ConfigError, match=f"{name} is an empty path"):
+            load("pythia-14m", "step1000", **dict(dict(cache_dir=hub_cache), **kwargs), **OPTS)
+    text = tmp_path / "t.txt"
+    text.write_text("Hello there.\n")
+    code = main(["score", "--model", "pythia-14m", "--revision", "step1000", "--cache-dir", str(hub_cache),
+                 "--offline", "--device", "cpu", "--quantized-cache", "", str(text)])
+    assert code == 2 and "quantized_cache is an empty path" in capsys.readouterr().err
+    assert list(work.iterdir()) == []
+
+
+def test_sweep_takes_compute_and_free_hub_files_needs_a_sweep(hub_cache, tmp_path, capsys):
+    for rev, engine in sweep("pythia-14m", ["step1000"], cache_dir=hub_cache, compute="int16", **OPTS):
+        assert engine.model.compute == "int16"
+    text = tmp_path / "t.txt"
+    text.write_text("Hello there.\n")
+    code = main(["score", "--model", "pythia-14m", "--revision", "step1000", "--cache-dir", str(hub_cache),
+                 "--offline", "--device", "cpu", "--free-hub-files", str(text)])
+    assert code == 2 and "--free-hub-files applies to a sweep" in capsys.readouterr().err
