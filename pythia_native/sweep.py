@@ -13,11 +13,12 @@ is validated against the suite before anything is downloaded.
 Disk: by default each revision's files stay in the Hugging Face cache (as
 ``load()`` leaves them). ``free_hub_files=True`` deletes each revision's
 snapshot from the hub cache once it is loaded (and, with
-``quantized_cache``, written there as 4 bits), so a sweep holds one dense
-checkpoint on disk at a time; without ``quantized_cache`` a second sweep then
-downloads again. Deletion is by commit: revisions that are one commit on the
-hub (``main`` and ``step143000``) are deleted together, and the later one is
-downloaded again.
+``quantized_cache``, written there as 4 bits: a revision whose entry could
+not be written keeps its snapshot), so a sweep holds one dense checkpoint on
+disk at a time; without ``quantized_cache`` a second sweep then downloads
+again. Deletion is by commit, after the last revision of the list that is
+the same checkpoint (a repeat, or ``main`` and ``step143000``). A local
+directory is never deleted.
 """
 from __future__ import annotations
 
