@@ -79,6 +79,11 @@ at::Tensor bias_grad(const at::Tensor& grad, int64_t n, at::ScalarType dtype) {
   return grad.reshape({-1, n}).sum(0, /*keepdim=*/false, at::kFloat).to(dtype);
 }
 
+// needs_input_grad(i) counts the tensor inputs a Function was given, and an
+// absent optional bias is none: its index exists only when a bias was passed
+// (the backward asks only then; without the check it read past the end).
+bool has_tensor(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
@@ -90,8 +95,8 @@ class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
     ctx->saved_data["k"] = k;
     ctx->saved_data["blocksize"] = blocksize;
     ctx->saved_data["quant_type"] = quant_type;
-    ctx->saved_data["bias_dtype"] =
-        bias.has_value() && bias->defined() ? bias->scalar_type() : x.scalar_type();
+    ctx->saved_data["has_bias"] = has_tensor(bias);
+    ctx->saved_data["bias_dtype"] = has_tensor(bias) ? bias->scalar_type() : x.scalar_type();
     const at::AutoDispatchBelowADInplaceOrView below;
     return call_gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type, compute);
   }
@@ -108,7 +113,7 @@ class Gemm4bitFunction : public torch::autograd::Function<Gemm4bitFunction> {
           ctx->saved_data["quant_type"].toStringRef(), {n, k}, grad.scalar_type());
       grad_x = at::matmul(grad, w);
     }
-    if (ctx->needs_input_grad(3)) {
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) {
       grad_bias = bias_grad(grad, n, ctx->saved_data["bias_dtype"].toScalarType());
     }
     // One entry per forward argument (x, packed, absmax, bias, n, k, blocksize,
@@ -123,8 +128,8 @@ class GemmF16wFunction : public torch::autograd::Function<GemmF16wFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias) {
     ctx->save_for_backward({x, weight});
-    ctx->saved_data["bias_dtype"] =
-        bias.has_value() && bias->defined() ? bias->scalar_type() : x.scalar_type();
+    ctx->saved_data["has_bias"] = has_tensor(bias);
+    ctx->saved_data["bias_dtype"] = has_tensor(bias) ? bias->scalar_type() : x.scalar_type();
     const at::AutoDispatchBelowADInplaceOrView below;
     return call_gemm_f16w(x, weight, bias);
   }
@@ -143,7 +148,7 @@ class GemmF16wFunction : public torch::autograd::Function<GemmF16wFunction> {
       grad_w = at::matmul(g.reshape({-1, n}).t(), x.reshape({-1, k}).to(at::kFloat))
                    .to(weight.scalar_type());
     }
-    if (ctx->needs_input_grad(2)) {
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) {
       grad_bias = bias_grad(grads[0], n, ctx->saved_data["bias_dtype"].toScalarType());
     }
     return {grad_x, grad_w, grad_bias};

@@ -108,3 +108,21 @@ def test_opcheck_with_gradients(dtype, device):
     w = torch.randn(48, 128, device=device).half().requires_grad_(True)
     torch.library.opcheck(ops.gemm_f16w, (x, w, b))
     torch.library.opcheck(ops.gelu, (x,))
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_gradients_without_a_bias(weight_grad, device):
+    # bias=None: the backward indexed past its inputs (RuntimeError: Index out of range).
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(torch.nn.Linear(128, 48, bias=False)).to(device)
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    q(x).sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(3, 128), rtol=1e-5, atol=1e-5)
+    w = torch.randn(33, 40, device=device).half().requires_grad_(weight_grad)
+    x = torch.randn(2, 40, device=device, requires_grad=True)
+    pn.gemm_f16w(x, w, None).sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().float().sum(0).expand(2, 40), rtol=1e-5, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(w.grad.float(), x.detach().sum(0).expand(33, 40), rtol=1e-3, atol=1e-3)
+    torch.library.opcheck(ops.gemm_4bit, (x.detach().new_zeros(2, 128).requires_grad_(True), q.weight, q.absmax,
+                                          None, 48, 128, 64, "nf4"))
