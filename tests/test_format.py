@@ -58,6 +58,22 @@ def test_quantize_matches_reference(shape, dtype, quant_type, blocksize, device)
     assert torch.equal(out.cpu(), ref.dequantize_4bit(r_packed, r_absmax, shape, blocksize, quant_type, dtype))
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_non_finite_blocks_match_bitsandbytes(quant_type, bnb_functional):
+    # A block holding +inf / -inf (absmax inf: its values scale to inf * 0 = NaN)
+    # and one holding a NaN: the same bytes and values as bitsandbytes.
+    w = torch.randn(4, 64)
+    w[0, 1], w[0, 2], w[1, 7], w[2, 0] = float("inf"), 1.0, -float("inf"), float("nan")
+    packed, absmax = pn.quantize_4bit(w, 64, quant_type)
+    b_packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type)
+    torch.testing.assert_close(absmax, state.absmax, rtol=0, atol=0, equal_nan=True)
+    if quant_type == "nf4":
+        assert torch.equal(packed, b_packed)
+    ours = pn.dequantize_4bit(packed, absmax, w.shape, 64, quant_type)
+    theirs = bnb_functional.dequantize_4bit(b_packed, state).reshape(ours.shape)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours[~ours.isnan()], theirs[~theirs.isnan()])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -163,11 +179,14 @@ def test_quantize_identical_under_every_cpu_isa(cpu_isa, quant_type, blocksize):
     w[2 * blocksize : 2 * blocksize + 15] = bounds  # exactly on the midpoints (absmax 1 below)
     w[2 * blocksize + 15] = 1.0
     w[3 * blocksize + 1] = float("nan")
+    w[4 * blocksize + 2] = float("inf")  # an inf block: its values scale to inf * 0 = NaN
+    w[4 * blocksize + 5] = -float("inf")
     packed, absmax = pn.quantize_4bit(w, blocksize, quant_type)
     rp, ra = ref.quantize_4bit(w, blocksize, quant_type)
-    nan_block = slice(3 * blocksize // 2, 4 * blocksize // 2)
-    keep = torch.ones(packed.shape[0], dtype=torch.bool)
-    keep[nan_block] = False  # the NaN block's bytes: whatever NaN compares give, on both paths alike
-    assert torch.equal(packed[keep], rp[keep])
+    # Every byte, the NaN and inf blocks' too (a NaN scaled value takes the top code, as
+    # bitsandbytes' bucketize puts it; an ordered compare gave the bottom one: +inf -> -inf).
+    assert torch.equal(packed, rp)
     assert torch.equal(absmax[torch.arange(len(absmax)) != 3], ra[torch.arange(len(ra)) != 3])
-    assert torch.isnan(absmax[3])
+    assert torch.isnan(absmax[3]) and absmax[4] == float("inf")
+    deq = pn.dequantize_4bit(packed, absmax, (w.numel(),), blocksize, quant_type)
+    assert deq[4 * blocksize + 2] == float("inf")

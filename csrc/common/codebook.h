@@ -75,13 +75,17 @@ inline QuantBounds make_quant_bounds(QuantType qt) {
   return qb;
 }
 
-// Index of the code for an already scaled value s in [-1, 1].
+// Index of the code for an already scaled value s in [-1, 1]. A NaN s (a
+// block whose absmax is inf scales its values by 1 / inf = 0, so inf * 0) is
+// counted above every bound, as torch.bucketize sorts NaN last in
+// bitsandbytes' quantizer: the top code, the same bytes (an ordered compare
+// put it at the bottom and turned +inf into -inf).
 PN_HOST_DEVICE inline uint8_t quantize_scaled(float s, const QuantBounds& qb) {
   int p = 0;
 #if defined(__CUDA_ARCH__)  // host compilers warn on an unknown pragma under -Wall
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) p += (qb.bounds[i] < s) ? 1 : 0;
+  for (int i = 0; i < 15; ++i) p += !(qb.bounds[i] >= s) ? 1 : 0;  // bounds[i] < s, or s NaN
   return qb.order[p];
 }
 

@@ -82,9 +82,10 @@ int64_t chunk_elems(Isa isa) {
 #define PN_AVX512_Q __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 // One full block, 16 elements a step, with the scalar path's exact arithmetic:
-// s = w * recip (one float32 multiply), clamp to [-1, 1] (NaN cannot occur:
-// the caller sends blocks with a NaN to the scalar path), sorted position
-// p = #{i : bounds[i] < s} by 15 compares, code index = order[p] by vpermd.
+// s = w * recip (one float32 multiply), clamp to [-1, 1] (a NaN s comes only
+// from an inf block, inf * (1 / inf = 0); blocks with a NaN input go to the
+// scalar path), sorted position p = #{i : bounds[i] < s or s NaN} by 15
+// compares, code index = order[p] by vpermd.
 // Returns false (nothing written) when the block holds a NaN.
 // Why: the scalar loop does 15 dependent compare-adds per element (~25 ns per
 // element); loading a 1.4b checkpoint spent ~24 s here.
@@ -114,7 +115,8 @@ PN_AVX512_Q bool quantize_block_avx512(const float* w, int64_t bs, const QuantBo
     s = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(s, hi, _CMP_GT_OQ), s, hi);
     __m512i p = _mm512_setzero_si512();
     for (int i = 0; i < 15; ++i) {
-      p = _mm512_mask_add_epi32(p, _mm512_cmp_ps_mask(bounds[i], s, _CMP_LT_OQ), p, one);
+      // bounds[i] < s, or s NaN (quantize_scaled's rule: an inf block's inf * 0)
+      p = _mm512_mask_add_epi32(p, _mm512_cmp_ps_mask(bounds[i], s, _CMP_NGE_UQ), p, one);
     }
     const __m512i idx = _mm512_permutexvar_epi32(p, order);  // 16 code indices
     // Pairs (2j, 2j+1) -> byte j = idx[2j] << 4 | idx[2j+1]: as 16-bit lanes of
