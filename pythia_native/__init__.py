@@ -23,6 +23,7 @@ from .model import KVCache, PythiaModel
 from .generate import Pythia, Score
 from .loading import load
 from .sweep import select_revisions, sweep
+from . import reference  # noqa: F401  (pn.reference: the ops' pure-PyTorch twins, the tests' oracle)
 
 __all__ = [
     "KVCache",
