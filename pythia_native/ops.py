@@ -1,8 +1,10 @@
 """Python wrappers of the native ops, and their fake (meta) kernels.
 
 Every op is declared once in csrc/ops.cpp (``TORCH_LIBRARY(pythia_native)``)
-and has a CPU and a CUDA kernel; the wrappers here only give them defaults and
-documentation. Python never branches on the device: the dispatcher does.
+and has a CPU and a CUDA kernel (``dequantize_absmax``: one device-generic
+implementation; ``neox_block_`` on CUDA: the composition in block.py); the
+wrappers here only give them defaults and documentation. Python never
+branches on the device: the dispatcher does.
 
 The 4-bit weight format is bitsandbytes' (../shared/docs/FORMAT.md): a weight
 ``W`` of shape ``[N, K]`` is stored as ``packed`` (uint8 ``[(N*K + 1) // 2, 1]``,
