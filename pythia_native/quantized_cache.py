@@ -29,7 +29,7 @@ bytes do not depend on the model's dtype). Checkpoints that are already
 bitsandbytes 4-bit are not cached (they would be copied byte for byte), and
 neither are local directories (they have no repo and revision to key by).
 
-Writes are atomic: the entry is written into ``<tag>.tmp-<pid>-<random>``
+Writes are atomic: the entry is written into ``<tag>.tmp-<host>-<pid>-<random>``
 next to it and renamed into place, so a reader never sees half an entry; a
 writer that loses a race to another one discards its copy. An entry that
 fails its check (marker missing or unreadable, ``config.json``,
@@ -57,6 +57,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -155,7 +156,7 @@ def _remove(path: Path) -> None:
     # Renamed first, so a concurrent reader sees the entry either whole or absent.
     if not path.exists():
         return
-    trash = path.with_name(f"{path.name}.del-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    trash = path.with_name(f"{path.name}.del-{_writer_id()}-{uuid.uuid4().hex[:8]}")
     try:
         os.replace(path, trash)
     except OSError:
@@ -175,17 +176,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _writer_id() -> str:
+    """``<host>-<pid>``: a process id means something on its own machine only, and
+    a cache directory may be shared by several (a cluster's network file system)."""
+    return f"{_host()}-{os.getpid()}"
+
+
 def _remove_dead_writers(entry: Path) -> None:
-    """Remove ``<tag>.tmp-<pid>-*`` / ``.del-<pid>-*`` beside ``entry`` left by a
-    process that is gone (killed mid-write): nobody else ever removes them."""
-    pattern = re.compile(re.escape(entry.name) + r"\.(?:tmp|del)-(\d+)-[0-9a-f]+")
+    """Remove ``<tag>.tmp-<host>-<pid>-*`` / ``.del-<host>-<pid>-*`` beside ``entry``
+    left by a process of this machine that is gone (killed mid-write): nobody
+    else ever removes them. Another machine's are left alone (its pid cannot be
+    probed from here)."""
+    pattern = re.compile(re.escape(entry.name) + r"\.(?:tmp|del)-(.+)-(\d+)-[0-9a-f]+")
     try:
         siblings = list(entry.parent.iterdir())
     except OSError:
         return
+    host = _host()
     for path in siblings:
         m = pattern.fullmatch(path.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -228,7 +242,7 @@ def store(root, ref: ModelRef, revision: str, settings: QuantSettings, model, so
     entry = entry_dir(root, ref, revision, settings)
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers(entry)
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = entry.with_name(f"{entry.name}.tmp-{_writer_id()}-{uuid.uuid4().hex[:8]}")
     try:
         save_pretrained(model, tmp, tokenizer_dir=source_dir, dense=_source_dense_tensors(model, Path(source_dir)))
         marker = {

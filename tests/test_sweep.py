@@ -559,13 +559,16 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(hub_cache, tmp_
     parent = q / "EleutherAI--pythia-14m" / "step1000"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [parent / f"nf4-b64.tmp-{dead.pid}-0123abcd", parent / f"nf4-b64.del-{dead.pid}-4567cdef"]
-    alive = parent / f"nf4-b64.tmp-{os.getppid()}-89abcdef"  # a live process: maybe writing
-    for d in stale + [alive]:
+    host = quantized_cache._host()
+    stale = [parent / f"nf4-b64.tmp-{host}-{dead.pid}-0123abcd", parent / f"nf4-b64.del-{host}-{dead.pid}-4567cdef"]
+    alive = parent / f"nf4-b64.tmp-{host}-{os.getppid()}-89abcdef"  # a live process: maybe writing
+    # Another machine's writer on a shared file system: its pid means nothing here.
+    elsewhere = parent / f"nf4-b64.tmp-another.host-{dead.pid}-0123abcd"
+    for d in stale + [alive, elsewhere]:
         d.mkdir(parents=True)
         (d / "model.safetensors").write_bytes(b"half")
     load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
-    assert not any(d.exists() for d in stale) and alive.is_dir()
+    assert not any(d.exists() for d in stale) and alive.is_dir() and elsewhere.is_dir()
     assert entry(q, "step1000").is_dir()
 
 
