@@ -82,6 +82,9 @@ class PythiaConfig:
     bos_token_id: Optional[int] = 0
     eos_token_id: Optional[int] = 0
     tie_word_embeddings: bool = False
+    # transformers allows eos_token_id to be a list: the ids after the first
+    # (each ends generation as the first does; config.json gets the list back).
+    extra_eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -114,6 +117,12 @@ class PythiaConfig:
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(self, name) is not None:
                 _check_token_id(name, getattr(self, name), self.vocab_size)
+        if not isinstance(self.extra_eos_token_ids, tuple):
+            raise ConfigError(f"config: extra_eos_token_ids must be a tuple of token ids, got {self.extra_eos_token_ids!r}")
+        if self.extra_eos_token_ids and self.eos_token_id is None:
+            raise ConfigError("config: extra_eos_token_ids given without an eos_token_id")
+        for other in self.extra_eos_token_ids:
+            _check_token_id("eos_token_id", other, self.vocab_size)
         if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTIVATIONS:
             raise ConfigError(f"config: hidden_act {self.hidden_act!r} is not supported (expected one of {sorted(_ACTIVATIONS)})")
         if self.tie_word_embeddings:
@@ -129,6 +138,14 @@ class PythiaConfig:
                   intermediate_size=inter)
         kw.update(overrides)
         return cls(**kw)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generated sequence: ``eos_token_id`` first, then
+        the rest of the list a config.json may give (empty without an EOS)."""
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) + tuple(i for i in self.extra_eos_token_ids if i != self.eos_token_id)
 
     @property
     def head_dim(self) -> int:
@@ -172,17 +189,15 @@ class PythiaConfig:
             if k in d and d[k] is not None:
                 kw[k] = d[k]
         eos = kw.get("eos_token_id")
-        if isinstance(eos, list):  # transformers allows several; each is checked, the first is the engine's
+        if isinstance(eos, list):  # transformers allows several: each ends generation
             if not eos:
                 raise ConfigError("config: eos_token_id is an empty list (expected a token id or a list of them)")
             kw["eos_token_id"] = eos[0]
+            kw["extra_eos_token_ids"] = tuple(eos[1:])
         try:
-            config = cls(**kw)
+            return cls(**kw)
         except TypeError as e:
             raise ConfigError(f"config: {e}") from None
-        for other in eos[1:] if isinstance(eos, list) else ():
-            _check_token_id("eos_token_id", other, config.vocab_size)
-        return config
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "PythiaConfig":
@@ -205,6 +220,9 @@ class PythiaConfig:
         """A ``config.json`` transformers reads (the 5.x spelling, plus the 4.x
         rotary keys so older readers agree)."""
         d = dataclasses.asdict(self)
+        d.pop("extra_eos_token_ids")
+        if len(self.eos_token_ids) > 1:
+            d["eos_token_id"] = list(self.eos_token_ids)
         d.pop("rope_theta")
         d.pop("rotary_pct")
         d.update(

@@ -555,8 +555,8 @@ class Pythia:
                     f"stop entry {s!r} ({type(s).__name__}) is neither a token id (an integer in [0, {V})) "
                     f"nor a non-empty string{hint}"
                 )
-        if not ignore_eos and self.config.eos_token_id is not None:
-            ids.add(int(self.config.eos_token_id))
+        if not ignore_eos:
+            ids.update(self.config.eos_token_ids)
         return ids, strings
 
     # ------------------------------------------------------------- loading --

@@ -10,6 +10,7 @@ import torch
 from neox import hf_model, pair, tokenizer_path, trained_tokenizer
 from pythia_native import _C
 from pythia_native.errors import GenerationError
+from pythia_native.config import PythiaConfig
 from pythia_native.generate import Pythia
 from pythia_native.sampling import SamplingParams, filter_logits, greedy, probabilities, sample
 from pythia_native.tokenizer import StreamDecoder, Tokenizer
@@ -159,6 +160,11 @@ def test_eos_ends_a_sequence_unless_ignored(tokenizer):
     model.config = dataclasses.replace(model.config, eos_token_id=free[3])
     e = Pythia(model, tokenizer, max_len=64)
     assert e.generate_ids([10, 11, 12], 20) == free[: free.index(free[3])]
+    assert e.generate_ids([10, 11, 12], 20, ignore_eos=True) == free
+    # A config.json listing several EOS ids (transformers' form): any of them ends it.
+    model.config = PythiaConfig.from_dict({**model.config.to_dict(), "eos_token_id": [free[6], free[2]]})
+    e = Pythia(model, tokenizer, max_len=64)
+    assert e.generate_ids([10, 11, 12], 20) == free[: min(free.index(free[2]), free.index(free[6]))]
     assert e.generate_ids([10, 11, 12], 20, ignore_eos=True) == free
 
 

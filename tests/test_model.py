@@ -4,6 +4,7 @@ Our model quantizes; transformers gets the same weights dequantized, so the
 comparisons isolate our arithmetic: rotary, the KV cache, attention, the
 4-bit GEMM, LayerNorm, GELU and the parallel residual.
 """
+import dataclasses
 import gc
 import json
 
@@ -427,6 +428,12 @@ def test_compute_mode_is_checked():
 def test_config_token_ids_and_flags_are_checked():
     ok = PythiaConfig.from_dict({**PUBLISHED_160M, "eos_token_id": [0, 2], "bos_token_id": 1})
     assert (ok.eos_token_id, ok.bos_token_id) == (0, 1)  # the first of a list (transformers' form)
+    assert ok.eos_token_ids == (0, 2)  # each of them ends generation
+    assert ok.to_dict()["eos_token_id"] == [0, 2] and PythiaConfig.from_dict(ok.to_dict()) == ok
+    assert PythiaConfig.from_dict(PUBLISHED_160M).to_dict()["eos_token_id"] == 0  # one id stays an int
+    assert dataclasses.replace(ok, eos_token_id=None, extra_eos_token_ids=()).eos_token_ids == ()
+    with pytest.raises(ConfigError, match="extra_eos_token_ids given without an eos_token_id"):
+        dataclasses.replace(ok, eos_token_id=None)
     for key, bad in [("bos_token_id", -1), ("bos_token_id", 50304), ("eos_token_id", 2.0), ("eos_token_id", [0, -1]),
                      ("eos_token_id", ["0"]), ("bos_token_id", True)]:
         with pytest.raises(ConfigError, match=f"{key} must be a token id"):
