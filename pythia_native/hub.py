@@ -26,12 +26,13 @@ access. Failures raise the ``errors`` classes with messages that say what to do.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import huggingface_hub
-from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+from huggingface_hub import hf_hub_download, list_repo_files, model_info, snapshot_download
 
 from .errors import (
     CheckpointError,
@@ -221,10 +222,36 @@ def _from_cache(
     return snapshot
 
 
+# Waits before the 2nd and 3rd try of the repo listing. huggingface_hub's own
+# list_repo_files retries 5 times over ~23 s (1, 2, 4, 8, 8 s), so a machine
+# without network waited that long for its error (or for the cached snapshot
+# it falls back to); three tries over ~3 s still ride out a transient 503.
+LISTING_RETRY_WAITS_S = (1.0, 2.0)
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def repo_files(repo_id: str, revision: str, token) -> list[str]:
+    """The file names of ``repo_id`` at ``revision``: one ``model_info`` request
+    (its ``siblings``; huggingface_hub does not retry it), tried again after
+    each of ``LISTING_RETRY_WAITS_S`` on a transport error or a 408/429/5xx answer."""
+    for attempt in range(len(LISTING_RETRY_WAITS_S) + 1):
+        try:
+            info = model_info(repo_id, revision=revision, token=token)
+            break
+        except (HfHubHTTPError, *CONNECTION_ERRORS) as error:
+            retry = isinstance(error, CONNECTION_ERRORS) or _status_code(error) in _RETRY_STATUS
+            if not retry or attempt == len(LISTING_RETRY_WAITS_S):
+                raise
+            time.sleep(LISTING_RETRY_WAITS_S[attempt])
+    if info.siblings is None:  # not expected without `expand`; the paginated tree listing then
+        return list_repo_files(repo_id, revision=revision, token=token)
+    return [s.rfilename for s in info.siblings]
+
+
 def _download(
     repo_id: str, revision: str, cache_dir: Optional[Union[str, os.PathLike]], token, tokenizer: bool
 ) -> Path:
-    filenames = list_repo_files(repo_id, revision=revision, token=token)
+    filenames = repo_files(repo_id, revision, token)
     needed, index = _needed_files(filenames, repo_id, revision, tokenizer)
     if index is not None:
         index_path = hf_hub_download(repo_id, index, revision=revision, cache_dir=cache_dir, token=token)

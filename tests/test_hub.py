@@ -5,6 +5,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
@@ -81,9 +82,11 @@ def no_network(monkeypatch):
         assert kwargs.get("local_files_only") is True, "snapshot_download would go online"
         return REAL_SNAPSHOT_DOWNLOAD(*args, **kwargs)
 
+    monkeypatch.setattr(hub, "model_info", forbidden)
     monkeypatch.setattr(hub, "list_repo_files", forbidden)
     monkeypatch.setattr(hub, "hf_hub_download", forbidden)
     monkeypatch.setattr(hub, "snapshot_download", cache_only)
+    monkeypatch.setattr(hub, "LISTING_RETRY_WAITS_S", (0.0, 0.0))  # the tries, without their waits
 
 
 class FakeHub:
@@ -100,10 +103,10 @@ class FakeHub:
     def check_signature(real, *args, **kwargs):
         inspect.signature(real).bind(*args, **kwargs)  # the call must also be valid for the real function
 
-    def list_repo_files(self, repo_id, revision=None, token=None):
-        self.check_signature(huggingface_hub.list_repo_files, repo_id, revision=revision, token=token)
+    def model_info(self, repo_id, revision=None, token=None):
+        self.check_signature(huggingface_hub.model_info, repo_id, revision=revision, token=token)
         self.calls.append(("list", repo_id, revision))
-        return list(self.listing)
+        return SimpleNamespace(sha=commit_hash(7), siblings=[SimpleNamespace(rfilename=n) for n in self.listing])
 
     def hf_hub_download(self, repo_id, filename, revision=None, cache_dir=None, token=None):
         self.check_signature(huggingface_hub.hf_hub_download, repo_id, filename, revision=revision,
@@ -127,7 +130,7 @@ class FakeHub:
         return str(add_snapshot(Path(cache_dir), repo_id, files, refs=(revision,), commit=commit_hash(7)))
 
     def install(self, monkeypatch):
-        monkeypatch.setattr(hub, "list_repo_files", self.list_repo_files)
+        monkeypatch.setattr(hub, "model_info", self.model_info)
         monkeypatch.setattr(hub, "hf_hub_download", self.hf_hub_download)
         monkeypatch.setattr(hub, "snapshot_download", self.snapshot_download)
         return self
@@ -295,14 +298,38 @@ def test_repo_without_config_or_weights(tmp_path, monkeypatch):
     (http_error(HfHubHTTPError, 503), HubConnectionError, "503"),
 ])
 def test_hub_errors_become_clear_errors(tmp_path, monkeypatch, error, expected, message):
+    tries = []
+
     def failing_listing(*args, **kwargs):
+        tries.append(1)
         raise error
 
-    monkeypatch.setattr(hub, "list_repo_files", failing_listing)
+    monkeypatch.setattr(hub, "model_info", failing_listing)
     with pytest.raises(expected, match=message) as info:
         hub.download_checkpoint("someone/model", cache_dir=tmp_path)
     assert "someone/model" in str(info.value)
     assert info.value.__cause__ is error
+    # An answer about the repo is final; the network or a server error gets three tries.
+    assert len(tries) == (3 if expected is HubConnectionError else 1)
+
+
+def test_listing_retries_briefly_then_succeeds(tmp_path, monkeypatch):
+    """A transient 503 or dropped connection is tried again after 1 s and 2 s, not
+    huggingface_hub's ~23 s of backoff before a machine without network hears why."""
+    fake = FakeHub(tmp_path, ["config.json", "model.safetensors"]).install(monkeypatch)
+    answers = [http_error(HfHubHTTPError, 503), http.ConnectError("connection reset")]
+
+    def flaky(*args, **kwargs):
+        if answers:
+            raise answers.pop(0)
+        return fake.model_info(*args, **kwargs)
+
+    waits = []
+    monkeypatch.setattr(hub, "model_info", flaky)
+    monkeypatch.setattr(hub, "LISTING_RETRY_WAITS_S", (1.0, 2.0))
+    monkeypatch.setattr(hub, "time", SimpleNamespace(sleep=waits.append))
+    folder = hub.download_checkpoint("someone/model", cache_dir=tmp_path, tokenizer=False)
+    assert (folder / "model.safetensors").is_file() and waits == [1.0, 2.0]
 
 
 def test_unreachable_hub_falls_back_to_a_complete_cache(tmp_path, monkeypatch):
@@ -312,7 +339,7 @@ def test_unreachable_hub_falls_back_to_a_complete_cache(tmp_path, monkeypatch):
     def offline_listing(*args, **kwargs):
         raise http.ConnectError("no route to host")
 
-    monkeypatch.setattr(hub, "list_repo_files", offline_listing)
+    monkeypatch.setattr(hub, "model_info", offline_listing)
     with pytest.warns(UserWarning, match="could not be reached"):
         assert hub.download_checkpoint("pythia-70m", "step4", cache_dir=tmp_path, warn=False) == snap
     with pytest.raises(HubConnectionError, match="no route to host"):
