@@ -316,7 +316,13 @@ class Pythia:
             # (made on whichever device was current at the first capture anywhere),
             # nor a pooled one that another engine may share: see _CaptureStream.
             self._capture_stream = _CaptureStream(dev)
-        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream.stream):
+        # thread_local: CUDA calls that are illegal during a capture (cudaMalloc,
+        # a synchronize) fail the capture only when this thread makes them. The
+        # default, "global", also fails it when another thread does, e.g. a second
+        # engine decoding eagerly or allocating its cache while this one captures
+        # (torch's own CUDA graph trees capture thread-locally for the same reason).
+        with torch.cuda.graph(graph, pool=self._graph_pool, stream=self._capture_stream.stream,
+                              capture_error_mode="thread_local"):
             logits = self.model(static_ids, static_pos, self.cache)
         return _Graph(graph, static_ids, static_pos, logits, self._capture_stream)
 

@@ -361,6 +361,39 @@ def test_engines_capture_on_streams_of_their_own_cuda():
 
 
 @needs_cuda
+def test_engines_in_two_threads_capture_while_the_other_runs_cuda():
+    # One engine captures its decode graphs while another, in a second thread,
+    # allocates caches and decodes eagerly: a capture in "global" mode fails on
+    # the other thread's cudaMalloc / synchronize ("operation not permitted when
+    # stream is capturing"); each engine's tokens must equal its solo run.
+    import threading
+
+    _, model = pair("14m", dtype=torch.float16, device="cuda")
+    prompts = {n: torch.randint(2, 1024, (n, 7), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in range(1, 5)}
+    solo = Pythia(model, max_batch=4, max_len=64, cuda_graphs=False)
+    want = {n: solo.generate_ids(p, 16, ignore_eos=True) for n, p in prompts.items()}
+    errors, go = [], threading.Barrier(2)
+
+    def run(engine_kwargs):
+        try:
+            go.wait()
+            for _ in range(3):
+                engine = Pythia(model, max_len=64, **engine_kwargs)  # a new cache (and graphs) each round
+                for n, p in prompts.items():
+                    assert engine.generate_ids(p, 16, ignore_eos=True) == want[n]
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(kw,)) for kw in ({}, {"cuda_graphs": False})]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@needs_cuda
 def test_generate_inside_then_outside_inference_mode_cuda():
     # The first capture under the caller's inference_mode makes its static inputs
     # inference tensors; a later call outside it must still be able to refill them.
