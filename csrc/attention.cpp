@@ -159,6 +159,8 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
                           qkv.stride(1), positions.data_ptr<int64_t>(), s, rotary_ndims,
                           rope_theta, k_cache.data_ptr(), v_cache.data_ptr(), q.data_ptr(),
                           cpu::active_isa(), "rotary_kv_cache_");
+  bump_version(k_cache);
+  bump_version(v_cache);
   return q;
 }
 

@@ -38,6 +38,8 @@ at::Tensor rotary_kv_cache_cuda(const at::Tensor& qkv_in, const at::Tensor& posi
                                      static_cast<float>(rope_theta), k_cache.data_ptr(),
                                      v_cache.data_ptr(), q.data_ptr(), current_stream()),
                "rotary_kv_cache_");
+  bump_version(k_cache);
+  bump_version(v_cache);
   return q;
 }
 

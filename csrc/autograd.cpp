@@ -18,6 +18,8 @@
 //               decode_attention, neox_block_: inference ops) take torch's
 //               autogradNotImplementedFallback: a backward through them raises
 //               an error that names the op.
+// The in-place ops bump the version counters of what they write in their
+// kernels (ops.h: bump_version), which these fallbacks do not.
 // All of these redispatch below autograd at once when no input requires
 // grad (and are skipped entirely under torch.inference_mode, where generate
 // runs), so the decode path pays nothing for them.

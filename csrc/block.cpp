@@ -287,6 +287,9 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
     mlp();
     residual(m);
   }
+  bump_version(x);
+  bump_version(k_cache);
+  bump_version(v_cache);
 }
 
 }  // namespace

@@ -20,6 +20,17 @@ void check_blocksize(int64_t blocksize);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// What an in-place op's kernel calls on each tensor it wrote (the KV caches,
+// neox_block_'s x): their version counters go up, as torch's in-place ops do,
+// so autograd refuses a backward through a value saved before the write
+// instead of differentiating with the overwritten data. (torch's
+// autogradNotImplemented fallbacks bump only mutated *returns*; these ops
+// return none of what they write.) An inference tensor has no counter: left
+// alone, as torch.autograd.graph.increment_version does.
+inline void bump_version(const at::Tensor& written) {
+  if (!written.is_inference()) written.unsafeGetTensorImpl()->bump_version();
+}
+
 // The element count of a 4-bit weight is at most this (2^62), so that
 // (numel + 1) / 2 and ceil(numel / blocksize) cannot overflow int64. Shapes
 // whose product exceeds it (or int64) raise instead of wrapping to a small

@@ -152,6 +152,10 @@ def composed_block_(*args) -> None:
     args = _with_defaults(torch.ops.pythia_native.neox_block_.default, args)
     _C.check_neox_block_args(*args)
     args[0].copy_(_composed(*args))
+    # The fused kernel bumps x's version counter (the caches' come from
+    # rotary_kv_cache_); this copy_, inside a kernel, is below the dispatch
+    # key that would.
+    torch.autograd.graph.increment_version(args[0])
 
 
 @torch.library.impl("pythia_native::neox_block_", "CUDA")

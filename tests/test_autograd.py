@@ -126,3 +126,35 @@ def test_gradients_without_a_bias(weight_grad, device):
         torch.testing.assert_close(w.grad.float(), x.detach().sum(0).expand(33, 40), rtol=1e-3, atol=1e-3)
     torch.library.opcheck(ops.gemm_4bit, (x.detach().new_zeros(2, 128).requires_grad_(True), q.weight, q.absmax,
                                           None, 48, 128, 64, "nf4"))
+
+
+def test_in_place_ops_bump_the_version_counters_of_what_they_write(device):
+    # As torch's in-place ops do: autograd then refuses a backward through a
+    # value saved before the write, instead of using the overwritten data.
+    from test_block import flat_args, make_block, make_inputs
+
+    from pythia_native.block import composed_block_
+
+    B, T, H, D, L = 1, 2, 2, 32, 8
+    qkv = torch.randn(B, T, H * 3 * D, device=device)
+    k, v = torch.zeros(B, H, L, D, device=device), torch.zeros(B, H, L, D, device=device)
+    pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), k, v, 8)
+    assert (k._version, v._version) == (1, 1)
+    p = make_block("hd16", torch.float32, device=device)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1, device=device)
+    for block in (lambda *a: ops.neox_block_(*a), composed_block_):
+        before = (x._version, k._version, v._version)
+        block(*flat_args(x, pos, k, v, p))
+        assert all(a > b for a, b in zip((x._version, k._version, v._version), before))
+    # A cache value saved for backward, then overwritten: the backward is refused.
+    leaf = torch.randn(B, H, L, D, device=device, requires_grad=True)
+    saved = leaf * 1.0
+    loss = (saved * saved).sum()
+    pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), saved, torch.zeros_like(saved), 8)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # Inference tensors have no counter: written in or out of inference_mode, no error.
+    with torch.inference_mode():
+        ki, vi = torch.zeros(B, H, L, D, device=device), torch.zeros(B, H, L, D, device=device)
+        pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), ki, vi, 8)
+    pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), ki, vi, 8)
