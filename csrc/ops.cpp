@@ -15,6 +15,7 @@
 //               bias), ...) -> () (a GPT-NeoX block of a decode step, block.cpp)
 // (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
 #include "ops.h"
+#include "common/attention_kernels.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/safe_numerics.h>
@@ -560,6 +561,9 @@ PYBIND11_MODULE(_C, mod) {
      "whether the CPU has an int16 GEMV (and which one runs now) and up to which M.");
   mod.def("blocksize_range", []() { return std::make_pair(kMinBlocksize, kMaxBlocksize); },
           "(min, max) blocksize the kernels take (powers of two in between).");
+  mod.def("attention_head_dims", []() { return std::make_pair(kAttnHeadDimMultiple, kAttnMaxHeadDim); },
+          "(multiple, max): the head dims the attention kernels take are the multiples of "
+          "`multiple` up to `max`.");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import _C
 from .errors import ConfigError
 
 # Activations GPT-NeoX configs name, and whether each is the exact (erf) GELU.
@@ -95,6 +96,14 @@ class PythiaConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config: hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        multiple, largest = _C.attention_head_dims()
+        if self.head_dim % multiple or self.head_dim > largest:
+            # Refused here, not at the first decode step (the prefill's SDPA takes any).
+            raise ConfigError(
+                f"config: head_dim {self.head_dim} (hidden_size {self.hidden_size} / num_attention_heads "
+                f"{self.num_attention_heads}) is not supported: the attention kernels take multiples of {multiple} "
+                f"up to {largest} (the Pythia suite uses 32 to 256)"
             )
         if not (_is_number(self.rotary_pct) and 0.0 <= self.rotary_pct <= 1.0):
             raise ConfigError(f"config: rotary_pct must be in [0, 1], got {self.rotary_pct!r}")

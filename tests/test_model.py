@@ -559,3 +559,13 @@ def test_dense_weights_take_the_models_format_after_a_bitsandbytes_load():
     model.load_tensors(hf.state_dict())
     assert (layer.blocksize, layer.quant_type) == (64, "nf4")
     assert torch.equal(model(ids, full_positions(1, 9), model.new_cache(1, 16), span=9), want)
+
+
+@pytest.mark.parametrize("hidden, heads", [(100, 4), (512, 1), (96, 8)])
+def test_config_refuses_a_head_dim_the_attention_kernels_cannot_run(hidden, heads):
+    # head_dim 25, 512 and 12: the prefill (SDPA) would take them and the first
+    # decode step fail mid-stream; refused when the config is built instead.
+    with pytest.raises(ConfigError, match=f"head_dim {hidden // heads} .* multiples of 8 up to 256"):
+        PythiaConfig.from_dict({**PUBLISHED_160M, "hidden_size": hidden, "num_attention_heads": heads})
+    for size in ("14m", "1b", "2.8b"):  # head_dim 32, 256, 80: the suite's range
+        PythiaConfig.for_size(size)
