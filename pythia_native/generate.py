@@ -215,7 +215,7 @@ class Pythia:
             if not truncate:
                 raise GenerationError(
                     f"prompt of {longest} tokens + {new_tokens} new tokens exceeds the context of {self.max_len} "
-                    f"tokens; shorten the prompt, lower max_new_tokens, or pass truncate=True to keep the last "
+                    f"tokens; shorten the prompt, lower max_new_tokens, or pass truncate=True (--truncate) to keep the last "
                     f"{room} prompt tokens"
                 )
             batch = [p[-room:] for p in batch]
@@ -603,7 +603,6 @@ class Pythia:
 
     # ------------------------------------------------------------- scoring --
 
-    @torch.inference_mode()
     def score(
         self, texts: Union[Prompt, Sequence[Prompt]], *, prepend_eos: bool = True
     ) -> Union["Score", list["Score"]]:
@@ -624,14 +623,26 @@ class Pythia:
     def _score_one(self, ids: list[int], prepend_eos: bool) -> "Score":
         if prepend_eos:
             bos = self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
+            if bos is None:
+                raise GenerationError(
+                    "prepend_eos=True needs a bos_token_id or eos_token_id, and this model's config has neither: "
+                    "score with prepend_eos=False (the CLI's --no-eos)"
+                )
             ids = [int(bos)] + ids
         if len(ids) < 2:
-            raise GenerationError("a text to score needs at least 2 tokens (or prepend_eos=True)")
+            raise GenerationError("a text to score needs at least 2 tokens, or 1 with prepend_eos=True (the CLI without --no-eos)")
         if self.max_len < 2:
             # A window of one token holds a context but no target to score.
             raise GenerationError(f"scoring needs a context of at least 2 tokens; this engine has max_len={self.max_len}")
-        self._ensure_cache(1)
+        # Made outside inference_mode, so the caller gets an ordinary tensor
+        # (one made inside refuses in-place updates and autograd outside it).
         logprobs = torch.empty(len(ids) - 1, dtype=torch.float32)
+        self._ensure_cache(1)  # outside too, as generate makes it: one kind of cache whichever call comes first
+        with torch.inference_mode():
+            self._score_windows(ids, logprobs)
+        return Score(ids[1:], logprobs)
+
+    def _score_windows(self, ids: list[int], logprobs: torch.Tensor) -> None:
         window, stride = self.max_len, max(self.max_len // 2, 1)
         start, scored = 0, 0  # window start; targets 1..scored already have a log-prob
         while scored < len(ids) - 1:
@@ -646,7 +657,6 @@ class Pythia:
             logprobs[scored : end - 1] = token_lp[first_new:]
             scored = end - 1
             start += stride
-        return Score(ids[1:], logprobs)
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """The generate loop, sampling, streaming, stop conditions and scoring."""
+import dataclasses
 import gc
 import math
 import weakref
@@ -519,6 +520,24 @@ def test_score_needs_a_window_of_two(tokenizer):
     direct = [Pythia(model, tokenizer, max_len=2).score(pair_ids, prepend_eos=False).logprobs[0]
               for pair_ids in ([0, 5], [5, 6], [6, 7])]
     assert torch.allclose(two.logprobs, torch.stack(direct), atol=1e-6)
+
+
+def test_score_returns_an_ordinary_tensor_and_names_a_missing_bos(tokenizer):
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    s = Pythia(model, tokenizer, max_len=64).score([5, 900, 77])
+    # Not an inference tensor: in-place updates and autograd work on it.
+    assert not s.logprobs.is_inference()
+    s.logprobs.clamp_(min=-50.0)
+    w = torch.ones(3, requires_grad=True)
+    (w * s.logprobs).sum().backward()
+    assert torch.equal(w.grad, s.logprobs)
+    # No BOS and no EOS id: prepend_eos cannot work; one clear error, and
+    # scoring without it still does.
+    model.config = dataclasses.replace(model.config, bos_token_id=None, eos_token_id=None)
+    e = Pythia(model, tokenizer, max_len=64)
+    with pytest.raises(GenerationError, match="needs a bos_token_id or eos_token_id.*prepend_eos=False"):
+        e.score([5, 900, 77])
+    assert len(e.score([5, 900, 77], prepend_eos=False).logprobs) == 2
 
 
 def test_score_batch_returns_one_result_per_text(engine):
