@@ -15,6 +15,7 @@ stderr and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -111,16 +112,24 @@ def _read_text(path: Optional[str]) -> str:
     from .errors import PythiaNativeError
 
     if path is None or path == "-":
-        if sys.stdin.isatty() and path is None:
-            from .errors import GenerationError
+        from .errors import GenerationError
 
+        if sys.stdin is None:  # fd 0 closed (cron, a daemon): Python sets no stdin
+            raise GenerationError("no input: stdin is closed; give the text as an argument or a file")
+        if sys.stdin.isatty() and path is None:
             raise GenerationError("no prompt: give one as an argument or pipe it on stdin")
+        # The bytes, decoded as UTF-8 as files are (a BOM dropped, line ends
+        # kept), not in the locale's encoding with newlines translated.
+        raw = getattr(sys.stdin, "buffer", None)
         try:
-            return _check_utf8(sys.stdin.read(), "stdin")
-        except UnicodeDecodeError:  # a stdin decoding strictly (a UTF-8 locale without surrogateescape)
+            text = raw.read().decode("utf-8-sig") if raw is not None else sys.stdin.read()
+            return _check_utf8(text, "stdin")
+        except UnicodeDecodeError:  # not UTF-8 (or a text stdin decoding strictly)
             raise PythiaNativeError("stdin: not UTF-8 text") from None
     try:
-        with open(path, encoding="utf-8") as f:
+        # The file's text as it is: a UTF-8 BOM (Notepad, PowerShell) is not
+        # text to score, and "\r\n" stays (newline="": no translation).
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
     except OSError as e:
         raise PythiaNativeError(f"{path}: cannot read ({e.strerror})") from None
@@ -171,7 +180,18 @@ def cmd_score(args) -> int:
     text = _read_text(args.file)
     line_numbers, texts = _texts_to_score(args, text)
     engine = _load(args)
-    scores = engine.score(texts, prepend_eos=not args.no_eos)
+    if args.per_line:  # one text per line: an error names its line
+        from .errors import GenerationError
+
+        scores = []
+        for i, t in zip(line_numbers, texts):
+            try:
+                scores.append(engine.score(t, prepend_eos=not args.no_eos))
+            except GenerationError as e:
+                where = "stdin" if args.file in (None, "-") else args.file
+                raise GenerationError(f"{where}, line {i}: {e}") from None
+    else:
+        scores = [engine.score(texts[0], prepend_eos=not args.no_eos)]
     total_lp = sum(s.total for s in scores)
     total_n = sum(len(s.tokens) for s in scores)
     if args.per_line:
@@ -321,15 +341,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     warnings.showwarning = show
+    _text_stdout()
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, so a closed pipe is caught below, not at exit
+        return code
     except PythiaNativeError as e:
         print(f"pythia-native: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `pythia-native generate ... | head`
+    except BrokenPipeError:  # `pythia-native generate ... | head`: the reader is done
+        # Python flushes stdout again at exit, which would hit the closed pipe,
+        # print "Exception ignored ... BrokenPipeError" and exit 120: point the
+        # descriptor at /dev/null first (the recipe in Python's signal docs).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (tests)
+            pass
         return 0
+
+
+def _text_stdout() -> None:
+    """Generated text may hold any character: written to a pipe or a file it is
+    UTF-8 (as the files read are), whatever the locale; on a terminal whose
+    encoding lacks a character it shows as "?" instead of a UnicodeEncodeError
+    after the model has run."""
+    out = sys.stdout
+    if out is None or not hasattr(out, "reconfigure") or (out.encoding or "").lower().replace("-", "") == "utf8":
+        return
+    try:
+        if out.isatty():
+            out.reconfigure(errors="replace")
+        else:
+            out.reconfigure(encoding="utf-8")
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

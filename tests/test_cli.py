@@ -1,6 +1,7 @@
 """The pythia-native command line: the happy paths on a local random
 checkpoint, and every user error ending in one line and exit code 2."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,72 @@ def test_score_per_line_splits_at_newlines_only_and_numbers_file_lines(capsys, c
     want = [engine.score(t) for t in ("Hello\x0cworld.", "Once\x0bupon\x1ca\x85time\u2028now.", "Bye.", "End.")]
     tokens = [int(line.split("\t")[1].split()[1]) for line in out.splitlines() if line.startswith("line ")]
     assert tokens == [len(s.tokens) for s in want]
+
+
+def _scores(out):
+    """(tokens, logprob) of each line `score` prints ("line i\ttokens n\tlogprob x..."), then of the total
+    ("tokens n\tlogprob x...")."""
+    rows = [line.split("\t") for line in out.splitlines()]
+    rows = [f[1:] if f[0].startswith("line ") else f for f in rows if f[0].startswith(("line ", "tokens "))]
+    return [(int(f[0].split()[1]), float(f[1].split()[1])) for f in rows]
+
+
+def test_score_reads_the_files_text_as_it_is(capsys, ckpt, tmp_path, monkeypatch):
+    import io
+
+    from pythia_native import load
+
+    engine = load(ckpt, device="cpu")
+    text = "Hello there.\r\nSecond line.\r\n"
+    plain, bom = tmp_path / "plain.txt", tmp_path / "bom.txt"
+    plain.write_bytes(text.encode("utf-8"))
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # Notepad's / PowerShell's UTF-8
+    want = engine.score(text)  # the file's text, "\r\n" and all; the BOM is no text
+    for f in (plain, bom):
+        code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", f)
+        assert code == 0 and _scores(out)[0] == (len(want.tokens), round(want.total, 4))
+    # stdin: the same bytes give the same score, whatever the locale's encoding.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bom.read_bytes()), encoding="latin-1"))
+    code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", "-")
+    assert code == 0 and _scores(out)[0] == (len(want.tokens), round(want.total, 4))
+    # --per-line: a lone "\r" (a progress bar's) does not end a line; "\r\n" does.
+    f = tmp_path / "cr.txt"
+    f.write_bytes(b"progress 10%\rprogress 100%\nnext line\r\n")
+    code, out, _ = run(capsys, "score", "--model", ckpt, "--device", "cpu", "--per-line", f)
+    assert [line.split("\t")[0] for line in out.splitlines() if line.startswith("line ")] == ["line 1", "line 2"]
+    assert _scores(out)[0][0] == len(engine.score("progress 10%\rprogress 100%").tokens)
+
+
+def test_closed_stdin_and_one_token_lines_are_one_line_errors(capsys, ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when fd 0 is closed
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", match="stdin is closed")
+    one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "-", match="stdin is closed")
+    f = tmp_path / "lines.txt"
+    f.write_text("A longer first line.\n\nHi\n")
+    one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "--per-line", "--no-eos", f,
+                   match="lines.txt, line 3: a text to score needs at least 2 tokens, or 1 with prepend_eos=True (the CLI without --no-eos)")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    # `pythia-native revisions ... | head -1`: exit 0, nothing on stderr (not
+    # Python's "Exception ignored ... BrokenPipeError" and exit 120 at its last
+    # flush). Buffered stdout, as outside this sandbox.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    p = subprocess.Popen([sys.executable, "-m", "pythia_native", "revisions", "pythia-160m"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first write
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == "", err
+
+
+def test_text_goes_out_as_utf8_whatever_the_locale(ckpt):
+    # A pipe or a file in an ASCII / Latin-1 locale: generated text may hold
+    # any character; it is written as UTF-8, not a UnicodeEncodeError after the run.
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    p = subprocess.run([sys.executable, "-m", "pythia_native", "generate", "--model", str(ckpt), "--device", "cpu",
+                        "-n", "3", "--ignore-eos", "--echo", "日本語 ✓"], capture_output=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode("utf-8").startswith("日本語 ✓")
 
 
 @pytest.mark.parametrize("argv, match", [
