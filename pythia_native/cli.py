@@ -41,7 +41,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--compute", default="float32", choices=["float32", "int16"],
                    help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
-                   "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only (README: Arithmetic); ~6e-5 relative error "
+                   "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
                    "per layer)")
 
 
@@ -51,7 +51,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable), matched in the new text only, "
+                   "taken literally: a newline is --stop $'\\n' in bash, not '\\n'")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--truncate", action="store_true", help="cut the prompt from the left to fit the context")
 

@@ -405,7 +405,8 @@ class Pythia:
             temperature: 0 is greedy; otherwise sample from ``softmax(logits / temperature)``.
             top_k, top_p: filters applied before sampling (see ``pythia_native.sampling``).
             seed: makes sampling reproducible (same seed, same prompts, same device -> same output).
-            stop: ids and/or strings that end a sequence (not included in the output).
+            stop: ids and/or strings that end a sequence (not included in the output);
+                strings are searched in the generated text only, not across the prompt's end.
             ignore_eos: keep going after EOS (benchmarks).
             truncate: cut prompts from the left to fit the context instead of raising.
         """

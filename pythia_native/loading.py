@@ -144,7 +144,7 @@ def load(
             there after loading. None: no such cache.
         compute: the 4-bit Linears' arithmetic (:class:`PythiaModel`'s
             ``compute``): "float32" (default) or "int16" (faster CPU decode
-            steps, ~6e-5 relative error per Linear). Changeable later through
+            steps, ~1e-4 relative error per Linear). Changeable later through
             ``engine.model.compute``.
 
     The engine remembers these options: ``engine.load_revision(rev)`` loads

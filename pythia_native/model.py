@@ -353,7 +353,7 @@ class PythiaModel(nn.Module):
         compute: the 4-bit Linears' arithmetic (``ops.gemm_4bit``): "float32",
             or "int16", where the CPU GEMV (decode steps) rounds x to int16 per
             64 elements: 1.6-2.4x faster GEMVs at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2
-            only; ~6e-5 relative error per Linear.
+            only; ~1e-4 relative error per Linear.
             An attribute read when the model is bound (each generate call).
     Parameters start as zeros; fill them with :meth:`load_tensors` (a checkpoint)
     or :meth:`from_hf` (a transformers model).
