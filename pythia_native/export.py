@@ -32,9 +32,12 @@ def quantization_config(model: PythiaModel) -> dict:
     if model.quant_type is None:
         raise ValueError("a dense model (quant_type=None) has no 4-bit checkpoint to export")
     # None lets transformers keep the output head dense, as it does by default (it
-    # finds the head under its own module name, lm_head or embed_out); an empty
-    # list converts every Linear, the head included.
-    skip = [] if isinstance(model.embed_out, QuantizedLinear) else None
+    # finds the head under its own module name, lm_head or embed_out); a list is
+    # exactly the modules it leaves dense: the block Linears the model holds dense
+    # (from a checkpoint that skipped them), and the head unless it is 4-bit,
+    # under both its names (transformers 4.x: embed_out, 5.x: lm_head).
+    head = [] if isinstance(model.embed_out, QuantizedLinear) else ["embed_out", "lm_head"]
+    skip = sorted(model.dense_linears) + head if model.dense_linears else (None if head else [])
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
@@ -48,6 +51,27 @@ def quantization_config(model: PythiaModel) -> dict:
         "llm_int8_has_fp16_weight": False,
         "llm_int8_enable_fp32_cpu_offload": False,
     }
+
+
+def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> torch.dtype:
+    """Cast the dense floating tensors (embeddings, LayerNorms, biases, dense
+    Linears and head; not the 4-bit layers' statistics) to one dtype, in place
+    in ``tensors``, and return it: float16 if it holds every value exactly,
+    else bfloat16 if that does, else float32. transformers keeps each tensor
+    in the file's dtype, and a mix (the CPU's float16 head beside float32
+    LayerNorms) fails its forward; the exact choice keeps every value, so a
+    reload gives the same logits (a float16-exact head is kept float16 again)."""
+    four_bit = tuple(p + "weight" for p in model._quantized_prefixes())
+    keys = [k for k, v in tensors.items() if v.is_floating_point() and not k.startswith(four_bit)]
+
+    def exact(dt: torch.dtype) -> bool:
+        return all(tensors[k].dtype == dt or torch.equal(tensors[k].to(dt).to(tensors[k].dtype), tensors[k])
+                   for k in keys)
+
+    target = next(dt for dt in (torch.float16, torch.bfloat16, torch.float32) if dt == torch.float32 or exact(dt))
+    for k in keys:
+        tensors[k] = tensors[k].to(target)
+    return target
 
 
 def check_output_dir(directory: Union[str, os.PathLike]) -> Path:
@@ -93,7 +117,6 @@ def save_pretrained(
         raise CheckpointError(f"not exporting: the model's weights are partly overwritten by a load that failed "
                               f"({model.partial_load}); load a revision again first")
     config = model.config.to_dict()
-    config["torch_dtype"] = _DTYPE_NAMES[model.dtype]
     config["quantization_config"] = quantization_config(model)
     # safetensors stores each tensor once, contiguous, on the CPU.
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -101,8 +124,8 @@ def save_pretrained(
         if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape):
             raise ValueError(f"dense tensor {k!r} {tuple(v.shape)} does not replace a model tensor of that shape")
         tensors[k] = v.detach().contiguous().cpu()
-    if dense:
-        config["torch_dtype"] = _DTYPE_NAMES.get(next(iter(dense.values())).dtype, config["torch_dtype"])
+    # transformers 5 reads "dtype", 4.x "torch_dtype".
+    config["dtype"] = config["torch_dtype"] = _DTYPE_NAMES[_unify_dense_dtype(tensors, model)]
     tmp = out / "model.safetensors.tmp"
     try:
         out.mkdir(parents=True, exist_ok=True)

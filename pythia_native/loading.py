@@ -30,7 +30,7 @@ from .format import check_quant_type
 from .ops import check_compute
 from .generate import Pythia
 from .hub import download_checkpoint
-from .model import PythiaModel
+from .model import PythiaModel, _block_linear_prefixes
 from .quantized_cache import QuantSettings
 from .quantized_linear import QuantizedLinear
 from .suite import ModelRef, resolve_model, resolve_revision, warn_known_data_problems
@@ -132,7 +132,8 @@ def load(
             download), a commit hash, or any branch of a non-EleutherAI repo.
         quant_type, double_quant, quantize_embed_out: how a dense checkpoint is
             quantized while loading. A bitsandbytes 4-bit checkpoint keeps its own
-            settings and bytes (never re-quantized); these are then ignored.
+            settings and bytes (never re-quantized); these are then ignored. The
+            Linears it holds dense (``llm_int8_skip_modules``) stay dense.
         device: "cpu", "cuda", "cuda:N" or None (CUDA when visible).
         dtype: activation dtype (float32/bfloat16 on CPU, float16/bfloat16 on CUDA).
         cache_dir, local_files_only, token: passed to huggingface_hub
@@ -163,7 +164,7 @@ def load(
     rev = resolve_revision(ref, revision)
     options = LoadOptions(ref, QuantSettings(quant_type, double_quant, quantize_embed_out), cache_dir,
                           local_files_only, token, quantized_cache)
-    directory, entry = _locate(options, rev)
+    directory, entry = _locate(options, rev, options.settings)
     model = None
     if entry is not None:
         try:
@@ -210,28 +211,34 @@ def _download(options: LoadOptions, rev: str) -> Path:
                                local_files_only=options.local_files_only, token=options.token)
 
 
-def _locate(options: LoadOptions, rev: str) -> tuple[Optional[Path], Optional[Path]]:
-    """``(checkpoint directory, None)``, or ``(None, quantized-cache entry)`` on a cache hit (no download)."""
-    if options.caches:
+def _locate(options: LoadOptions, rev: str, settings: Optional[QuantSettings]) -> tuple[Optional[Path], Optional[Path]]:
+    """``(checkpoint directory, None)``, or ``(None, quantized-cache entry)`` on a
+    cache hit (no download) for an entry written with ``settings`` (None: the
+    cache does not apply)."""
+    if options.caches and settings is not None:
         from . import quantized_cache as qc
 
-        entry = qc.find(options.quantized_cache, options.ref, rev, options.settings)
+        entry = qc.find(options.quantized_cache, options.ref, rev, settings)
         if entry is not None:
             warn_known_data_problems(options.ref, rev)  # download_checkpoint would have
             return None, entry
     return _download(options, rev), None
 
 
-def held_settings(model: PythiaModel) -> QuantSettings:
+def held_settings(model: PythiaModel) -> Optional[QuantSettings]:
     """The quantized-cache settings of the format ``model`` holds (its dense
-    revisions are quantized to it)."""
+    revisions are quantized to it); None when the cache's settings cannot say
+    it (Linears a bitsandbytes checkpoint left dense), so no entry applies."""
+    if model.dense_linears:
+        return None
     return QuantSettings(quant_type=model.quant_type, double_quant=bool(model.double_quant),
                          quantize_embed_out=isinstance(model.embed_out, QuantizedLinear), blocksize=model.blocksize)
 
 
 def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> None:
     """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns)."""
-    if not options.caches or model.source_quantization is not None:
+    settings = held_settings(model)
+    if not options.caches or model.source_quantization is not None or settings is None:
         return
     import warnings
 
@@ -243,7 +250,7 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
     # was asked for: a lookup under the asked-for tag then misses, never hits
     # weights of another format.
     try:
-        qc.store(options.quantized_cache, options.ref, rev, held_settings(model), model, directory)
+        qc.store(options.quantized_cache, options.ref, rev, settings, model, directory)
     except Exception as e:  # a full disk (safetensors' own error type), a read-only cache: never fail the load
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
                       f"{options.quantized_cache} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the model is loaded, the next load quantizes again",
@@ -278,7 +285,10 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
     rev = resolve_revision(options.ref, revision)
     before = _storages(engine.model)
     try:
-        directory, entry = _locate(options, rev)
+        # The entry of the format the engine holds, which after a bitsandbytes
+        # revision can differ from what load() was asked for: an entry under the
+        # asked-for settings would be quantized otherwise than a fresh load here.
+        directory, entry = _locate(options, rev, held_settings(engine.model))
         if entry is not None:
             try:
                 fill_model_(engine.model, entry)
@@ -345,8 +355,28 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
                     f"{'4-bit' if head_4bit else 'dense'}) that does not match the loaded model ({model.quant_type}, "
                     f"embed_out {'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}); load() it on its own"
                 )
+            dense = bnb_dense_linears(config, reader)
+            if dense != model.dense_linears:
+                differ = sorted(dense ^ model.dense_linears)
+                raise IncompatibleCheckpointError(
+                    f"{directory}: a bitsandbytes 4-bit checkpoint whose dense (not quantized) Linears differ from "
+                    f"the loaded model's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
+                    "load() it on its own"
+                )
         model.load_tensors(reader)
     model.source_quantization = q
+
+
+def bnb_dense_linears(config: PythiaConfig, reader: CheckpointReader) -> frozenset[str]:
+    """The block Linears a bitsandbytes 4-bit checkpoint holds dense (a
+    floating-point weight without 4-bit statistics: ``llm_int8_skip_modules``),
+    by full name. They stay dense: quantizing them would give another model
+    than the file's. (A packed uint8 weight without its absmax is a broken
+    4-bit layer, reported as such.)"""
+    keys = set(reader.keys())
+    return frozenset(p[:-1] for p in _block_linear_prefixes(config)
+                     if p + "weight" in keys and p + "weight.absmax" not in keys
+                     and reader.spec(p + "weight")[1].is_floating_point)
 
 
 def build_model(
@@ -374,17 +404,22 @@ def build_model(
                     f"{directory}: config.json says bitsandbytes 4-bit but no weight has 4-bit statistics "
                     "(weight.absmax); the checkpoint files do not match the config"
                 )
-        # A dense head stored in float16 stays float16 on the CPU (the same values,
-        # half the bytes per decode step; see PythiaModel's head_dtype). The file's
-        # dtype, not config.json's torch_dtype: an export of a float32 or bfloat16
-        # engine keeps its float16 head, and must reload to the same logits.
+        # A dense head whose values float16 holds stays float16 on the CPU (the same
+        # values, half the bytes per decode step; see PythiaModel's head_dtype):
+        # one stored in float16, or in float32 with float16 values (an export
+        # writes one dtype for every dense tensor, float32 when some other tensor
+        # needs it); a float32 head that does not fit is widened while loading
+        # (PythiaModel.load_tensors). The file's dtype, not config.json's
+        # torch_dtype: an export must reload to the same logits.
+        dense_linears = bnb_dense_linears(config, reader) if q is not None else ()
         head_dtype = None
         head = next((k for k in ("embed_out.weight", "lm_head.weight") if k in keys), None)
         if (torch.device(device).type == "cpu" and not quantize_embed_out and head is not None
-                and reader.spec(head)[1] == torch.float16):
+                and reader.spec(head)[1] in (torch.float16, torch.float32)):
             head_dtype = torch.float16
         model = PythiaModel(config, quant_type=quant_type, double_quant=double_quant,
-                            quantize_embed_out=quantize_embed_out, dtype=dtype, device=device, head_dtype=head_dtype)
+                            quantize_embed_out=quantize_embed_out, dtype=dtype, device=device, head_dtype=head_dtype,
+                            dense_linears=dense_linears)
         model.load_tensors(reader)
     model.source_quantization = q
     return model

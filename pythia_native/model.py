@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Optional
 
 import torch
@@ -225,6 +225,11 @@ def _bind_linear(module: nn.Module, compute: str = "float32"):
     return module
 
 
+def _block_linear_prefixes(config: PythiaConfig) -> set[str]:
+    """"gpt_neox.layers.<i>.<linear>." of every block Linear."""
+    return {f"gpt_neox.layers.{i}.{n}." for i in range(config.num_hidden_layers) for n in QUANTIZED_LINEARS}
+
+
 class Attention(nn.Module):
     """``attention.*`` of a block: the fused QKV and output Linears (the math
     is in :func:`pythia_native.block.compose_block`)."""
@@ -325,7 +330,11 @@ class Backbone(nn.Module):
     def __init__(self, config: PythiaConfig, make_linear, dtype):
         super().__init__()
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(Layer(config, make_linear) for _ in range(config.num_hidden_layers))
+        # make_linear gets each Linear's full name ("gpt_neox.layers.3.mlp.dense_4h_to_h").
+        self.layers = nn.ModuleList(
+            Layer(config, lambda i_f, o_f, bias, name, i=i: make_linear(i_f, o_f, bias, f"gpt_neox.layers.{i}.{name}"))
+            for i in range(config.num_hidden_layers)
+        )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
@@ -350,6 +359,10 @@ class PythiaModel(nn.Module):
             float16 cannot hold exactly is kept in ``dtype`` instead.
         dtype: activation dtype: float32 or bfloat16 on the CPU; float16 or
             bfloat16 on CUDA. LayerNorm, softmax and accumulation run in float32.
+        dense_linears: block Linears kept dense (``nn.Linear`` in ``dtype``) in
+            a 4-bit model, by full name ("gpt_neox.layers.0.attention.dense"):
+            those a bitsandbytes checkpoint left unquantized
+            (``llm_int8_skip_modules``). Their blocks run unfused.
         compute: the 4-bit Linears' arithmetic (``ops.gemm_4bit``): "float32",
             or "int16", where the CPU GEMV (decode steps) rounds x to int16 per
             64 elements: 1.6-2.4x faster GEMVs at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2
@@ -371,6 +384,7 @@ class PythiaModel(nn.Module):
         device: torch.device | str = "cpu",
         head_dtype: Optional[torch.dtype] = None,
         compute: str = "float32",
+        dense_linears: Collection[str] = (),
     ):
         super().__init__()
         self.compute = ops.check_compute(compute)
@@ -389,9 +403,15 @@ class PythiaModel(nn.Module):
         self.double_quant = double_quant
         self.quantize_embed_out = quantize_embed_out
         self.dtype = dtype
+        known = {p[:-1] for p in _block_linear_prefixes(config)}
+        unknown = sorted(set(dense_linears) - known)
+        if unknown:
+            raise ValueError(f"dense_linears: {unknown[:3]} are not block Linears of this config "
+                             "(expected names like 'gpt_neox.layers.0.attention.dense')")
+        self.dense_linears = frozenset(dense_linears) if self.quant_type is not None else frozenset()
 
-        def make_linear(in_f: int, out_f: int, bias: bool, _name: str) -> nn.Module:
-            if self.quant_type is None:
+        def make_linear(in_f: int, out_f: int, bias: bool, name: str) -> nn.Module:
+            if self.quant_type is None or name in self.dense_linears:
                 return nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
             return QuantizedLinear(in_f, out_f, bias, blocksize=blocksize, quant_type=self.quant_type, dtype=dtype, device=device)
 
@@ -521,9 +541,7 @@ class PythiaModel(nn.Module):
     # ------------------------------------------------------------- loading --
 
     def _linear_prefixes(self) -> set[str]:
-        names = {f"gpt_neox.layers.{i}.{n}." for i in range(self.config.num_hidden_layers) for n in QUANTIZED_LINEARS}
-        names.add("embed_out.")
-        return names
+        return _block_linear_prefixes(self.config) | {"embed_out."}
 
     @torch.no_grad()
     def load_tensors(self, tensors, *, strict: bool = True) -> None:

@@ -175,8 +175,13 @@ def _may_free(ref: ModelRef, chosen: list[str], i: int, engine: Pythia, load_kwa
         from .loading import held_settings
 
         model = engine.model
+        settings = held_settings(model)
+        if getattr(model, "source_quantization", None) is None and settings is None:
+            warnings.warn(f"{ref}@{chosen[i]}: kept in the hub cache: the quantized cache cannot hold this "
+                          "model's format (Linears its bitsandbytes checkpoint left dense)", stacklevel=3)
+            return False
         if getattr(model, "source_quantization", None) is None and qc.find(
-            load_kwargs["quantized_cache"], ref, chosen[i], held_settings(model)
+            load_kwargs["quantized_cache"], ref, chosen[i], settings
         ) is None:
             warnings.warn(f"{ref}@{chosen[i]}: kept in the hub cache, its 4-bit copy was not written "
                           "(see the warning before)", stacklevel=3)

@@ -285,6 +285,77 @@ def test_export_of_a_float16_checkpoint_reloads_to_the_same_logits(tmp_path, tok
     assert back.generate_ids([[5, 6, 7]], 8, ignore_eos=True) == engine.generate_ids([[5, 6, 7]], 8, ignore_eos=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_export_of_a_float16_checkpoint_runs_in_transformers(tmp_path, tok_file, dtype):
+    # What every Pythia hub checkpoint is. transformers keeps each tensor in the
+    # file's dtype: a mix (the CPU engine's float16 head beside float32 LayerNorms)
+    # failed its forward. One dtype for every dense tensor, the narrowest exact one.
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from safetensors import safe_open
+
+    engine = load(save_dense(hf_model("tiny", vocab_size=50304).half(), tmp_path / "ckpt", tok_file), device="cpu",
+                  dtype=dtype)
+    out = engine.save_pretrained(tmp_path / "export")
+    cfg = json.loads((out / "config.json").read_text())
+    with safe_open(out / "model.safetensors", "pt") as f:
+        dense = {f.get_slice(k).get_dtype() for k in f.keys()
+                 if not any(s in k for s in ("query_key_value.weight", "dense.weight", "dense_h_to_4h.weight",
+                                             "dense_4h_to_h.weight"))}
+    assert dense == {{"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[cfg["dtype"]]}
+    assert cfg["torch_dtype"] == cfg["dtype"]
+    ids = torch.randint(0, 50000, (1, 8))
+    theirs = exact_bnb(transformers.GPTNeoXForCausalLM.from_pretrained(out).eval())
+    with torch.no_grad():
+        got = theirs(ids).logits.float()
+    assert torch.isfinite(got).all()
+    # transformers in the file's dtype (float16 here): its own float16 arithmetic, not a bound on ours.
+    assert rel_err(got, logits_of(engine, ids)) <= 2e-2
+
+
+def test_bnb_checkpoint_keeps_the_linears_it_left_dense(tmp_path, tok_file):
+    # transformers + bitsandbytes with llm_int8_skip_modules stores those Linears
+    # dense; quantizing them on load gave another model (6e-2 off), silently.
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from pythia_native.loading import IncompatibleCheckpointError, fill_model_
+
+    dense_dir = save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "dense", tok_file)
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32,
+                                          llm_int8_skip_modules=["lm_head", "attention.dense"])
+    bnb_model = exact_bnb(transformers.GPTNeoXForCausalLM.from_pretrained(dense_dir, quantization_config=cfg).eval())
+    bnb_dir = tmp_path / "bnb"
+    bnb_model.save_pretrained(bnb_dir)
+    shutil.copyfile(tok_file, bnb_dir / "tokenizer.json")
+    engine = load(bnb_dir, device="cpu")
+    layers = engine.model.gpt_neox.layers
+    assert all(type(layer.attention.dense) is torch.nn.Linear for layer in layers)
+    assert all(isinstance(layer.attention.query_key_value, QuantizedLinear) for layer in layers)
+    ids = torch.randint(0, 50000, (2, 11))
+    with torch.no_grad():
+        ref = bnb_model(ids).logits
+    ours = logits_of(engine, ids)
+    assert rel_err(ours, ref) <= 1e-4
+    # Decoding through those blocks (unfused: not every Linear is 4-bit) agrees with a full forward.
+    want = ref[0, -1].argmax().item()
+    assert engine.generate_ids(ids[0].tolist(), 1, ignore_eos=True) == [want]
+    # Exported, they stay dense for transformers too, and reload alike.
+    out = engine.save_pretrained(tmp_path / "export")
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert skip == sorted(f"gpt_neox.layers.{i}.attention.dense" for i in range(len(layers))) + ["embed_out", "lm_head"]
+    theirs = exact_bnb(transformers.GPTNeoXForCausalLM.from_pretrained(out).eval())
+    with torch.no_grad():
+        assert rel_err(theirs(ids).logits, ours) <= 1e-4
+    assert torch.equal(logits_of(load(out, device="cpu"), ids), ours)
+    # A 4-bit checkpoint with another set of dense Linears does not go into this engine.
+    other = engine.save_pretrained(tmp_path / "other")
+    plain = load(dense_dir, device="cpu").save_pretrained(tmp_path / "plain")
+    fill_model_(engine.model, other)
+    with pytest.raises(IncompatibleCheckpointError, match="dense \\(not quantized\\) Linears differ"):
+        fill_model_(engine.model, plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn], ids=str)
 def test_checkpoint_in_an_unsupported_dtype_is_a_clear_error(tmp_path, tok_file, dtype):
     from safetensors.torch import load_file, save_file

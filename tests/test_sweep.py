@@ -607,6 +607,43 @@ def test_entries_are_labelled_by_the_format_the_model_holds(hub_cache, tmp_path,
     assert torch.equal(logits(fresh), logits(load("pythia-14m", "step2000", cache_dir=hub_cache, **OPTS)))
 
 
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_load_revision_looks_up_the_cache_under_the_format_the_model_holds(hub_cache, tmp_path, sources, quant_type,
+                                                                          double_quant):
+    # An engine from a bitsandbytes revision holds its format, not what load()
+    # was asked for; load_revision of a dense revision must not take the entry
+    # a plain load wrote (nf4, no double quant): with nf4 + double quant that
+    # gave single-quantized weights, with fp4 an IncompatibleCheckpointError.
+    from pythia_native.export import save_pretrained
+    from pythia_native.model import PythiaModel
+    from pythia_native.weights import CheckpointReader
+
+    seed_dir = tmp_path / "seed4"
+    seed_dir.mkdir()
+    for name, data in sources[4].items():
+        (seed_dir / name).write_bytes(data)
+    with CheckpointReader(seed_dir) as reader:
+        held = PythiaModel(pythia_native.config.PythiaConfig.from_dict(json.loads((seed_dir / "config.json").read_text())),
+                           quant_type=quant_type, double_quant=double_quant)
+        held.load_tensors(reader)
+    src = tmp_path / "src-bnb"
+    save_pretrained(held, src, tokenizer_dir=seed_dir)
+    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}, refs=("step16",),
+                 commit=commit_hash(16))
+    q = tmp_path / "q"
+    load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, **OPTS)  # writes the nf4 entry
+    want = load("pythia-14m", "step16", cache_dir=hub_cache, **OPTS).load_revision("step2000")
+    engine = load("pythia-14m", "step16", cache_dir=hub_cache, quantized_cache=q, **OPTS).load_revision("step2000")
+    assert torch.equal(logits(engine), logits(want))
+    layers = [m for m in engine.model.modules() if isinstance(m, pythia_native.QuantizedLinear)]
+    assert all(m.quant_type == quant_type and (m.nested is not None) == double_quant for m in layers)
+    # It wrote (and a second engine now reads) the entry of the held format.
+    assert quantized_cache.find(q, suite.resolve_model("pythia-14m"), "step2000",
+                                loading.held_settings(engine.model)) is not None
+    again = load("pythia-14m", "step16", cache_dir=hub_cache, quantized_cache=q, **OPTS).load_revision("step2000")
+    assert torch.equal(logits(again), logits(want))
+
+
 def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_cache):
     # A score or stream running when another thread loads a revision used half of
     # each revision's weights; now the load waits for it. The stream's own thread
