@@ -478,7 +478,8 @@ def bnb_cpu_path(bnb) -> str:
             return "no AVX-512 BF16: Linear4bit dequantizes then F.linear"
         hub = getattr(cpu_ops, "gemm_4bit_forward_kernel", None)
         return ("bf16 fused kernel from kernels-community" if hub is not None
-                else "bf16 fused kernel gemv_4bit_inference_cpu_nf4_bf16 of libbitsandbytes_cpu (kernels-community not installed)")
+                else "bf16 fused kernel gemv_4bit_inference_cpu_nf4_bf16 of libbitsandbytes_cpu (no kernels-community "
+                     "kernel: the `kernels` package is missing, or could not fetch it from the hub)")
     except Exception as e:
         return f"unknown ({e})"
 
