@@ -202,7 +202,8 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
   // qkv [M, 3 Hd], q and attn [M, Hd], a (the attention's output) [M, Hd],
   // u (the MLP's inner activation) [M, I], m (the MLP's output) [M, Hd];
   // float32: xp (a Linear's permuted input) [M, max(Hd, I)] and the four
-  // biases widened (bf16 / fp16 -> float32, exact; unused for float32 x).
+  // biases widened (bf16 / fp16 -> float32, exact; for float32 x only a
+  // non-contiguous bias is copied there).
   const size_t rows = static_cast<size_t>(M), hd = static_cast<size_t>(Hd),
                inter = static_cast<size_t>(I);
   const Scratch<12> scratch({rows * std::max(hd, inter) * 4, rows * hd * es, rows * 3 * hd * es,
@@ -214,9 +215,16 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
   const auto widen_bias = [&](const c10::optional<at::Tensor>& bias, int64_t n,
                               void* piece) -> const float* {
     if (!bias.has_value()) return nullptr;
-    const at::Tensor b = bias->contiguous();  // itself when contiguous
-    if (dt == DType::F32) return b.data_ptr<float>();
+    // A float32 bias is used in place when contiguous; otherwise (and for bf16 /
+    // fp16) its values go into `piece`: a contiguous() copy would be freed when
+    // this returns, and the GEMVs below read it after.
+    if (dt == DType::F32 && bias->is_contiguous()) return bias->data_ptr<float>();
+    const at::Tensor b = bias->contiguous();
     float* out = static_cast<float*>(piece);
+    if (dt == DType::F32) {
+      std::memcpy(out, b.data_ptr<float>(), static_cast<size_t>(n) * sizeof(float));
+      return out;
+    }
     if (dt == DType::BF16) {
       const at::BFloat16* src = b.data_ptr<at::BFloat16>();
       for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);

@@ -156,6 +156,28 @@ def test_rows_through_every_gemm_path(B):
         assert _rel_err(f, c) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["hd16", "odd-inter"])
+def test_strided_biases_give_the_contiguous_result(dtype, shape):
+    # A float32 bias that is a strided view was made contiguous into a temporary
+    # freed before the GEMVs read it: garbage (up to 1e20) in x.
+    p = make_block(shape, dtype)
+    strided = []
+    for packed, absmax, b in p["linears"]:
+        wide = torch.full((2 * b.numel(),), float("nan"), dtype=b.dtype)
+        wide[::2] = b
+        strided.append((packed, absmax, wide[::2]))
+    assert not strided[0][2].is_contiguous()
+    x, pos, k, v = make_inputs(shape, dtype, 2, 1)
+    want = [t.clone() for t in (x, k, v)]
+    pn.ops.neox_block_(want[0], pos, want[1], want[2], **p)
+    for _ in range(3):  # the freed memory's contents vary from call to call
+        got = [t.clone() for t in (x, k, v)]
+        pn.ops.neox_block_(got[0], pos, got[1], got[2], **dict(p, linears=strided))
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
 def test_empty_batch_changes_nothing():
     p = make_block("hd16", torch.float32)
     x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1)
