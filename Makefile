@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test build native-test native-asan bench install generate clean
+.PHONY: test build native-test native-asan asan-pytest bench install generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,27 @@ native-asan: $(VENV)/.deps
 	cmake --build build-native-asan
 	ctest --test-dir build-native-asan --output-on-failure
 
+# The whole pytest suite against the extension built (CPU part) with
+# AddressSanitizer, in a copy of the tree (build-asan/tree: its own in-place
+# _C, its own objects, incremental) so the normal build stays as it is. ASan
+# is preloaded into the uninstrumented python (libstdc++ too, so its
+# __cxa_throw interceptor finds the real one); it checks every heap access of
+# our kernels as torch's tests reach them, e.g. a read of a freed temporary.
+# allocator_may_return_null: a test asks for an impossible KV cache on purpose.
+ASAN_TREE := build-asan/tree
+ASAN_FLAGS := -fsanitize=address -fno-omit-frame-pointer
+asan-pytest: $(VENV)/.deps
+	mkdir -p $(ASAN_TREE)
+	rm -rf $(ASAN_TREE)/csrc $(ASAN_TREE)/pythia_native $(ASAN_TREE)/tests
+	cp -a setup.py csrc pythia_native tests $(ASAN_TREE)/
+	rm -f $(ASAN_TREE)/pythia_native/_C*.so
+	cd $(ASAN_TREE) && PYTHIA_NATIVE_CUDA=0 CFLAGS="$(ASAN_FLAGS)" LDFLAGS="-fsanitize=address" \
+	    $(abspath $(PY)) setup.py -q build_ext --inplace
+	cd $(ASAN_TREE) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	    ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:allocator_may_return_null=1 \
+	    PYTHIA_NATIVE_TOKENIZER="$(abspath $(firstword $(wildcard shared/tokenizer/gpt-neox-20b/tokenizer.json ../shared/tokenizer/gpt-neox-20b/tokenizer.json)))" \
+	    $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
 test: build native-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
@@ -63,4 +84,4 @@ bench: build
 	$(PY) benchmarks/bench_gemm_4bit.py --device cpu --threads 1 2 --out benchmarks/results/gemm_4bit_cpu.md
 
 clean:
-	rm -rf build build-native build-native-asan pythia_native/_C*.so
+	rm -rf build build-native build-native-asan build-asan pythia_native/_C*.so
