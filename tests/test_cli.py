@@ -231,7 +231,7 @@ def test_closed_stdin_and_one_token_lines_are_one_line_errors(capsys, ckpt, tmp_
     one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", match="stdin is closed")
     one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "-", match="stdin is closed")
     f = tmp_path / "lines.txt"
-    f.write_text("A longer first line.\n\nHi\n")
+    f.write_text("A longer first line.\n\nH\n")  # "H": one token in the real and the fallback tokenizer
     one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "--per-line", "--no-eos", f,
                    match="lines.txt, line 3: a text to score needs at least 2 tokens, or 1 with prepend_eos=True (the CLI without --no-eos)")
 

@@ -338,7 +338,8 @@ def test_bnb_checkpoint_keeps_the_linears_it_left_dense(tmp_path, tok_file):
     ours = logits_of(engine, ids)
     assert rel_err(ours, ref) <= 1e-4
     # Decoding through those blocks (unfused: not every Linear is 4-bit) agrees with a full forward.
-    want = ref[0, -1].argmax().item()
+    # generate picks among the tokenizer's ids only (the fallback tokenizer has ~400).
+    want = ref[0, -1, : engine.vocab_size].argmax().item()
     assert engine.generate_ids(ids[0].tolist(), 1, ignore_eos=True) == [want]
     # Exported, they stay dense for transformers too, and reload alike.
     out = engine.save_pretrained(tmp_path / "export")
