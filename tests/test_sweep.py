@@ -572,27 +572,33 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(hub_cache, tmp_
     assert entry(q, "step1000").is_dir()
 
 
-def test_entries_are_labelled_by_the_format_the_model_holds(hub_cache, tmp_path, sources):
-    # A sweep that starts at a bitsandbytes fp4 revision holds an fp4 model, and
-    # quantizes the dense revisions after it in fp4: their entries must say fp4,
-    # so that a later load asking for nf4 does not get fp4 weights from an
-    # entry labelled nf4 (it quantizes anew instead).
+def bnb_step16(hub_cache, tmp_path, sources, **quant) -> None:
+    """step16 of the fake hub as a bitsandbytes 4-bit checkpoint (sources[4]
+    quantized with ``quant``: quant_type, double_quant), exported by us."""
     from pythia_native.export import save_pretrained
     from pythia_native.model import PythiaModel
     from pythia_native.weights import CheckpointReader
 
-    src = tmp_path / "src-fp4"
     seed_dir = tmp_path / "seed4"
     seed_dir.mkdir()
     for name, data in sources[4].items():
         (seed_dir / name).write_bytes(data)
     with CheckpointReader(seed_dir) as reader:
-        fp4 = PythiaModel(pythia_native.config.PythiaConfig.from_dict(json.loads((seed_dir / "config.json").read_text())),
-                          quant_type="fp4")
-        fp4.load_tensors(reader)
-    save_pretrained(fp4, src, tokenizer_dir=seed_dir)
+        held = PythiaModel(pythia_native.config.PythiaConfig.from_dict(json.loads((seed_dir / "config.json").read_text())),
+                           **quant)
+        held.load_tensors(reader)
+    src = tmp_path / "src-bnb"
+    save_pretrained(held, src, tokenizer_dir=seed_dir)
     add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}, refs=("step16",),
                  commit=commit_hash(16))
+
+
+def test_entries_are_labelled_by_the_format_the_model_holds(hub_cache, tmp_path, sources):
+    # A sweep that starts at a bitsandbytes fp4 revision holds an fp4 model, and
+    # quantizes the dense revisions after it in fp4: their entries must say fp4,
+    # so that a later load asking for nf4 does not get fp4 weights from an
+    # entry labelled nf4 (it quantizes anew instead).
+    bnb_step16(hub_cache, tmp_path, sources, quant_type="fp4")
     q = tmp_path / "q"
     for rev, engine in sweep("pythia-14m", ["step16", "step2000"], cache_dir=hub_cache, quantized_cache=q,
                              quant_type="nf4", **OPTS):
@@ -614,22 +620,7 @@ def test_load_revision_looks_up_the_cache_under_the_format_the_model_holds(hub_c
     # was asked for; load_revision of a dense revision must not take the entry
     # a plain load wrote (nf4, no double quant): with nf4 + double quant that
     # gave single-quantized weights, with fp4 an IncompatibleCheckpointError.
-    from pythia_native.export import save_pretrained
-    from pythia_native.model import PythiaModel
-    from pythia_native.weights import CheckpointReader
-
-    seed_dir = tmp_path / "seed4"
-    seed_dir.mkdir()
-    for name, data in sources[4].items():
-        (seed_dir / name).write_bytes(data)
-    with CheckpointReader(seed_dir) as reader:
-        held = PythiaModel(pythia_native.config.PythiaConfig.from_dict(json.loads((seed_dir / "config.json").read_text())),
-                           quant_type=quant_type, double_quant=double_quant)
-        held.load_tensors(reader)
-    src = tmp_path / "src-bnb"
-    save_pretrained(held, src, tokenizer_dir=seed_dir)
-    add_snapshot(hub_cache, REPO, {p.name: p.read_bytes() for p in src.iterdir() if p.is_file()}, refs=("step16",),
-                 commit=commit_hash(16))
+    bnb_step16(hub_cache, tmp_path, sources, quant_type=quant_type, double_quant=double_quant)
     q = tmp_path / "q"
     load("pythia-14m", "step2000", cache_dir=hub_cache, quantized_cache=q, **OPTS)  # writes the nf4 entry
     want = load("pythia-14m", "step16", cache_dir=hub_cache, **OPTS).load_revision("step2000")
