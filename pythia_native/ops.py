@@ -106,10 +106,10 @@ def gemm_4bit(
     (the CPU panels, CUDA's cuBLAS; also taken when K is not a multiple of
     blocksize) multiply in bf16 (oneDNN: 2.4e-3 relative error at M = 300 on
     a Xeon with AMX) or TF32; the GEMVs and the CPU tiles stay float32.
-    The CPU GEMVs (M <= 4, AVX2 / AVX-512) sum ``code * x`` over a block
-    before scaling by its absmax: with |x| near the float32 maximum (~1e38)
-    that sum can overflow to inf where the scaled product is finite (the
-    scalar path, the tiles and BLAS scale first).
+    The GEMVs (CPU AVX2 / AVX-512, CUDA) sum ``code * x`` over a block before
+    scaling by its absmax, with the codes held scaled by a power of two that
+    keeps every block sum finite for any finite x (up to the float32 maximum)
+    and leaves the bits of y unchanged.
 
     ``compute="int16"`` lets a kernel round x to 16-bit integers per 64
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to

@@ -113,6 +113,33 @@ def test_odd_element_count_layout(device):
     _check(x, p, a, (7, 5), b)
 
 
+def _huge_x_problem(M, K, N, dtype, device, blocksize):
+    # Every x is +-3e38 (finite in float32 and bf16), W ~1e-6: y ~1e34 is
+    # finite, but a sum of |code * x| over a block before its absmax scales
+    # it passes the float32 maximum (the GEMVs once returned inf here).
+    g = torch.Generator().manual_seed(M + K)
+    w = torch.randn(N, K, generator=g) * 1e-6
+    x = torch.where(torch.rand(M, K, generator=g) < 0.5, -3e38, 3e38)
+    packed, absmax = pn.quantize_4bit(w.to(device), blocksize)
+    return x.to(dtype).to(device), packed, absmax
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("K,blocksize", [(768, 64), (256, 32), (1024, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_x_near_float32_max_cpu(cpu_isa, M, K, blocksize, dtype):
+    x, p, a = _huge_x_problem(M, K, 9, dtype, "cpu", blocksize)
+    _check(x, p, a, (9, K), None, blocksize)
+
+
+@pytest.mark.parametrize("M", [1, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_x_near_float32_max(M, dtype, device):
+    x, p, a = _huge_x_problem(M, 1088, 9, dtype, device, 64)
+    _check(x, p, a, (9, 1088), None)
+
+
 @pytest.mark.parametrize("compute", ["float32", "int16"])
 @pytest.mark.parametrize("K,N", [(768, 7), (768, 33), (3072, 13), (4096, 6), (8192, 5)])
 def test_row_order_does_not_change_bits(K, N, compute):

@@ -101,6 +101,19 @@ void dequantize_rows_scalar(const uint8_t* packed, const float* absmax, int64_t 
   }
 }
 
+// The vector GEMVs sum code * x over a quant block, bs / chunk terms per
+// lane (|code| <= 1), before scaling by its absmax. Unscaled, that sum
+// overflows to inf for |x| near the float32 maximum where the reference's
+// (code * absmax) * x is finite. So they look codes up in a table scaled by
+// 2^-s, 2^s >= the terms per lane, and multiply y back by 2^s: powers of two,
+// so every rounding, and the bits of y, are as unscaled (barring terms below
+// the normal range, |code * x| < ~1e-38 * 2^s), and no lane's sum can pass
+// FLT_MAX.
+inline int gemv_code_shift(int64_t bs, int64_t chunk) {
+  return std::max(0, __builtin_ctzll(static_cast<unsigned long long>(bs)) -
+                         __builtin_ctzll(static_cast<unsigned long long>(chunk)));
+}
+
 // ---------------------------------------------------------------- AVX-512 ---
 
 #define PN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
@@ -237,19 +250,20 @@ PN_AVX512 inline void gemv_rows_m1_bs64_avx512(const float* x, int64_t K, const 
   for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(t[r][0], t[r][1]));
 }
 
-// One row of W against MT rows of x, stored to y[m * ldy + n].
+// One row of W against MT rows of x, stored to y[m * ldy + n]. table holds
+// the codes times 2^-s, unscale is 2^s (gemv_code_shift).
 template <int MT>
 PN_AVX512 inline void row_group_avx512(const float* x, int64_t K, const uint8_t* wrow,
-                                       const float* arow, int64_t bs, __m512 table, float b,
-                                       StreamPrefetcher& pw, StreamPrefetcher& pa, void* y,
-                                       DType ydt, int64_t ldy, int64_t n) {
+                                       const float* arow, int64_t bs, __m512 table, float unscale,
+                                       float b, StreamPrefetcher& pw, StreamPrefetcher& pa,
+                                       void* y, DType ydt, int64_t ldy, int64_t n) {
   float sums[MT];
   if (bs == 64) {
     gemv_row_avx512<MT, 2>(x, K, wrow, arow, bs, table, pw, pa, sums);
   } else {
     gemv_row_avx512<MT, 0>(x, K, wrow, arow, bs, table, pw, pa, sums);
   }
-  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] * unscale + b);
 }
 
 // Rows [n0, n1) of W against all M rows of xp: row by row, and for each row
@@ -259,7 +273,10 @@ PN_AVX512 inline void row_group_avx512(const float* x, int64_t K, const uint8_t*
 PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                                 const float* absmax, int64_t bs, QuantType qt, const float* bias,
                                 int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  const __m512 table = _mm512_loadu_ps(code_table(qt));
+  const int shift = gemv_code_shift(bs, 32);
+  const float unscale = std::ldexp(1.0f, shift);
+  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code_table(qt)),
+                                     _mm512_set1_ps(std::ldexp(1.0f, -shift)));
   // absmax is 8 / bs bytes per packed byte: its stream is prefetched as far
   // ahead in rows.
   const int64_t esize = dtype_size(ydt);
@@ -283,7 +300,7 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
       gemv_rows_m1_bs64_avx512<R>(xp, K, packed + nn * wrow, absmax + nn * arow, q * wrow,
                                   q * arow, ahead, table, sums);
       for (int r = 0; r < R; ++r) {
-        store_out(y, ydt, nn + r * q, sums[r] + (bias ? bias[nn + r * q] : 0.0f));
+        store_out(y, ydt, nn + r * q, sums[r] * unscale + (bias ? bias[nn + r * q] : 0.0f));
       }
     }
     n = n0 + R * q;
@@ -299,10 +316,10 @@ PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uin
       const float* x = xp + m0 * K;
       void* yo = static_cast<char*>(y) + m0 * ldy * esize;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 4: row_group_avx512<4>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
-        case 3: row_group_avx512<3>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
-        case 2: row_group_avx512<2>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
-        default: row_group_avx512<1>(x, K, wrow, arow, bs, table, b, pw, pa, yo, ydt, ldy, n); break;
+        case 4: row_group_avx512<4>(x, K, wrow, arow, bs, table, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 3: row_group_avx512<3>(x, K, wrow, arow, bs, table, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 2: row_group_avx512<2>(x, K, wrow, arow, bs, table, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        default: row_group_avx512<1>(x, K, wrow, arow, bs, table, unscale, b, pw, pa, yo, ydt, ldy, n); break;
       }
     }
   }
@@ -390,20 +407,25 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
 
 template <int MT>
 PN_AVX2 inline void row_group_avx2(const float* x, int64_t K, const uint8_t* wrow,
-                                   const float* arow, int64_t bs, __m256 tlo, __m256 thi, float b,
-                                   StreamPrefetcher& pw, StreamPrefetcher& pa, void* y, DType ydt,
-                                   int64_t ldy, int64_t n) {
+                                   const float* arow, int64_t bs, __m256 tlo, __m256 thi,
+                                   float unscale, float b, StreamPrefetcher& pw,
+                                   StreamPrefetcher& pa, void* y, DType ydt, int64_t ldy,
+                                   int64_t n) {
   float sums[MT];
   gemv_row_avx2<MT>(x, K, wrow, arow, bs, tlo, thi, pw, pa, sums);
-  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] + b);
+  for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] * unscale + b);
 }
 
 // As gemv_rows_avx512.
 PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                             const float* absmax, int64_t bs, QuantType qt, const float* bias,
                             int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  const __m256 tlo = _mm256_loadu_ps(code_table(qt));
-  const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
+  // The codes times 2^-shift, y times 2^shift (see gemv_code_shift).
+  const int shift = gemv_code_shift(bs, 16);
+  const float unscale = std::ldexp(1.0f, shift);
+  const __m256 down = _mm256_set1_ps(std::ldexp(1.0f, -shift));
+  const __m256 tlo = _mm256_mul_ps(_mm256_loadu_ps(code_table(qt)), down);
+  const __m256 thi = _mm256_mul_ps(_mm256_loadu_ps(code_table(qt) + 8), down);
   StreamPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
   StreamPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   const int64_t esize = dtype_size(ydt);
@@ -415,10 +437,10 @@ PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t
       const float* x = xp + m0 * K;
       void* yo = static_cast<char*>(y) + m0 * ldy * esize;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
-        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
-        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
-        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, b, pw, pa, yo, ydt, ldy, n); break;
+        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
       }
     }
   }

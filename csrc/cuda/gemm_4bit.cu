@@ -26,9 +26,14 @@
 //
 // Numerics: each lane accumulates code[idx] * x over a 32-element chunk in
 // float32, multiplies by the chunk's absmax once, and adds into a float32
-// accumulator; a warp butterfly sums the lanes. Only the final y is rounded to
-// T. The summation order differs from a dense matmul, so results agree with
-// the reference to float32 rounding, not bit for bit.
+// accumulator; a warp butterfly sums the lanes. Only the final y is rounded
+// to T. The summation order differs from a dense matmul, so results agree
+// with the reference to float32 rounding, not bit for bit.
+// The code table is held scaled by 2^-5 (kCodeShift) and y scaled back by
+// 2^5: powers of two, so every rounding and the bits of y stay as unscaled
+// (barring sums below the normal range), but 32 terms of |code * x| <= 2^-5 *
+// FLT_MAX cannot overflow. Unscaled, the chunk sum did for |x| above ~1e37
+// while the reference's (code * absmax) * x stayed finite.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -98,6 +103,10 @@ __device__ __forceinline__ void load_x_chunk(const T16* __restrict__ xs, float (
 // Per chunk: one 16-byte weight load (prefetched one step ahead: the next
 // weight load is in flight while this chunk computes), 32 shared-memory code
 // lookups decoded once, then for each m a 32-element x load and 32 FMAs.
+// Codes scaled by 2^-kCodeShift: 2^kCodeShift >= the kChunk terms of a chunk sum.
+constexpr int kCodeShift = 5;
+static_assert((1 << kCodeShift) >= kChunk, "a chunk's unscaled sum could overflow");
+
 template <typename T, int MT>
 __global__ void __launch_bounds__(kGemvWarpsPerCta * kWarp)
     gemv_4bit_kernel(const T* __restrict__ x, int M, int64_t K, int64_t ldx,
@@ -109,7 +118,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerCta * kWarp)
   // would make nvcc copy the whole argument to local memory first.
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) s_code[i] = tab.v[i];
+    for (int i = 0; i < 16; ++i) s_code[i] = tab.v[i] * (1.0f / (1 << kCodeShift));
   }
   __syncthreads();  // before any early exit: every thread reaches it
 
@@ -177,7 +186,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerCta * kWarp)
     const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      if (m < M) y[m * N + n] = from_float<T>(acc[m] + b);
+      if (m < M) y[m * N + n] = from_float<T>(acc[m] * static_cast<float>(1 << kCodeShift) + b);
     }
   }
 }

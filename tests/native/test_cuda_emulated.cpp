@@ -241,6 +241,9 @@ void test_dequantize() {
 struct GemvCase {
   int64_t M, K, N, bs, ldx_pad;
   bool bias;
+  // x_huge: every x is +-3e38 and W ~1e-6, so each chunk's unscaled sum
+  // overflows while y (~1e34) is finite.
+  bool x_huge = false;
 };
 
 // y = x @ W^T + bias against a double sum over the dequantized weight:
@@ -248,11 +251,12 @@ struct GemvCase {
 // with a wide margin) + the output's own rounding. The row after the last
 // row of y holds sentinels that must stay.
 void check_gemv(DType dt, QuantType qt, const GemvCase& c) {
-  g_ctx = fmt("gemv %s %s M=%lld K=%lld N=%lld bs=%lld ldx=K+%lld bias=%d", dt_name(dt),
-              qt_name(qt), ll(c.M), ll(c.K), ll(c.N), ll(c.bs), ll(c.ldx_pad), c.bias ? 1 : 0);
+  g_ctx = fmt("gemv %s %s M=%lld K=%lld N=%lld bs=%lld ldx=K+%lld bias=%d%s", dt_name(dt),
+              qt_name(qt), ll(c.M), ll(c.K), ll(c.N), ll(c.bs), ll(c.ldx_pad), c.bias ? 1 : 0,
+              c.x_huge ? " x=+-3e38" : "");
   const int64_t ldx = c.K + c.ldx_pad;
   std::vector<float> wf(static_cast<size_t>(c.N * c.K));
-  for (auto& v : wf) v = normal(0.05f);
+  for (auto& v : wf) v = normal(c.x_huge ? 1e-6f : 0.05f);
   const int64_t n_blocks = (c.N * c.K + c.bs - 1) / c.bs;
   // Packed rows must start 16-byte aligned (K / 2 is a multiple of 16).
   AlignedBytes packed(static_cast<size_t>((c.N * c.K + 1) / 2));
@@ -264,7 +268,10 @@ void check_gemv(DType dt, QuantType qt, const GemvCase& c) {
 
   Buf x(dt, c.M * ldx);
   for (int64_t m = 0; m < c.M; ++m) {
-    for (int64_t k = 0; k < ldx; ++k) x.set(m * ldx + k, k < c.K ? normal() : NAN);  // pads: NaN
+    for (int64_t k = 0; k < ldx; ++k) {
+      const float v = c.x_huge ? (normal() < 0 ? -3e38f : 3e38f) : normal();
+      x.set(m * ldx + k, k < c.K ? v : NAN);  // pads: NaN
+    }
   }
   Buf bias(dt, c.N);
   for (int64_t n = 0; n < c.N; ++n) bias.set(n, normal(0.5f));
@@ -314,6 +321,10 @@ void test_gemv() {
   }
   check_gemv(DType::F32, QuantType::FP4, {3, 1088, 5, 64, 0, true});
   check_gemv(DType::BF16, QuantType::FP4, {1, 768, 8, 64, 0, false});
+  for (DType dt : {DType::F32, DType::BF16}) {  // fp16 cannot hold 3e38
+    check_gemv(dt, QuantType::NF4, {1, 768, 8, 64, 0, true, true});
+    check_gemv(dt, QuantType::NF4, {5, 1088, 5, 64, 0, false, true});
+  }
 
   g_ctx = "gemv bad arguments";
   std::vector<float> x(64, 1.0f), y(64), absmax(8, 1.0f);
