@@ -14,12 +14,19 @@
 //               each gradient in its input's dtype).
 //   gelu        differentiable in x: at::gelu_backward, the exact (erf)
 //               derivative Phi(x) + x * phi(x) of the op's GELU.
-//   the rest    (quantize/dequantize, dequantize_absmax, rotary_kv_cache_,
-//               decode_attention, neox_block_: inference ops) take torch's
+//   rotary_kv_cache_, neox_block_
+//               (inference ops that write caches / x in place) refuse a call
+//               with grad mode on and any argument requiring grad. torch's
+//               fallback would let it run: it records no history on the
+//               arguments written (x kept its old grad_fn, so a backward
+//               took the block for the identity; gradients to qkv through the
+//               caches were silently None).
+//   the rest    (quantize/dequantize, dequantize_absmax, decode_attention:
+//               inference ops returning new tensors) take torch's
 //               autogradNotImplementedFallback: a backward through them raises
 //               an error that names the op.
 // The in-place ops bump the version counters of what they write in their
-// kernels (ops.h: bump_version), which these fallbacks do not.
+// kernels (ops.h: bump_version), which these kernels do not.
 // All of these redispatch below autograd at once when no input requires
 // grad (and are skipped entirely under torch.inference_mode, where generate
 // runs), so the decode path pays nothing for them.
@@ -190,6 +197,25 @@ at::Tensor gemm_f16w_autograd(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor gelu_autograd(const at::Tensor& x) { return GeluFunction::apply(x); }
 
+// Autograd kernel of the in-place inference ops (boxed: one for both).
+void refuse_grad_in_place(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                          torch::jit::Stack* stack) {
+  const auto& args = op.schema().arguments();
+  if (at::GradMode::is_enabled()) {
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& v = (*stack)[first + i];
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().requires_grad()), "pythia_native.",
+                  op.schema().name().substr(op.schema().name().find("::") + 2), ": ",
+                  args[i].name(), " requires grad, but this op writes its results in place and "
+                  "has no backward; call it under torch.no_grad() or torch.inference_mode(), or "
+                  "detach ", args[i].name());
+    }
+  }
+  const at::AutoDispatchBelowADInplaceOrView below;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pythia_native, Autograd, m) {
@@ -197,8 +223,11 @@ TORCH_LIBRARY_IMPL(pythia_native, Autograd, m) {
   m.impl("gemm_f16w", &gemm_f16w_autograd);
   m.impl("gelu", &gelu_autograd);
   for (const char* op : {"quantize_4bit", "dequantize_4bit", "dequantize_absmax",
-                         "rotary_kv_cache_", "decode_attention", "neox_block_"}) {
+                         "decode_attention"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
+  for (const char* op : {"rotary_kv_cache_", "neox_block_"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&refuse_grad_in_place>());
   }
 }
 

@@ -87,15 +87,53 @@ def test_inference_ops_refuse_a_backward_by_name(device):
     out = pn.decode_attention(q, k, v, torch.tensor([[2]], device=device))
     with pytest.raises(RuntimeError, match="derivative for pythia_native::decode_attention is not implemented"):
         out.sum().backward()
-    qkv = torch.randn(B, T, H * 3 * D, device=device, requires_grad=True)
-    q = pn.rotary_kv_cache_(qkv, torch.tensor([[0]], device=device), torch.zeros_like(k), torch.zeros_like(v), 8)
-    with pytest.raises(RuntimeError, match="derivative for pythia_native::rotary_kv_cache_ is not implemented"):
-        q.sum().backward()
     layer = _layer(device)
     absmax = layer.absmax.clone().requires_grad_(True)
     w = pn.dequantize_4bit(layer.weight, absmax, (48, 128))
     with pytest.raises(RuntimeError, match="derivative for pythia_native::dequantize_4bit is not implemented"):
         w.sum().backward()
+
+
+def _block_args_with_grad(device, which: str):
+    from test_block import flat_args, make_block, make_inputs
+
+    p = make_block("hd16", torch.float32, device=device)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1, device=device)
+    args = list(flat_args(x, pos, k, v, p))
+    names = [a.name for a in ops.neox_block_.default._schema.arguments]
+    i = names.index(which)
+    if which == "x":  # a non-leaf: the op would overwrite it and keep its grad_fn
+        args[i] = torch.randn_like(args[i], requires_grad=True) * 1.0
+    else:
+        args[i] = args[i].detach().clone().requires_grad_(True)
+    return args
+
+
+@pytest.mark.parametrize("which", ["x", "k_cache", "ln1_weight", "qkv_bias"])
+def test_in_place_ops_refuse_inputs_that_require_grad(which, device):
+    # They write x / the caches in place and have no backward. torch's fallback
+    # let them run: x kept its old grad_fn (a backward took the block for the
+    # identity), a ln1_weight that required grad left x without one, gradients
+    # to qkv through the caches were None. Now the call is refused, by name;
+    # under no_grad / inference_mode it runs.
+    args = _block_args_with_grad(device, which)
+    with pytest.raises(RuntimeError, match=f"neox_block_: {which} requires grad, but this op writes"):
+        ops.neox_block_(*args)
+    with torch.no_grad():
+        ops.neox_block_(*args)
+    B, T, H, D, L = 1, 2, 2, 32, 8
+    pos = torch.tensor([[0, 1]], device=device)
+    qkv = torch.randn(B, T, H * 3 * D, device=device)
+    k, v = torch.zeros(B, H, L, D, device=device), torch.zeros(B, H, L, D, device=device)
+    for name, call in [
+        ("qkv", lambda: pn.rotary_kv_cache_(qkv.clone().requires_grad_(True), pos, k, v, 8)),
+        ("k_cache", lambda: pn.rotary_kv_cache_(qkv, pos, k.clone().requires_grad_(True), v, 8)),
+        ("v_cache", lambda: pn.rotary_kv_cache_(qkv, pos, k, v * torch.ones(1, requires_grad=True, device=device), 8)),
+    ]:
+        with pytest.raises(RuntimeError, match=f"rotary_kv_cache_: {name} requires grad, but this op writes"):
+            call()
+    with torch.inference_mode():
+        pn.rotary_kv_cache_(qkv.clone().requires_grad_(True), pos, k, v, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -146,11 +184,13 @@ def test_in_place_ops_bump_the_version_counters_of_what_they_write(device):
         before = (x._version, k._version, v._version)
         block(*flat_args(x, pos, k, v, p))
         assert all(a > b for a, b in zip((x._version, k._version, v._version), before))
-    # A cache value saved for backward, then overwritten: the backward is refused.
+    # A cache value saved for backward, then overwritten (under no_grad, as
+    # the op requires of a tensor that requires grad): the backward is refused.
     leaf = torch.randn(B, H, L, D, device=device, requires_grad=True)
     saved = leaf * 1.0
     loss = (saved * saved).sum()
-    pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), saved, torch.zeros_like(saved), 8)
+    with torch.no_grad():
+        pn.rotary_kv_cache_(qkv, torch.tensor([[0, 1]], device=device), saved, torch.zeros_like(saved), 8)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     # Inference tensors have no counter: written in or out of inference_mode, no error.
