@@ -81,6 +81,12 @@ RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& p
   return {B, T, H, D, L};
 }
 
+void check_rotary_kv_cache_memory(const at::Tensor& qkv, const at::Tensor& positions,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  check_written_apart("rotary_kv_cache_", {{"k_cache", k_cache}, {"v_cache", v_cache}},
+                      {{"qkv", qkv}, {"positions", positions}});
+}
+
 DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                        const at::Tensor& v_cache, const at::Tensor& positions,
                                        double scale) {
@@ -150,6 +156,7 @@ at::Tensor rotary_kv_cache_cpu(const at::Tensor& qkv_in, const at::Tensor& posit
                                double rope_theta) {
   const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
                                                    rotary_ndims, rope_theta);
+  check_rotary_kv_cache_memory(qkv_in, positions_in, k_cache, v_cache);
   at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
   if (s.B * s.T == 0) return q;
   const at::Tensor positions = positions_in.contiguous();

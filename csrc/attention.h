@@ -21,6 +21,11 @@ RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& p
                                       const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       int64_t rotary_ndims, double rope_theta);
 
+// rotary_kv_cache_'s caches share no memory with each other, qkv or
+// positions (check_written_apart; real tensors only, the kernels call it).
+void check_rotary_kv_cache_memory(const at::Tensor& qkv, const at::Tensor& positions,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache);
+
 // Sizes of a checked decode_attention call.
 struct DecodeDims {
   int64_t B, T, H, D, L;

@@ -27,6 +27,7 @@ at::Tensor rotary_kv_cache_cuda(const at::Tensor& qkv_in, const at::Tensor& posi
                                 double rope_theta) {
   const RotaryDims s = check_rotary_kv_cache_args(qkv_in, positions_in, k_cache, v_cache,
                                                    rotary_ndims, rope_theta);
+  check_rotary_kv_cache_memory(qkv_in, positions_in, k_cache, v_cache);
   const c10::cuda::CUDAGuard guard(qkv_in.device());
   at::Tensor q = at::empty({s.B, s.T, s.H, s.D}, qkv_in.options());
   if (s.B * s.T == 0) return q;

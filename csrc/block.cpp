@@ -187,6 +187,16 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                    up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
                    intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
                    parallel_residual, compute);
+  const auto opt = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
+  check_written_apart(kOp, {{"x", x}, {"k_cache", k_cache}, {"v_cache", v_cache}},
+                      {{"positions", positions_in}, {"ln1_weight", ln1_weight},
+                       {"ln1_bias", ln1_bias}, {"ln2_weight", ln2_weight}, {"ln2_bias", ln2_bias},
+                       {"qkv_packed", qkv_packed}, {"qkv_absmax", qkv_absmax},
+                       {"qkv_bias", opt(qkv_bias)}, {"dense_packed", dense_packed},
+                       {"dense_absmax", dense_absmax}, {"dense_bias", opt(dense_bias)},
+                       {"up_packed", up_packed}, {"up_absmax", up_absmax},
+                       {"up_bias", opt(up_bias)}, {"down_packed", down_packed},
+                       {"down_absmax", down_absmax}, {"down_bias", opt(down_bias)}});
   const bool int16 = parse_compute(compute, kOp);
   const BlockDims s = block_dims(x, k_cache, intermediate_size);
   const int64_t M = s.B * s.T, Hd = s.hidden, I = s.inter;

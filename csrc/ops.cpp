@@ -146,6 +146,40 @@ void check_gemm_f16w_args(const at::Tensor& x, const at::Tensor& weight,
   check_bias(bias, x, n, "gemm_f16w");
 }
 
+namespace {
+// [first, one past the last) byte an element of t can occupy (strides >= 0).
+std::pair<const char*, const char*> byte_range(const at::Tensor& t) {
+  const char* begin = static_cast<const char*>(t.data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
+}
+
+bool share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
+  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  const auto ra = byte_range(a), rb = byte_range(b);
+  return ra.first < rb.second && rb.first < ra.second;
+}
+}  // namespace
+
+void check_written_apart(const std::string& op, const NamedTensors& written,
+                         const NamedTensors& read) {
+  for (size_t i = 0; i < written.size(); ++i) {
+    const auto& [name, w] = written[i];
+    for (size_t j = i + 1; j < written.size(); ++j) {
+      TORCH_CHECK(!share_memory(w, written[j].second), "pythia_native.", op, ": ", name, " and ",
+                  written[j].first, " share memory; the op writes both, so they must be "
+                  "separate tensors");
+    }
+    for (const auto& [rname, r] : read) {
+      TORCH_CHECK(!share_memory(w, r), "pythia_native.", op, ": ", rname, " shares memory with ",
+                  name, ", which the op writes in place; pass a separate tensor (e.g. ", rname,
+                  ".clone())");
+    }
+  }
+}
+
 DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kHalf: return DType::F16;
@@ -581,6 +615,10 @@ PYBIND11_MODULE(_C, mod) {
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
      "benchmarks.");
+  mod.def("check_written_apart", &check_written_apart, pybind11::arg("op"),
+          pybind11::arg("written"), pybind11::arg("read"),
+          "Raise if a tensor an in-place op writes shares memory with another of its "
+          "arguments (lists of (name, tensor)).");
   mod.def("check_neox_block_args", &check_neox_block,
           "neox_block_'s argument checks (its arguments, in order): raise what the op would.");
 #ifdef PN_WITH_CUDA

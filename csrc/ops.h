@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/kernels.h"
 
@@ -30,6 +32,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline void bump_version(const at::Tensor& written) {
   if (!written.is_inference()) written.unsafeGetTensorImpl()->bump_version();
 }
+
+// Tensor arguments by name, for check_written_apart.
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+// An in-place op's `written` tensors must share no memory with each other or
+// with any of its `read` ones: its kernels read and write in an order of
+// their own (and of the thread count), so an alias (k_cache passed as
+// v_cache, qkv a view of a cache, a bias a view of x) gives a result that
+// depends on that order. Compares allocations and address ranges, so it reads
+// data pointers: the real kernels call it, not the fake ones. Undefined
+// tensors and empty ones are skipped.
+void check_written_apart(const std::string& op, const NamedTensors& written,
+                         const NamedTensors& read);
 
 // The element count of a 4-bit weight is at most this (2^62), so that
 // (numel + 1) / 2 and ceil(numel / blocksize) cannot overflow int64. Shapes

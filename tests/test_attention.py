@@ -189,6 +189,33 @@ def test_rotary_empty(device):
     assert q.shape == (0, 3, 2, 32) and torch.equal(k, k0)
 
 
+def test_rotary_refuses_arguments_that_share_memory_with_a_cache(device):
+    # The kernel writes k and v while it reads qkv, token by token and across
+    # threads: k_cache passed as v_cache, overlapping views of one buffer, or a
+    # qkv that is a view of a cache gave order-dependent garbage, silently.
+    B, T, H, D, L = 1, 2, 2, 32, 5
+    n_cache, n_qkv = B * H * L * D, B * T * H * 3 * D
+    pos = torch.tensor([[0, 1]], device=device)
+    qkv = torch.randn(B, T, H * 3 * D, device=device)
+    k, v = _caches(B, H, L, D, torch.float32, device, 0)
+    buf = torch.randn(2 * n_cache, device=device)
+    flat = torch.randn(n_qkv + n_cache, device=device)
+    cases = [
+        ("k_cache and v_cache share memory", qkv, k, k),
+        ("k_cache and v_cache share memory", qkv, buf[:n_cache].view(B, H, L, D),
+         buf[n_cache // 2 :][:n_cache].view(B, H, L, D)),  # half of each overlaps
+        ("qkv shares memory with k_cache", flat[:n_qkv].view(B, T, H * 3 * D),
+         flat[n_qkv - 1 :][:n_cache].view(B, H, L, D), v),  # one element in common
+    ]
+    for msg, q_, k_, v_ in cases:
+        before = flat.clone(), buf.clone(), k.clone()
+        with pytest.raises(RuntimeError, match=f"rotary_kv_cache_: {msg}"):
+            pn.rotary_kv_cache_(q_, pos, k_, v_, 8)
+        assert all(torch.equal(a, b) for a, b in zip((flat, buf, k), before))  # refused before any write
+    # Separate views of one buffer are fine.
+    pn.rotary_kv_cache_(qkv, pos, buf[:n_cache].view(B, H, L, D), buf[n_cache:].view(B, H, L, D), 8)
+
+
 def test_rotary_positions_beyond_cache_cpu():
     k, v = _caches(1, 2, 5, 32, torch.float32, "cpu", 0)
     k0 = k.clone()

@@ -187,6 +187,35 @@ def test_empty_batch_changes_nothing():
     assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
+@pytest.mark.parametrize("path", ["op", "composition"])
+def test_arguments_that_share_memory_with_what_it_writes_are_refused(path, device):
+    # x and the caches are written in place while the weights, biases and the
+    # other cache are read: k_cache passed as v_cache, or a bias that is a view
+    # of x, gave a silently different x (by up to ~1).
+    op = torch.ops.pythia_native.neox_block_
+    block = composed_block_ if path == "composition" else op
+    p = make_block("hd16", torch.float32, device=device)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1, device=device)
+    args = list(flat_args(x, pos, k, v, p))
+    names = [a.name for a in op.default._schema.arguments]
+    hidden = x.shape[-1]
+    wide = torch.randn(2 * hidden, device=device)
+    x_in_wide = wide[:hidden].view(1, 1, hidden)
+    cases = [
+        ("k_cache and v_cache share memory", {"v_cache": k}),
+        ("down_bias shares memory with x", {"x": x_in_wide, "down_bias": wide[hidden // 2 :][:hidden]}),
+        ("ln2_weight shares memory with k_cache", {"ln2_weight": k.view(-1)[:hidden]}),
+    ]
+    for msg, swap in cases:
+        a = list(args)
+        for name, t in swap.items():
+            a[names.index(name)] = t
+        before = [t.clone() for t in (x, k, v, wide)]
+        with pytest.raises(RuntimeError, match=f"neox_block_: {msg}"):
+            block(*a)
+        assert all(torch.equal(t, b) for t, b in zip((x, k, v, wide), before))
+
+
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_cpu_isa(cpu_isa, dtype):
