@@ -181,9 +181,15 @@ class PythiaConfig:
         for key in ("rope_parameters", "rope_scaling"):
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise ConfigError(f"config: {key} must be an object, got {d[key]!r:.60}")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ConfigError(f"config: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported (only 'default')")
+        # Either may carry a scaling (transformers applies rope_scaling even
+        # beside a default rope_parameters): each is checked, values come from
+        # the first present.
+        ropes = [(key, d[key]) for key in ("rope_parameters", "rope_scaling") if d.get(key)]
+        for key, r in ropes:
+            kind = r.get("rope_type", r.get("type", "default"))
+            if kind not in ("default", None):
+                raise ConfigError(f"config: {key} has rope_type {kind!r}, which is not supported (only 'default')")
+        rope = ropes[0][1] if ropes else {}
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
                    if k not in d]
         if missing:

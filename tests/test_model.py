@@ -479,6 +479,16 @@ def test_config_token_ids_and_flags_are_checked():
     for key, value in [("rope_parameters", [1, 2]), ("rope_scaling", "linear")]:
         with pytest.raises(ConfigError, match=f"{key} must be an object"):
             PythiaConfig.from_dict({**PUBLISHED_160M, key: value})
+    # A scaling in either key is refused, also rope_scaling beside a default
+    # rope_parameters (transformers applies it; it was ignored: logits 0.12 off).
+    default = {"partial_rotary_factor": 0.25, "rope_theta": 10000, "rope_type": "default"}
+    for extra in ({"rope_scaling": {"type": "linear", "factor": 4.0}},
+                  {"rope_parameters": default, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+                  {"rope_parameters": {**default, "rope_type": "yarn"}}):
+        key = "rope_scaling" if "rope_scaling" in extra else "rope_parameters"
+        with pytest.raises(ConfigError, match=f"{key} has rope_type '(linear|dynamic|yarn)', which is not supported"):
+            PythiaConfig.from_dict({**PUBLISHED_160M, **extra})
+    assert PythiaConfig.from_dict({**PUBLISHED_160M, "rope_parameters": default, "rope_scaling": None}).rope_theta == 10000
     for rope in ({"partial_rotary_factor": "abc"}, {"rope_theta": "1e4"}, {"partial_rotary_factor": None}):
         with pytest.raises(ConfigError, match="must be a number"):
             PythiaConfig.from_dict({**PUBLISHED_160M, "rope_parameters": rope})
