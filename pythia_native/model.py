@@ -35,7 +35,7 @@ from .block import compose_block, layer_norm_fn, prefill_mask
 from .config import PythiaConfig
 from .errors import CheckpointError, GenerationError
 from .format import check_quant_type
-from .quantized_linear import QuantizedLinear, parse_quant_state
+from .quantized_linear import QuantizedLinear, parse_quant_state, weight_keys
 from .weights import is_skipped_buffer
 
 # The four Linear layers of a block that are stored in 4 bits.
@@ -140,8 +140,9 @@ def _own_name(name: str) -> str:
 
 
 def _layer_of(name: str, prefixes: set[str]) -> Optional[str]:
-    """The 4-bit layer prefix (``...dense.``) whose ``weight*`` entry ``name`` is, or None."""
-    return next((p for p in prefixes if name.startswith(p + "weight")), None)
+    """The 4-bit layer prefix (``...dense.``) whose ``weight`` or ``weight.*``
+    entry ``name`` is, or None (``...dense.weight_orig`` is no entry of it)."""
+    return next((p for p in prefixes if name == p + "weight" or name.startswith(p + "weight.")), None)
 
 
 def _check_dense(name: str, shape: tuple, dtype: torch.dtype, expected: tuple, dtypes: Optional[tuple]) -> None:
@@ -156,9 +157,11 @@ def _check_dense(name: str, shape: tuple, dtype: torch.dtype, expected: tuple, d
         )
 
 
-def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor], prefix: str) -> None:
+def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor], prefix: str,
+                      unexpected: list[str]) -> None:
     """What ``module.load_quantized_(entries, prefix)`` checks, assigning nothing
-    (the packed weight may be a meta tensor: only its size is read)."""
+    (the packed weight may be a meta tensor: only its size is read). Entries
+    the layer does not read (a stray ``weight.*`` key) go to ``unexpected``."""
     if prefix + "weight" not in entries:
         raise CheckpointError(f"{prefix}weight: 4-bit statistics present ({', '.join(sorted(entries))}) but no packed weight")
     try:
@@ -171,6 +174,7 @@ def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor],
         module._read_quantized(entries, prefix, state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(_message(e)) from None
+    unexpected.extend(sorted(set(entries) - weight_keys(prefix, entries, state.nested_offset is not None)))
 
 
 def _message(e: Exception) -> str:
@@ -595,6 +599,9 @@ class PythiaModel(nn.Module):
         keys: dict[str, str] = {}  # our name -> the source's
         for key in source.keys():
             if not is_skipped_buffer(key):
+                if _own_name(key) in keys:  # embed_out.* beside lm_head.*: one head, two copies
+                    raise CheckpointError(f"checkpoint holds both {keys[_own_name(key)]} and {key}, "
+                                          "two names of one tensor; keep one")
                 keys[_own_name(key)] = key
         quantized = self._quantized_prefixes()
         layers: dict[str, list[str]] = {}
@@ -633,7 +640,7 @@ class PythiaModel(nn.Module):
                     entries[name] = torch.empty(shape, dtype=dtype, device="meta")
                 else:
                     entries[name] = source.get(keys[name])
-            _check_4bit_layer(self.get_submodule(prefix[:-1]), entries, prefix)
+            _check_4bit_layer(self.get_submodule(prefix[:-1]), entries, prefix, unexpected)
             seen.add(prefix + "weight")
         if strict:
             _check_complete(own, quantized, seen, unexpected)
@@ -650,9 +657,14 @@ class PythiaModel(nn.Module):
         pending: dict[str, dict[str, torch.Tensor]] = {}  # prefix -> bitsandbytes entries of one 4-bit layer
         seen: set[str] = set()
         unexpected: list[str] = []
+        given: dict[str, str] = {}  # our name -> the name it came as
         for name, t in tensors:
             if is_skipped_buffer(name):
                 continue
+            if _own_name(name) in given:
+                raise CheckpointError(f"checkpoint holds {given[_own_name(name)]} and {name}, "
+                                      "two entries for one tensor; keep one")
+            given[_own_name(name)] = name
             name = _own_name(name)
             layer_prefix = _layer_of(name, quantized)
             if layer_prefix is not None:
@@ -687,7 +699,7 @@ class PythiaModel(nn.Module):
         for prefix, entries in sorted(pending.items()):
             module = self.get_submodule(prefix[:-1])
             if not known:
-                _check_4bit_layer(module, entries, prefix)
+                _check_4bit_layer(module, entries, prefix, unexpected)
             state["wrote"] = True
             try:
                 module.load_quantized_(entries, prefix)

@@ -266,8 +266,7 @@ class QuantizedLinear(nn.Module):
         # Everything is checked before anything is assigned: a state dict that
         # fails leaves the layer as it was (and usable).
         present = {k for k in state_dict if k.startswith(prefix)}
-        expected = {prefix + "weight", prefix + "weight.absmax", prefix + "weight.quant_map"}
-        expected |= {k for k in present if k.startswith(prefix + "weight.quant_state.bitsandbytes__")}
+        expected = weight_keys(prefix, present, nested=False)
         if self.bias is not None:
             expected.add(prefix + "bias")
         state = None
@@ -279,7 +278,7 @@ class QuantizedLinear(nn.Module):
             except (KeyError, ValueError) as e:
                 error_msgs.append(str(e).strip("'\""))
         if state is not None and state.nested_offset is not None:
-            expected |= {prefix + "weight.nested_absmax", prefix + "weight.nested_quant_map"}
+            expected |= weight_keys(prefix, present, nested=True)
         if strict:
             # QuantizedLinear has no submodules: a key under its prefix that it
             # does not read (a bias it has no place for, a stray weight.* entry) is unexpected.
@@ -391,6 +390,18 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         current.copy_(value)
     else:
         setattr(module, name, value.to(current.device, copy=True))
+
+
+def weight_keys(prefix: str, present, nested: bool) -> set[str]:
+    """The ``weight*`` keys a bitsandbytes 4-bit layer at ``prefix`` reads:
+    the packed weight, absmax, quant_map, the quant_state entries among
+    ``present`` and, when ``nested`` (double quant), the nested pair. Any
+    other ``weight.*`` key under the prefix is unexpected."""
+    keys = {prefix + "weight", prefix + "weight.absmax", prefix + "weight.quant_map"}
+    keys |= {k for k in present if k.startswith(prefix + "weight.quant_state.bitsandbytes__")}
+    if nested:
+        keys |= {prefix + "weight.nested_absmax", prefix + "weight.nested_quant_map"}
+    return keys
 
 
 def parse_quant_state(state_dict: dict[str, torch.Tensor], prefix: str) -> QuantState:

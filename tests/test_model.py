@@ -222,6 +222,30 @@ def test_load_tensors_reports_missing_unexpected_and_bad_shapes():
         model.load_tensors(sd.items())
 
 
+@pytest.mark.parametrize("as_mapping", [True, False], ids=["mapping", "iterable"])
+def test_load_tensors_refuses_two_entries_for_one_tensor_and_stray_weight_keys(as_mapping):
+    # embed_out.weight beside lm_head.weight (transformers 5's name for it):
+    # the last one read won, silently. A stray weight.* key of a 4-bit layer
+    # was dropped, and a dense layer's weight_orig made it look 4-bit.
+    hf = hf_model("tiny")
+    model = PythiaModel(PythiaConfig.from_dict(hf.config.to_dict()))
+    give = (lambda sd: sd) if as_mapping else (lambda sd: list(sd.items()))
+    sd = dict(hf.state_dict())
+    sd = {"lm_head.weight" if k == "embed_out.weight" else k: v for k, v in sd.items()}
+    sd["embed_out.weight"] = torch.zeros_like(sd["lm_head.weight"])
+    with pytest.raises(CheckpointError, match="lm_head.weight and embed_out.weight, two"):
+        model.load_tensors(give(sd))
+    bnb = dict(PythiaModel.from_hf(hf).state_dict())
+    bnb["gpt_neox.layers.0.attention.dense.weight.junk"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match="config does not: gpt_neox.layers.0.attention.dense.weight.junk"):
+        model.load_tensors(give(bnb))
+    model.load_tensors(give(bnb), strict=False)  # not strict: ignored
+    sd = dict(hf.state_dict())
+    sd["gpt_neox.layers.0.attention.dense.weight_orig"] = torch.zeros(64, 64)
+    with pytest.raises(CheckpointError, match="config does not: gpt_neox.layers.0.attention.dense.weight_orig"):
+        PythiaModel(PythiaConfig.from_dict(hf.config.to_dict())).load_tensors(give(sd))
+
+
 def test_load_tensors_skips_old_buffers_and_keeps_storage():
     hf = hf_model("tiny")
     model = PythiaModel.from_hf(hf)
