@@ -38,6 +38,16 @@ def is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _as_float(v) -> Optional[float]:
+    """A real number (not a bool) as a float, or None (also for one beyond float's range)."""
+    if not is_real(v):
+        return None
+    try:
+        return float(v)
+    except (OverflowError, ValueError, TypeError):
+        return None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
@@ -45,13 +55,21 @@ class SamplingParams:
     top_p: Optional[float] = None
 
     def __post_init__(self):
+        # Any real number (an int, a Fraction, a numpy float) is taken as a
+        # Python float, which the tensor arithmetic below accepts; one too large
+        # for a float is refused here, not by torch later.
         # inf is refused too: an infinite temperature turns a -inf logit into NaN.
-        if not is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
+        t = _as_float(self.temperature)
+        if t is None or not 0.0 <= t < math.inf:
             raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        object.__setattr__(self, "temperature", t)
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and (not is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
-            raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.top_p is not None:
+            p = _as_float(self.top_p)
+            if p is None or not 0.0 < p <= 1.0:
+                raise GenerationError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+            object.__setattr__(self, "top_p", p)
 
     @property
     def greedy(self) -> bool:
@@ -105,7 +123,12 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, vocab_size: Opti
     # The row maximum first, so that a tiny temperature cannot overflow to inf
     # (softmax is unchanged by the shift; the top token stays at 0, never NaN).
     shifted = logits - logits.max(dim=-1, keepdim=True).values
-    return torch.softmax(filter_logits(shifted, params.top_k, params.top_p, params.temperature), dim=-1)
+    # The quotients are float32: a temperature below its smallest normal number
+    # (~1.2e-38; 1e-46 rounded to 0, and 0 / 0 is NaN) acts as that number, one
+    # above its largest as that (both the limit: one-hot on the maximum, uniform).
+    f32 = torch.finfo(torch.float32)
+    t = min(max(params.temperature, f32.tiny), f32.max)
+    return torch.softmax(filter_logits(shifted, params.top_k, params.top_p, t), dim=-1)
 
 
 def sample(

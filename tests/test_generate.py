@@ -114,6 +114,15 @@ def test_sampler_never_picks_ids_beyond_the_tokenizer():
 
 
 def test_sampling_params_are_checked():
+    # Any real number is taken as a float (an int too large for one, a
+    # Fraction and top_p as a Fraction failed inside torch); a bool is not one.
+    from fractions import Fraction
+
+    assert SamplingParams(Fraction(1, 2), top_p=Fraction(1, 2)) == SamplingParams(0.5, top_p=0.5)
+    assert SamplingParams(10**20).temperature == 1e20 and SamplingParams(np.float32(0.5), top_p=np.float64(0.9)).top_p == 0.9
+    for bad in (dict(temperature=10**400), dict(temperature=True), dict(temperature=1.0, top_p=Fraction(3, 2))):
+        with pytest.raises(GenerationError, match="temperature must|top_p must"):
+            SamplingParams(**bad)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_k"):
@@ -344,13 +353,24 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(engine):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_tiny_temperature_is_nearly_greedy_not_nan():
+@pytest.mark.parametrize("t", [1e-40, 1e-46, 5e-324])  # 1e-46 and below are 0 in float32: 0 / 0 was NaN
+def test_tiny_temperature_is_nearly_greedy_not_nan(t):
     logits = torch.tensor([[10.0, 0.0, -3.0], [1.0, 2.0, 2.0]])
-    p = probabilities(logits, SamplingParams(1e-40))
+    p = probabilities(logits, SamplingParams(t))
     assert torch.isfinite(p).all()
     assert torch.equal(p[0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.equal(p[1], torch.tensor([0.0, 0.5, 0.5]))  # a tie shares the mass
-    assert sample(logits[:1], SamplingParams(1e-40)).tolist() == [0]
+    assert sample(logits[:1], SamplingParams(t)).tolist() == [0]
+
+
+def test_huge_temperature_is_uniform_not_nan():
+    logits = torch.tensor([[10.0, 0.0, -3.0]])
+    for t in (1e30, 1e300, 10**400):  # beyond float32's range (1e300: inf in float32), beyond float's
+        if t == 10**400:
+            with pytest.raises(GenerationError, match="temperature must be a finite number"):
+                SamplingParams(t)
+            continue
+        assert torch.allclose(probabilities(logits, SamplingParams(t, top_k=2)), torch.tensor([[0.5, 0.5, 0.0]]))
 
 
 def test_prompts_and_stop_ids_as_numpy(engine):
