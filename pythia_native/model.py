@@ -59,16 +59,21 @@ class KVCache:
     """
 
     def __init__(self, config: PythiaConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
-        if max_batch < 1:
-            raise GenerationError(f"KVCache: max_batch must be >= 1, got {max_batch}")
-        if not 1 <= max_len <= config.max_position_embeddings:
+        integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        if not integer(max_batch) or max_batch < 1:
+            raise GenerationError(f"KVCache: max_batch must be an integer >= 1, got {max_batch!r}")
+        if not integer(max_len) or not 1 <= max_len <= config.max_position_embeddings:
             raise GenerationError(
-                f"KVCache: max_len must be in [1, max_position_embeddings={config.max_position_embeddings}], got {max_len}"
+                f"KVCache: max_len must be an integer in [1, max_position_embeddings={config.max_position_embeddings}], "
+                f"got {max_len!r}"
             )
+        max_batch, max_len = int(max_batch), int(max_len)
         shape = (config.num_hidden_layers, max_batch, config.num_attention_heads, max_len, config.head_dim)
         # Zeros, not empty: a slot is never read before it is written, but stale
         # memory should never be able to hold a NaN.
         try:
+            if math.prod(shape) >= 2**62:  # beyond what torch's int64 sizes hold (it raised a TypeError)
+                raise MemoryError("more elements than a tensor can have")
             self.k = torch.zeros(shape, dtype=dtype, device=device)
             self.v = torch.zeros(shape, dtype=dtype, device=device)
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError

@@ -574,6 +574,13 @@ def test_a_kv_cache_too_large_to_allocate_says_so():
     model = PythiaModel(cfg)
     with pytest.raises(GenerationError, match=r"max_batch=1 x max_len=1000000000000 needs .* GiB .* pass a smaller max_len"):
         Pythia(model)
+    # More elements than int64 sizes hold: torch raised a bare TypeError.
+    with pytest.raises(GenerationError, match=r"max_batch=9223372036854775808 x max_len=8 needs .* GiB"):
+        Pythia(model, max_batch=2**63, max_len=8)
+    for bad in (2.0, True, "2"):
+        with pytest.raises(GenerationError, match="max_batch must be an integer >= 1"):
+            Pythia(model, max_batch=bad, max_len=8)
+    assert Pythia(model, max_batch=np.int64(2), max_len=np.int32(8)).cache.max_batch == 2
 
 
 def test_dense_weights_take_the_models_format_after_a_bitsandbytes_load():
