@@ -36,6 +36,7 @@ One training step is 1024 sequences x 2048 tokens = 2,097,152 tokens. For v0
 from __future__ import annotations
 
 import difflib
+import numbers
 import os
 import re
 import warnings
@@ -345,9 +346,10 @@ def resolve_revision(
         ref = resolve_model(model, warn=False)
     if revision is None:
         return "main"
-    if isinstance(revision, bool) or not isinstance(revision, (str, int)):
+    # Any integer type (numpy's too: `for s in np.arange(...)` is a sweep); not a bool.
+    if isinstance(revision, bool) or not isinstance(revision, (str, numbers.Integral)):
         raise RevisionError(f"revision must be a string such as 'main' or 'step1000', got {revision!r}.")
-    text = str(revision).strip()
+    text = revision.strip() if isinstance(revision, str) else str(int(revision))
     if not text:
         raise RevisionError("The revision is empty: pass 'main', a branch such as 'step1000', or a commit hash.")
     if ref.is_local:
@@ -360,7 +362,7 @@ def resolve_revision(
     if _HASH_RE.fullmatch(text):
         return text.lower()
     if ref.model is None:
-        if isinstance(revision, int):
+        if not isinstance(revision, str):
             raise RevisionError(f"{ref} is not a Pythia repo: pass its revision as a branch name, not {revision!r}.")
         return text
     model_entry = ref.model

@@ -1,6 +1,7 @@
 """The Pythia name and revision table (pythia_native.suite). No network."""
 import warnings
 
+import numpy as np
 import pytest
 
 from pythia_native import suite
@@ -58,7 +59,8 @@ def test_main_is_step143000():
     assert suite.revision_step("pythia-70m", "step0") == 0
 
 
-@pytest.mark.parametrize("given", ["step1000", "Step1000", "STEP1000", 1000, "1000", " step1000 ", "step01000"])
+@pytest.mark.parametrize("given", ["step1000", "Step1000", "STEP1000", 1000, "1000", " step1000 ", "step01000",
+                                   np.int64(1000), np.int32(1000)])  # numpy ints: a sweep over np.arange
 def test_step_spellings_normalize(given):
     assert suite.resolve_revision("pythia-410m", given) == "step1000"
 
@@ -77,7 +79,7 @@ def test_invalid_step_lists_nearest():
         suite.resolve_revision("pythia-1b-deduped-v0", "step0")
 
 
-@pytest.mark.parametrize("bad", ["latest", "step-1", "v1.0", "refs/heads/main", "abc123", "", True, 1.5])
+@pytest.mark.parametrize("bad", ["latest", "step-1", "v1.0", "refs/heads/main", "abc123", "", True, 1.5, np.float64(1000.0)])
 def test_invalid_revision_strings(bad):
     with pytest.raises(RevisionError) as info:
         suite.resolve_revision("pythia-160m", bad)
