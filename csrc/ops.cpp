@@ -15,6 +15,7 @@
 //               bias), ...) -> () (a GPT-NeoX block of a decode step, block.cpp)
 // (the attention ops' kernels are registered in attention.cpp / attention_cuda.cpp)
 #include "ops.h"
+#include "attention.h"
 #include "common/attention_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -93,9 +94,10 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int6
               "bias must have shape [", n, "], got ", b.sizes());
 }
 
-void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                     const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                     int64_t blocksize) {
+GemmArgs check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                         int64_t blocksize, const std::string& quant_type,
+                         const std::string& compute) {
   check_blocksize(blocksize);
   TORCH_CHECK(n >= 1 && k >= 1, "pythia_native.gemm_4bit: the weight shape (n, k) must be "
               "positive, got (", n, ", ", k, ")");
@@ -106,10 +108,22 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "the same device, got ", x.device(), " and ", packed.device());
   check_packed(packed, absmax, weight_numel(n, k, "gemm_4bit"), blocksize, "gemm_4bit");
   check_bias(bias, x, n, "gemm_4bit");
+  const QuantType qt = parse_quant_type(quant_type);
+  return {qt, parse_compute(compute, "gemm_4bit")};
 }
 
-int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
-                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+QuantType check_quantize_args(const at::Tensor& weight, int64_t blocksize,
+                              const std::string& quant_type) {
+  check_blocksize(blocksize);
+  const QuantType qt = parse_quant_type(quant_type);
+  check_float_dtype(weight, "weight", "quantize_4bit");
+  return qt;
+}
+
+DequantizeArgs check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                     int64_t blocksize, const std::string& quant_type,
+                                     at::IntArrayRef shape, at::ScalarType dtype) {
+  const QuantType qt = parse_quant_type(quant_type);
   check_blocksize(blocksize);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "pythia_native.dequantize_4bit: dtype must be float32, float16 or bfloat16, got ",
@@ -120,7 +134,7 @@ int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax
     numel = weight_numel(numel, s, "dequantize_4bit");
   }
   check_packed(packed, absmax, numel, blocksize, "dequantize_4bit");
-  return numel;
+  return {qt, numel};
 }
 
 std::vector<int64_t> gemm_out_shape(const at::Tensor& x, int64_t n) {
@@ -194,9 +208,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, int64_t blocksize,
                                                      const std::string& quant_type) {
-  check_blocksize(blocksize);
-  const QuantType qt = parse_quant_type(quant_type);
-  check_float_dtype(weight, "weight", "quantize_4bit");
+  const QuantType qt = check_quantize_args(weight, blocksize, quant_type);
   const int64_t numel = weight.numel();
   const int64_t n_blocks = ceil_div(numel, blocksize);
   at::Tensor packed = at::empty({(numel + 1) / 2, 1}, weight.options().dtype(at::kByte));
@@ -216,8 +228,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& weight, i
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, const std::string& quant_type,
                                at::IntArrayRef shape, at::ScalarType dtype) {
-  const QuantType qt = parse_quant_type(quant_type);
-  const int64_t numel = check_dequantize_args(packed, absmax, blocksize, shape, dtype);
+  const auto [qt, numel] = check_dequantize_args(packed, absmax, blocksize, quant_type, shape, dtype);
   at::Tensor out = at::empty(shape, packed.options().dtype(at::kFloat));
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();
@@ -357,9 +368,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
                          const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                          int64_t blocksize, const std::string& quant_type,
                          const std::string& compute) {
-  check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
-  const QuantType qt = parse_quant_type(quant_type);
-  const bool int16 = parse_compute(compute, "gemm_4bit");
+  const auto [qt, int16] =
+      check_gemm_args(x, packed, absmax, bias, n, k, blocksize, quant_type, compute);
   const auto out_shape = gemm_out_shape(x, n);
   const at::Tensor x2 = x.reshape({-1, k});
   const int64_t M = x2.size(0);
@@ -467,23 +477,11 @@ void gelu_cpu_run(const void* x, void* y, DType dt, int64_t n, cpu::Isa isa) {
   });
 }
 
-namespace {
+void check_gelu_args(const at::Tensor& x) { check_float_dtype(x, "x", "gelu"); }
 
-at::Tensor gelu_cpu(const at::Tensor& x) {
-  check_float_dtype(x, "x", "gelu");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(xc.sizes(), xc.options());
-  gelu_cpu_run(xc.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), xc.numel(),
-               cpu::active_isa());
-  return y;
-}
-
-// Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.
-// A load-time decode (one float per 64 weights), written with torch ops so
-// that it runs on every device.
-at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& nested_absmax,
-                             const at::Tensor& nested_code, double offset,
-                             int64_t nested_blocksize) {
+void check_dequantize_absmax_args(const at::Tensor& absmax_q, const at::Tensor& nested_absmax,
+                                  const at::Tensor& nested_code, double offset,
+                                  int64_t nested_blocksize) {
   TORCH_CHECK(absmax_q.scalar_type() == at::kByte, "pythia_native.dequantize_absmax: absmax_q "
               "must be uint8, got ", absmax_q.scalar_type());
   TORCH_CHECK(nested_absmax.scalar_type() == at::kFloat, "pythia_native.dequantize_absmax: "
@@ -507,6 +505,27 @@ at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& neste
                   absmax_q.device() == nested_code.device(),
               "pythia_native.dequantize_absmax: absmax_q, nested_absmax and nested_code must "
               "be on one device");
+}
+
+namespace {
+
+at::Tensor gelu_cpu(const at::Tensor& x) {
+  check_gelu_args(x);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  gelu_cpu_run(xc.data_ptr(), y.data_ptr(), to_dtype(x.scalar_type()), xc.numel(),
+               cpu::active_isa());
+  return y;
+}
+
+// Double quantization: absmax[i] = nested_code[absmax_q[i]] * nested_absmax[i / nb] + offset.
+// A load-time decode (one float per 64 weights), written with torch ops so
+// that it runs on every device.
+at::Tensor dequantize_absmax(const at::Tensor& absmax_q, const at::Tensor& nested_absmax,
+                             const at::Tensor& nested_code, double offset,
+                             int64_t nested_blocksize) {
+  check_dequantize_absmax_args(absmax_q, nested_absmax, nested_code, offset, nested_blocksize);
+  const int64_t n = absmax_q.numel();
   const at::Tensor q = absmax_q.reshape({-1}).to(at::kLong);
   // Block i / nb of each value, gathered: n values whatever nb is (repeating
   // each nested scale nb times would allocate ceil(n / nb) * nb).
@@ -619,6 +638,36 @@ PYBIND11_MODULE(_C, mod) {
           pybind11::arg("written"), pybind11::arg("read"),
           "Raise if a tensor an in-place op writes shares memory with another of its "
           "arguments (lists of (name, tensor)).");
+  // Each op's argument checks (its arguments, in order), for its fake kernel
+  // (pythia_native/ops.py): raise what the op would, return None.
+  mod.def("check_quantize_4bit_args", [](const at::Tensor& weight, int64_t blocksize,
+                                         const std::string& quant_type) {
+    check_quantize_args(weight, blocksize, quant_type);
+  });
+  mod.def("check_dequantize_4bit_args",
+          [](const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+             const std::string& quant_type, std::vector<int64_t> shape, at::ScalarType dtype) {
+            check_dequantize_args(packed, absmax, blocksize, quant_type, shape, dtype);
+          });
+  mod.def("check_dequantize_absmax_args", &check_dequantize_absmax_args);
+  mod.def("check_gemm_4bit_args",
+          [](const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+             const c10::optional<at::Tensor>& bias, int64_t n, int64_t k, int64_t blocksize,
+             const std::string& quant_type, const std::string& compute) {
+            check_gemm_args(x, packed, absmax, bias, n, k, blocksize, quant_type, compute);
+          });
+  mod.def("check_gemm_f16w_args", &check_gemm_f16w_args);
+  mod.def("check_gelu_args", &check_gelu_args);
+  mod.def("check_rotary_kv_cache_args",
+          [](const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& k_cache,
+             const at::Tensor& v_cache, int64_t rotary_ndims, double rope_theta) {
+            check_rotary_kv_cache_args(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta);
+          });
+  mod.def("check_decode_attention_args",
+          [](const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+             const at::Tensor& positions, double scale) {
+            check_decode_attention_args(q, k_cache, v_cache, positions, scale);
+          });
   mod.def("check_neox_block_args", &check_neox_block,
           "neox_block_'s argument checks (its arguments, in order): raise what the op would.");
 #ifdef PN_WITH_CUDA

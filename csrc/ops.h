@@ -65,14 +65,31 @@ void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& x, int6
 
 void check_float_dtype(const at::Tensor& t, const char* name, const char* op);
 
-// The checks dequantize_4bit does on every device; returns the weight's numel.
-int64_t check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
-                              int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype);
-
-// The checks gemm_4bit does on every device before choosing a kernel.
-void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                     const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
-                     int64_t blocksize);
+// Every op's argument checks, one function each, run by its CPU and CUDA
+// kernels and (through _C.check_<op>_args) by its fake kernel on static
+// shapes, so that a traced call fails where the eager one would. They read
+// metadata only. (The attention ops': attention.h; neox_block_'s: below.)
+QuantType check_quantize_args(const at::Tensor& weight, int64_t blocksize,
+                              const std::string& quant_type);
+struct DequantizeArgs {
+  QuantType qt;
+  int64_t numel;  // of the weight
+};
+DequantizeArgs check_dequantize_args(const at::Tensor& packed, const at::Tensor& absmax,
+                                     int64_t blocksize, const std::string& quant_type,
+                                     at::IntArrayRef shape, at::ScalarType dtype);
+void check_dequantize_absmax_args(const at::Tensor& absmax_q, const at::Tensor& nested_absmax,
+                                  const at::Tensor& nested_code, double offset,
+                                  int64_t nested_blocksize);
+void check_gelu_args(const at::Tensor& x);
+struct GemmArgs {
+  QuantType qt;
+  bool int16;  // compute="int16"
+};
+GemmArgs check_gemm_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
+                         int64_t blocksize, const std::string& quant_type,
+                         const std::string& compute);
 
 // The checks gemm_f16w does on every device: weight float16 [n, k]
 // contiguous, x [..., k] float32/float16/bfloat16, bias [n] in x's dtype.

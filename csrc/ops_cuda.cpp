@@ -22,9 +22,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& weight, int64_t blocksize,
                                                       const std::string& quant_type) {
-  check_blocksize(blocksize);
-  const QuantType qt = parse_quant_type(quant_type);
-  check_float_dtype(weight, "weight", "quantize_4bit");
+  const QuantType qt = check_quantize_args(weight, blocksize, quant_type);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   const int64_t numel = w.numel();
@@ -51,8 +49,7 @@ at::Tensor dequantize_4bit_cuda_impl(const at::Tensor& packed, const at::Tensor&
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                 int64_t blocksize, const std::string& quant_type,
                                 at::IntArrayRef shape, at::ScalarType dtype) {
-  const QuantType qt = parse_quant_type(quant_type);
-  check_dequantize_args(packed, absmax, blocksize, shape, dtype);
+  const QuantType qt = check_dequantize_args(packed, absmax, blocksize, quant_type, shape, dtype).qt;
   const c10::cuda::CUDAGuard guard(packed.device());
   return dequantize_4bit_cuda_impl(packed, absmax, blocksize, qt, shape, dtype);
 }
@@ -61,12 +58,11 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const a
                           const c10::optional<at::Tensor>& bias, int64_t n, int64_t k,
                           int64_t blocksize, const std::string& quant_type,
                           const std::string& compute) {
-  check_gemm_args(x, packed, absmax, bias, n, k, blocksize);
-  const QuantType qt = parse_quant_type(quant_type);
   // compute="int16" allows rounding x to int16; the GPU kernels are bound by
   // memory, not by the lookups that mode saves on the CPU, so they compute in
   // float32 (within the mode's bound) either way.
-  parse_compute(compute, "gemm_4bit");
+  const QuantType qt =
+      check_gemm_args(x, packed, absmax, bias, n, k, blocksize, quant_type, compute).qt;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto out_shape = gemm_out_shape(x, n);
   at::Tensor x2 = x.reshape({-1, k});
@@ -116,7 +112,7 @@ at::Tensor gemm_f16w_cuda(const at::Tensor& x, const at::Tensor& weight,
 }
 
 at::Tensor gelu_cuda(const at::Tensor& x) {
-  check_float_dtype(x, "x", "gelu");
+  check_gelu_args(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(xc.sizes(), xc.options());

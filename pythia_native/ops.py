@@ -274,11 +274,25 @@ def neox_block_(
 
 
 # ----------------------------------------------------------- fake kernels ---
-# Shapes for torch.compile / FakeTensor / meta tracing, and the checks of the
-# arguments that metadata alone decides (dtypes, the weight's sizes,
-# blocksize, the names), so that a traced call fails where the eager one
-# would, with the same kind of message (the C++ checks, csrc/ops.cpp, stay
-# the full contract and run at every real call).
+# Shapes for torch.compile / FakeTensor / meta tracing, after the op's own
+# argument checks (csrc/ops.cpp, _C.check_<op>_args: they read metadata only),
+# so that a traced call fails where the eager one would, with its message: a
+# meta or fake argument among real ones lands here, and was once given an
+# uninitialized result without the device check. Under dynamic-shape
+# tracing (symbolic sizes, which the C++ checks cannot take) the Python
+# checks below stand in for what they can.
+
+
+def _static(*args) -> bool:
+    """No symbolic size or number among ``args`` (tensor shapes, ints, lists of ints)."""
+    sym = (torch.SymInt, torch.SymFloat, torch.SymBool)
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if any(isinstance(d, sym) for d in a.shape):
+                return False
+        elif isinstance(a, sym) or (isinstance(a, (list, tuple)) and any(isinstance(d, sym) for d in a)):
+            return False
+    return True
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -315,6 +329,8 @@ def _fake_check_bias(bias, x, n: int, op: str) -> None:
 
 @torch.library.register_fake("pythia_native::quantize_4bit")
 def _quantize_4bit_fake(weight, blocksize, quant_type):
+    if _static(weight, blocksize):
+        _C.check_quantize_4bit_args(weight, blocksize, quant_type)
     _fake_check_float(weight, "weight", "quantize_4bit")
     _fake_check_format(blocksize, quant_type, "quantize_4bit")
     numel = weight.numel()
@@ -325,6 +341,8 @@ def _quantize_4bit_fake(weight, blocksize, quant_type):
 
 @torch.library.register_fake("pythia_native::dequantize_4bit")
 def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype):
+    if _static(packed, absmax, blocksize, shape):
+        _C.check_dequantize_4bit_args(packed, absmax, blocksize, quant_type, list(shape), dtype)
     _fake_check_format(blocksize, quant_type, "dequantize_4bit")
     _fake_check(dtype in _FLOATS, "dequantize_4bit", f"dtype must be float32, float16 or bfloat16, got {dtype}")
     _fake_check_weight(packed, absmax, math.prod(shape), blocksize, "dequantize_4bit")
@@ -333,12 +351,17 @@ def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype):
 
 @torch.library.register_fake("pythia_native::dequantize_absmax")
 def _dequantize_absmax_fake(absmax_q, nested_absmax, nested_code, offset, nested_blocksize):
+    if _static(absmax_q, nested_absmax, nested_code, offset, nested_blocksize):
+        _C.check_dequantize_absmax_args(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)
     _fake_check(absmax_q.dtype == torch.uint8, "dequantize_absmax", f"absmax_q must be uint8, got {absmax_q.dtype}")
     return nested_absmax.new_empty((absmax_q.numel(),), dtype=torch.float32)
 
 
 @torch.library.register_fake("pythia_native::gemm_4bit")
 def _gemm_4bit_fake(x, packed, absmax, bias, n, k, blocksize, quant_type, compute="float32"):
+    if _static(x, packed, absmax, bias, n, k, blocksize):
+        _C.check_gemm_4bit_args(x, packed, absmax, bias, n, k, blocksize, quant_type, compute)
+    _fake_check(x.dim() >= 1, "gemm_4bit", f"x must have shape [..., k] with k = {k}, got {tuple(x.shape)}")
     _fake_check_float(x, "x", "gemm_4bit")
     _fake_check(n > 0 and k > 0, "gemm_4bit", f"the weight shape (n, k) must be positive, got ({n}, {k})")
     _fake_check_format(blocksize, quant_type, "gemm_4bit")
@@ -351,6 +374,9 @@ def _gemm_4bit_fake(x, packed, absmax, bias, n, k, blocksize, quant_type, comput
 
 @torch.library.register_fake("pythia_native::gemm_f16w")
 def _gemm_f16w_fake(x, weight, bias):
+    if _static(x, weight, bias):
+        _C.check_gemm_f16w_args(x, weight, bias)
+    _fake_check(x.dim() >= 1, "gemm_f16w", f"x must have shape [..., k], got {tuple(x.shape)}")
     _fake_check_float(x, "x", "gemm_f16w")
     _fake_check(weight.dim() == 2 and weight.dtype == torch.float16, "gemm_f16w",
                 f"weight must be a 2-D float16 tensor, got {weight.dim()}-D {weight.dtype}")
@@ -363,6 +389,9 @@ def _gemm_f16w_fake(x, weight, bias):
 @torch.library.register_fake("pythia_native::rotary_kv_cache_")
 def _rotary_kv_cache_fake(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta):
     # The caches are mutated in place (shapes unchanged); the result is a new q.
+    if _static(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta):
+        _C.check_rotary_kv_cache_args(qkv, positions, k_cache, v_cache, rotary_ndims, rope_theta)
+    _fake_check(qkv.dim() == 3, "rotary_kv_cache_", f"qkv must have shape [B, T, H * 3 * D], got {tuple(qkv.shape)}")
     B, T = qkv.shape[0], qkv.shape[1]
     _fake_check_float(qkv, "qkv", "rotary_kv_cache_")
     _fake_check_cache_pair(k_cache, v_cache, qkv.dtype, "rotary_kv_cache_")
@@ -376,6 +405,8 @@ def _rotary_kv_cache_fake(qkv, positions, k_cache, v_cache, rotary_ndims, rope_t
 
 @torch.library.register_fake("pythia_native::decode_attention")
 def _decode_attention_fake(q, k_cache, v_cache, positions, scale):
+    if _static(q, k_cache, v_cache, positions, scale):
+        _C.check_decode_attention_args(q, k_cache, v_cache, positions, scale)
     _fake_check_float(q, "q", "decode_attention")
     _fake_check(q.dim() == 4, "decode_attention", f"q must have shape [B, T, H, D], got {list(q.shape)}")
     _fake_check_cache_pair(k_cache, v_cache, q.dtype, "decode_attention")
@@ -395,19 +426,18 @@ def _fake_check_cache_pair(k_cache, v_cache, dtype, op: str) -> None:
 
 @torch.library.register_fake("pythia_native::gelu")
 def _gelu_fake(x):
+    if _static(x):
+        _C.check_gelu_args(x)
     _fake_check_float(x, "x", "gelu")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("pythia_native::neox_block_")
 def _neox_block_fake(*args):
-    # x and the caches are updated in place (shapes unchanged); no result. The
-    # op's own checks (csrc/block.cpp) read metadata only, so they run here too
-    # on static shapes (symbolic ones, under dynamic-shape tracing, they cannot take).
+    # x and the caches are updated in place (shapes unchanged); no result.
     x = args[0]
     torch._check(x.dim() == 3, lambda: f"neox_block_: x must have shape [B, T, hidden], got {tuple(x.shape)}")
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not any(isinstance(d, torch.SymInt) for t in tensors for d in t.shape):
+    if _static(*args):
         # The dispatcher passes only the arguments the caller gave: add the defaults.
         missing = _ops.neox_block_.default._schema.arguments[len(args):]
         _C.check_neox_block_args(*args, *(a.default_value for a in missing))
