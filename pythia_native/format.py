@@ -164,6 +164,8 @@ class QuantState:
             raise ValueError(f"{name}: not a valid bitsandbytes quant_state record ({e})") from None
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"{name}: unknown dtype {record.get('dtype')!r}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # the weight's own dtype
+            raise ValueError(f"{name}: dtype must be float32, float16 or bfloat16, got {record.get('dtype')!r}")
         check_blocksize(blocksize, f"{name}: blocksize")
         if any(s < 0 for s in shape):
             raise ValueError(f"{name}: negative dimension in shape {list(shape)}")

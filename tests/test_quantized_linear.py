@@ -115,6 +115,10 @@ def test_from_state_dict_errors():
         state = torch.tensor(list(json.dumps(dict(record, blocksize=blocksize)).encode()), dtype=torch.uint8)
         with pytest.raises(ValueError, match="blocksize must be a power of two"):
             QuantizedLinear.from_state_dict(dict(sd, **{"weight.quant_state.bitsandbytes__nf4": state}))
+    for dtype in ("uint8", "complex64", "float64"):  # the weight's dtype: accepted, then dequantize failed
+        state = torch.tensor(list(json.dumps(dict(record, dtype=dtype)).encode()), dtype=torch.uint8)
+        with pytest.raises(ValueError, match=f"dtype must be float32, float16 or bfloat16, got '{dtype}'"):
+            QuantizedLinear.from_state_dict(dict(sd, **{"weight.quant_state.bitsandbytes__nf4": state}))
     bad = dict(sd, weight=sd["weight"][:-1])
     with pytest.raises(ValueError, match="expected 3072 packed bytes"):
         QuantizedLinear.from_state_dict(bad)
