@@ -187,6 +187,14 @@ class _TorchBinFile:
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
             raise CheckpointError(f"{path} is not a state dict (a dict of name -> tensor).")
+        for name, t in state.items():
+            # A model saved from the meta device (no data), or sparse / other layouts.
+            if t.is_meta:
+                raise CheckpointError(f"{path}: {name} is a meta tensor, with no data: the checkpoint was saved "
+                                      "from a model that did not hold its weights. Save it again from one that does.")
+            if t.layout != torch.strided:
+                raise CheckpointError(f"{path}: {name} is a {t.layout} tensor; a checkpoint holds dense tensors "
+                                      "(save it with .to_dense() on each).")
         self._state: Optional[dict[str, torch.Tensor]] = state
 
     def keys(self) -> list[str]:

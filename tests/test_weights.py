@@ -142,6 +142,19 @@ def test_truncated_bin(tmp_path):
         CheckpointReader(tmp_path).keys()
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+def test_bin_with_meta_or_sparse_tensors_is_refused(tmp_path):
+    # A state dict saved from a meta-device model, or with a sparse tensor:
+    # torch's bare NotImplementedError / RuntimeError came from the copy.
+    w = tiny_weights()
+    name = next(iter(w))
+    for bad, match in ((w[name].to("meta"), "is a meta tensor, with no data"),
+                       (w[name].to_sparse(), "is a torch.sparse_coo tensor")):
+        torch.save({**w, name: bad}, tmp_path / "pytorch_model.bin")
+        with pytest.raises(CheckpointError, match=rf"pytorch_model\.bin: {name} {match}"):
+            CheckpointReader(tmp_path).keys()
+
+
 def test_bin_with_objects_is_refused(tmp_path):
     torch.save({"w": torch.ones(2), "evil": NotATensor()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"Refusing to load .*pytorch_model\.bin.*weights_only=True"):
