@@ -161,7 +161,18 @@ def _remove(path: Path) -> None:
         os.replace(path, trash)
     except OSError:
         trash = path
-    shutil.rmtree(trash, ignore_errors=True)
+    _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    """A directory tree, or a file (or link) where an entry was expected; errors ignored."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -200,7 +211,7 @@ def _remove_dead_writers(entry: Path) -> None:
     for path in siblings:
         m = pattern.fullmatch(path.name)
         if m and m.group(1) == host and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
 
 
 def find(root, ref: ModelRef, revision: str, settings: QuantSettings) -> Optional[Path]:

@@ -679,3 +679,13 @@ def test_sweep_takes_compute_and_free_hub_files_needs_a_sweep(hub_cache, tmp_pat
     code = main(["score", "--model", "pythia-14m", "--revision", "step1000", "--cache-dir", str(hub_cache),
                  "--offline", "--device", "cpu", "--free-hub-files", str(text)])
     assert code == 2 and "--free-hub-files applies to a sweep" in capsys.readouterr().err
+
+
+def test_removing_an_entry_that_is_a_file_leaves_nothing(tmp_path):
+    # A file where an entry directory belongs (a damaged cache) was renamed to
+    # <entry>.del-<host>-<pid>-<id> and then never deleted (rmtree takes directories only).
+    for make in (lambda p: p.write_bytes(b"x"), lambda p: (p.mkdir(), (p / "f").write_bytes(b"x"))):
+        entry = tmp_path / "nf4-b64"
+        make(entry)
+        quantized_cache._remove(entry)
+        assert list(tmp_path.iterdir()) == []
