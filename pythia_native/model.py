@@ -17,7 +17,12 @@ One block (``../shared/docs/PYTHIA.md`` lists the traps)::
 Positions and the cache. Token ``(b, t)`` has a position ``positions[b, t]``:
 its rotary angle and its slot in sequence ``b``'s cache. Left padding gets a
 negative position: it is neither written to the cache nor attended to, so a
-left-padded batch computes exactly what each sequence would alone.
+left-padded batch computes what each sequence would alone, up to rounding:
+the 4-bit kernels are chosen by the number of rows (gemm_4bit), so the sums
+come in another order (float32: logits ~1e-6 relative apart, greedy tokens
+the same in the tests). In bfloat16 a prefill of more than 64 rows also
+multiplies by W rounded to bf16 (BLAS), fewer rows by W exactly, so there a
+sequence's greedy tokens can depend on the rest of its batch.
 """
 from __future__ import annotations
 
