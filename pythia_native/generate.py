@@ -165,6 +165,8 @@ class Pythia:
         """Prompts as id lists, and whether a single prompt was given."""
         if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "tolist"):
             prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids (0-d: a scalar)
+        if isinstance(prompts, (list, tuple)):
+            prompts = [_scalar(t) for t in prompts]  # [tensor(5), tensor(6)] is one prompt, as [5, 6]
         if not isinstance(prompts, (str, list, tuple)):
             hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
             raise GenerationError(
@@ -188,6 +190,7 @@ class Pythia:
                     raise GenerationError(
                         f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}{hint}"
                     )
+                p = [_scalar(t) for t in p]
                 # Integers only: int() would truncate 5.9 to 5, parse "12", take True as 1.
                 bad = next((j for j, t in enumerate(p) if not is_int(t)), None)
                 if bad is not None:
@@ -476,8 +479,9 @@ class Pythia:
         stop string is held back until it is known not to be one. The pieces
         join to what :meth:`generate` returns.
 
-        The stream holds the engine from its first item until it ends, is
-        closed or is garbage-collected: see the class docstring."""
+        The arguments are checked here, at the call; the stream holds the
+        engine from its first item until it ends, is closed or is
+        garbage-collected: see the class docstring."""
         if self.tokenizer is None:
             raise GenerationError("streaming text needs a tokenizer")
         params = SamplingParams(temperature, top_k, top_p)
@@ -486,9 +490,14 @@ class Pythia:
         if not single:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
+        if max_new_tokens > 0:
+            batch = self._fit(batch, max_new_tokens, truncate)
+        return self._stream(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
+
+    def _stream(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings) -> Iterator[str]:
+        """stream()'s generator, its arguments checked."""
         if max_new_tokens == 0:
             return
-        batch = self._fit(batch, max_new_tokens, truncate)
         # Taken here, in the generator's body (so at the first next(), not at
         # stream()); the finally gives it back however the generator ends,
         # close() and garbage collection (GeneratorExit) included.
@@ -674,6 +683,15 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(-float(self.logprobs.mean()))
+
+
+def _scalar(t):
+    """A 0-d integer tensor or numpy array / scalar as a Python int; anything
+    else unchanged (a float one too, so that an error can name its type)."""
+    if not isinstance(t, (str, bytes, bytearray)) and hasattr(t, "tolist") and getattr(t, "ndim", None) == 0:
+        v = t.tolist()
+        return v if is_int(v) else t
+    return t
 
 
 def _check_count_and_seed(max_new_tokens, seed) -> int:

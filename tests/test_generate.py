@@ -237,8 +237,12 @@ def test_bad_requests_raise_clear_errors(engine):
         engine.generate_ids([60000], 4)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         engine.generate_ids([5], -1)
-    with pytest.raises(GenerationError, match="one prompt"):
-        list(engine.stream(["a", "b"], 4))
+    # stream() checks its arguments at the call, not at the first next().
+    for bad, match in ((dict(prompt=["a", "b"]), "one prompt"), (dict(prompt=""), "empty"),
+                       (dict(prompt="a", temperature=-1), "temperature"), (dict(prompt="a", stop=""), "must not be empty"),
+                       (dict(prompt="a", max_new_tokens=-1), "max_new_tokens")):
+        with pytest.raises(GenerationError, match=match):
+            engine.stream(**{"max_new_tokens": 4, **bad})
     with pytest.raises(ValueError, match="temperature"):
         engine.generate("a", 4, temperature=-0.5)
 
@@ -378,6 +382,10 @@ def test_prompts_and_stop_ids_as_numpy(engine):
     assert engine.generate_ids(np.array([5, 6, 7]), 6, ignore_eos=True) == ids
     assert engine.generate_ids(torch.tensor([5, 6, 7]), 6, ignore_eos=True) == ids
     assert engine.generate_ids([np.array([5, 6, 7])], 6, ignore_eos=True) == [ids]
+    # A list of 0-d tensors / numpy scalars is one prompt (it was read as a
+    # batch of two, "got int"), as for stop ids.
+    assert engine.generate_ids([torch.tensor(5), torch.tensor(6), np.int64(7)], 6, ignore_eos=True) == ids
+    assert engine.generate_ids([[torch.tensor(5), 6, np.array(7)]], 6, ignore_eos=True) == [ids]
     assert engine.generate_ids([5, 6, 7], 6, stop=np.int64(ids[2])) == ids[: ids.index(ids[2])]
     with pytest.raises(GenerationError, match="expected a string or a list of token ids"):
         engine.generate_ids([5.5], 4)
