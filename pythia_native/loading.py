@@ -417,9 +417,31 @@ def build_model(
         if (torch.device(device).type == "cpu" and not quantize_embed_out and head is not None
                 and reader.spec(head)[1] in (torch.float16, torch.float32)):
             head_dtype = torch.float16
+        check_sizes(directory, config, reader)
         model = PythiaModel(config, quant_type=quant_type, double_quant=double_quant,
                             quantize_embed_out=quantize_embed_out, dtype=dtype, device=device, head_dtype=head_dtype,
                             dense_linears=dense_linears)
         model.load_tensors(reader)
     model.source_quantization = q
     return model
+
+
+def check_sizes(directory, config: PythiaConfig, reader: CheckpointReader) -> None:
+    """config.json's sizes against the file headers before the model is
+    allocated: a config of another Pythia size (or a corrupt one, vocab_size
+    2**40) allocated that model first, then failed (or ran out of memory).
+    The embedding and an MLP bias (dense in every format) and the layer
+    count; load_tensors checks every tensor afterwards."""
+    keys = set(reader.keys())
+    want = {
+        "gpt_neox.embed_in.weight": ((config.vocab_size, config.hidden_size), "vocab_size x hidden_size"),
+        "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": ((config.intermediate_size,), "intermediate_size"),
+    }
+    for name, (shape, what) in want.items():
+        if name in keys and tuple(reader.spec(name)[0]) != shape:
+            raise CheckpointError(f"{directory}: {name} has shape {tuple(reader.spec(name)[0])}, but config.json "
+                                  f"says {what} = {shape}; the config does not belong to these weights")
+    layers = {int(k.split(".")[2]) for k in keys if k.startswith("gpt_neox.layers.") and k.split(".")[2].isdigit()}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise CheckpointError(f"{directory}: the weights hold {max(layers) + 1} layers, but config.json says "
+                              f"num_hidden_layers = {config.num_hidden_layers}; the config does not belong to these weights")

@@ -177,8 +177,20 @@ def test_load_errors_name_the_problem(tmp_path, tok_file):
     cfg = json.loads((wrong / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (wrong / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"mlp.dense_(h_to_4h|4h_to_h).weight: shape .* does not fit the config"):
+    with pytest.raises(CheckpointError, match=r"mlp.dense_h_to_4h.bias has shape \(256,\), but config.json says "
+                                              r"intermediate_size = \(128,\)"):
         load(wrong, device="cpu")
+    # Checked against the file headers before the model is allocated: a
+    # vocab_size of 2**40 asked the allocator for 256 TiB; 10**9 layers ran
+    # out of memory.
+    for key, value, match in (("vocab_size", 2**40, r"embed_in.weight has shape \(50304, 64\), but config.json says "
+                                                      r"vocab_size x hidden_size = \(1099511627776, 64\)"),
+                              ("num_hidden_layers", 10**9, "the weights hold 2 layers, but config.json says "
+                                                            "num_hidden_layers = 1000000000")):
+        cfg = json.loads((d / "config.json").read_text())
+        (wrong / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(CheckpointError, match=match):
+            load(wrong, device="cpu")
     # 8-bit bitsandbytes checkpoints are refused by name.
     eight = tmp_path / "eight"
     shutil.copytree(d, eight)
