@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from . import _C, ops
@@ -407,7 +408,9 @@ class Pythia:
             max_new_tokens: at most this many new tokens per prompt.
             temperature: 0 is greedy; otherwise sample from ``softmax(logits / temperature)``.
             top_k, top_p: filters applied before sampling (see ``pythia_native.sampling``).
-            seed: makes sampling reproducible (same seed, same prompts, same device -> same output).
+            seed: makes sampling reproducible (same seed, same prompts, same device -> same output);
+                an integer in [-2**63, 2**64), taken modulo 2**64 as torch.Generator does
+                (-1 and 2**64 - 1 are the same seed).
             stop: ids and/or strings that end a sequence (not included in the output);
                 strings are searched in the generated text only, not across the prompt's end.
             ignore_eos: keep going after EOS (benchmarks).
@@ -424,6 +427,7 @@ class Pythia:
                   want_text=False):
         params = SamplingParams(temperature, top_k, top_p)
         max_new_tokens = _check_count_and_seed(max_new_tokens, seed)
+        _check_flags(ignore_eos=ignore_eos, truncate=truncate)
         batch, single = self._encode(prompts)
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if stop_strings and self.tokenizer is None:
@@ -486,6 +490,7 @@ class Pythia:
             raise GenerationError("streaming text needs a tokenizer")
         params = SamplingParams(temperature, top_k, top_p)
         max_new_tokens = _check_count_and_seed(max_new_tokens, seed)
+        _check_flags(ignore_eos=ignore_eos, truncate=truncate)
         batch, single = self._encode(prompt)
         if not single:
             raise GenerationError("stream() takes one prompt; use generate() for a batch")
@@ -625,6 +630,7 @@ class Pythia:
         tokens, each after the previous window's last tokens (stride max_len // 2).
         Returns a :class:`Score` (a list of them for a list of texts).
         """
+        _check_flags(prepend_eos=prepend_eos)
         batch, single = self._encode(texts)
         with self._hold("score()"):
             results = [self._score_one(ids, prepend_eos) for ids in batch]
@@ -692,6 +698,13 @@ def _scalar(t):
         v = t.tolist()
         return v if is_int(v) else t
     return t
+
+
+def _check_flags(**flags) -> None:
+    """Each a bool (numpy's too): "no" or 0 would pass as a truth value."""
+    for name, v in flags.items():
+        if not isinstance(v, (bool, np.bool_)):
+            raise GenerationError(f"{name} must be True or False, got {v!r}")
 
 
 def _check_count_and_seed(max_new_tokens, seed) -> int:

@@ -237,6 +237,14 @@ def test_bad_requests_raise_clear_errors(engine):
         engine.generate_ids([60000], 4)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         engine.generate_ids([5], -1)
+    # Flags must be bools: "no" passed as True.
+    for call, flag in ((lambda v: engine.generate_ids([5], 2, ignore_eos=v), "ignore_eos"),
+                       (lambda v: engine.generate("a", 2, truncate=v), "truncate"),
+                       (lambda v: engine.stream("a", 2, ignore_eos=v), "ignore_eos"),
+                       (lambda v: engine.score("a b", prepend_eos=v), "prepend_eos")):
+        with pytest.raises(GenerationError, match=f"{flag} must be True or False, got 'no'"):
+            call("no")
+        call(np.bool_(False))
     # stream() checks its arguments at the call, not at the first next().
     for bad, match in ((dict(prompt=["a", "b"]), "one prompt"), (dict(prompt=""), "empty"),
                        (dict(prompt="a", temperature=-1), "temperature"), (dict(prompt="a", stop=""), "must not be empty"),
