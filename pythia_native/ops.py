@@ -172,7 +172,12 @@ def rotary_kv_cache_(
 
     Positions must be < L. The CPU kernel raises otherwise; the CUDA kernel
     cannot look without a host sync (it would break graph capture), so it
-    writes nothing for such a token and still returns its rotated q.
+    writes nothing for such a token and still returns its rotated q. Within a
+    sequence they should be distinct: of tokens sharing a slot, which one's k
+    and v the slot keeps is unspecified (threads decide, as for index_put_).
+    The caches must share no memory with each other, qkv or positions (the
+    op refuses that); with grad mode on, no argument may require grad (the
+    op has no backward).
     """
     return _ops.rotary_kv_cache_(qkv, positions, k_cache, v_cache, rotary_ndims, float(rope_theta))
 
