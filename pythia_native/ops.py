@@ -265,7 +265,9 @@ def neox_block_(
     LayerNorm differs on the CPU, whose fused kernel sums in its own fixed
     order (within a few float32 ulp of torch's). On the CPU one native call
     on preallocated scratch: nothing is allocated for a decode-sized block.
-    ``compute``: the four Linears' mode, as :func:`gemm_4bit`'s.
+    ``compute``: the four Linears' mode, as :func:`gemm_4bit`'s. x and the
+    caches must share no memory with each other or any other argument, and
+    with grad mode on no argument may require grad (both are refused).
     """
     if len(linears) != 4:
         raise ValueError(f"neox_block_: linears must be 4 (packed, absmax, bias) triples (qkv, dense, up, down), got {len(linears)}")
