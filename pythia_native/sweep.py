@@ -16,12 +16,29 @@ snapshot from the hub cache once it is loaded (and, with
 ``quantized_cache``, written there as 4 bits: a revision whose entry could
 not be written keeps its snapshot), so a sweep holds one dense checkpoint on
 disk at a time; without ``quantized_cache`` a second sweep then downloads
-again. Deletion is by commit, after the last revision of the list that is
-the same checkpoint (a repeat, or ``main`` and ``step143000``). A local
-directory is never deleted.
+again. A snapshot is deleted after the last revision of the list that is
+the same checkpoint (a repeat, ``main`` and ``step143000``, or any name the
+hub cache's refs give the same commit), even when that last one is served
+from ``quantized_cache``. A local directory is never deleted.
+
+An error (a revision missing from an offline cache, a corrupt file) ends
+the sweep: the iterator raises it and stops (a generator cannot resume),
+and the engine keeps the revision it held. To skip bad revisions instead,
+loop yourself::
+
+    revs = pythia_native.select_revisions("pythia-160m", every=10000)
+    engine = pythia_native.load("pythia-160m", revs[0])
+    for rev in revs:
+        try:
+            engine.load_revision(rev)
+        except pythia_native.PythiaNativeError as e:
+            print(rev, "skipped:", e)
+            continue
+        ...
 """
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -57,8 +74,9 @@ def select_revisions(
         raise RevisionError("pass exactly one of revisions=[...], every=N or steps=range(...) to choose the revisions")
     ref = resolve_model(model)
     if every is not None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise RevisionError(f"every must be a positive number of steps, got {every!r}")
+        every = int(every)
         chosen = [r for r in suite_revisions(ref) if int(r[4:]) % every == 0]
         if not chosen:
             raise RevisionError(f"{ref} has no branch whose step is a multiple of {every}; see suite.revisions()")
@@ -67,7 +85,9 @@ def select_revisions(
         # A string or bytes is iterable too: "1000" would be the steps 1, 0, 0, 0.
         if isinstance(steps, (str, bytes, bytearray)) or not hasattr(steps, "__iter__"):
             raise RevisionError(f"steps must be step numbers (a list or a range), got {steps!r}")
-        wanted: list[Union[str, int]] = list(steps)
+        # 0-d tensors / numpy scalars (torch.arange, np.arange) as Python ints.
+        wanted: list[Union[str, int]] = [s.item() if hasattr(s, "item") and getattr(s, "ndim", None) == 0 else s
+                                         for s in steps]
         if ref.model is None:
             raise RevisionError(f"{ref} is not a repo of the Pythia suite: pass its branch names as revisions=[...]")
     elif isinstance(revisions, str):
@@ -142,14 +162,52 @@ def _sweep(ref: ModelRef, chosen: list[str], load_kwargs: dict, free_hub_files: 
     from .loading import load
 
     engine: Optional[Pythia] = None
+    # Hub snapshots loaded for each checkpoint (canonical_revision) and not yet
+    # deleted: the last revision of a checkpoint may come from the quantized
+    # cache, or be another commit of it (main and step143000 can be two).
+    held: dict[str, list[Path]] = {}
     for i, rev in enumerate(chosen):
         if engine is None:
             engine = load(ref, rev, **load_kwargs)
         else:
             engine.load_revision(rev)
-        if free_hub_files and _may_free(ref, chosen, i, engine, load_kwargs):
-            _free_snapshot(Path(engine.source[2]))
+        if free_hub_files and not ref.is_local and ref.repo_id is not None:
+            source = Path(engine.source[2])
+            group = held.setdefault(_checkpoint(ref, rev), [])
+            if _is_snapshot(source) and source not in group:
+                group.append(source)
+            if _may_free(ref, chosen, i, engine, load_kwargs):
+                for snapshot in held.pop(_checkpoint(ref, rev)):
+                    # A later revision whose ref in the hub cache names this commit needs it.
+                    if not any(_commit_of(snapshot, later) == snapshot.name for later in chosen[i + 1 :]):
+                        _free_snapshot(snapshot)
         yield rev, engine
+
+
+def _checkpoint(ref: ModelRef, rev: str) -> str:
+    from .suite import canonical_revision
+
+    try:
+        return canonical_revision(ref, rev)
+    except Exception:  # noqa: BLE001 - a name outside the suite's rules: itself
+        return rev
+
+
+def _is_snapshot(directory: Path) -> bool:
+    """A hub-cache snapshot (``.../models--org--name/snapshots/<commit>``), not a
+    local directory or a quantized-cache entry."""
+    return directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--")
+
+
+def _commit_of(snapshot: Path, rev: str) -> Optional[str]:
+    """The commit ``rev`` names in the hub cache that holds ``snapshot``: itself
+    for a commit hash, else what ``refs/<rev>`` says (None when not cached)."""
+    if len(rev) == 40 and all(c in "0123456789abcdef" for c in rev):
+        return rev
+    try:
+        return (snapshot.parents[1] / "refs" / rev).read_text().strip()
+    except (OSError, ValueError):
+        return None
 
 
 def _may_free(ref: ModelRef, chosen: list[str], i: int, engine: Pythia, load_kwargs: dict) -> bool:
@@ -160,15 +218,7 @@ def _may_free(ref: ModelRef, chosen: list[str], i: int, engine: Pythia, load_kwa
     failed write keeps the only copy on disk)."""
     if ref.is_local or ref.repo_id is None:
         return False
-    from .suite import canonical_revision
-
-    def same(a: str, b: str) -> bool:
-        try:
-            return canonical_revision(ref, a) == canonical_revision(ref, b)
-        except Exception:
-            return a == b
-
-    if any(same(chosen[i], later) for later in chosen[i + 1 :]):
+    if any(_checkpoint(ref, chosen[i]) == _checkpoint(ref, later) for later in chosen[i + 1 :]):
         return False
     if load_kwargs.get("quantized_cache") is not None:
         from . import quantized_cache as qc
@@ -193,7 +243,7 @@ def _free_snapshot(directory: Path) -> None:
     """Delete a hub-cache snapshot (``.../models--org--name/snapshots/<commit>``), its blobs
     and the refs naming it, through huggingface_hub; anything else (a local directory, a
     quantized-cache entry) is left alone."""
-    if directory.parent.name != "snapshots" or not directory.parent.parent.name.startswith("models--"):
+    if not _is_snapshot(directory):
         return
     from huggingface_hub import scan_cache_dir
 

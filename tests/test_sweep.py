@@ -131,6 +131,12 @@ def test_select_revisions_sugar():
     assert select_revisions("pythia-410m", "step1, 2,main") == ["step1", "step2", "main"]
     assert select_revisions("someone/neox", ["v1", "main"]) == ["v1", "main"]
     assert len(select_revisions("pythia-14m", every=1)) == 154
+    # numpy / torch integers, as numpy and torch ranges give them (were refused).
+    import numpy as np
+
+    assert select_revisions("pythia-160m", every=np.int64(50000)) == ["step0", "step50000", "step100000"]
+    assert select_revisions("pythia-410m", steps=torch.arange(1000, 4000, 1000)) == ["step1000", "step2000", "step3000"]
+    assert select_revisions("pythia-410m", steps=np.arange(1000, 3000, 1000)) == ["step1000", "step2000"]
 
 
 def entry(root, rev, tag="nf4-b64"):
@@ -238,6 +244,35 @@ def test_free_hub_files_keeps_what_the_sweep_still_needs(hub_cache, tmp_path):
     assert got == revs
     names = {p.name for p in snaps.iterdir()}
     assert commit_hash(1) not in names and commit_hash(9) not in names
+
+
+def test_free_hub_files_keeps_a_commit_a_later_name_of_it_needs(hub_cache):
+    # A branch, then its commit hash: the snapshot was deleted after the
+    # branch and the sweep stopped offline at the hash ("not in the cache").
+    revs = ["step1000", commit_hash(1), "step2000"]
+    got = [rev for rev, engine in sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, **OPTS)]
+    assert got == revs
+    names = {p.name for p in (hub_cache / "models--EleutherAI--pythia-14m" / "snapshots").iterdir()}
+    assert commit_hash(1) not in names and commit_hash(2) not in names
+
+
+def test_free_hub_files_deletes_every_snapshot_of_a_checkpoint_at_its_last_use(hub_cache, sources, tmp_path):
+    # main as its own commit (as on the hub, where main got later commits)
+    # beside step143000: main's snapshot was never deleted. With a quantized
+    # cache the last use of a checkpoint comes from its 4-bit entry, and its
+    # snapshot was never deleted either.
+    snaps = hub_cache / "models--EleutherAI--pythia-14m" / "snapshots"
+    add_snapshot(hub_cache, REPO, sources[9], refs=("main",), commit=commit_hash(0x90))
+    revs = ["main", "step1000", "step143000"]
+    list(sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, **OPTS))
+    names = {p.name for p in snaps.iterdir()}
+    assert not {commit_hash(0x90), commit_hash(9), commit_hash(1)} & names, names
+    revs = ["step2000", "step4000", "step2000"]
+    got = [(rev, Path(engine.source[2]).parent.name) for rev, engine in
+           sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, quantized_cache=tmp_path / "q", **OPTS)]
+    assert got[2][1] != "snapshots"  # the repeat came from the 4-bit entry
+    names = {p.name for p in snaps.iterdir()}
+    assert not {commit_hash(2), commit_hash(4)} & names, names
 
 
 def test_free_hub_files_keeps_the_only_copy_when_the_4bit_entry_was_not_written(hub_cache, tmp_path):
