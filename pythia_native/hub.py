@@ -43,7 +43,7 @@ from .errors import (
     PythiaNativeError,
     RevisionError,
 )
-from .suite import ModelRef, resolve_model, resolve_revision, warn_known_data_problems
+from .suite import ModelRef, canonical_revision, resolve_model, resolve_revision, warn_known_data_problems
 from .weights import (
     BIN_INDEX,
     CONFIG_FILE,
@@ -200,7 +200,7 @@ def _from_cache(
     except (LocalEntryNotFoundError, EntryNotFoundError, FileNotFoundError) as error:
         raise OfflineError(
             f"{repo_id} revision {revision!r} is not in the Hugging Face cache ({_cache_location(cache_dir)}) and "
-            f"{why}. To fetch it, {_fetch_hint(repo_id, revision)}."
+            f"{why}.{_cached_twin_hint(repo_id, revision, cache_dir)} To fetch it, {_fetch_hint(repo_id, revision)}."
         ) from error
     snapshot = Path(folder)
     present = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
@@ -220,6 +220,20 @@ def _from_cache(
             f"{', '.join(missing)}, and {why}. To complete it, {_fetch_hint(repo_id, revision)}."
         )
     return snapshot
+
+
+def _cached_twin_hint(repo_id: str, revision: str, cache_dir) -> str:
+    """For a Pythia ``main`` / ``step143000`` missing from the cache while the other
+    name of that checkpoint is cached: a sentence naming it; else ""."""
+    try:
+        if revision not in ("main", "step143000") or canonical_revision(repo_id, "main") != "step143000":
+            return ""
+        twin = "step143000" if revision == "main" else "main"
+        snapshot_download(repo_id, revision=twin, cache_dir=cache_dir, local_files_only=True,
+                          allow_patterns=[CONFIG_FILE])
+    except Exception:  # noqa: BLE001 - not a suite repo, or the twin is not cached either
+        return ""
+    return f" Its {twin!r}, the same checkpoint, is cached: pass revision={twin!r}."
 
 
 # Waits before the 2nd and 3rd try of the repo listing. huggingface_hub's own
@@ -306,7 +320,9 @@ def download_checkpoint(
     assert ref.repo_id is not None
     if warn:
         warn_known_data_problems(ref, rev)
-    offline = hub_offline() if local_files_only is None else bool(local_files_only)
+    # HF_HUB_OFFLINE wins over local_files_only=False, as in huggingface_hub (which then
+    # refuses every request): the cache is all there is, and the error says why.
+    offline = bool(local_files_only) or hub_offline()
     if offline:
         why = "local_files_only=True" if local_files_only else f"network access is off ({_offline_setting()})"
         return _from_cache(ref.repo_id, rev, cache_dir, tokenizer, why)

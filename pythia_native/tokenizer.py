@@ -8,6 +8,7 @@ from; nothing beyond it decodes to text.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -31,6 +32,16 @@ class Tokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
+            snapshot = Path(path).parent
+            if snapshot.parent.name == "snapshots" and snapshot.parents[1].name.startswith("models--"):
+                # A Hugging Face cache snapshot fetched without it (load_revision and
+                # sweeps fetch weights only): the cache is not the user's to edit.
+                repo = snapshot.parents[1].name[len("models--"):].replace("--", "/")
+                raise CheckpointError(
+                    f"{path}: this Hugging Face cache snapshot of {repo} has no tokenizer.json (later revisions "
+                    f"of a sweep are fetched without one). Load it once with network access, or fetch it with "
+                    f"`hf download {repo} tokenizer.json --revision {snapshot.name}`"
+                )
             raise CheckpointError(
                 f"{path}: no tokenizer.json (every Pythia repo ships the GPT-NeoX-20B tokenizer.json; "
                 "copy it into the model directory)"

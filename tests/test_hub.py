@@ -181,6 +181,47 @@ def test_offline_missing_revision_is_one_clear_error(tmp_path, monkeypatch):
         hub.download_checkpoint("pythia-160m", "step2000", cache_dir=tmp_path)
 
 
+def test_offline_env_wins_over_local_files_only_false(tmp_path, monkeypatch):
+    # huggingface_hub refuses every request under HF_HUB_OFFLINE=1: with
+    # local_files_only=False the listing was tried 3 times (3 s) and the error
+    # advised setting HF_HUB_OFFLINE=1. The cache serves, or the error says why.
+    snap = add_snapshot(tmp_path, "EleutherAI/pythia-160m", {"config.json": CONFIG, "model.safetensors": b"m"})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.download_checkpoint("pythia-160m", cache_dir=tmp_path, local_files_only=False) == snap
+    with pytest.raises(OfflineError, match=r"not in the Hugging Face cache .* network access is off \(HF_HUB_OFFLINE=1\)"):
+        hub.download_checkpoint("pythia-160m", "step2000", cache_dir=tmp_path, local_files_only=False)
+
+
+def test_offline_missing_main_names_its_cached_twin(tmp_path, monkeypatch):
+    # main is the same checkpoint as step143000 (PYTHIA.md); offline, the one
+    # missing is pointed to the one cached. Not for a repo whose main differs.
+    add_snapshot(tmp_path, "EleutherAI/pythia-160m", {"config.json": CONFIG, "model.safetensors": b"m"},
+                 refs=("step143000",), commit=commit_hash(1))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="Its 'step143000', the same checkpoint, is cached: pass revision='step143000'"):
+        hub.download_checkpoint("pythia-160m", "main", cache_dir=tmp_path)
+    add_snapshot(tmp_path, "EleutherAI/pythia-2.8b", {"config.json": CONFIG, "model.safetensors": b"m"},
+                 refs=("step143000",), commit=commit_hash(2))
+    with pytest.raises(OfflineError) as info:
+        hub.download_checkpoint("pythia-2.8b", "main", cache_dir=tmp_path, warn=False)
+    assert "the same checkpoint" not in str(info.value)
+
+
+def test_a_cached_snapshot_without_a_tokenizer_says_how_to_fetch_it(tmp_path):
+    # A sweep fetches later revisions without tokenizer.json; loading one of
+    # them alone once said "copy it into the model directory" (the hub cache).
+    from pythia_native.errors import CheckpointError
+    from pythia_native.tokenizer import Tokenizer
+
+    snap = add_snapshot(tmp_path, "EleutherAI/pythia-14m", {"config.json": CONFIG}, refs=("step1000",),
+                        commit=commit_hash(3))
+    with pytest.raises(CheckpointError, match=rf"cache snapshot of EleutherAI/pythia-14m has no tokenizer.json .*"
+                                              rf"hf download EleutherAI/pythia-14m tokenizer.json --revision {commit_hash(3)}"):
+        Tokenizer.from_file(snap)
+    with pytest.raises(CheckpointError, match="copy it into the model directory"):
+        Tokenizer.from_file(tmp_path)  # any other directory
+
+
 def test_offline_incomplete_snapshot(tmp_path, monkeypatch):
     index = json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                        "b": "model-00002-of-00002.safetensors"}}).encode()
