@@ -29,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
         p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                        help=f"Pythia name, hub repo id or local directory (default {DEFAULT_MODEL})")
     p.add_argument("--revision", "-r", default=None, help="main (default), stepN, or a commit hash")
-    p.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit format for dense checkpoints")
+    p.add_argument("--quant-type", default=None, choices=["nf4", "fp4"],
+                   help="4-bit format for dense checkpoints (default nf4)")
     p.add_argument("--double-quant", action="store_true", help="double-quantize the block scales (saving)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when visible)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -38,7 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
     p.add_argument("--quantized-cache", default=None, metavar="DIR",
                    help="keep 4-bit copies of loaded revisions here and load them from here (no download)")
     p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; at most the CPUs this process may use)")
     p.add_argument("--compute", default="float32", choices=["float32", "int16"],
                    help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
                    "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
@@ -103,7 +105,7 @@ def _load(args, **extra):
     from .loading import load
 
     return load(
-        args.model, args.revision, quant_type=args.quant_type, double_quant=args.double_quant, device=args.device,
+        args.model, args.revision, quant_type=args.quant_type or "nf4", double_quant=args.double_quant, device=args.device,
         dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None,
         quantized_cache=args.quantized_cache, compute=args.compute, **extra,
     )
@@ -198,9 +200,9 @@ def cmd_score(args) -> int:
     if args.per_line:
         for i, s in zip(line_numbers, scores):
             print(f"line {i}\ttokens {len(s.tokens)}\tlogprob {s.total:.4f}\tppl {s.perplexity:.4f}")
-    import math
+    from .generate import perplexity
 
-    print(f"tokens {total_n}\tlogprob {total_lp:.4f}\tmean {total_lp / total_n:.6f}\tperplexity {math.exp(-total_lp / total_n):.4f}")
+    print(f"tokens {total_n}\tlogprob {total_lp:.4f}\tmean {total_lp / total_n:.6f}\tperplexity {perplexity(total_lp / total_n):.4f}")
     return 0
 
 
@@ -222,9 +224,8 @@ def _texts_to_score(args, text: str) -> tuple[list[int], list[str]]:
 
 def _score_revisions(args) -> int:
     """One line per revision: ``revision, tokens, logprob, mean, perplexity`` (a sweep, one model in memory)."""
-    import math
-
     from .errors import RevisionError
+    from .generate import perplexity
     from .sweep import sweep
 
     if args.revision is not None:
@@ -232,7 +233,7 @@ def _score_revisions(args) -> int:
     if args.revisions is not None and args.every is not None:
         raise RevisionError("give either --revisions or --every, not both")
     _, texts = _texts_to_score(args, _read_text(args.file))
-    revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type,
+    revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type or "nf4",
                  double_quant=args.double_quant, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                  quantized_cache=args.quantized_cache, local_files_only=True if args.offline else None,
                  free_hub_files=args.free_hub_files)
@@ -241,7 +242,7 @@ def _score_revisions(args) -> int:
         engine.model.compute = args.compute
         scores = engine.score(texts, prepend_eos=not args.no_eos)
         lp, n = sum(s.total for s in scores), sum(len(s.tokens) for s in scores)
-        print(f"{rev}\t{n}\t{lp:.4f}\t{lp / n:.6f}\t{math.exp(-lp / n):.4f}", flush=True)
+        print(f"{rev}\t{n}\t{lp:.4f}\t{lp / n:.6f}\t{perplexity(lp / n):.4f}", flush=True)
     return 0
 
 
@@ -258,10 +259,28 @@ def cmd_revisions(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .errors import CheckpointError
     from .export import check_output_dir
+    from .quantized_linear import QuantizedLinear
 
-    check_output_dir(args.output)  # before the load: an unwritable path fails in a second, not after minutes
+    # Before the load: an unwritable path fails in a second, not after minutes.
+    check_output_dir(args.output, source=args.model if os.path.isdir(args.model) else None)
     engine = _load(args, quantize_embed_out=args.quantize_embed_out)
+    model = engine.model
+    if model.source_quantization is not None:
+        # A bitsandbytes checkpoint's bytes are exported as they are: a format flag cannot apply.
+        asked = [flag for flag, differs in (
+            (f"--quant-type {args.quant_type}", args.quant_type not in (None, model.quant_type)),
+            ("--double-quant", args.double_quant and not model.double_quant),
+            ("--quantize-embed-out", args.quantize_embed_out and not isinstance(model.embed_out, QuantizedLinear)),
+        ) if differs]
+        if asked:
+            raise CheckpointError(
+                f"{args.model} is already a bitsandbytes 4-bit checkpoint ({model.quant_type}, double quant "
+                f"{'on' if model.double_quant else 'off'}, embed_out "
+                f"{'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}), exported byte for byte: "
+                f"{', '.join(asked)} cannot apply; export from the dense checkpoint instead, or drop it. Nothing written."
+            )
     out = engine.save_pretrained(args.output)
     print(f"wrote {out}", file=sys.stderr)
     return 0
@@ -289,7 +308,8 @@ def cmd_bench(args) -> int:
         dt = check_dtype(args.dtype, dev)
         # float16 values and, on the CPU, a float16 head: what load() gives for a Pythia checkpoint.
         head = torch.float16 if dev.type == "cpu" and dt != torch.float16 else None
-        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type, dtype=dt, device=dev,
+        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type or "nf4", dtype=dt,
+                                   device=dev,
                                    head_dtype=head, compute=args.compute)
         engine = Pythia(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
         name = f"random pythia-{args.size}"
@@ -326,8 +346,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     threads = getattr(args, "threads", None)
     if threads is not None:
-        if threads < 1:
-            print("pythia-native: error: --threads must be >= 1", file=sys.stderr)
+        # torch.set_num_threads crashes for huge counts (libgomp: 20000 failed,
+        # 100000 segfaulted); more threads than CPUs only slows a decode down.
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not 1 <= threads <= cpus:
+            print(f"pythia-native: error: --threads must be in [1, {cpus}] (the CPUs this process may use), "
+                  f"got {threads}", file=sys.stderr)
             return 2
         import torch
 
@@ -342,6 +366,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     warnings.showwarning = show
+    if sys.stdout is None and args.command != "export":  # fd 1 closed: say so before loading a model
+        print(f"pythia-native: error: stdout is closed, so {args.command} has nowhere to write its output",
+              file=sys.stderr)
+        return 2
     _text_stdout()
     try:
         code = COMMANDS[args.command](args)
@@ -354,15 +382,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `pythia-native generate ... | head`: the reader is done
-        # Python flushes stdout again at exit, which would hit the closed pipe,
-        # print "Exception ignored ... BrokenPipeError" and exit 120: point the
-        # descriptor at /dev/null first (the recipe in Python's signal docs).
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (tests)
-            pass
+        _silence_stdout()
         return 0
+    except OSError as e:  # writing the output to a full disk (ENOSPC), an I/O error
+        print(f"pythia-native: error: {e}", file=sys.stderr)
+        _silence_stdout()
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Python flushes stdout again at exit, which would hit the closed pipe or
+    full disk again, print "Exception ignored ..." and exit 120: point the
+    descriptor at /dev/null first (the recipe in Python's signal docs)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (tests)
+        pass
 
 
 def _text_stdout() -> None:

@@ -74,11 +74,24 @@ def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> 
     return target
 
 
-def check_output_dir(directory: Union[str, os.PathLike]) -> Path:
+def check_output_dir(directory: Union[str, os.PathLike], source: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Raise ``CheckpointError`` unless a checkpoint can be written into ``directory``
     (an existing directory, or one that can be made): cheap, so callers can check
-    before a long load. Leaves nothing behind."""
+    before a long load. Leaves nothing behind. Refused too: an empty path (an
+    unset variable would write into the working directory), a directory in a
+    Hugging Face cache snapshot (huggingface_hub's files, shared by revisions
+    through symbolic links) and ``source``, the checkpoint being exported."""
+    if not str(directory).strip():
+        raise CheckpointError("the output directory is an empty path (an unset variable?); give a directory")
     out = Path(directory).expanduser()
+    resolved = out.resolve()
+    for p in (resolved, *resolved.parents):
+        if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+            raise CheckpointError(f"cannot write a checkpoint to {out}: it is inside a Hugging Face cache snapshot "
+                                  f"({p}); choose a directory of your own")
+    if source is not None and resolved == Path(source).expanduser().resolve():
+        raise CheckpointError(f"cannot write a checkpoint to {out}: it is the directory the model was loaded from, "
+                              "whose checkpoint the export would overwrite; choose another directory")
     existing = out
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # a dangling link: mkdir would fail on it
@@ -112,7 +125,7 @@ def save_pretrained(
     Raises ``CheckpointError`` for a directory that cannot be written
     (checked before anything is written) or a write that fails.
     """
-    out = check_output_dir(directory)
+    out = check_output_dir(directory, source=tokenizer_dir)
     if getattr(model, "partial_load", None) is not None:
         raise CheckpointError(f"not exporting: the model's weights are partly overwritten by a load that failed "
                               f"({model.partial_load}); load a revision again first")
@@ -131,17 +144,22 @@ def save_pretrained(
         out.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name
-        with open(out / "config.json", "w", encoding="utf-8") as f:
+        # Each file written beside its name and moved over it: never through a
+        # symbolic link (into a file another checkpoint shares), never half-written.
+        with open(out / "config.json.tmp", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        os.replace(out / "config.json.tmp", out / "config.json")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
                 if src.is_file() and src.resolve() != (out / name).resolve():
-                    shutil.copyfile(src, out / name)
+                    shutil.copyfile(src, out / (name + ".tmp"))
+                    os.replace(out / (name + ".tmp"), out / name)
     except Exception as e:  # OSError, or safetensors' own error for a full disk
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
+            try:
+                (out / (name + ".tmp")).unlink(missing_ok=True)
+            except OSError:
+                pass
         raise CheckpointError(f"cannot write the checkpoint to {out}: {e}") from e
     return out

@@ -688,7 +688,12 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(-float(self.logprobs.mean()))
+        return perplexity(float(self.logprobs.mean()))
+
+
+def perplexity(mean_logprob: float) -> float:
+    """``exp(-mean_logprob)``, inf where that overflows a float (math.exp raised)."""
+    return math.exp(-mean_logprob) if -mean_logprob < 709.0 else math.inf
 
 
 def _scalar(t):

@@ -267,3 +267,64 @@ def test_text_goes_out_as_utf8_whatever_the_locale(ckpt):
 def test_bench_argument_errors_are_one_line(capsys, argv, match):
     one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "4",
                    *argv, match=match)
+
+
+def test_export_refuses_an_empty_path_the_source_and_a_hub_snapshot(capsys, ckpt, tmp_path, monkeypatch):
+    # "" wrote the checkpoint into the working directory; exporting into the
+    # source replaced its dense weights by the 4-bit copy; a hub-cache
+    # snapshot's files are symbolic links into blobs other revisions share.
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, "export", "--model", ckpt, "--device", "cpu", "", match="an empty path")
+    assert list(tmp_path.iterdir()) == []
+    src = tmp_path / "src"
+    shutil.copytree(ckpt, src)
+    before = (src / "model.safetensors").read_bytes()
+    one_line_error(capsys, "export", "--model", src, "--device", "cpu", src, match="the directory the model was loaded from")
+    assert (src / "model.safetensors").read_bytes() == before
+    snap = tmp_path / "hub" / "models--EleutherAI--pythia-14m" / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    one_line_error(capsys, "export", "--model", ckpt, "--device", "cpu", snap / "q", match="Hugging Face cache snapshot")
+
+
+def test_export_of_a_4bit_checkpoint_refuses_format_flags_it_cannot_apply(capsys, ckpt, tmp_path):
+    # A bitsandbytes checkpoint is exported byte for byte: --double-quant,
+    # --quantize-embed-out or another --quant-type were silently ignored.
+    code, _, _ = run(capsys, "export", "--model", ckpt, "--device", "cpu", tmp_path / "q")
+    assert code == 0
+    for flags in (["--double-quant"], ["--quantize-embed-out"], ["--quant-type", "fp4"]):
+        one_line_error(capsys, "export", "--model", tmp_path / "q", "--device", "cpu", *flags, tmp_path / "again",
+                       match=f"already a bitsandbytes 4-bit checkpoint (nf4, double quant off, embed_out dense), "
+                             f"exported byte for byte: {' '.join(flags)} cannot apply")
+        assert not (tmp_path / "again").exists()
+    code, _, _ = run(capsys, "export", "--model", tmp_path / "q", "--device", "cpu", "--quant-type", "nf4",
+                     tmp_path / "again")
+    assert code == 0
+
+
+def test_threads_beyond_the_cpus_and_a_closed_stdout_are_one_line_errors(capsys, ckpt):
+    # --threads 100000 segfaulted in torch.set_num_threads (20000: libgomp
+    # failed); with stdout closed, generate died on None.write after the load.
+    cpus = len(os.sched_getaffinity(0))
+    one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "--threads", "100000", "hi",
+                   match=f"--threads must be in [1, {cpus}]")
+    p = subprocess.run([sys.executable, "-m", "pythia_native", "generate", "--model", str(ckpt), "--device", "cpu",
+                        "-n", "2", "hi"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and "stdout is closed" in err, err
+
+
+def test_a_full_disk_is_a_one_line_error(ckpt):
+    # Writing to /dev/full: an OSError traceback, "Exception ignored" and exit 120.
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "pythia_native", "revisions", "pythia-160m"], stdout=full,
+                           stderr=subprocess.PIPE, timeout=120)
+    err = p.stderr.decode()
+    assert p.returncode == 2 and err.count("\n") == 1 and "No space left on device" in err, err
+
+
+def test_perplexity_of_a_hopeless_text_is_inf_not_an_error():
+    from pythia_native.generate import Score, perplexity
+
+    assert perplexity(-1000.0) == float("inf") and perplexity(-1.0) == pytest.approx(2.718281828)
+    assert Score([5, 6], torch.tensor([-800.0, -900.0])).perplexity == float("inf")  # math.exp raised OverflowError
