@@ -167,6 +167,13 @@ def _check_dense(name: str, shape: tuple, dtype: torch.dtype, expected: tuple, d
         )
 
 
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """A weight holding NaN or inf is corrupt: it would make every logit NaN (greedy
+    decoding then emits token 0 forever, sampling fails inside torch)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{name}: holds NaN or infinite values; the checkpoint is corrupt (download it again)")
+
+
 def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor], prefix: str,
                       unexpected: list[str]) -> None:
     """What ``module.load_quantized_(entries, prefix)`` checks, assigning nothing
@@ -184,6 +191,9 @@ def _check_4bit_layer(module: QuantizedLinear, entries: dict[str, torch.Tensor],
         module._read_quantized(entries, prefix, state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(_message(e)) from None
+    for key in ("weight.absmax", "weight.nested_absmax"):  # NaN / inf weights show in their block scales
+        if prefix + key in entries:
+            _check_finite(prefix + key, entries[prefix + key])
     unexpected.extend(sorted(set(entries) - weight_keys(prefix, entries, state.nested_offset is not None)))
 
 
@@ -683,6 +693,7 @@ class PythiaModel(nn.Module):
                     four_bit.add(layer_prefix)
                 if layer_prefix not in four_bit:
                     _check_dense(name, tuple(t.shape), t.dtype, (module.out_features, module.in_features), _QUANTIZABLE)
+                    _check_finite(name, t)
                     state["wrote"] = True
                     # The model's format, not what a bitsandbytes revision loaded
                     # before left in the layer (another blocksize, say).
@@ -697,6 +708,7 @@ class PythiaModel(nn.Module):
                 unexpected.append(name)
                 continue
             _check_dense(name, tuple(t.shape), t.dtype, tuple(target.shape), None)
+            _check_finite(name, t)
             state["wrote"] = True
             if target is self.embed_out.weight and target.dtype == torch.float16 != self.dtype and not _fits_float16(t):
                 # A head float16 cannot hold exactly: keep it in the activation dtype instead.

@@ -246,6 +246,28 @@ def test_load_tensors_refuses_two_entries_for_one_tensor_and_stray_weight_keys(a
         PythiaModel(PythiaConfig.from_dict(hf.config.to_dict())).load_tensors(give(sd))
 
 
+@pytest.mark.parametrize("as_mapping", [True, False], ids=["mapping", "iterable"])
+def test_load_tensors_refuses_weights_holding_nan_or_inf(as_mapping):
+    # Corrupt weights: all logits NaN, greedy decoding then emitted token 0
+    # forever and sampling failed inside torch.multinomial.
+    hf = hf_model("tiny")
+    give = (lambda sd: sd) if as_mapping else (lambda sd: list(sd.items()))
+    cfg = PythiaConfig.from_dict(hf.config.to_dict())
+    for name, value in (("gpt_neox.embed_in.weight", float("nan")), ("gpt_neox.layers.1.mlp.dense_4h_to_h.weight", float("inf")),
+                        ("gpt_neox.final_layer_norm.bias", float("-inf"))):
+        sd = dict(hf.state_dict())
+        sd[name] = sd[name].clone()
+        sd[name].view(-1)[3] = value
+        with pytest.raises(CheckpointError, match=f"{name}: holds NaN or infinite values"):
+            PythiaModel(cfg).load_tensors(give(sd))
+    bnb = dict(PythiaModel.from_hf(hf).state_dict())  # 4-bit: the block scales show it
+    key = "gpt_neox.layers.0.attention.dense.weight.absmax"
+    bnb[key] = bnb[key].clone()
+    bnb[key][0] = float("nan")
+    with pytest.raises(CheckpointError, match=f"{key}: holds NaN or infinite values"):
+        PythiaModel(cfg).load_tensors(give(bnb))
+
+
 def test_load_tensors_skips_old_buffers_and_keeps_storage():
     hf = hf_model("tiny")
     model = PythiaModel.from_hf(hf)
