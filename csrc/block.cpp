@@ -187,7 +187,10 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                    up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
                    intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
                    parallel_residual, compute);
-  const auto opt = [](const c10::optional<at::Tensor>& t) { return t.value_or(at::Tensor()); };
+  static const at::Tensor none;
+  const auto opt = [](const c10::optional<at::Tensor>& t) -> const at::Tensor& {
+    return t.has_value() ? *t : none;
+  };
   check_written_apart(kOp, {{"x", x}, {"k_cache", k_cache}, {"v_cache", v_cache}},
                       {{"positions", positions_in}, {"ln1_weight", ln1_weight},
                        {"ln1_bias", ln1_bias}, {"ln2_weight", ln2_weight}, {"ln2_bias", ln2_bias},

@@ -177,19 +177,19 @@ bool share_memory(const at::Tensor& a, const at::Tensor& b) {
 }
 }  // namespace
 
-void check_written_apart(const std::string& op, const NamedTensors& written,
-                         const NamedTensors& read) {
+void check_written_apart(const char* op, c10::ArrayRef<NamedTensor> written,
+                         c10::ArrayRef<NamedTensor> read) {
   for (size_t i = 0; i < written.size(); ++i) {
-    const auto& [name, w] = written[i];
+    const NamedTensor& w = written[i];
     for (size_t j = i + 1; j < written.size(); ++j) {
-      TORCH_CHECK(!share_memory(w, written[j].second), "pythia_native.", op, ": ", name, " and ",
-                  written[j].first, " share memory; the op writes both, so they must be "
+      TORCH_CHECK(!share_memory(w.tensor, written[j].tensor), "pythia_native.", op, ": ", w.name,
+                  " and ", written[j].name, " share memory; the op writes both, so they must be "
                   "separate tensors");
     }
-    for (const auto& [rname, r] : read) {
-      TORCH_CHECK(!share_memory(w, r), "pythia_native.", op, ": ", rname, " shares memory with ",
-                  name, ", which the op writes in place; pass a separate tensor (e.g. ", rname,
-                  ".clone())");
+    for (const NamedTensor& r : read) {
+      TORCH_CHECK(!share_memory(w.tensor, r.tensor), "pythia_native.", op, ": ", r.name,
+                  " shares memory with ", w.name, ", which the op writes in place; pass a separate "
+                  "tensor (e.g. ", r.name, ".clone())");
     }
   }
 }
@@ -634,8 +634,17 @@ PYBIND11_MODULE(_C, mod) {
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
      "benchmarks.");
-  mod.def("check_written_apart", &check_written_apart, pybind11::arg("op"),
-          pybind11::arg("written"), pybind11::arg("read"),
+  mod.def("check_written_apart",
+          [](const std::string& op, const std::vector<std::pair<std::string, at::Tensor>>& written,
+             const std::vector<std::pair<std::string, at::Tensor>>& read) {
+            const auto refs = [](const std::vector<std::pair<std::string, at::Tensor>>& v) {
+              std::vector<NamedTensor> out;
+              for (const auto& [name, t] : v) out.push_back({name.c_str(), t});
+              return out;
+            };
+            check_written_apart(op.c_str(), refs(written), refs(read));
+          },
+          pybind11::arg("op"), pybind11::arg("written"), pybind11::arg("read"),
           "Raise if a tensor an in-place op writes shares memory with another of its "
           "arguments (lists of (name, tensor)).");
   // Each op's argument checks (its arguments, in order), for its fake kernel

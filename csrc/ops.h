@@ -33,8 +33,12 @@ inline void bump_version(const at::Tensor& written) {
   if (!written.is_inference()) written.unsafeGetTensorImpl()->bump_version();
 }
 
-// Tensor arguments by name, for check_written_apart.
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+// A tensor argument by name, for check_written_apart (references: a decode
+// step checks ~60 pairs per block, without a refcount or a string each).
+struct NamedTensor {
+  const char* name;
+  const at::Tensor& tensor;
+};
 // An in-place op's `written` tensors must share no memory with each other or
 // with any of its `read` ones: its kernels read and write in an order of
 // their own (and of the thread count), so an alias (k_cache passed as
@@ -42,8 +46,8 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 // depends on that order. Compares allocations and address ranges, so it reads
 // data pointers: the real kernels call it, not the fake ones. Undefined
 // tensors and empty ones are skipped.
-void check_written_apart(const std::string& op, const NamedTensors& written,
-                         const NamedTensors& read);
+void check_written_apart(const char* op, c10::ArrayRef<NamedTensor> written,
+                         c10::ArrayRef<NamedTensor> read);
 
 // The element count of a 4-bit weight is at most this (2^62), so that
 // (numel + 1) / 2 and ceil(numel / blocksize) cannot overflow int64. Shapes
