@@ -60,7 +60,7 @@ ASAN_FLAGS := -fsanitize=address -fno-omit-frame-pointer
 asan-pytest: $(VENV)/.deps
 	mkdir -p $(ASAN_TREE)
 	rm -rf $(ASAN_TREE)/csrc $(ASAN_TREE)/pythia_native $(ASAN_TREE)/tests
-	cp -a setup.py csrc pythia_native tests $(ASAN_TREE)/
+	cp -a setup.py _pythia_native_cli.py csrc pythia_native tests $(ASAN_TREE)/
 	rm -f $(ASAN_TREE)/pythia_native/_C*.so
 	cd $(ASAN_TREE) && PYTHIA_NATIVE_CUDA=0 CFLAGS="$(ASAN_FLAGS)" LDFLAGS="-fsanitize=address" \
 	    $(abspath $(PY)) setup.py -q build_ext --inplace

@@ -328,3 +328,29 @@ def test_perplexity_of_a_hopeless_text_is_inf_not_an_error():
 
     assert perplexity(-1000.0) == float("inf") and perplexity(-1.0) == pytest.approx(2.718281828)
     assert Score([5, 6], torch.tensor([-800.0, -900.0])).perplexity == float("inf")  # math.exp raised OverflowError
+
+
+def test_ctrl_c_while_importing_exits_quietly(monkeypatch):
+    # The console script's module lies outside the package, so the ~1.5 s
+    # import of torch (pythia_native's) is inside its try: a Ctrl-C there was
+    # a traceback of torch's import. Simulated: that import raises KeyboardInterrupt.
+    import importlib.abc
+
+    import _pythia_native_cli
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "pythia_native.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "pythia_native.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    assert _pythia_native_cli.main(["revisions", "pythia-160m"]) == 130
+
+
+def test_console_script_module_runs_the_cli(capsys):
+    import _pythia_native_cli
+
+    assert _pythia_native_cli.main(["revisions", "pythia-70m-v0"]) == 0
+    assert capsys.readouterr().out.split()[0] == "step1000"
