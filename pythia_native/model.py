@@ -465,6 +465,20 @@ class PythiaModel(nn.Module):
     def device(self) -> torch.device:
         return self.gpt_neox.embed_in.weight.device
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() / .float() / .to(dtype): the activation dtype is
+        # fixed when a PythiaModel is built (LayerNorm and the block scales stay
+        # float32, caches follow self.dtype), and a cast left a model failing in
+        # its kernels ("mixed dtype", "k_cache must have qkv's dtype"). Refused
+        # before anything changes; a device move (or to_empty) goes through.
+        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
+        if probe.dtype != self.dtype:
+            raise TypeError(
+                f"PythiaModel: its activation dtype ({self.dtype}) is fixed when it is built; cast nothing, build "
+                f"another with dtype={probe.dtype} (pn.load(..., dtype=...) or PythiaModel(..., dtype=...))"
+            )
+        return super()._apply(fn, recurse)
+
     # ------------------------------------------------------------- compute --
 
     def new_cache(self, max_batch: int, max_len: Optional[int] = None) -> KVCache:

@@ -218,19 +218,27 @@ class QuantizedLinear(nn.Module):
         )
 
     def _apply(self, fn, recurse=True):
-        # Module.to(dtype) / .half() / .bfloat16() cast every floating buffer, but
-        # absmax is part of the 4-bit format: float32 always (gemm_4bit refuses
-        # anything else, and a float16 round trip would change the weights). Only
-        # the bias follows the cast; absmax moves device with the original values.
-        absmax = self.absmax
+        # Module.to(dtype) / .half() / .bfloat16() cast every floating buffer
+        # (.type(dtype): every one), but the packed bytes (uint8) and absmax
+        # (float32) are the 4-bit format: gemm_4bit refuses anything else, and a
+        # cast would reinterpret or round them. Only the bias follows a dtype
+        # cast. The format's tensors take fn's result where it keeps their dtype
+        # (a device move; to_empty's fresh memory), else move device with their
+        # own values. The compressed statistics (double quant) go alike.
+        def keep_format(t: torch.Tensor) -> torch.Tensor:
+            new = fn(t)
+            return new if new.dtype == t.dtype else t.to(new.device)
+
+        weight, absmax = self.weight, self.absmax
         super()._apply(fn, recurse)
-        if self.absmax.dtype != torch.float32:
+        if self.weight.dtype != weight.dtype:
+            self.weight = weight.to(self.weight.device)
+        if self.absmax.dtype != absmax.dtype:
             self.absmax = absmax.to(self.absmax.device)
-        # Keep the compressed statistics on the module's device too.
         if self.nested is not None:
             n = self.nested
-            dev = self.weight.device
-            self.nested = NestedAbsmax(n.absmax_q.to(dev), n.nested_absmax.to(dev), n.nested_quant_map.to(dev), n.offset)
+            self.nested = NestedAbsmax(keep_format(n.absmax_q), keep_format(n.nested_absmax),
+                                       keep_format(n.nested_quant_map), n.offset)
         return self
 
     # ------------------------------------------------- bitsandbytes layout --
@@ -265,7 +273,9 @@ class QuantizedLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # Everything is checked before anything is assigned: a state dict that
         # fails leaves the layer as it was (and usable).
-        present = {k for k in state_dict if k.startswith(prefix)}
+        # Keys of a child module (torch.nn.utils.parametrize adds one) are its own.
+        children = tuple(prefix + name + "." for name, _ in self.named_children())
+        present = {k for k in state_dict if k.startswith(prefix) and not k.startswith(children)}
         expected = weight_keys(prefix, present, nested=False)
         if self.bias is not None:
             expected.add(prefix + "bias")
@@ -280,8 +290,8 @@ class QuantizedLinear(nn.Module):
         if state is not None and state.nested_offset is not None:
             expected |= weight_keys(prefix, present, nested=True)
         if strict:
-            # QuantizedLinear has no submodules: a key under its prefix that it
-            # does not read (a bias it has no place for, a stray weight.* entry) is unexpected.
+            # A key under its prefix that it does not read (a bias it has no
+            # place for, a stray weight.* entry), outside its children, is unexpected.
             unexpected_keys.extend(sorted(present - expected))
         if state is None:
             return
@@ -305,21 +315,28 @@ class QuantizedLinear(nn.Module):
                 except ValueError as e:
                     error_msgs.append(str(e))
                     return
+        # load_state_dict(assign=True): take the state dict's tensors, on their
+        # device (a module built on meta gets real ones), as nn.Linear does.
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         try:
-            loaded = self._read_quantized(state_dict, prefix, state)
+            loaded = self._read_quantized(state_dict, prefix, state,
+                                          device=state_dict[prefix + "weight"].device if assign else None)
         except (KeyError, ValueError) as e:
             error_msgs.append(str(e).strip("'\""))
             return
-        self._commit(state, *loaded)
+        self._commit(state, *loaded, assign=assign)
         if bias is not None:
-            self.bias.data.copy_(bias)
+            if assign:
+                self.bias = nn.Parameter(bias, requires_grad=self.bias.requires_grad)
+            else:
+                self.bias.data.copy_(bias)
 
     def _read_quantized(
-        self, sd: dict[str, torch.Tensor], prefix: str, state: QuantState
+        self, sd: dict[str, torch.Tensor], prefix: str, state: QuantState, device: Optional[torch.device] = None
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[NestedAbsmax]]:
         """The packed bytes ``[(numel + 1) // 2, 1]``, the float32 block scales
         and the double-quantized form (or None) of a bitsandbytes-format layer,
-        on this layer's device, checked against ``state``; nothing is assigned."""
+        on ``device`` (None: this layer's), checked against ``state``; nothing is assigned."""
         numel = math.prod(state.shape)
         n_blocks = math.ceil(numel / state.blocksize)
         packed = _entry(sd, prefix + "weight")
@@ -336,7 +353,7 @@ class QuantizedLinear(nn.Module):
         absmax = _entry(sd, prefix + "weight.absmax")
         if absmax.numel() != n_blocks:
             raise ValueError(f"{prefix}weight.absmax: expected {n_blocks} block scales, got {absmax.numel()}")
-        dev = self.weight.device
+        dev = self.weight.device if device is None else device
         nested = None
         if state.nested_offset is not None:
             if absmax.dtype != torch.uint8:
@@ -357,14 +374,19 @@ class QuantizedLinear(nn.Module):
             absmax = absmax.float().reshape(-1)
         return packed.reshape(-1, 1), absmax.to(dev), nested
 
-    def _commit(self, state: QuantState, packed: torch.Tensor, absmax: torch.Tensor, nested: Optional[NestedAbsmax]) -> None:
+    def _commit(self, state: QuantState, packed: torch.Tensor, absmax: torch.Tensor, nested: Optional[NestedAbsmax],
+                assign: bool = False) -> None:
         """Take what _read_quantized checked. In place when the sizes match (a
-        captured CUDA graph keeps pointing at these buffers)."""
+        captured CUDA graph keeps pointing at these buffers); with ``assign``,
+        the tensors themselves."""
         self.quant_type = state.quant_type
         self.blocksize = state.blocksize
         self.weight_dtype = state.dtype
-        _assign(self, "weight", packed)
-        _assign(self, "absmax", absmax)
+        if assign:
+            self.weight, self.absmax = packed, absmax.to(packed.device)
+        else:
+            _assign(self, "weight", packed)
+            _assign(self, "absmax", absmax)
         self.nested = nested
 
 

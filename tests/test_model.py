@@ -268,6 +268,25 @@ def test_load_tensors_refuses_weights_holding_nan_or_inf(as_mapping):
         PythiaModel(cfg).load_tensors(give(bnb))
 
 
+def test_a_dtype_cast_is_refused_and_assign_into_a_meta_model_works():
+    # .half() / .bfloat16() cast LayerNorm too and left model.dtype (the
+    # caches') behind: the model then failed inside its kernels. Refused,
+    # changing nothing. A meta-built model filled with load_state_dict(assign=True) runs.
+    hf, model = pair("tiny")
+    ids = torch.randint(0, SHAPES["tiny"]["vocab_size"], (1, 7))
+    want = model(ids, full_positions(1, 7), model.new_cache(1, 8), span=7)
+    for cast in (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float64), lambda m: m.type(torch.half)):
+        with pytest.raises(TypeError, match=r"activation dtype \(torch.float32\) is fixed when it is built"):
+            cast(model)
+    model.float().to("cpu")  # no change of dtype: allowed
+    assert torch.equal(model(ids, full_positions(1, 7), model.new_cache(1, 8), span=7), want)
+    with torch.device("meta"):
+        empty = PythiaModel(model.config)
+    empty.load_state_dict(model.state_dict(), assign=True)
+    assert empty.device.type == "cpu"
+    assert torch.equal(empty(ids, full_positions(1, 7), empty.new_cache(1, 8), span=7), want)
+
+
 def test_load_tensors_skips_old_buffers_and_keeps_storage():
     hf = hf_model("tiny")
     model = PythiaModel.from_hf(hf)

@@ -281,3 +281,50 @@ def test_zero_element_layer_with_double_quant():
     assert q2.absmax.numel() == 0 and q2.nested.absmax_q.numel() == 0 and torch.equal(q2.bias, q.bias)
     with pytest.raises(RuntimeError, match=r"weight shape \(n, k\) must be positive"):
         q(torch.randn(2, 0))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_load_state_dict_with_assign_into_a_meta_layer(double_quant):
+    # The meta-then-assign pattern: assign was ignored, the copy into meta
+    # buffers did nothing and "All keys matched" left the layer on meta.
+    q = QuantizedLinear.from_linear(_linear(), compress_statistics=double_quant)
+    x = torch.randn(3, 128)
+    with torch.device("meta"):
+        m = QuantizedLinear(128, 48)
+    m.load_state_dict(q.state_dict(), assign=True)
+    assert {t.device.type for t in (m.weight, m.absmax, m.bias)} == {"cpu"}
+    assert torch.equal(m(x), q(x)) and (m.nested is not None) == double_quant
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_module_casts_keep_the_4bit_format(double_quant):
+    # .type(float16) turned the packed bytes into float16 values (then "packed
+    # must be uint8"); to_empty on a double-quantized meta layer failed half-way
+    # (its compressed scales were moved with .to, not to_empty's function).
+    q = QuantizedLinear.from_linear(_linear(), compress_statistics=double_quant)
+    x = torch.randn(3, 128)
+    h = QuantizedLinear.from_linear(_linear(), compress_statistics=double_quant).type(torch.float16)
+    assert (h.weight.dtype, h.absmax.dtype, h.bias.dtype) == (torch.uint8, torch.float32, torch.float16)
+    assert torch.equal(h.weight, q.weight) and torch.equal(h.absmax, q.absmax)
+    torch.testing.assert_close(h(x.half()).float(), q(x), rtol=2e-3, atol=2e-3)
+    m = QuantizedLinear.from_linear(_linear(), compress_statistics=double_quant).to("meta").to_empty(device="cpu")
+    assert {t.device.type for t in (m.weight, m.absmax, m.bias)} == {"cpu"}
+    if double_quant:
+        assert {t.device.type for t in (m.nested.absmax_q, m.nested.nested_absmax, m.nested.nested_quant_map)} == {"cpu"}
+
+
+def test_state_dict_round_trip_with_a_parametrized_bias():
+    # parametrize adds a child module; its keys were reported as unexpected.
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, b):
+            return 2 * b
+
+    q = QuantizedLinear.from_linear(_linear())
+    parametrize.register_parametrization(q, "bias", Double())
+    q2 = QuantizedLinear.from_linear(_linear(seed=1))
+    parametrize.register_parametrization(q2, "bias", Double())
+    q2.load_state_dict(q.state_dict())
+    x = torch.randn(3, 128)
+    assert torch.equal(q2(x), q(x))
