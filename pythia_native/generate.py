@@ -29,7 +29,7 @@ from . import _C, ops
 from .errors import GenerationError
 from .model import KVCache, PythiaModel
 from .sampling import SamplingParams, is_int, sample
-from .tokenizer import StreamDecoder, Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 Prompt = Union[str, Sequence[int]]
 
@@ -518,7 +518,6 @@ class Pythia:
         done = [False]
         text, emitted = "", 0
         cut_by_string = False
-        hold = max((len(s) for s in stop_strings), default=1) - 1
         for (t,) in self._token_stream(batch, max_new_tokens, params, seed, done):
             if t in stop_ids:
                 done[0] = True
@@ -529,12 +528,15 @@ class Pythia:
                 done[0] = cut_by_string = True
                 text = cut
                 break
-            if len(text) - hold > emitted:
-                yield text[emitted : len(text) - hold]
+            # Held back: only an end of the text that could begin a stop string
+            # (text emitted earlier could not have: it is never taken back).
+            safe = len(text) - _held_back(text, stop_strings)
+            if safe > emitted:
+                yield text[emitted:safe]
                 # The thread that resumed the stream holds the engine now: a
                 # generator may be handed to another thread between two items.
                 self._holder = (threading.get_ident(), "stream()")
-                emitted = len(text) - hold
+                emitted = safe
         if not cut_by_string:
             # Bytes held for an unfinished UTF-8 character come out as generate()
             # decodes them (U+FFFD), whether the sequence ended on a stop id,
@@ -564,6 +566,10 @@ class Pythia:
             if isinstance(s, str):
                 if s == "":
                     raise GenerationError("stop strings must not be empty")
+                try:  # a lone surrogate: never in generated text, so never a stop
+                    check_text(s)
+                except GenerationError as e:
+                    raise GenerationError(f"stop string {s!r}: {e}") from None
                 strings.append(s)
             elif is_int(s):
                 if not 0 <= s < V:
@@ -721,6 +727,18 @@ def _check_count_and_seed(max_new_tokens, seed) -> int:
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
         raise GenerationError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
     return int(max_new_tokens)
+
+
+def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """The length of the longest end of ``text`` that is the start of a stop
+    string (shorter than it: a whole one is cut before this is asked)."""
+    best = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

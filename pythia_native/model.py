@@ -219,6 +219,7 @@ def _check_complete(own: dict, quantized: set[str], seen: set[str], unexpected: 
 
 
 # ----------------------------------------------------------------- binding --
+# (So forward hooks and forward overrides of submodules do not run; README, Use.)
 # Every module below computes through a plain function made by its bind():
 # forward() binds and calls it, and the generate loop binds the whole model
 # once per call (PythiaModel.bind), so that a CPU decode step does not pay

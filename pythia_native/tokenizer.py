@@ -22,6 +22,12 @@ class Tokenizer:
     """A thin wrapper: ``encode`` (no special tokens added), ``decode``, ``vocab_size``."""
 
     def __init__(self, tokenizer: _HFTokenizer):
+        # A tokenizer.json may carry truncation / padding settings (transformers
+        # saves those of its last call): tokenizers would apply them to every
+        # encode (a prompt cut to 8 ids, a short one padded with <|padding|>),
+        # where transformers applies them only when a call asks. Off here.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 

@@ -842,3 +842,42 @@ def test_load_revision_between_two_steps_of_a_stream_is_allowed(tmp_path, tokeni
     pieces = [next(s)]
     e.load_revision(None)  # the same weights again
     assert "".join(pieces + list(s)) == want
+
+
+def test_truncation_and_padding_saved_in_tokenizer_json_are_not_applied(tmp_path):
+    # transformers saves the settings of its last call into tokenizer.json;
+    # tokenizers applied them to every encode (a prompt cut to 8 ids, a short
+    # one padded to 12 with <|padding|>). transformers applies them only when asked.
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = REAL_TOKENIZER or trained_tokenizer(tmp_path / "tok")
+    plain = Tokenizer.from_file(src)
+    hf = HFTokenizer.from_file(str(src))
+    hf.enable_truncation(8)
+    hf.enable_padding(length=12, pad_id=1, pad_token="<|padding|>")
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    long = "The quick brown fox jumps over the lazy dog, again and again and again."
+    assert len(plain.encode(long)) > 8
+    assert tok.encode(long) == plain.encode(long) and tok.encode("Hi") == plain.encode("Hi")
+
+
+def test_a_stop_string_holding_a_lone_surrogate_is_refused(engine):
+    # Generated text never holds one, so such a stop never matched: the run went
+    # on to max_new_tokens, where a prompt with one is refused.
+    with pytest.raises(GenerationError, match=r"stop string '\\udcff': text is not valid Unicode"):
+        engine.generate("Hi", 3, stop="\udcff")
+
+
+def test_stream_holds_back_only_text_that_could_begin_a_stop_string(engine):
+    # It held back len(longest stop) - 1 characters whatever they were: with a
+    # 20-character stop string the text lagged 19 characters behind.
+    kw = dict(ignore_eos=True, temperature=1.0, seed=3)
+    plain = list(engine.stream("Once upon a time", 24, **kw))
+    assert "\u2603" not in "".join(plain)  # the stop below cannot begin anywhere in it
+    assert list(engine.stream("Once upon a time", 24, stop="\u2603" * 20, **kw)) == plain
+    # A possible start is held until the text shows it is none.
+    from pythia_native.generate import _held_back
+
+    assert _held_back("abc ##", ["###x", "zz"]) == 2 and _held_back("abc #", ["#"]) == 0
+    assert _held_back("abz", ["###", "zzz"]) == 1 and _held_back("", ["ab"]) == 0
