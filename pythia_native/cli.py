@@ -48,11 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64, help="at most this many new tokens (default 64)")
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable), matched in the new text only, "
                    "taken literally: a newline is --stop $'\\n' in bash, not '\\n'")
     p.add_argument("--ignore-eos", action="store_true")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --revisions/--every: delete each revision's files from the Hugging Face cache once loaded")
 
     r = sub.add_parser("revisions", help="list the valid revisions of a Pythia model")
-    r.add_argument("model")
+    r.add_argument("model", help="a Pythia name (pythia-160m, EleutherAI/pythia-1b-deduped-v0, ...)")
 
     e = sub.add_parser("export", help="write a bitsandbytes 4-bit checkpoint (transformers + bitsandbytes load it)")
     e.add_argument("output", help="output directory")
@@ -94,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(b)
     b.add_argument("--random-weights", action="store_true", help="a random model of --size (no download)")
     b.add_argument("--size", default="160m", help="suite size for --random-weights (default 160m)")
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    b.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
+    b.add_argument("--new-tokens", type=int, default=128, help="new tokens per sequence, >= 2 (default 128)")
+    b.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     return ap
 
 
@@ -293,8 +293,9 @@ def cmd_bench(args) -> int:
     from .generate import Pythia
     from .loading import check_dtype, resolve_device
 
-    if args.repeats < 1:
-        raise GenerationError(f"--repeats must be >= 1, got {args.repeats}")
+    for flag, value in (("--repeats", args.repeats), ("--batch", args.batch), ("--prompt-len", args.prompt_len)):
+        if value < 1:  # named by flag (the engine's checks name max_batch / max_len)
+            raise GenerationError(f"{flag} must be >= 1, got {value}")
     if args.new_tokens < 2:
         # Decode speed is (time of N tokens - time of 1 token) / (N - 1) steps.
         raise GenerationError(

@@ -263,6 +263,8 @@ def test_text_goes_out_as_utf8_whatever_the_locale(ckpt):
     (["--repeats", "-2"], "--repeats must be >= 1, got -2"),
     (["--new-tokens", "1"], "--new-tokens must be >= 2 (decode tok/s is timed as N new tokens minus 1), got 1"),
     (["--new-tokens", "0"], "--new-tokens must be >= 2"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--prompt-len", "-5"], "--prompt-len must be >= 1, got -5"),
 ])
 def test_bench_argument_errors_are_one_line(capsys, argv, match):
     one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "4",
