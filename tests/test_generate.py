@@ -850,6 +850,7 @@ def test_truncation_and_padding_saved_in_tokenizer_json_are_not_applied(tmp_path
     # one padded to 12 with <|padding|>). transformers applies them only when asked.
     from tokenizers import Tokenizer as HFTokenizer
 
+    (tmp_path / "tok").mkdir()
     src = REAL_TOKENIZER or trained_tokenizer(tmp_path / "tok")
     plain = Tokenizer.from_file(src)
     hf = HFTokenizer.from_file(str(src))
