@@ -351,11 +351,12 @@ void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t 
     }
     // An inf or NaN in x: the float32 GEMV below, which propagates it.
   }
-  cpu::permute_k(x, dt, M, k, ldx, isa, xp);
+  const float amax = cpu::permute_k(x, dt, M, k, ldx, isa, xp);
   if (M <= kCpuGemvMaxM) {
     // Each thread streams a contiguous range of weight rows.
+    const int shift = cpu::gemv_code_shift(amax, blocksize, isa);
     at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
-      cpu::gemv_4bit_rows(xp, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n, isa);
+      cpu::gemv_4bit_rows(xp, M, k, pp, ap, blocksize, qt, bias_p, n0, n1, y, dt, n, isa, shift);
     });
   } else {
     for_tile_row_groups(n, [&](int64_t n0, int64_t n1) {

@@ -107,9 +107,12 @@ def gemm_4bit(
     blocksize) multiply in bf16 (oneDNN: 2.4e-3 relative error at M = 300 on
     a Xeon with AMX) or TF32; the GEMVs and the CPU tiles stay float32.
     The GEMVs (CPU AVX2 / AVX-512, CUDA) sum ``code * x`` over a block before
-    scaling by its absmax, with the codes held scaled by a power of two that
-    keeps every block sum finite for any finite x (up to the float32 maximum)
-    and leaves the bits of y unchanged.
+    scaling by its absmax; no such sum overflows for a finite x (up to the
+    float32 maximum): the CPU ones hold the codes scaled by a power of two
+    when x's largest |value| could make one pass it (~5e36 at blocksize 64),
+    else they run unscaled; CUDA's always hold them times 2^-5, which changes
+    no rounding unless a product falls below float32's normal range (|x| <
+    ~1e-36).
 
     ``compute="int16"`` lets a kernel round x to 16-bit integers per 64
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to

@@ -53,15 +53,29 @@ int64_t chunk_elems(Isa isa);
 // xp[m, :] = float32(x[m, :]) with each chunk of K in the kernels' weight
 // order. x: [M, K] elements of dt with row stride ldx; xp: [M, K] float32
 // contiguous. K % chunk_elems == 0. (fp16/bf16 -> float32 is exact.)
-void permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
+// Returns max |x| (NaNs skipped, inf counted), for gemv_code_shift.
+float permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp);
+// The vector GEMVs sum code * x over a quant block (blocksize / chunk terms
+// per lane, |code| <= 1) before scaling by its absmax. For an x whose largest
+// |value| is amax, that sum could pass the float32 maximum (inf where the
+// reference's (code * absmax) * x is finite) once terms * amax > FLT_MAX
+// (amax above ~5e36 at blocksize 64): then they hold the codes scaled by
+// 2^-s, 2^s >= terms, and scale y back by 2^s. Powers of two leave every
+// rounding as it was except for terms the scaling pushes below float32's
+// normal range, negligible beside an amax that large. Returns s: 0 for
+// every other x (the unscaled sums, bit for bit), and for the scalar ISA
+// (it scales each weight first).
+int gemv_code_shift(float amax, int64_t blocksize, Isa isa);
 // y[m, n] = sum_k xp[m, k] * W[n, k] + bias[n] for n in [n0, n1), m in [0, M),
 // summed in float32 and rounded once to ydt when stored. Row-aligned layouts
 // only (K % blocksize == 0). xp from permute_k (same isa); bias (float32) may
 // be null; y: elements of ydt with row stride ldy. Reads W from memory
 // once for any M (rows of x in groups of 4 per row of W, which stays in L1).
+// code_shift: gemv_code_shift of x's permute_k.
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa,
+                    int code_shift);
 
 // gemm_4bit's compute="int16" GEMV (cpu/gemv_i16.cpp, which defines the
 // numerics): x rounded to int16 per 64 elements, exact int32 sums per

@@ -45,6 +45,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "common/elements.h"
 #include "common/kernels.h"
@@ -99,19 +100,6 @@ void dequantize_rows_scalar(const uint8_t* packed, const float* absmax, int64_t 
       o[2 * j + 1 - k0] = code[wrow[j] & 0xF] * scale;
     }
   }
-}
-
-// The vector GEMVs sum code * x over a quant block, bs / chunk terms per
-// lane (|code| <= 1), before scaling by its absmax. Unscaled, that sum
-// overflows to inf for |x| near the float32 maximum where the reference's
-// (code * absmax) * x is finite. So they look codes up in a table scaled by
-// 2^-s, 2^s >= the terms per lane, and multiply y back by 2^s: powers of two,
-// so every rounding, and the bits of y, are as unscaled (barring terms below
-// the normal range, |code * x| < ~1e-38 * 2^s), and no lane's sum can pass
-// FLT_MAX.
-inline int gemv_code_shift(int64_t bs, int64_t chunk) {
-  return std::max(0, __builtin_ctzll(static_cast<unsigned long long>(bs)) -
-                         __builtin_ctzll(static_cast<unsigned long long>(chunk)));
 }
 
 // ---------------------------------------------------------------- AVX-512 ---
@@ -272,8 +260,9 @@ PN_AVX512 inline void row_group_avx512(const float* x, int64_t K, const uint8_t*
 // so W comes from memory once whatever M is.
 PN_AVX512 void gemv_rows_avx512(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                                 const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                                int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
-  const int shift = gemv_code_shift(bs, 32);
+                                int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, int shift) {
+  // The codes times 2^-shift, y times 2^shift (gemv_code_shift; 0 but for an
+  // x near the float32 maximum).
   const float unscale = std::ldexp(1.0f, shift);
   const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(code_table(qt)),
                                      _mm512_set1_ps(std::ldexp(1.0f, -shift)));
@@ -419,9 +408,8 @@ PN_AVX2 inline void row_group_avx2(const float* x, int64_t K, const uint8_t* wro
 // As gemv_rows_avx512.
 PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                             const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                            int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy) {
+                            int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, int shift) {
   // The codes times 2^-shift, y times 2^shift (see gemv_code_shift).
-  const int shift = gemv_code_shift(bs, 16);
   const float unscale = std::ldexp(1.0f, shift);
   const __m256 down = _mm256_set1_ps(std::ldexp(1.0f, -shift));
   const __m256 tlo = _mm256_mul_ps(_mm256_loadu_ps(code_table(qt)), down);
@@ -484,36 +472,57 @@ static int64_t chunk_source(Isa isa, int64_t i) {
 }
 
 template <typename T>
-static void permute_k_typed(const T* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
+static float permute_k_typed(const T* x, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
   const int64_t C = chunk_elems(isa);
   int64_t src[32];
   for (int64_t i = 0; i < C; ++i) src[i] = chunk_source(isa, i);
+  float amax = 0.0f;
   for (int64_t m = 0; m < M; ++m) {
     const T* xr = x + m * ldx;
     float* o = xp + m * K;
     for (int64_t c = 0; c < K; c += C) {
-      for (int64_t i = 0; i < C; ++i) o[c + i] = to_f32(xr[c + src[i]]);
+      for (int64_t i = 0; i < C; ++i) {
+        const float v = to_f32(xr[c + src[i]]);
+        o[c + i] = v;
+        amax = std::fabs(v) > amax ? std::fabs(v) : amax;  // a NaN compares false: skipped
+      }
     }
   }
+  return amax;
 }
 
-void permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
+float permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa isa, float* xp) {
   switch (dt) {
-    case DType::F32: permute_k_typed(static_cast<const float*>(x), M, K, ldx, isa, xp); break;
-    case DType::BF16: permute_k_typed(static_cast<const Bf16*>(x), M, K, ldx, isa, xp); break;
-    case DType::F16: permute_k_typed(static_cast<const F16*>(x), M, K, ldx, isa, xp); break;
+    case DType::F32: return permute_k_typed(static_cast<const float*>(x), M, K, ldx, isa, xp);
+    case DType::BF16: return permute_k_typed(static_cast<const Bf16*>(x), M, K, ldx, isa, xp);
+    case DType::F16: return permute_k_typed(static_cast<const F16*>(x), M, K, ldx, isa, xp);
   }
+  return 0.0f;
+}
+
+int gemv_code_shift(float amax, int64_t blocksize, Isa isa) {
+  if (isa == Isa::Scalar) return 0;
+  const int64_t chunk = isa == Isa::AVX512 ? 32 : 16;  // weights per chunk: one term per lane
+  const int64_t terms = std::max<int64_t>(1, blocksize / chunk);
+  if (static_cast<double>(amax) * static_cast<double>(terms) <=
+      static_cast<double>(std::numeric_limits<float>::max())) {
+    return 0;
+  }
+  return __builtin_ctzll(static_cast<unsigned long long>(terms));  // blocksize, chunk: powers of two
 }
 
 void gemv_4bit_rows(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
                     const float* absmax, int64_t blocksize, QuantType qt, const float* bias,
-                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa) {
+                    int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa,
+                    int code_shift) {
   switch (isa) {
     case Isa::AVX512:
-      gemv_rows_avx512(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
+      gemv_rows_avx512(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy,
+                       code_shift);
       break;
     case Isa::AVX2:
-      gemv_rows_avx2(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
+      gemv_rows_avx2(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy,
+                     code_shift);
       break;
     default:
       gemv_rows_scalar(xp, M, K, packed, absmax, blocksize, qt, bias, n0, n1, y, ydt, ldy);
