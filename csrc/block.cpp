@@ -128,6 +128,41 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
   parse_compute(compute, kOp);
 }
 
+void check_neox_block_call(const at::Tensor& x, const at::Tensor& positions,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
+                           const at::Tensor& ln2_weight, const at::Tensor& ln2_bias, double eps,
+                           const at::Tensor& qkv_packed, const at::Tensor& qkv_absmax,
+                           const c10::optional<at::Tensor>& qkv_bias,
+                           const at::Tensor& dense_packed, const at::Tensor& dense_absmax,
+                           const c10::optional<at::Tensor>& dense_bias,
+                           const at::Tensor& up_packed, const at::Tensor& up_absmax,
+                           const c10::optional<at::Tensor>& up_bias, const at::Tensor& down_packed,
+                           const at::Tensor& down_absmax,
+                           const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
+                           int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
+                           double rope_theta, double scale, bool parallel_residual,
+                           const std::string& compute) {
+  check_neox_block(x, positions, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias,
+                   eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
+                   up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
+                   intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
+                   parallel_residual, compute);
+  static const at::Tensor none;
+  const auto opt = [](const c10::optional<at::Tensor>& t) -> const at::Tensor& {
+    return t.has_value() ? *t : none;
+  };
+  check_written_apart(kOp, {{"x", x}, {"k_cache", k_cache}, {"v_cache", v_cache}},
+                      {{"positions", positions}, {"ln1_weight", ln1_weight},
+                       {"ln1_bias", ln1_bias}, {"ln2_weight", ln2_weight}, {"ln2_bias", ln2_bias},
+                       {"qkv_packed", qkv_packed}, {"qkv_absmax", qkv_absmax},
+                       {"qkv_bias", opt(qkv_bias)}, {"dense_packed", dense_packed},
+                       {"dense_absmax", dense_absmax}, {"dense_bias", opt(dense_bias)},
+                       {"up_packed", up_packed}, {"up_absmax", up_absmax},
+                       {"up_bias", opt(up_bias)}, {"down_packed", down_packed},
+                       {"down_absmax", down_absmax}, {"down_bias", opt(down_bias)}});
+}
+
 namespace {
 
 // The CPU kernel's scratch: one buffer per calling thread, grown on demand
@@ -182,24 +217,11 @@ void neox_block_cpu(at::Tensor& x, const at::Tensor& positions_in, at::Tensor& k
                     int64_t intermediate_size, int64_t blocksize, const std::string& quant_type,
                     int64_t rotary_ndims, double rope_theta, double scale,
                     bool parallel_residual, const std::string& compute) {
-  check_neox_block(x, positions_in, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight, ln2_bias,
-                   eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed, dense_absmax, dense_bias,
-                   up_packed, up_absmax, up_bias, down_packed, down_absmax, down_bias,
-                   intermediate_size, blocksize, quant_type, rotary_ndims, rope_theta, scale,
-                   parallel_residual, compute);
-  static const at::Tensor none;
-  const auto opt = [](const c10::optional<at::Tensor>& t) -> const at::Tensor& {
-    return t.has_value() ? *t : none;
-  };
-  check_written_apart(kOp, {{"x", x}, {"k_cache", k_cache}, {"v_cache", v_cache}},
-                      {{"positions", positions_in}, {"ln1_weight", ln1_weight},
-                       {"ln1_bias", ln1_bias}, {"ln2_weight", ln2_weight}, {"ln2_bias", ln2_bias},
-                       {"qkv_packed", qkv_packed}, {"qkv_absmax", qkv_absmax},
-                       {"qkv_bias", opt(qkv_bias)}, {"dense_packed", dense_packed},
-                       {"dense_absmax", dense_absmax}, {"dense_bias", opt(dense_bias)},
-                       {"up_packed", up_packed}, {"up_absmax", up_absmax},
-                       {"up_bias", opt(up_bias)}, {"down_packed", down_packed},
-                       {"down_absmax", down_absmax}, {"down_bias", opt(down_bias)}});
+  check_neox_block_call(x, positions_in, k_cache, v_cache, ln1_weight, ln1_bias, ln2_weight,
+                        ln2_bias, eps, qkv_packed, qkv_absmax, qkv_bias, dense_packed,
+                        dense_absmax, dense_bias, up_packed, up_absmax, up_bias, down_packed,
+                        down_absmax, down_bias, intermediate_size, blocksize, quant_type,
+                        rotary_ndims, rope_theta, scale, parallel_residual, compute);
   const bool int16 = parse_compute(compute, kOp);
   const BlockDims s = block_dims(x, k_cache, intermediate_size);
   const int64_t M = s.B * s.T, Hd = s.hidden, I = s.inter;

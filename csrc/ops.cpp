@@ -678,6 +678,9 @@ PYBIND11_MODULE(_C, mod) {
              const at::Tensor& positions, double scale) {
             check_decode_attention_args(q, k_cache, v_cache, positions, scale);
           });
+  mod.def("check_neox_block_call", &check_neox_block_call,
+          "neox_block_'s checks of a real call: its argument checks, then that x and the caches "
+          "share no memory with another argument (its arguments, in order).");
   mod.def("check_neox_block_args", &check_neox_block,
           "neox_block_'s argument checks (its arguments, in order): raise what the op would.");
 #ifdef PN_WITH_CUDA

@@ -43,9 +43,11 @@ struct NamedTensor {
 // with any of its `read` ones: its kernels read and write in an order of
 // their own (and of the thread count), so an alias (k_cache passed as
 // v_cache, qkv a view of a cache, a bias a view of x) gives a result that
-// depends on that order. Compares allocations and address ranges, so it reads
-// data pointers: the real kernels call it, not the fake ones. Undefined
-// tensors and empty ones are skipped.
+// depends on that order. Compares allocations and address ranges (first to
+// last element), so it reads data pointers: the real kernels call it, not
+// the fake ones. Conservative: two strided views interleaved in one buffer
+// without a common element are refused too. Undefined and empty tensors are
+// skipped.
 void check_written_apart(const char* op, c10::ArrayRef<NamedTensor> written,
                          c10::ArrayRef<NamedTensor> read);
 
@@ -162,5 +164,24 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
                       int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
                       double rope_theta, double scale, bool parallel_residual,
                       const std::string& compute);
+// check_neox_block, then check_written_apart on x and the caches against
+// every other tensor argument: what a real call (not a fake one) checks. The
+// CPU kernel runs it; the CUDA composition through _C.check_neox_block_call
+// (one call per block: a list-building Python check cost ~15 us a block).
+void check_neox_block_call(const at::Tensor& x, const at::Tensor& positions,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& ln1_weight, const at::Tensor& ln1_bias,
+                           const at::Tensor& ln2_weight, const at::Tensor& ln2_bias, double eps,
+                           const at::Tensor& qkv_packed, const at::Tensor& qkv_absmax,
+                           const c10::optional<at::Tensor>& qkv_bias,
+                           const at::Tensor& dense_packed, const at::Tensor& dense_absmax,
+                           const c10::optional<at::Tensor>& dense_bias,
+                           const at::Tensor& up_packed, const at::Tensor& up_absmax,
+                           const c10::optional<at::Tensor>& up_bias, const at::Tensor& down_packed,
+                           const at::Tensor& down_absmax,
+                           const c10::optional<at::Tensor>& down_bias, int64_t intermediate_size,
+                           int64_t blocksize, const std::string& quant_type, int64_t rotary_ndims,
+                           double rope_theta, double scale, bool parallel_residual,
+                           const std::string& compute);
 
 }  // namespace pythia_native

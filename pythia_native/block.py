@@ -149,14 +149,8 @@ def composed_block_(*args) -> None:
     kernels of x's device, after the op's own argument checks
     (csrc/block.cpp): the op's CUDA kernel, and on the CPU the oracle the
     fused kernel is tested against."""
-    op = torch.ops.pythia_native.neox_block_.default
-    args = _with_defaults(op, args)
-    _C.check_neox_block_args(*args)
-    written, read = [], []
-    for a, v in zip(op._schema.arguments, args):
-        if isinstance(v, torch.Tensor):
-            (written if a.alias_info is not None and a.alias_info.is_write else read).append((a.name, v))
-    _C.check_written_apart("neox_block_", written, read)
+    args = _with_defaults(torch.ops.pythia_native.neox_block_.default, args)
+    _C.check_neox_block_call(*args)  # the argument checks, and x and the caches apart from the rest
     args[0].copy_(_composed(*args))
     # The fused kernel bumps x's version counter (the caches' come from
     # rotary_kv_cache_); this copy_, inside a kernel, is below the dispatch

@@ -40,7 +40,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="keep 4-bit copies of loaded revisions here and load them from here (no download)")
     p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads; at most the CPUs this process may use)")
+                   help="CPU threads (torch.set_num_threads; at most 8 per CPU this process may use)")
     p.add_argument("--compute", default="float32", choices=["float32", "int16"],
                    help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
                    "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
@@ -259,31 +259,51 @@ def cmd_revisions(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .errors import CheckpointError
     from .export import check_output_dir
     from .quantized_linear import QuantizedLinear
 
     # Before the load: an unwritable path fails in a second, not after minutes.
-    check_output_dir(args.output, source=args.model if os.path.isdir(args.model) else None)
+    local = os.path.isdir(args.model)
+    check_output_dir(args.output, source=args.model if local else None)
+    if local:  # a local bitsandbytes checkpoint: its format flags are known before the load too
+        from .config import PythiaConfig
+        from .loading import bnb_quantization
+        from .weights import CheckpointReader, read_config
+
+        raw = read_config(args.model)
+        q = bnb_quantization(raw)
+        if q is not None:
+            with CheckpointReader(args.model) as reader:
+                head_4bit = any(k in reader.keys() for k in ("embed_out.weight.absmax", "lm_head.weight.absmax"))
+            PythiaConfig.from_dict(raw)  # a config that is not GPT-NeoX fails as the load would
+            _refuse_format_flags(args, q.get("bnb_4bit_quant_type", "fp4"),
+                                 bool(q.get("bnb_4bit_use_double_quant", False)), head_4bit)
     engine = _load(args, quantize_embed_out=args.quantize_embed_out)
     model = engine.model
     if model.source_quantization is not None:
-        # A bitsandbytes checkpoint's bytes are exported as they are: a format flag cannot apply.
-        asked = [flag for flag, differs in (
-            (f"--quant-type {args.quant_type}", args.quant_type not in (None, model.quant_type)),
-            ("--double-quant", args.double_quant and not model.double_quant),
-            ("--quantize-embed-out", args.quantize_embed_out and not isinstance(model.embed_out, QuantizedLinear)),
-        ) if differs]
-        if asked:
-            raise CheckpointError(
-                f"{args.model} is already a bitsandbytes 4-bit checkpoint ({model.quant_type}, double quant "
-                f"{'on' if model.double_quant else 'off'}, embed_out "
-                f"{'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}), exported byte for byte: "
-                f"{', '.join(asked)} cannot apply; export from the dense checkpoint instead, or drop it. Nothing written."
-            )
+        _refuse_format_flags(args, model.quant_type, model.double_quant, isinstance(model.embed_out, QuantizedLinear))
     out = engine.save_pretrained(args.output)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _refuse_format_flags(args, quant_type: str, double_quant: bool, head_4bit: bool) -> None:
+    """A bitsandbytes checkpoint's bytes are exported as they are: a format flag
+    that asks for another format cannot apply (it was silently ignored)."""
+    from .errors import CheckpointError
+
+    asked = [flag for flag, differs in (
+        (f"--quant-type {args.quant_type}", args.quant_type not in (None, quant_type)),
+        ("--double-quant", args.double_quant and not double_quant),
+        ("--quantize-embed-out", args.quantize_embed_out and not head_4bit),
+    ) if differs]
+    if asked:
+        raise CheckpointError(
+            f"{args.model} is already a bitsandbytes 4-bit checkpoint ({quant_type}, double quant "
+            f"{'on' if double_quant else 'off'}, embed_out {'4-bit' if head_4bit else 'dense'}), exported byte for "
+            f"byte: {', '.join(asked)} cannot apply; export from the dense checkpoint instead, or drop it. "
+            "Nothing written."
+        )
 
 
 def cmd_bench(args) -> int:
@@ -348,10 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = getattr(args, "threads", None)
     if threads is not None:
         # torch.set_num_threads crashes for huge counts (libgomp: 20000 failed,
-        # 100000 segfaulted); more threads than CPUs only slows a decode down.
+        # 100000 segfaulted). More threads than CPUs only slows a decode down,
+        # but stays allowed up to 8 per CPU this process may use (64 at least).
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if not 1 <= threads <= cpus:
-            print(f"pythia-native: error: --threads must be in [1, {cpus}] (the CPUs this process may use), "
+        most = max(64, 8 * cpus)
+        if not 1 <= threads <= most:
+            print(f"pythia-native: error: --threads must be in [1, {most}] (this process may use {cpus} CPUs), "
                   f"got {threads}", file=sys.stderr)
             return 2
         import torch

@@ -84,12 +84,15 @@ def check_output_dir(directory: Union[str, os.PathLike], source: Optional[Union[
     if not str(directory).strip():
         raise CheckpointError("the output directory is an empty path (an unset variable?); give a directory")
     out = Path(directory).expanduser()
-    resolved = out.resolve()
+    try:
+        resolved = out.resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop (RuntimeError on Python < 3.13)
+        raise CheckpointError(f"cannot write a checkpoint to {out}: {e}") from None
     for p in (resolved, *resolved.parents):
         if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
             raise CheckpointError(f"cannot write a checkpoint to {out}: it is inside a Hugging Face cache snapshot "
                                   f"({p}); choose a directory of your own")
-    if source is not None and resolved == Path(source).expanduser().resolve():
+    if source is not None and resolved == Path(os.path.realpath(Path(source).expanduser())):
         raise CheckpointError(f"cannot write a checkpoint to {out}: it is the directory the model was loaded from, "
                               "whose checkpoint the export would overwrite; choose another directory")
     existing = out

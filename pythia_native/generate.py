@@ -698,8 +698,11 @@ class Score:
 
 
 def perplexity(mean_logprob: float) -> float:
-    """``exp(-mean_logprob)``, inf where that overflows a float (math.exp raised)."""
-    return math.exp(-mean_logprob) if -mean_logprob < 709.0 else math.inf
+    """``exp(-mean_logprob)``, inf where that overflows a float (math.exp raised); NaN stays NaN."""
+    try:
+        return math.exp(-mean_logprob)
+    except OverflowError:
+        return math.inf
 
 
 def _scalar(t):

@@ -472,12 +472,18 @@ class PythiaModel(nn.Module):
         # float32, caches follow self.dtype), and a cast left a model failing in
         # its kernels ("mixed dtype", "k_cache must have qkv's dtype"). Refused
         # before anything changes; a device move (or to_empty) goes through.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        if probe.dtype != self.dtype:
-            raise TypeError(
-                f"PythiaModel: its activation dtype ({self.dtype}) is fixed when it is built; cast nothing, build "
-                f"another with dtype={probe.dtype} (pn.load(..., dtype=...) or PythiaModel(..., dtype=...))"
-            )
+        # Every floating dtype the model holds is probed (activations, float32
+        # LayerNorm, a float16 head): .bfloat16() of a bfloat16 model would
+        # still cast its LayerNorm.
+        held = {t.dtype for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()} | {self.dtype}
+        for dtype in held:
+            probe = fn(torch.empty(0, dtype=dtype, device=self.device))
+            if probe.dtype != dtype:
+                raise TypeError(
+                    f"PythiaModel: its dtypes are fixed when it is built (activations {self.dtype}, LayerNorm "
+                    f"float32); the cast would turn its {dtype} tensors into {probe.dtype}. Build another with "
+                    "pn.load(..., dtype=...) or PythiaModel(..., dtype=...) instead"
+                )
         return super()._apply(fn, recurse)
 
     # ------------------------------------------------------------- compute --

@@ -178,9 +178,13 @@ def _sweep(ref: ModelRef, chosen: list[str], load_kwargs: dict, free_hub_files: 
                 group.append(source)
             if _may_free(ref, chosen, i, engine, load_kwargs):
                 for snapshot in held.pop(_checkpoint(ref, rev)):
-                    # A later revision whose ref in the hub cache names this commit needs it.
-                    if not any(_commit_of(snapshot, later) == snapshot.name for later in chosen[i + 1 :]):
+                    # A later revision whose ref in the hub cache names this commit
+                    # needs it: it goes with that revision's checkpoint instead.
+                    later = next((r for r in chosen[i + 1 :] if _commit_of(snapshot, r) == snapshot.name), None)
+                    if later is None:
                         _free_snapshot(snapshot)
+                    else:
+                        held.setdefault(_checkpoint(ref, later), []).append(snapshot)
         yield rev, engine
 
 

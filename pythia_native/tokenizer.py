@@ -25,7 +25,8 @@ class Tokenizer:
         # A tokenizer.json may carry truncation / padding settings (transformers
         # saves those of its last call): tokenizers would apply them to every
         # encode (a prompt cut to 8 ids, a short one padded with <|padding|>),
-        # where transformers applies them only when a call asks. Off here.
+        # where transformers applies them only when a call asks. Off here (on the
+        # tokenizers.Tokenizer given, which this wrapper owns from now on).
         tokenizer.no_truncation()
         tokenizer.no_padding()
         self._tok = tokenizer

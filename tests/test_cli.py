@@ -1,6 +1,7 @@
 """The pythia-native command line: the happy paths on a local random
 checkpoint, and every user error ending in one line and exit code 2."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -283,16 +284,28 @@ def test_export_refuses_an_empty_path_the_source_and_a_hub_snapshot(capsys, ckpt
     before = (src / "model.safetensors").read_bytes()
     one_line_error(capsys, "export", "--model", src, "--device", "cpu", src, match="the directory the model was loaded from")
     assert (src / "model.safetensors").read_bytes() == before
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")  # a symbolic link loop: one line, not a traceback
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    one_line_error(capsys, "export", "--model", ckpt, "--device", "cpu", tmp_path / "loop-a" / "out",
+                   match="cannot write a checkpoint to")
     snap = tmp_path / "hub" / "models--EleutherAI--pythia-14m" / "snapshots" / ("0" * 40)
     snap.mkdir(parents=True)
     one_line_error(capsys, "export", "--model", ckpt, "--device", "cpu", snap / "q", match="Hugging Face cache snapshot")
 
 
-def test_export_of_a_4bit_checkpoint_refuses_format_flags_it_cannot_apply(capsys, ckpt, tmp_path):
+def test_export_of_a_4bit_checkpoint_refuses_format_flags_it_cannot_apply(capsys, ckpt, tmp_path, monkeypatch):
     # A bitsandbytes checkpoint is exported byte for byte: --double-quant,
-    # --quantize-embed-out or another --quant-type were silently ignored.
+    # --quantize-embed-out or another --quant-type were silently ignored. A
+    # local one is refused before the load.
     code, _, _ = run(capsys, "export", "--model", ckpt, "--device", "cpu", tmp_path / "q")
     assert code == 0
+    import pythia_native.cli as cli
+
+    real_load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded before refusing"))
+    one_line_error(capsys, "export", "--model", tmp_path / "q", "--device", "cpu", "--double-quant", tmp_path / "x",
+                   match="--double-quant cannot apply")
+    monkeypatch.setattr(cli, "_load", real_load)
     for flags in (["--double-quant"], ["--quantize-embed-out"], ["--quant-type", "fp4"]):
         one_line_error(capsys, "export", "--model", tmp_path / "q", "--device", "cpu", *flags, tmp_path / "again",
                        match=f"already a bitsandbytes 4-bit checkpoint (nf4, double quant off, embed_out dense), "
@@ -306,9 +319,9 @@ def test_export_of_a_4bit_checkpoint_refuses_format_flags_it_cannot_apply(capsys
 def test_threads_beyond_the_cpus_and_a_closed_stdout_are_one_line_errors(capsys, ckpt):
     # --threads 100000 segfaulted in torch.set_num_threads (20000: libgomp
     # failed); with stdout closed, generate died on None.write after the load.
-    cpus = len(os.sched_getaffinity(0))
+    most = max(64, 8 * len(os.sched_getaffinity(0)))
     one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "--threads", "100000", "hi",
-                   match=f"--threads must be in [1, {cpus}]")
+                   match=f"--threads must be in [1, {most}]")
     p = subprocess.run([sys.executable, "-m", "pythia_native", "generate", "--model", str(ckpt), "--device", "cpu",
                         "-n", "2", "hi"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
                        preexec_fn=lambda: os.close(1))
@@ -329,6 +342,7 @@ def test_perplexity_of_a_hopeless_text_is_inf_not_an_error():
     from pythia_native.generate import Score, perplexity
 
     assert perplexity(-1000.0) == float("inf") and perplexity(-1.0) == pytest.approx(2.718281828)
+    assert perplexity(-709.5) == pytest.approx(1.3549863e308) and math.isnan(perplexity(float("nan")))
     assert Score([5, 6], torch.tensor([-800.0, -900.0])).perplexity == float("inf")  # math.exp raised OverflowError
 
 

@@ -276,9 +276,12 @@ def test_a_dtype_cast_is_refused_and_assign_into_a_meta_model_works():
     ids = torch.randint(0, SHAPES["tiny"]["vocab_size"], (1, 7))
     want = model(ids, full_positions(1, 7), model.new_cache(1, 8), span=7)
     for cast in (lambda m: m.half(), lambda m: m.bfloat16(), lambda m: m.to(torch.float64), lambda m: m.type(torch.half)):
-        with pytest.raises(TypeError, match=r"activation dtype \(torch.float32\) is fixed when it is built"):
+        with pytest.raises(TypeError, match=r"its dtypes are fixed when it is built \(activations torch.float32"):
             cast(model)
-    model.float().to("cpu")  # no change of dtype: allowed
+    model.to("cpu")  # no change of dtype: allowed
+    _, bf16 = pair("tiny", dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="turn its torch.float32 tensors into torch.bfloat16"):
+        bf16.bfloat16()  # the activation dtype already, but its LayerNorm is float32
     assert torch.equal(model(ids, full_positions(1, 7), model.new_cache(1, 8), span=7), want)
     with torch.device("meta"):
         empty = PythiaModel(model.config)

@@ -267,6 +267,14 @@ def test_free_hub_files_deletes_every_snapshot_of_a_checkpoint_at_its_last_use(h
     list(sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, **OPTS))
     names = {p.name for p in snaps.iterdir()}
     assert not {commit_hash(0x90), commit_hash(9), commit_hash(1)} & names, names
+    # A commit hash, then its branch served from the quantized cache: kept for
+    # the branch, then (its last use coming from the cache) never deleted.
+    q = tmp_path / "q"
+    add_snapshot(hub_cache, REPO, sources[1], refs=("step1000",), commit=commit_hash(1))  # freed above
+    load("pythia-14m", "step1000", cache_dir=hub_cache, quantized_cache=q, **OPTS)
+    list(sweep("pythia-14m", [commit_hash(1), "step1000"], cache_dir=hub_cache, free_hub_files=True,
+               quantized_cache=q, **OPTS))
+    assert commit_hash(1) not in {p.name for p in snaps.iterdir()}
     revs = ["step2000", "step4000", "step2000"]
     got = [(rev, Path(engine.source[2]).parent.name) for rev, engine in
            sweep("pythia-14m", revs, cache_dir=hub_cache, free_hub_files=True, quantized_cache=tmp_path / "q", **OPTS)]
