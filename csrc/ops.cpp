@@ -635,19 +635,6 @@ PYBIND11_MODULE(_C, mod) {
     cpu::set_isa(isa);
   }, "Force the CPU kernels onto one ISA ('auto' restores the best one); for tests and "
      "benchmarks.");
-  mod.def("check_written_apart",
-          [](const std::string& op, const std::vector<std::pair<std::string, at::Tensor>>& written,
-             const std::vector<std::pair<std::string, at::Tensor>>& read) {
-            const auto refs = [](const std::vector<std::pair<std::string, at::Tensor>>& v) {
-              std::vector<NamedTensor> out;
-              for (const auto& [name, t] : v) out.push_back({name.c_str(), t});
-              return out;
-            };
-            check_written_apart(op.c_str(), refs(written), refs(read));
-          },
-          pybind11::arg("op"), pybind11::arg("written"), pybind11::arg("read"),
-          "Raise if a tensor an in-place op writes shares memory with another of its "
-          "arguments (lists of (name, tensor)).");
   // Each op's argument checks (its arguments, in order), for its fake kernel
   // (pythia_native/ops.py): raise what the op would, return None.
   mod.def("check_quantize_4bit_args", [](const at::Tensor& weight, int64_t blocksize,

@@ -6,8 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <string>
-#include <utility>
-#include <vector>
 
 #include "common/kernels.h"
 

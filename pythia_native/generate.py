@@ -28,7 +28,7 @@ import torch
 from . import _C, ops
 from .errors import GenerationError
 from .model import KVCache, PythiaModel
-from .sampling import SamplingParams, is_int, sample
+from .sampling import SamplingParams, int_scalar, is_int, sample
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
 Prompt = Union[str, Sequence[int]]
@@ -167,7 +167,7 @@ class Pythia:
         if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "tolist"):
             prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids (0-d: a scalar)
         if isinstance(prompts, (list, tuple)):
-            prompts = [_scalar(t) for t in prompts]  # [tensor(5), tensor(6)] is one prompt, as [5, 6]
+            prompts = [int_scalar(t) for t in prompts]  # [tensor(5), tensor(6)] is one prompt, as [5, 6]
         if not isinstance(prompts, (str, list, tuple)):
             hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
             raise GenerationError(
@@ -191,7 +191,7 @@ class Pythia:
                     raise GenerationError(
                         f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}{hint}"
                     )
-                p = [_scalar(t) for t in p]
+                p = [int_scalar(t) for t in p]
                 # Integers only: int() would truncate 5.9 to 5, parse "12", take True as 1.
                 bad = next((j for j, t in enumerate(p) if not is_int(t)), None)
                 if bad is not None:
@@ -561,8 +561,7 @@ class Pythia:
         ids, strings = set(), []
         V = self.config.vocab_size
         for s in items:
-            if hasattr(s, "tolist") and not isinstance(s, (str, bytes, bytearray)):
-                s = s.tolist()  # a 0-d tensor or a numpy scalar: a Python int if integral
+            s = int_scalar(s)  # a 0-d tensor or a numpy scalar
             if isinstance(s, str):
                 if s == "":
                     raise GenerationError("stop strings must not be empty")
@@ -703,15 +702,6 @@ def perplexity(mean_logprob: float) -> float:
         return math.exp(-mean_logprob)
     except OverflowError:
         return math.inf
-
-
-def _scalar(t):
-    """A 0-d integer tensor or numpy array / scalar as a Python int; anything
-    else unchanged (a float one too, so that an error can name its type)."""
-    if not isinstance(t, (str, bytes, bytearray)) and hasattr(t, "tolist") and getattr(t, "ndim", None) == 0:
-        v = t.tolist()
-        return v if is_int(v) else t
-    return t
 
 
 def _check_flags(**flags) -> None:

@@ -27,7 +27,6 @@ sequence's greedy tokens can depend on the rest of its batch.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Collection, Mapping
 from typing import Optional
 
@@ -41,6 +40,7 @@ from .config import PythiaConfig
 from .errors import CheckpointError, GenerationError
 from .format import check_quant_type
 from .quantized_linear import QuantizedLinear, parse_quant_state, weight_keys
+from .sampling import is_int
 from .weights import is_skipped_buffer
 
 # The four Linear layers of a block that are stored in 4 bits.
@@ -64,10 +64,9 @@ class KVCache:
     """
 
     def __init__(self, config: PythiaConfig, max_batch: int, max_len: int, dtype: torch.dtype, device):
-        integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
-        if not integer(max_batch) or max_batch < 1:
+        if not is_int(max_batch) or max_batch < 1:
             raise GenerationError(f"KVCache: max_batch must be an integer >= 1, got {max_batch!r}")
-        if not integer(max_len) or not 1 <= max_len <= config.max_position_embeddings:
+        if not is_int(max_len) or not 1 <= max_len <= config.max_position_embeddings:
             raise GenerationError(
                 f"KVCache: max_len must be an integer in [1, max_position_embeddings={config.max_position_embeddings}], "
                 f"got {max_len!r}"
@@ -113,7 +112,7 @@ def _clear_unwritten_slots(cache: KVCache, positions: torch.Tensor, span: int) -
     of the largest position would silently drop the keys past it, one past the
     cache fails deep in SDPA, and more rows than the cache holds in the slot
     clearing."""
-    if not isinstance(span, numbers.Integral) or isinstance(span, bool) or not 1 <= span <= cache.max_len:
+    if not is_int(span) or not 1 <= span <= cache.max_len:
         raise GenerationError(f"span must be an integer in [1, {cache.max_len}] (the cache's max_len), got {span!r}")
     if positions.dim() != 2 or positions.shape[0] > cache.max_batch:
         raise GenerationError(

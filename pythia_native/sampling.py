@@ -33,6 +33,15 @@ def is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def int_scalar(t):
+    """A 0-d integer tensor or numpy array / scalar as a Python int; anything
+    else unchanged (a float one too, so that an error can name its type)."""
+    if not isinstance(t, (str, bytes, bytearray)) and hasattr(t, "tolist") and getattr(t, "ndim", None) == 0:
+        v = t.tolist()
+        return v if is_int(v) else t
+    return t
+
+
 def is_real(v) -> bool:
     """A real number, not a bool."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)

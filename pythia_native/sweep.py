@@ -48,6 +48,7 @@ import torch
 
 from .errors import RevisionError
 from .generate import Pythia
+from .sampling import int_scalar
 from .suite import ModelRef, resolve_model, resolve_revision
 from .suite import revisions as suite_revisions
 
@@ -86,8 +87,7 @@ def select_revisions(
         if isinstance(steps, (str, bytes, bytearray)) or not hasattr(steps, "__iter__"):
             raise RevisionError(f"steps must be step numbers (a list or a range), got {steps!r}")
         # 0-d tensors / numpy scalars (torch.arange, np.arange) as Python ints.
-        wanted: list[Union[str, int]] = [s.item() if hasattr(s, "item") and getattr(s, "ndim", None) == 0 else s
-                                         for s in steps]
+        wanted: list[Union[str, int]] = [int_scalar(s) for s in steps]
         if ref.model is None:
             raise RevisionError(f"{ref} is not a repo of the Pythia suite: pass its branch names as revisions=[...]")
     elif isinstance(revisions, str):
@@ -189,12 +189,10 @@ def _sweep(ref: ModelRef, chosen: list[str], load_kwargs: dict, free_hub_files: 
 
 
 def _checkpoint(ref: ModelRef, rev: str) -> str:
+    """One name per checkpoint (main -> step143000); ``rev`` is validated already."""
     from .suite import canonical_revision
 
-    try:
-        return canonical_revision(ref, rev)
-    except Exception:  # noqa: BLE001 - a name outside the suite's rules: itself
-        return rev
+    return canonical_revision(ref, rev)
 
 
 def _is_snapshot(directory: Path) -> bool:
