@@ -109,7 +109,8 @@ def gemm_4bit(
     The GEMVs (CPU AVX2 / AVX-512, CUDA) sum ``code * x`` over a block before
     scaling by its absmax; no such sum overflows for a finite x (up to the
     float32 maximum): the CPU ones hold the codes scaled by a power of two
-    when x's largest |value| could make one pass it (~5e36 at blocksize 64),
+    when x's largest |value| could make one pass it (at blocksize 64: above
+    ~1.7e38 with AVX-512, ~8.5e37 with AVX2),
     else they run unscaled; CUDA's always hold them times 2^-5, which changes
     no rounding unless a product falls below float32's normal range (|x| <
     ~1e-36).
