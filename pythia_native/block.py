@@ -151,11 +151,17 @@ def composed_block_(*args) -> None:
     fused kernel is tested against."""
     args = _with_defaults(torch.ops.pythia_native.neox_block_.default, args)
     _C.check_neox_block_call(*args)  # the argument checks, and x and the caches apart from the rest
-    args[0].copy_(_composed(*args))
+    x = args[0]
+    # An x made under inference_mode may be updated outside it, as the fused
+    # kernel (and rotary_kv_cache_ on the caches) does: torch refuses an
+    # in-place op on an inference tensor outside that mode, so the copy runs in it.
+    with torch.inference_mode(x.is_inference()):
+        x.copy_(_composed(*args))
     # The fused kernel bumps x's version counter (the caches' come from
     # rotary_kv_cache_); this copy_, inside a kernel, is below the dispatch
-    # key that would.
-    torch.autograd.graph.increment_version(args[0])
+    # key that would. Inference tensors have none.
+    if not x.is_inference():
+        torch.autograd.graph.increment_version(x)
 
 
 @torch.library.impl("pythia_native::neox_block_", "CUDA")

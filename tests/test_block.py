@@ -216,6 +216,24 @@ def test_arguments_that_share_memory_with_what_it_writes_are_refused(path, devic
         assert all(torch.equal(t, b) for t, b in zip((x, k, v, wide), before))
 
 
+@pytest.mark.parametrize("path", ["op", "composition"])
+def test_inference_tensors_are_updated_outside_inference_mode(path, device):
+    # x and the caches made under inference_mode, the block called outside it
+    # (as rotary_kv_cache_ allows): the composition (the CUDA kernel) refused
+    # with "Inplace update to inference tensor outside InferenceMode".
+    block = composed_block_ if path == "composition" else torch.ops.pythia_native.neox_block_
+    p = make_block("hd16", torch.float32, device=device)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 2, 1, device=device)
+    expected = [t.clone() for t in (x, k, v)]
+    block(*flat_args(*expected[:1], pos, *expected[1:], p))
+    with torch.inference_mode():
+        got = [t.clone() for t in (x, k, v)]
+    block(*flat_args(*got[:1], pos, *got[1:], p))
+    for g, e, name in zip(got, expected, ("x", "k_cache", "v_cache")):
+        assert g.is_inference()
+        assert torch.equal(g, e), name
+
+
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_cpu_isa(cpu_isa, dtype):
