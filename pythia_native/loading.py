@@ -30,7 +30,7 @@ from .format import check_quant_type
 from .ops import check_compute
 from .generate import Pythia
 from .hub import download_checkpoint
-from .model import PythiaModel, _block_linear_prefixes
+from .model import PythiaModel, _block_linear_prefixes, tensor_addresses
 from .quantized_cache import QuantSettings
 from .quantized_linear import QuantizedLinear
 from .suite import ModelRef, resolve_model, resolve_revision, warn_known_data_problems
@@ -283,7 +283,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
             "load the checkpoint with load()"
         )
     rev = resolve_revision(options.ref, revision)
-    before = _storages(engine.model)
+    before = tensor_addresses(engine.model)
     try:
         # The entry of the format the engine holds, which after a bitsandbytes
         # revision can differ from what load() was asked for: an entry under the
@@ -307,19 +307,11 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         return engine
     finally:
         engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
-        if _storages(engine.model) != before or engine.model.partial_load is not None:
+        if tensor_addresses(engine.model) != before or engine.model.partial_load is not None:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.
             # Half-written weights: a replay would skip the model's refusal to run (bind).
             engine._drop_graphs()
-
-
-def _storages(model: PythiaModel) -> list[tuple[str, int]]:
-    """Where every parameter and buffer lives. Not ``state_dict()``: QuantizedLinear
-    builds some of its entries (quant_map, the quant-state record, double-quant
-    statistics) anew on each call, so their addresses say nothing about the graphs."""
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [(n, t.data_ptr()) for n, t in tensors]
 
 
 class IncompatibleCheckpointError(CheckpointError):

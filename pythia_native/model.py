@@ -52,6 +52,15 @@ QUANTIZED_LINEARS = (
 )
 
 
+def tensor_addresses(model: "PythiaModel") -> list[tuple[str, int]]:
+    """Where every parameter and buffer of ``model`` lives (name, data pointer):
+    what a captured CUDA graph reads. Not ``state_dict()``: QuantizedLinear
+    builds some of its entries (quant_map, the quant-state record, double-quant
+    statistics) anew on each call, so their addresses say nothing about the graphs."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [(n, t.data_ptr()) for n, t in tensors]
+
+
 class KVCache:
     """Preallocated keys and values of every layer: ``k, v [layers, max_batch, H, max_len, D]``.
 

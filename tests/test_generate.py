@@ -475,6 +475,27 @@ def test_graph_key_follows_the_settings_read_at_bind(engine):
         model.fuse_decode, model.compute = fuse, compute
 
 
+def test_graphs_are_dropped_when_what_they_read_has_moved(tokenizer):
+    # A CUDA graph replays the addresses it captured: after model.cpu();
+    # model.cuda() (or load_state_dict(assign=True)) it read freed memory.
+    # A planted entry stands in for a graph (CPU engines capture none); the
+    # replays themselves: test_graphs_follow_a_model_moved_away_and_back_cuda.
+    _, model = pair("tiny")
+    e = Pythia(model, tokenizer, max_len=32)
+    e._graphs[e._graph_key(1)] = "captured"
+    e._graph_addresses = e._addresses()
+    e.generate_ids([5, 6], 2, ignore_eos=True)
+    assert e._graphs, "nothing moved: the graphs stay"
+    model._apply(lambda t: t.clone())  # every parameter and buffer on new storage
+    e.generate_ids([5, 6], 2, ignore_eos=True)
+    assert e._graphs == {} and e._graph_addresses is None
+    e._graphs[e._graph_key(1)] = "captured"
+    e._graph_addresses = e._addresses()
+    e.cache = model.new_cache(1, 32)  # the cache replaced behind the engine's back
+    e.generate_ids([5, 6], 2, ignore_eos=True)
+    assert e._graphs == {}
+
+
 @pytest.mark.skipif(not _C.build_info()["cuda"], reason="the CUDA build's streams")
 def test_capture_stream_creation_checks_the_device():
     # The engine's own capture streams (generate._CaptureStream) come from the

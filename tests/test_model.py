@@ -407,6 +407,24 @@ def test_graph_decode_equals_eager_cuda(dtype):
 
 
 @needs_cuda
+def test_graphs_follow_a_model_moved_away_and_back_cuda():
+    # The graph captured by the first call read the weights' old addresses;
+    # after model.cpu(); model.cuda() it must be captured anew, not replayed.
+    _, model = pair("14m", dtype=torch.float16, device="cuda")
+    eager = Pythia(model, max_len=64, cuda_graphs=False)
+    graphed = Pythia(model, max_len=64)
+    want = eager.generate_ids([5, 6, 7], 16, ignore_eos=True)
+    assert graphed.generate_ids([5, 6, 7], 16, ignore_eos=True) == want
+    old = graphed._graphs[graphed._graph_key(1)]
+    model.cpu()
+    model.cuda()
+    torch.cuda.empty_cache()  # the old weights' blocks go back to the driver
+    junk = torch.full((1 << 24,), float("nan"), device="cuda")  # noqa: F841  (reuses freed memory)
+    assert graphed.generate_ids([5, 6, 7], 16, ignore_eos=True) == want
+    assert graphed._graphs[graphed._graph_key(1)] is not old
+
+
+@needs_cuda
 def test_engines_capture_on_streams_of_their_own_cuda():
     # pytorch #193402: resetting a graph frees the cuBLAS workspaces of the
     # stream it was captured on, which other live graphs captured there use.
