@@ -223,8 +223,8 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     Computed in float32 and rounded once: on the CPU within 7.5 ulp of the
     float64 value on [-13, 10] (1.6 ulp for x >= 0), also where ``F.gelu``'s
     float32 ``1 + erf`` cancels (thousands of ulp between -3.5 and -2.5, no
-    correct digit below -5); below x ~ -13.2 (|GELU| < 1e-38) the result is flushed to
-    (-)0. csrc/cpu/activation.cpp has the formulas, tests/test_gelu.py the
+    correct digit below -5); from x ~ -13.13 down (|GELU| < ~1.4e-38, the last normal
+    floats and the subnormals) the CPU result is flushed to (-)0. csrc/cpu/activation.cpp has the formulas, tests/test_gelu.py the
     measured bounds. CPU: vectorized, the same bits on every ISA; CUDA:
     ``x * normcdff(x)``. Specials as torch: +inf -> +inf, -inf -> NaN,
     NaN -> NaN.

@@ -341,6 +341,39 @@ def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
             pn._C.set_cpu_isa("auto")
 
 
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS + ["cuda"], indirect=False)
+def test_decode_attention_far_below_the_max_weighs_zero(cpu_isa, device):
+    # A key scoring ~200 below the row's max (or -inf, a -inf key element) has
+    # weight exp(-200) = 0 in float32. The AVX2/AVX-512 kernels' exp clamps its
+    # argument at -87.3 (~1.2e-38): with such a key's value at 3e38 the output
+    # was 2.83, not 1.0, and +inf there gave inf, not NaN (0 * inf, as torch).
+    if (cpu_isa == "cuda") != (device == "cuda"):
+        pytest.skip("the ISA cases run on the CPU, the cuda case on a GPU")
+    if cpu_isa != "cuda":
+        if not isa_supported(cpu_isa):
+            pytest.skip(f"this CPU has no {cpu_isa}")
+        pn._C.set_cpu_isa(cpu_isa)
+    try:
+        D, L = 8, 20
+        q = torch.zeros(1, 1, 1, D, device=device)
+        q[..., 0] = 1.0
+        k = torch.zeros(1, 1, L, D, device=device)
+        k[0, 0, 0, 0] = -200.0  # slot 0 scores -200, the others 0
+        k[0, 0, 17, 0] = -float("inf")  # slot 17: -inf
+        v = torch.ones(1, 1, L, D, device=device)
+        v[0, 0, 0] = v[0, 0, 17] = 3e38
+        pos = torch.tensor([[L - 1]], device=device)
+        out = pn.decode_attention(q, k, v, pos, 1.0)
+        assert torch.equal(out, torch.ones_like(out))
+        v[0, 0, 0] = float("inf")
+        out = pn.decode_attention(q, k, v, pos, 1.0)
+        want = ref.decode_attention(q, k, v, pos, 1.0)
+        assert out.isnan().all() and want.isnan().all()
+    finally:
+        if cpu_isa != "cuda":
+            pn._C.set_cpu_isa("auto")
+
+
 def test_decode_attention_default_scale_of_a_bad_q_names_q():
     # The default scale 1 / sqrt(D) was computed before the op's checks: D = 0 was a
     # ZeroDivisionError, a 0-d q an IndexError.

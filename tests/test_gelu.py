@@ -39,10 +39,12 @@ def test_float32_error_against_float64():
 
 
 def test_the_denormal_tail_is_flushed():
-    # Below x ~ -13.2, |GELU(x)| < 1e-38 (a float32 denormal): the result is (-)0.
-    x = torch.linspace(-20, -13.25, 1001)
+    # From x ~ -13.13 down, |GELU(x)| < ~1.4e-38 (the last normal float32s,
+    # then denormals): the result is (-)0; just above, it is not yet flushed.
+    x = torch.linspace(-20, -13.135, 1001)
     assert (pn.gelu(x) == 0).all()
-    assert (reference.gelu(x.double()).abs() < 1e-38).all()
+    assert (reference.gelu(x.double()).abs() < 1.4e-38).all()
+    assert (pn.gelu(torch.linspace(-13.13, -13.0, 101)) != 0).all()
 
 
 def test_more_exact_than_torch_where_torch_cancels():

@@ -24,9 +24,12 @@ namespace cpu {
 // caller has them). The vector versions round exactly as the scalar one does
 // (the same FMAs, and 2^n is exact), so a kernel using them writes the same
 // bits on every ISA.
+// The clamp: exp(kExpFloor) ~ 1.2e-38, the smallest normal float32 (n = -126).
+constexpr float kExpFloor = -87.3f;
+
 inline float exp_cephes(float x) {
   if (x != x) return x;  // NaN (and no float -> int conversion of it below)
-  x = x >= -87.3f ? x : -87.3f;
+  x = x >= kExpFloor ? x : kExpFloor;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   float r = std::fma(-n, 0.693359375f, x);
   r = std::fma(-n, -2.12194440e-4f, r);
@@ -44,7 +47,7 @@ inline float exp_cephes(float x) {
 
 // As exp_cephes, 16 lanes; 2^n by vscalefps.
 PN_SIMD_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // NaN lanes stay NaN (second operand)
+  x = _mm512_max_ps(_mm512_set1_ps(kExpFloor), x);  // NaN lanes stay NaN (second operand)
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -114,7 +117,7 @@ PN_SIMD_AVX512 inline __m512 rounded(__m512 v) {
 
 // As exp16, 8 lanes; 2^n built in the exponent field (n >= -126 after the clamp).
 PN_SIMD_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // NaN lanes stay NaN (second operand)
+  x = _mm256_max_ps(_mm256_set1_ps(kExpFloor), x);  // NaN lanes stay NaN (second operand)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);

@@ -14,8 +14,9 @@
 // correction: measured against float64 on [-13, 10] (tests/test_gelu.py),
 // within 7 ulp everywhere and 1.5 ulp for x >= 0, where torch's float32
 // GELU (0.5 x (1 + erf(x / sqrt 2))) is off by ~2,000 ulp at x = -3 and
-// keeps no correct digit below x = -5. Below x ~ -13.2, where |GELU| <
-// 1e-38 would be a float32 denormal, the result is flushed to (-)0. Specials
+// keeps no correct digit below x = -5. From x ~ -13.13 down, where |GELU| <
+// ~1.4e-38 (the last normal floats, then denormals), the result is flushed
+// to (-)0 (kExpMin). Specials
 // as torch's ATen kernel: +inf -> +inf, -inf -> NaN, NaN -> NaN, and the sign
 // of a zero result is x's (-0 -> -0).
 //
@@ -61,8 +62,9 @@ constexpr float kErfcQ[10] = {0.17087277f,  -0.82215223f, 1.48851587f,  -1.13520
                               0.27886807f,  -0.18628806f, 0.09678418f,  0.37409196f,
                               1.00002368f,  -1.26551223f};
 // Below this, exp's argument is out of its range (exp_cephes clamps): erfc is
-// taken as 0, and GELU(x) (x < ~-13.2, |GELU| < 1e-38) flushed to (-)0.
-constexpr float kExpMin = -87.3f;
+// taken as 0, and GELU(x) flushed to (-)0 from x <= ~-13.13 (|GELU| <
+// ~1.4e-38: the last normal floats and the subnormals below them).
+constexpr float kExpMin = kExpFloor;
 // The formula switch: below it the erf series, whose 1 + erf(z) has not yet
 // cancelled much for negative x (1 - erf(0.5) = 0.48).
 constexpr float kSeriesMaxZ = 0.5f;

@@ -152,7 +152,13 @@ PN_AVX512 float attend_row_avx512(const float* q, const T* k, const T* v, int64_
     if (_mm512_cmp_ps_mask(s, neg_inf, _CMP_EQ_OQ) == __mmask16(0xffff)) continue;  // invalid lanes are -inf
     const float m_new = std::max(m, _mm512_reduce_max_ps(s));
     const float alpha = std::exp(m - m_new);  // 0 on the first block (m = -inf)
-    const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+    // exp16 clamps its argument at kExpFloor (~1.2e-38 there, not 0): a key
+    // scoring further below the max (a -inf key element, or a score ~200
+    // below) must weigh 0, as exp gives, or a value ~1e38 in its row shows.
+    // NaN lanes compare unordered and are kept (NaN, as torch's softmax).
+    const __m512 z = _mm512_sub_ps(s, _mm512_set1_ps(m_new));
+    const __mmask16 keep = valid & _mm512_cmp_ps_mask(z, _mm512_set1_ps(kExpFloor), _CMP_NLT_UQ);
+    const __m512 pv = _mm512_maskz_mov_ps(keep, exp16(z));
     l = l * alpha + _mm512_reduce_add_ps(pv);
     m = m_new;
     _mm512_store_ps(p, pv);
@@ -225,7 +231,9 @@ PN_AVX2 float attend_row_avx2(const float* q, const T* k, const T* v, int64_t n,
     if (_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ)) == 0xff) continue;
     const float m_new = std::max(m, hmax8(s));
     const float alpha = std::exp(m - m_new);
-    const __m256 pv = _mm256_and_ps(exp8(_mm256_sub_ps(s, _mm256_set1_ps(m_new))), valid);
+    const __m256 z = _mm256_sub_ps(s, _mm256_set1_ps(m_new));  // as in attend_row_avx512
+    const __m256 keep = _mm256_and_ps(valid, _mm256_cmp_ps(z, _mm256_set1_ps(kExpFloor), _CMP_NLT_UQ));
+    const __m256 pv = _mm256_and_ps(exp8(z), keep);
     l = l * alpha + hsum8(pv);
     m = m_new;
     _mm256_store_ps(p, pv);
