@@ -267,7 +267,11 @@ def neox_block_(
     with these 4-bit Linears, the exact GELU and ``decode_attention``: the
     same kernels, roundings and order of the residual adds. Only the
     LayerNorm differs on the CPU, whose fused kernel sums in its own fixed
-    order (within a few float32 ulp of torch's). On the CPU one native call
+    order with a corrected mean: within a few float32 ulp of a float64
+    LayerNorm plus one ulp of the mean's worth (torch's float32 LayerNorm
+    is 2-4x further from it when |mean| >> std, e.g. 1.6e-3 against 4.9e-4
+    at mean 1e4, std 1, H 768), so the two differ by about torch's error
+    there. On the CPU one native call
     on preallocated scratch: nothing is allocated for a decode-sized block.
     ``compute``: the four Linears' mode, as :func:`gemm_4bit`'s. x and the
     caches must share no memory with each other or any other argument, and

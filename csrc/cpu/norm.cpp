@@ -6,12 +6,16 @@
 // every ISA follows, so AVX-512, AVX2 and scalar write the same bits:
 //   - sums in 16 interleaved lanes (lane j: x[j], x[j + 16], ... in order;
 //     a partial last group adds zeros), then the lanes pairwise (j + 8, j + 4,
-//     j + 2, j + 1): mean = that sum / H;
+//     j + 2, j + 1): m0 = that sum / H; then the same sum of x - m0:
+//     mean = m0 + that / H (the first sum's rounding, ~|mean| * ulp * a few,
+//     is corrected: with |mean| = 1e4 over a std of 1, m0 alone put the
+//     output ~6e-4 relative off torch's, whose mean is the rounded one);
 //   - the same for the squared deviations d = x - mean, each lane an FMA
 //     chain (d * d + lane): var = sum / H, rstd = 1 / sqrt(var + eps);
 //   - y = fma(d * rstd, w, b), rounded once to the element type.
-// Two passes over x (mean, then deviations) rather than one (sum and sum of
-// squares): no cancellation when |mean| >> std, which a residual stream has.
+// Passes over x for the mean and then the deviations rather than one (sum
+// and sum of squares): no cancellation when |mean| >> std, which a residual
+// stream can have.
 // The lanes give a summation error ~sqrt(H / 16) ulp-sized terms, far below
 // the float32 rounding of the result for the suite's H = 512..5120.
 // gcc 12's AVX-512 headers trip -Wmaybe-uninitialized inside their own
@@ -52,7 +56,10 @@ void layer_norm_row_scalar(const T* x, int64_t H, const float* w, const float* b
   const int64_t padded = (H + kLanes - 1) / kLanes * kLanes;
   float s[kLanes] = {};
   for (int64_t i = 0; i < padded; ++i) s[i % kLanes] += i < H ? to_f32(x[i]) : 0.0f;
-  const float mean = tree16(s) / static_cast<float>(H);
+  const float m0 = tree16(s) / static_cast<float>(H);
+  float c[kLanes] = {};
+  for (int64_t i = 0; i < padded; ++i) c[i % kLanes] += i < H ? to_f32(x[i]) - m0 : 0.0f;
+  const float mean = m0 + tree16(c) / static_cast<float>(H);
   float v[kLanes] = {};
   for (int64_t i = 0; i < padded; ++i) {
     const float d = i < H ? to_f32(x[i]) - mean : 0.0f;
@@ -85,7 +92,15 @@ PN_AVX512 void layer_norm_row_avx512(const T* x, int64_t H, const float* w, cons
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < H; i += kLanes) acc = _mm512_add_ps(acc, load16(x + i, tail_mask(H - i)));
   _mm512_store_ps(s, acc);
-  const float mean = tree16(s) / static_cast<float>(H);
+  const float m0 = tree16(s) / static_cast<float>(H);
+  const __m512 vm0 = _mm512_set1_ps(m0);
+  acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += kLanes) {
+    const __mmask16 m = tail_mask(H - i);
+    acc = _mm512_add_ps(acc, _mm512_maskz_sub_ps(m, load16(x + i, m), vm0));
+  }
+  _mm512_store_ps(s, acc);
+  const float mean = m0 + tree16(s) / static_cast<float>(H);
   const __m512 vmean = _mm512_set1_ps(mean);
   acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < H; i += kLanes) {
@@ -147,7 +162,26 @@ PN_AVX2 void layer_norm_row_avx2(const T* x, int64_t H, const float* w, const fl
   }
   _mm256_store_ps(s, slo);
   _mm256_store_ps(s + 8, shi);
-  const float mean = tree16(s) / static_cast<float>(H);
+  const float m0 = tree16(s) / static_cast<float>(H);
+  const __m256 vm0 = _mm256_set1_ps(m0);
+  slo = _mm256_setzero_ps();
+  shi = _mm256_setzero_ps();
+  for (int64_t i = 0; i < H; i += kLanes) {
+    __m256 dlo, dhi;
+    if (i + kLanes <= H) {
+      dlo = _mm256_sub_ps(load8(x + i), vm0);
+      dhi = _mm256_sub_ps(load8(x + i + 8), vm0);
+    } else {  // the padding adds 0, as the scalar loop's
+      for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? to_f32(x[i + j]) - m0 : 0.0f;
+      dlo = _mm256_loadu_ps(pad);
+      dhi = _mm256_loadu_ps(pad + 8);
+    }
+    slo = _mm256_add_ps(slo, dlo);
+    shi = _mm256_add_ps(shi, dhi);
+  }
+  _mm256_store_ps(s, slo);
+  _mm256_store_ps(s + 8, shi);
+  const float mean = m0 + tree16(s) / static_cast<float>(H);
   const __m256 vmean = _mm256_set1_ps(mean);
   slo = _mm256_setzero_ps();
   shi = _mm256_setzero_ps();
