@@ -272,7 +272,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
     reallocated and captured CUDA graphs are dropped (recaptured on next use).
     Every tensor's name, shape and dtype is checked before anything is written:
     a revision that does not fit leaves the engine as it was. A failure while
-    writing (an I/O error reading the data) leaves the model unusable
+    writing (an I/O error reading the data, NaN or infinite values) leaves the model unusable
     (``PythiaModel.partial_load``): generate and score refuse to run until a
     revision loads.
     """

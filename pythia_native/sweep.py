@@ -22,8 +22,12 @@ hub cache's refs give the same commit), even when that last one is served
 from ``quantized_cache``. A local directory is never deleted.
 
 An error (a revision missing from an offline cache, a corrupt file) ends
-the sweep: the iterator raises it and stops (a generator cannot resume),
-and the engine keeps the revision it held. To skip bad revisions instead,
+the sweep: the iterator raises it and stops (a generator cannot resume).
+The engine keeps the revision it held when the bad one was refused before
+any weight was written (a missing revision, another architecture, names,
+shapes or dtypes that do not fit); data found bad while being written
+(NaN or infinite values, an I/O error) leaves it unusable until a revision
+loads (``PythiaModel.partial_load``). To skip bad revisions instead,
 loop yourself::
 
     revs = pythia_native.select_revisions("pythia-160m", every=10000)

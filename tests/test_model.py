@@ -268,6 +268,26 @@ def test_load_tensors_refuses_weights_holding_nan_or_inf(as_mapping):
         PythiaModel(cfg).load_tensors(give(bnb))
 
 
+@pytest.mark.parametrize("shape", [(3_000_001,), (2_500, 1_000), (7, 300_000, 2), (0, 5), ()], ids=str)
+def test_finiteness_is_checked_block_by_block_to_the_last_value(shape):
+    # The check runs over blocks of ~1M values (isfinite of a whole float16
+    # embedding was the peak of a load: ~2.5x the tensor). Every value is still
+    # seen: a NaN or inf in the very last one is found, in any layout.
+    from pythia_native.model import _blocks, _check_finite
+
+    t = torch.zeros(shape, dtype=torch.float16)
+    blocks = _blocks(t)
+    assert sum(b.numel() for b in blocks) == t.numel()
+    assert max(b.numel() for b in blocks) <= max(1 << 20, t[0].numel() if t.dim() > 1 and len(t) else 0)
+    _check_finite("w", t)
+    if t.numel():
+        for bad in (float("nan"), float("-inf")):
+            t.view(-1)[-1] = bad
+            with pytest.raises(CheckpointError, match="w: holds NaN or infinite values"):
+                _check_finite("w", t)
+            t.view(-1)[-1] = 0
+
+
 def test_a_dtype_cast_is_refused_and_assign_into_a_meta_model_works():
     # .half() / .bfloat16() cast LayerNorm too and left model.dtype (the
     # caches') behind: the model then failed inside its kernels. Refused,
