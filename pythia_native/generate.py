@@ -692,14 +692,31 @@ class Pythia:
             end = min(start + window, len(ids))
             chunk = torch.tensor(ids[start:end], device=self.device).view(1, -1)
             positions = torch.arange(end - start, device=self.device).view(1, -1)
-            logits = self.model(chunk, positions, self.cache, span=end - start, last_only=False)[0]
-            lp = torch.log_softmax(logits[:, : self.config.vocab_size].float(), dim=-1)
-            targets = torch.tensor(ids[start + 1 : end], device=self.device)
-            token_lp = lp[:-1].gather(1, targets.view(-1, 1)).squeeze(1).cpu()
+            h = self.model(chunk, positions, self.cache, span=end - start, last_only=False, head=False)[0]
+            targets = torch.tensor(ids[start + 1 : end], device=self.device).view(-1, 1)
+            # The head and log-softmax a few hundred rows at a time: a window's
+            # logits at once are T x vocab float32 (2 x 412 MB at T = 2048 with
+            # the log-softmax), more than pythia-160m's whole model. The same
+            # values as in one piece: both are computed row by row, except
+            # that the CPU head of a single row is a matrix-vector product,
+            # so no piece but a lone row is one row.
+            n = end - start - 1  # rows with a target (the last token's has none)
+            edges = [*range(0, n, _SCORE_ROWS), n]
+            if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+                del edges[-2]
+            token_lp = torch.cat([
+                torch.log_softmax(self.model.logits(h[a:b])[:, : self.config.vocab_size], dim=-1)
+                .gather(1, targets[a:b]).squeeze(1)
+                for a, b in zip(edges, edges[1:])
+            ]).cpu()
             first_new = scored - start  # index into this window's targets of the first unscored one
             logprobs[scored : end - 1] = token_lp[first_new:]
             scored = end - 1
             start += stride
+
+
+# Rows of logits scored at a time (score): 256 x 50304 float32 = 51 MB.
+_SCORE_ROWS = 256
 
 
 @dataclass

@@ -522,6 +522,7 @@ class PythiaModel(nn.Module):
         span: Optional[int] = None,
         last_only: bool = True,
         hidden_states: Optional[list] = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Run new tokens through the model, writing their keys/values to ``cache``.
 
@@ -532,8 +533,20 @@ class PythiaModel(nn.Module):
         logits ``[B, vocab_size]`` of the last token of each row (all tokens:
         ``[B, T, vocab_size]`` with ``last_only=False``). ``hidden_states``, if
         a list, receives the residual stream after the embedding and after every block.
+        ``head=False`` returns the final LayerNorm's output instead of the
+        logits (``[B, hidden]`` / ``[B, T, hidden]``), for :meth:`logits` to
+        take in pieces: all of a long text's logits at once are T x vocab
+        float32 (412 MB at T = 2048), and a log-softmax over them as much again.
         """
-        return self.bind()(input_ids, positions, cache, span=span, last_only=last_only, hidden_states=hidden_states)
+        return self.bind()(input_ids, positions, cache, span=span, last_only=last_only,
+                           hidden_states=hidden_states, head=head)
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[..., vocab_size]`` of final-LayerNorm outputs ``h``
+        ``[..., hidden]`` (what ``forward(..., head=False)`` returns): the head
+        as ``forward`` applies it."""
+        return self._bind_logits(ops.check_compute(self.compute))(h).float()
 
     def bind(self):
         """``forward`` as a plain function with every tensor looked up once (see
@@ -553,7 +566,7 @@ class PythiaModel(nn.Module):
         logits = self._bind_logits(compute)
 
         @torch.inference_mode()
-        def run(input_ids, positions, cache, *, span=None, last_only=True, hidden_states=None):
+        def run(input_ids, positions, cache, *, span=None, last_only=True, hidden_states=None, head=True):
             mask = None
             if span is not None:
                 mask = prefill_mask(positions, span)
@@ -569,7 +582,8 @@ class PythiaModel(nn.Module):
                     hidden_states.append(x.clone())
             if last_only:
                 x = x[:, -1]
-            return logits(final_layer_norm(x)).float()
+            x = final_layer_norm(x)
+            return logits(x).float() if head else x
 
         return run
 

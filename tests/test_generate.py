@@ -567,6 +567,22 @@ def test_score_long_text_in_windows(tokenizer):
     assert torch.allclose(b.logprobs[15:23], direct.logprobs[-8:], atol=1e-5)
 
 
+def test_score_takes_the_head_in_row_chunks_with_the_same_values(tokenizer, monkeypatch):
+    # A window's logits are taken a few hundred rows at a time (all at once they
+    # were T x vocab float32, twice over with the log-softmax: ~0.9 GB at
+    # T = 2048): the same values as one piece, windows and chunk edges apart.
+    import pythia_native.generate as generate
+
+    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
+    e = Pythia(model, tokenizer, max_len=32)
+    ids = torch.randint(2, 50000, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+    monkeypatch.setattr(generate, "_SCORE_ROWS", 10**6)
+    whole = e.score(ids).logprobs
+    for rows in (2, 5, 30, 31):  # 5, 30: a last piece of one row joins the one before
+        monkeypatch.setattr(generate, "_SCORE_ROWS", rows)
+        assert torch.equal(e.score(ids).logprobs, whole), rows
+
+
 def test_score_needs_a_window_of_two(tokenizer):
     # A one-token window scores nothing: a clear error, not an indexing error
     # deep in the window loop. Two tokens score every target with one token of context.
