@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -55,6 +54,9 @@ import torch
 import torch.nn.functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# cpu_model: the header's CPU line; git_state: the commit measured (git, else $PN_COMMIT).
+from _common import cpu_model, git_state  # noqa: E402
 
 # K x N of the four quantized Linear layers of a GPT-NeoX block (PYTHIA.md).
 SHAPES = [
@@ -432,39 +434,11 @@ def print_row(r: Row, skipped: set[str]) -> None:
     print(line, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown CPU")
-    flags_line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[1].split()) if flags_line else set()
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model\t")), "?")
-    family = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("cpu family")), "?")
-    return f"{name} (family {family} model {model}; {os.cpu_count()} logical CPUs; {', '.join(isa) or 'no AVX2'})"
-
-
 def load_average() -> str:
     try:
         return "/".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        # The results folder is left out: a rerun rewrites the very file it reports in.
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)benchmarks/results"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
-    except Exception:
-        return "unknown"
 
 
 def bnb_cpu_path(bnb) -> str:

@@ -7,9 +7,22 @@ Decode tokens/s excludes the prompt: each variant generates ``1`` and then
 is the rate (median of ``--repeats`` runs); "first token ms" is ``t_1``, the
 prompt's prefill plus one token (time to first token). Every variant runs in its own
 process so its peak memory (max RSS on the CPU, max allocated on CUDA) is its
-own. "Bandwidth achieved" is the bytes of weights one decode step reads
-(4-bit layers, their absmax, the dense embed_out row block) over the step time,
-beside the copy bandwidth measured on this machine.
+own. "weights GB/s" is the bytes of weights one decode step reads over the
+step time, beside the copy bandwidth measured on this machine; the bytes are
+summed from the loaded model's own tensors (see weight_bytes_read): every
+Linear's weight as stored (packed 4-bit bytes, or dense elements of whatever
+dtype the variant loaded, embed_out included) plus the 4-bit layers' absmax.
+
+The peers load as a user would: transformers-fp32 in float32,
+transformers-bf16 in bfloat16, and transformers + bitsandbytes NF4 with
+``dtype`` = its compute dtype (float32 on the CPU, float16 on CUDA, as
+pythia-native-nf4's activations), so its embeddings, LayerNorms and embed_out
+are in that dtype too.
+
+With ``--out`` the table is written after every variant's run (this
+invocation's section of the file rewritten in place, marked PARTIAL until the
+last run is in), and on SIGTERM or Ctrl-C (e.g. ``timeout``) the runs finished
+so far are written before it exits: a run cut short keeps its rows.
 
 A shared machine's speed drifts by 20-50% within minutes, and each variant
 runs at a different time. ``--rounds R`` runs the whole list of variants R
@@ -34,7 +47,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +56,9 @@ import time
 from datetime import date
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import build_info, command_line, cpu_model, git_state, versions  # noqa: E402
 
 SHAPES = {
     "160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -97,12 +113,36 @@ def copy_bandwidth(device: str) -> float:
     return 2 * a.numel() * 4 / min(times) / 1e9
 
 
-def weight_bytes_per_token(config, dense_head_bytes: int) -> int:
-    """Bytes a decode step must read: packed 4-bit weights + float32 absmax
-    (blocksize 64) of the four Linears of every block, plus the dense embed_out."""
-    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    params = L * (3 * h * h + h * h + 2 * h * i)
-    return int(params // 2 + params // 64 * 4 + config.vocab_size * h * dense_head_bytes)
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads, from the model's tensors as loaded:
+    the weight of every Linear-like module (anything with a weight but an
+    Embedding or a LayerNorm: nn.Linear in its dtype, bitsandbytes' Linear4bit
+    and pythia-native's QuantizedLinear as their packed uint8 bytes), embed_out
+    included, plus the 4-bit layers' absmax (pythia-native's ``absmax`` /
+    ``nested_absmax`` buffers, bitsandbytes' quant_state; nested statistics too).
+    Left out: the input embedding (a step reads one row of it per sequence),
+    biases and LayerNorms (under 0.5% of the bytes of these models)."""
+    seen: set[int] = set()
+
+    def size(t) -> int:
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    total = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or isinstance(m, (torch.nn.Embedding, torch.nn.LayerNorm)):
+            continue
+        total += size(w)
+        for name in ("absmax", "nested_absmax"):  # pythia-native's QuantizedLinear
+            total += size(getattr(m, name, None))
+        qs = getattr(w, "quant_state", None)  # bitsandbytes' Params4bit
+        while qs is not None:
+            total += size(getattr(qs, "absmax", None))
+            qs = getattr(qs, "state2", None) if getattr(qs, "nested", False) else None
+    return total
 
 
 def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int,
@@ -140,11 +180,15 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         def gen(n):
             engine.generate_ids(prompts, n, ignore_eos=True)
 
-        head_bytes = 0.5 + 4 / 64 if qhead else model.embed_out.weight.element_size()
+        read = weight_bytes_read(model)
     else:
         if variant == "transformers-bnb-nf4":
             # bitsandbytes quantizes while loading: save the random model, load it 4-bit.
             # The checkpoint (0.6 GB for 160m, 5.3 GB for 1.4b) goes once loaded.
+            # dtype = the compute dtype, as a user would load it: the embeddings,
+            # LayerNorms and embed_out in it too (transformers' default, dtype="auto",
+            # would keep this float32 checkpoint's float32 and run float32 activations
+            # on CUDA). On the CPU float32 either way (as in earlier CPU runs).
             compute = torch.float32 if device == "cpu" else torch.float16
             q = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
@@ -153,13 +197,12 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
                 transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp)
                 # On the CPU no device_map (that would need accelerate); on CUDA bitsandbytes quantizes on the GPU.
                 hf = transformers.GPTNeoXForCausalLM.from_pretrained(
-                    tmp, quantization_config=q, **({"device_map": device} if device == "cuda" else {})
+                    tmp, quantization_config=q, dtype=compute, **({"device_map": device} if device == "cuda" else {})
                 )
-            head_bytes = 4 if device == "cpu" else 2
         else:
             dtype = torch.float32 if variant == "transformers-fp32" else torch.bfloat16
             hf = transformers.GPTNeoXForCausalLM(config).to(device=device, dtype=dtype)
-            head_bytes = torch.tensor([], dtype=dtype).element_size()
+        read = weight_bytes_read(hf)
         hf.eval()
         mask = torch.ones_like(ids)
 
@@ -180,7 +223,11 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         gen(new)
         sync(device)
         tn.append(time.perf_counter() - t)
-    decode_s = max(statistics.median(tn) - statistics.median(t1), 1e-9)
+    decode_s = statistics.median(tn) - statistics.median(t1)
+    if decode_s <= 0:
+        # Noise larger than the decode itself (tiny --new, a busy machine): no rate to report.
+        sys.exit(f"not measurable: {new} tokens took {statistics.median(tn) * 1e3:.1f} ms, no more than 1 token's "
+                 f"{statistics.median(t1) * 1e3:.1f} ms (raise --new or --repeats)")
     tok_s = (new - 1) * batch / decode_s
     step_s = decode_s / (new - 1)
     if device == "cuda":
@@ -189,13 +236,8 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         # VmHWM, not ru_maxrss: Linux carries a parent's ru_maxrss into an exec'd child.
         with open("/proc/self/status") as f:
             peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    if variant.startswith("transformers-") and variant != "transformers-bnb-nf4":
-        h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-        read = (L * (4 * h * h + 2 * h * i) + config.vocab_size * h) * head_bytes
-    else:
-        read = weight_bytes_per_token(config, head_bytes)
     return dict(variant=variant, shape=shape, batch=batch, tok_s=tok_s, step_ms=step_s * 1e3, peak_mb=peak / 2**20,
-                weight_gb_s=read / step_s / 1e9, first_ms=statistics.median(t1) * 1e3)
+                weight_gb_s=read / step_s / 1e9, weight_mb=read / 1e6, first_ms=statistics.median(t1) * 1e3)
 
 
 def head_error(shape: str, seed: int = 0) -> str:
@@ -262,7 +304,8 @@ def main():
                     help="run the list of variants this many times in turn; report medians over the rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    ap.add_argument("--out", help="append the markdown table to this file")
+    ap.add_argument("--out", help="add this invocation's markdown section to this file (kept what it held before; "
+                    "the section is rewritten after every run, marked PARTIAL until done)")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
     ap.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "scalar"],
@@ -279,32 +322,116 @@ def main():
 
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_generate: --device cuda but no CUDA GPU is visible")
+    notes = []
     if "transformers-bnb-nf4" in args.variants and importlib.util.find_spec("bitsandbytes") is None:
         # Its child would build and save the whole model before failing to import it.
         print("bitsandbytes is not installed: transformers-bnb-nf4 skipped", file=sys.stderr)
+        notes.append("bitsandbytes is not installed: transformers-bnb-nf4 skipped.")
         args.variants = [v for v in args.variants if v != "transformers-bnb-nf4"]
     bw = copy_bandwidth(args.device)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the copy's 2 GiB, not held while the children run
+
+    # Stopped by SIGTERM (timeout's signal) or Ctrl-C: write what ran, then exit.
+    class Stopped(Exception):
+        pass
+
+    stopping: list[str] = []  # set once: a second signal (the group's, after the child's) is ignored
+
+    def stop(why: str):
+        if not stopping:
+            stopping.append(why)
+            raise Stopped(why)
+
+    def on_signal(signum, frame):
+        stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    # This invocation's section is rewritten in place after every run: what the
+    # file held before it is kept as it was.
+    before = ""
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            before = f.read()
+        if before and not before.endswith("\n"):
+            before += "\n"
+    header = dict(
+        dev=(f"{torch.cuda.get_device_name()}" if args.device == "cuda" else cpu_model()),
+        versions=versions(), commit=git_state(), build=build_info(), cmd=command_line(), day=str(date.today()),
+    )
+    n_runs = args.rounds * len(args.shapes) * len(args.batch) * len(args.variants)
     # runs[(shape, batch, variant)] = one result dict per round (or an error).
     runs: dict[tuple, list] = {}
-    for rnd in range(args.rounds):
-        for shape in args.shapes:
-            for batch in args.batch:
-                for v in args.variants:
-                    cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
-                           "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-                           "--threads", str(args.threads), "--cpu-isa", args.cpu_isa]
-                    p = subprocess.run(cmd, capture_output=True, text=True)
-                    line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-                    if line is None:
-                        err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                        print(f"{v} {shape} b{batch}: FAILED ({err})", file=sys.stderr)
-                        runs.setdefault((shape, batch, v), []).append(dict(error=err))
-                        continue
-                    r = json.loads(line[7:])
-                    runs.setdefault((shape, batch, v), []).append(r)
-                    print(f"round {rnd + 1}: {v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  "
-                          f"{r['step_ms']:7.2f} ms/step  first token {r['first_ms']:7.1f} ms  "
-                          f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
+    done = 0
+
+    def write(status: str, extra: list[str] = ()) -> str:
+        text = render(args, header, bw, runs, status, notes + list(extra))
+        if args.out:
+            # Beside, then renamed: a kill during the write leaves the last good copy.
+            tmp = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.tmp")
+            with open(tmp, "w") as f:
+                f.write(before + text + "\n")
+            os.replace(tmp, args.out)
+        return text
+
+    current = None
+    try:
+        for rnd in range(args.rounds):
+            for shape in args.shapes:
+                for batch in args.batch:
+                    for v in args.variants:
+                        current = f"{v} {shape} batch {batch}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
+                        cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
+                               "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
+                               "--threads", str(args.threads), "--cpu-isa", args.cpu_isa]
+                        p = subprocess.run(cmd, capture_output=True, text=True)
+                        if p.returncode in (-signal.SIGTERM, -signal.SIGINT):
+                            # timeout signals the whole process group: the child first, maybe.
+                            stop(f"{signal.Signals(-p.returncode).name} (to the child)")
+                        line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                        if line is None:
+                            tail = p.stderr.strip().splitlines() or [f"no output (exit {p.returncode})"]
+                            err = tail[-1]
+                            print(f"{v} {shape} b{batch}: FAILED (exit {p.returncode}); its stderr ends:\n  "
+                                  + "\n  ".join(tail[-8:]), file=sys.stderr)
+                            runs.setdefault((shape, batch, v), []).append(dict(error=err))
+                        else:
+                            r = json.loads(line[7:])
+                            runs.setdefault((shape, batch, v), []).append(r)
+                            print(f"round {rnd + 1}: {v:22s} {shape:5s} b{batch}: {r['tok_s']:9.1f} tok/s  "
+                                  f"{r['step_ms']:7.2f} ms/step  first token {r['first_ms']:7.1f} ms  "
+                                  f"peak {r['peak_mb']:8.0f} MB  weights {r['weight_gb_s']:6.1f} GB/s", file=sys.stderr)
+                        done += 1
+                        current = None
+                        if done < n_runs or args.head_error or args.int16_error:
+                            write(f"PARTIAL: {done} of {n_runs} runs so far (still running, or cut off)")
+        extra = []
+        if args.head_error:
+            current = "--head-error"
+            extra += ["", head_error(args.shapes[0])]
+        if args.int16_error:
+            current = "--int16-error"
+            extra += ["", int16_error(args.shapes[0])]
+        current = None
+    except Stopped as e:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        status = (f"PARTIAL: stopped by {e} after {done} of {n_runs} runs"
+                  + (f"; {current} was running and has no row" if current else ""))
+        print(f"bench_generate: {status}", file=sys.stderr)
+        text = write(status)
+        print(text, flush=True)
+        sys.exit(143 if "SIGTERM" in str(e) else 130)
+    text = write("", extra)
+    print(text)
+
+
+def render(args, header: dict, bw: float, runs: dict, status: str, notes: list[str]) -> str:
+    """This invocation's Markdown section from the runs so far (medians over rounds)."""
     rows = []
     for (shape, batch, v), rs in runs.items():
         ok = [r for r in rs if "error" not in r]
@@ -312,57 +439,54 @@ def main():
             rows.append(dict(variant=v, shape=shape, batch=batch, error=rs[0]["error"]))
             continue
         med = {k: statistics.median(r[k] for r in ok) for k in ("tok_s", "step_ms", "weight_gb_s", "first_ms", "peak_mb")}
+        mb = sorted({round(r.get("weight_mb", 0), 1) for r in ok})
         # The ratio to the peer within each round (both measured minutes apart at most).
         peer = runs.get((shape, batch, "transformers-bnb-nf4"), [])
         ratios = [r["tok_s"] / q["tok_s"] for r, q in zip(rs, peer) if "error" not in r and "error" not in q]
-        rows.append(dict(variant=v, shape=shape, batch=batch, ratios=ratios, **med))
-
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
-    try:
-        import bitsandbytes
-
-        bnb_v = bitsandbytes.__version__
-    except Exception:
-        bnb_v = "absent"
-    import transformers
+        rows.append(dict(variant=v, shape=shape, batch=batch, ratios=ratios, weight_mb=mb, **med))
 
     lines = [
-        f"## Decode, {args.device} ({dev}), {args.threads} thread(s), prompt {args.prompt}, {args.new} new tokens, "
-        f"median of {args.repeats}" + (f", {args.rounds} rounds (medians over them)" if args.rounds > 1 else ""),
+        f"## Decode, {args.device} ({header['dev']}), {args.threads} thread(s), prompt {args.prompt}, "
+        f"{args.new} new tokens, median of {args.repeats}"
+        + (f", {args.rounds} rounds (medians over them)" if args.rounds > 1 else ""),
         "",
-        f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb_v}, {date.today()}; "
-        f"measured copy bandwidth {bw:.1f} GB/s."
+        *([f"**{status}**", ""] if status else []),
+        f"{header['versions']}, {header['day']}; measured copy bandwidth {bw:.1f} GB/s."
         + (f" pythia-native's CPU kernels held to {args.cpu_isa}." if args.cpu_isa != "auto" else "")
         + "".join(f" {k}={os.environ[k]}." for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
                                                      "ONEDNN_MAX_CPU_ISA") if k in os.environ),
+        f"pythia-native {header['commit']}, build_info {header['build']}.",
+        f"Command: `{header['cmd']}`.",
         "",
         "| shape | batch | variant | decode tok/s | ms/step | vs transformers+bnb | weights GB/s | % of copy bw | "
-        "first token ms | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "first token ms | peak MB | weights MB/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['variant']} | failed: {r['error']} | | | | | | | |")
             continue
         ratios = r["ratios"]
         ratio = "n/a"
-        if len(ratios) == 1 or r["variant"] == "transformers-bnb-nf4":
+        if len(ratios) == 1 or (ratios and r["variant"] == "transformers-bnb-nf4"):
             ratio = f"{ratios[0]:.2f}x"
         elif ratios:
             ratio = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['variant']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | {ratio} | "
-            f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['first_ms']:.1f} | {r['peak_mb']:.0f} |"
+            f"{r['weight_gb_s']:.1f} | {100 * r['weight_gb_s'] / bw:.0f}% | {r['first_ms']:.1f} | {r['peak_mb']:.0f} | "
+            f"{'/'.join(f'{m:.1f}' for m in r['weight_mb'])} |"
         )
-    if args.head_error:
-        lines += ["", head_error(args.shapes[0])]
-    if args.int16_error:
-        lines += ["", int16_error(args.shapes[0])]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
+    lines += [
+        "",
+        "weights MB/step: the bytes counted for `weights GB/s`, summed from the loaded model's tensors (every "
+        "Linear's weight as stored, embed_out included, plus the 4-bit layers' absmax; not the input embedding, "
+        "biases or LayerNorms). `vs transformers+bnb`: tokens/s over the transformers + bitsandbytes NF4 "
+        "variant's in the same round of this invocation (n/a where that peer did not run here).",
+    ]
+    if notes:
+        lines += [""] + [n for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The one script to run on a GPU machine: build the CUDA extension, run the
 # CUDA tests and the full test suite, then benchmark gemm_4bit and end-to-end
 # decode (pythia-160m- and 1.4b-shaped random models, batch 1 and 8, against
-# transformers fp16/bf16 and transformers + bitsandbytes NF4) on the GPU.
+# transformers bf16 and transformers + bitsandbytes NF4 (float16)) on the GPU.
 #
 #   bash benchmarks/gpu_check.sh                  # every stage
 #   bash benchmarks/gpu_check.sh bench            # only some: install cuda-tests tests bench bench-generate
@@ -13,15 +13,21 @@
 # `tests` stage (the whole suite, whose CPU part CI runs anyway) is left out:
 #   here, once: mkdir -p .wheels && python3 -m pip download --no-deps --only-binary=:all: \
 #       --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 -d .wheels bitsandbytes==0.50.2
-#   run(command="DEADLINE=500 STAGE_TIMEOUT=240 bash benchmarks/gpu_check.sh install cuda-tests bench bench-generate bench-generate-more",
+#   run(command="PN_COMMIT=<sha> DEADLINE=500 STAGE_TIMEOUT=240 bash benchmarks/gpu_check.sh install cuda-tests bench bench-generate bench-generate-more",
 #       carry=[".wheels"], timeout_s=540)
+# with <sha> replaced by `git rev-parse --short HEAD` of the tree sent (add
+# "+dirty" if it has uncommitted changes): the copy there has no .git, and the
+# results' headers name the commit measured from $PN_COMMIT.
 # (.wheels/ is ignored by git, so it travels only when carried; the wheel is
 # ~43 MB of the 64 MiB a call may carry.) DEADLINE (seconds from the start)
 # keeps the whole script inside the call: each stage's limit is cut to what
 # is left before it (less a margin for the summary), a stage with under 30 s
 # left is skipped, and the stages run in order of value (the targets first:
-# the 160m batch-1 decode and its bitsandbytes peer are `bench-generate`, the
-# 1.4b and batch-8 runs `bench-generate-more`). `profile` fits a second call
+# the 160m batch-1 decode and its bitsandbytes peer, then the 1.4b batch-1
+# decode, are `bench-generate`; `bench-generate-more` is three stages, 160m at
+# batch 8, the 1.4b batch-1 peers, 1.4b at batch 8, so a slow 1.4b child cannot
+# cost the 160m rows; bench_generate.py rewrites its table after every variant
+# and writes what it has when the stage's timeout stops it). `profile` fits a second call
 # on the same warm machine; a fresh machine needs `install` again first (the
 # build is incremental on a warm one).
 #
@@ -38,7 +44,10 @@
 # it, and brings back at most 8 files from it), the logs are also packed after
 # every stage into one file, $OUT/gpu_check_logs.tar.gz, so a run cut off by
 # its time limit still returns what it logged. A failing test stage is
-# reported but does not stop the benchmark; a failing build does.
+# reported but does not stop the benchmark; a failing build does, and so does
+# a torch that sees no CUDA GPU (the CUDA tests would all skip and read "ok").
+# cuda-tests stops a hung test after 90 s with pytest-timeout where it is
+# importable (the device image has it), and goes on without it elsewhere.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -126,7 +135,8 @@ stage() {
 }
 
 echo "=== pythia-native gpu_check: $(date -Is) on $(hostname)"
-echo "repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')), OUT=$OUT, python=$PY"
+echo "repo $REPO ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')), PN_COMMIT=${PN_COMMIT:-unset}, OUT=$OUT, python=$PY"
+[ -n "${PN_COMMIT:-}" ] && export PN_COMMIT  # the benchmarks' headers fall back to it without .git
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS CUDA_HOME=${CUDA_HOME:-unset} PYTHIA_NATIVE_CUDA=1"
 nvidia-smi || echo "nvidia-smi: not available"
 # The toolkit setup.py builds with ($CUDA_HOME/bin/nvcc), not whatever nvcc is on PATH.
@@ -157,11 +167,36 @@ fi
 
 stage build-info "$PY" -c "import pythia_native, torch; print(pythia_native.build_info()); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" \
   || { echo "IMPORT FAILED: pythia_native does not load"; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+# Everything after this needs the GPU: without one the CUDA tests would all be
+# skipped (and read "ok") and the benchmarks fail. Stop here, and say so.
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo
+  echo "=== NO CUDA GPU: torch.cuda.is_available() is False (torch $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>/dev/null))."
+  echo "=== Stopping after build-info: the CUDA tests and benchmarks (stages: ${STAGES[*]}) did not run."
+  SUMMARY+=("$(printf '%-20s %-20s %5d s' no-gpu "STOPPED (no CUDA)" 0)")
+  printf '%s\n' "${SUMMARY[@]}" >"$LOG_DIR/summary.txt"
+  echo
+  echo "=== summary ($((SECONDS - T_ALL)) s in all; logs in $LOG_DIR)"
+  printf '%s\n' "${SUMMARY[@]}"
+  exit 2
+fi
 
 if want cuda-tests; then
   # Not -x: on a first GPU run one early miss must not hide the rest (the
-  # engine and graph tests come last); faulthandler dumps a hung test's stack.
-  stage cuda-tests "$PY" -m pytest -q --maxfail=25 -o faulthandler_timeout=120 -p no:cacheprovider tests -m cuda \
+  # engine and graph tests come last). A hung test: pytest-timeout (in the
+  # device image) ends it after 90 s with every thread's stack; its thread
+  # method, because a hang inside a CUDA call never returns to Python for the
+  # signal method to act; it ends the whole pytest run (the tests after it do
+  # not run, the stage reads FAILED), so the benchmarks keep their time.
+  # Without the plugin, faulthandler only dumps the stacks, and the stage's
+  # own limit is what stops it.
+  timeout_opts=(-o faulthandler_timeout=120)
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    timeout_opts=(-o timeout=90 -o timeout_method=thread)
+  else
+    echo "pytest-timeout is not importable: no per-test timeout (a hung test runs to the stage's limit)"
+  fi
+  stage cuda-tests "$PY" -m pytest -q --maxfail=25 "${timeout_opts[@]}" -p no:cacheprovider tests -m cuda \
     || echo "TESTS FAILED (cuda)"
 fi
 if want tests; then
@@ -174,7 +209,9 @@ fi
 
 # The decode targets first (pythia-160m at batch 1 against transformers +
 # bitsandbytes, and the 1.4b bandwidth floor), the rest after: each stage
-# appends its own table to generate_cuda.md, so a deadline keeps what ran.
+# appends its own section to generate_cuda.md, rewritten after every variant
+# (PARTIAL until done; a timeout's SIGTERM writes what ran), so a deadline
+# keeps what ran.
 if want bench-generate; then
   stage bench-generate "$PY" benchmarks/bench_generate.py --device cuda --threads 16 --shapes 160m --batch 1 \
     --variants pythia-native-nf4 transformers-bnb-nf4 transformers-bf16 \
@@ -184,12 +221,18 @@ if want bench-generate; then
     --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate 1.4b)"
 fi
 if want bench-generate-more; then
-  stage bench-generate-more "$PY" benchmarks/bench_generate.py --device cuda --threads 16 --shapes 160m 1.4b \
+  # By value and cost: 160m at batch 8 (quick), the 1.4b batch-1 peers (the
+  # other side of bench-generate-1.4b's rows), then 1.4b at batch 8 (the
+  # slowest: a 5.3 GB checkpoint saved and loaded for bitsandbytes).
+  stage bench-generate-160m-b8 "$PY" benchmarks/bench_generate.py --device cuda --threads 16 --shapes 160m \
     --batch 8 --variants pythia-native-nf4 pythia-native-nf4-bf16 transformers-bf16 transformers-bnb-nf4 \
-    --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate, batch 8)"
+    --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate 160m, batch 8)"
   stage bench-generate-peers "$PY" benchmarks/bench_generate.py --device cuda --threads 16 --shapes 1.4b \
     --batch 1 --variants transformers-bf16 transformers-bnb-nf4 \
     --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate 1.4b peers)"
+  stage bench-generate-1.4b-b8 "$PY" benchmarks/bench_generate.py --device cuda --threads 16 --shapes 1.4b \
+    --batch 8 --variants pythia-native-nf4 pythia-native-nf4-bf16 transformers-bf16 transformers-bnb-nf4 \
+    --out "$OUT/generate_cuda.md" || echo "BENCHMARK FAILED (generate 1.4b, batch 8)"
 fi
 
 if want profile; then

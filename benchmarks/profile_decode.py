@@ -1,9 +1,15 @@
 """Where a decode step's time goes: torch profiler over pythia-native's generate
 loop on a random pythia-shaped model, per op (CPU) or per kernel (CUDA).
 
-Two profiled runs of the same prompt, one generating 1 token (the prefill) and
-one generating 1 + ``--steps`` tokens; their difference divided by ``--steps``
-is the decode step alone. Besides the table: the step time measured without
+The profiler records the decode steps only: it starts when the prompt's
+prefill has returned (the engine's ``_prefill``, wrapped for the run; the
+device synchronized first, so no prefill kernel is in the window) and stops
+after the last token. Two such runs of the same prompt, one generating 1 token
+(the window holds only the first token's sampling) and one 1 + ``--steps``
+tokens (``--steps`` decode steps, each a forward and the sampling after it);
+their difference divided by ``--steps`` is one decode step. An op whose call
+count does not grow with the steps is left out of the table (its time is noise
+between the two runs) and its total reported under it. Besides the table: the step time measured without
 the profiler (the profiler adds a few microseconds per op), and on CUDA the
 number of kernels (and memory copies) per step: a graph replay still runs each one.
 
@@ -14,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from datetime import date
@@ -22,6 +27,7 @@ from datetime import date
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import build_info, command_line, cpu_model, git_state, versions  # noqa: E402
 from bench_generate import hf_config  # noqa: E402  (the shapes of the generate benchmark)
 
 
@@ -64,15 +70,42 @@ def step_ms(engine, prompts, steps: int, device: str, repeats: int = 5) -> float
     return sorted(times)[len(times) // 2]
 
 
-def profile_totals(engine, prompts, new_tokens: int, device: str) -> dict[str, tuple[int, float]]:
-    """name -> (calls, microseconds): CPU self time per op, or CUDA time per kernel."""
+def profile_totals(engine, prompts, new_tokens: int, device: str) -> tuple[dict[str, tuple[int, float]], bool]:
+    """name -> (calls, microseconds): CPU self time per op, or CUDA time per kernel,
+    of generate_ids(prompts, new_tokens) after the prefill; and whether the
+    prefill was kept out (False: the engine has no ``_prefill`` to wrap, so the
+    whole call was profiled and the prefill only cancels in the difference)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities)
+    started = []
+    prefill = getattr(engine, "_prefill", None)
+
+    def prefill_then_profile(*a, **k):
+        out = prefill(*a, **k)
+        sync(device)  # the prefill's kernels finish outside the window
+        if not started:
+            prof.start()
+            started.append(True)
+        return out
+
     sync(device)
-    with profile(activities=activities) as prof:
+    if prefill is not None:
+        engine._prefill = prefill_then_profile  # an instance attribute, shadowing the method for this call
+    else:
+        prof.start()
+        started.append(True)
+    try:
         engine.generate_ids(prompts, new_tokens, ignore_eos=True)
         sync(device)
+    finally:
+        if prefill is not None:
+            del engine._prefill
+        if started:
+            prof.stop()
+    if not started:
+        sys.exit("profile_decode: generate_ids never called the engine's _prefill; nothing was profiled")
     totals = {}
     for e in prof.key_averages():
         if device == "cuda":
@@ -84,7 +117,7 @@ def profile_totals(engine, prompts, new_tokens: int, device: str) -> dict[str, t
         else:
             us = e.self_cpu_time_total
         totals[e.key] = (e.count, us)
-    return totals
+    return totals, prefill is not None
 
 
 def main():
@@ -115,13 +148,17 @@ def main():
     engine, prompts, dtype = build(args)
     engine.generate_ids(prompts, args.steps + 1, ignore_eos=True)  # warm-up (and the CUDA graph)
     ms = step_ms(engine, prompts, args.steps, args.device)
-    prefill = profile_totals(engine, prompts, 1, args.device)
-    full = profile_totals(engine, prompts, args.steps + 1, args.device)
+    first, _ = profile_totals(engine, prompts, 1, args.device)
+    full, prefill_out = profile_totals(engine, prompts, args.steps + 1, args.device)
     rows = []
+    noise_us, noise_n = 0.0, 0  # ops whose call count did not grow with the steps
     for key, (count, us) in full.items():
-        c0, u0 = prefill.get(key, (0, 0.0))
+        c0, u0 = first.get(key, (0, 0.0))
         per_step_us = (us - u0) / args.steps
-        if per_step_us > 0:
+        if count - c0 <= 0:
+            noise_us += per_step_us
+            noise_n += 1
+        elif per_step_us > 0:
             rows.append((per_step_us, (count - c0) / args.steps, key))
     rows.sort(reverse=True)
     profiled_ms = sum(r[0] for r in rows) / 1e3
@@ -129,20 +166,25 @@ def main():
         sys.exit(f"profile_decode: the profiler recorded no {'CUDA kernels' if args.device == 'cuda' else 'ops'} "
                  f"in the decode steps (step time without it: {ms:.2f} ms)")
 
-    import pythia_native
-
     if args.device == "cuda":
         where = torch.cuda.get_device_name()
     else:
-        where = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+        where = f"{cpu_model()}, {args.threads} thread(s)"
     what = "CUDA kernel time" if args.device == "cuda" else "CPU self time"
     lines = [
         f"## Decode step profile: {args.shape}-shaped, {args.device} ({where}), batch {args.batch}, "
         f"{str(dtype).replace('torch.', '')} activations{', 4-bit embed_out' if args.qhead else ''}"
         f"{', blocks unfused' if args.unfused else ''}{', compute=int16' if args.compute == 'int16' else ''}",
         "",
-        f"torch {torch.__version__}, {date.today()}, build_info {pythia_native.build_info()}; "
-        f"prompt {args.prompt}, {args.steps} decode steps profiled.",
+        f"{versions()}, {date.today()}; pythia-native {git_state()}, build_info {build_info()}.",
+        f"Command: `{command_line()}`.",
+        "",
+        f"Prompt {args.prompt}, {args.steps} decode steps profiled "
+        + ("(the profiler started after the prefill; the window of a 1-token run subtracted)."
+           if prefill_out else "(the whole generate call profiled, prefill included, and a 1-token run's "
+           "profile subtracted: the engine had no _prefill to start after).")
+        + (f" Left out: {noise_n} op(s) whose call count did not grow with the steps, {noise_us:+.1f} us per step "
+           "in all (noise between the two runs)." if noise_n else ""),
         "",
         f"Step time without the profiler: **{ms:.2f} ms** ({args.batch * 1e3 / ms:.1f} tokens/s). "
         f"Profiled {what} per step: {profiled_ms:.2f} ms"
