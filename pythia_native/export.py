@@ -53,6 +53,24 @@ def quantization_config(model: PythiaModel) -> dict:
     }
 
 
+# Values per block of the exactness check: a round trip of 2**20 values takes
+# 2 + 4 MiB beside a float32 tensor. Round-tripping whole tensors took 221 MiB
+# for pythia-160m's float32 embedding (its float16 copy and the float32 copy
+# back), on top of the model: the peak of an export.
+_FIT_BLOCK = 1 << 20
+
+
+def _holds(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every value of ``t`` survives a round trip through ``dtype``,
+    checked in blocks of ``_FIT_BLOCK`` values (``reshape(-1)`` is a view of
+    the contiguous tensors a state dict holds). Not model.py's
+    ``_fits_float16``: that one knows float16 only, and its row blocks take
+    a 1-D tensor whole."""
+    if t.dtype == dtype:
+        return True
+    return all(torch.equal(c.to(dtype).to(c.dtype), c) for c in t.reshape(-1).split(_FIT_BLOCK))
+
+
 def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> torch.dtype:
     """Cast the dense floating tensors (embeddings, LayerNorms, biases, dense
     Linears and head; not the 4-bit layers' statistics) to one dtype, in place
@@ -60,15 +78,13 @@ def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> 
     else bfloat16 if that does, else float32. transformers keeps each tensor
     in the file's dtype, and a mix (the CPU's float16 head beside float32
     LayerNorms) fails its forward; the exact choice keeps every value, so a
-    reload gives the same logits (a float16-exact head is kept float16 again)."""
+    reload gives the same logits (a float16-exact head is kept float16 again).
+    The only full-size copies made are the cast tensors themselves (save_file
+    needs them all at once); one already in the chosen dtype is not copied."""
     four_bit = tuple(p + "weight" for p in model._quantized_prefixes())
     keys = [k for k, v in tensors.items() if v.is_floating_point() and not k.startswith(four_bit)]
-
-    def exact(dt: torch.dtype) -> bool:
-        return all(tensors[k].dtype == dt or torch.equal(tensors[k].to(dt).to(tensors[k].dtype), tensors[k])
-                   for k in keys)
-
-    target = next(dt for dt in (torch.float16, torch.bfloat16, torch.float32) if dt == torch.float32 or exact(dt))
+    target = next(dt for dt in (torch.float16, torch.bfloat16, torch.float32)
+                  if dt == torch.float32 or all(_holds(tensors[k], dt) for k in keys))
     for k in keys:
         tensors[k] = tensors[k].to(target)
     return target
@@ -111,6 +127,47 @@ def check_output_dir(directory: Union[str, os.PathLike], source: Optional[Union[
     return out
 
 
+def _move_into_place(out: Path, names: list[str]) -> None:
+    """Move each written ``out/<name>.tmp`` over ``out/<name>``, all or none.
+
+    The files of a checkpoint must change together: load() takes the quant
+    type and double quantization from config.json for the model but from the
+    weights for each layer, and checks one against the other nowhere, so an
+    fp4 model.safetensors beside an nf4 config.json loads without an error
+    as an "nf4" model (and exports as one). Hence the order: the previous
+    files are first moved aside to ``<name>.old``, config.json first, and the
+    new ones moved in with config.json last. A process killed in between
+    (a few renames) leaves a directory without config.json, which load()
+    refuses with an error, never an old and a new file together; the
+    previous files are still there as ``*.old``. An error or an interrupt
+    in between moves the previous files back."""
+    order = ["config.json"] + [n for n in names if n != "config.json"]
+    aside, moved = [], []
+    try:
+        for name in order:
+            if os.path.lexists(out / name):  # lexists: a symbolic link is moved, not followed
+                os.replace(out / name, out / (name + ".old"))
+                aside.append(name)
+        for name in reversed(order):
+            os.replace(out / (name + ".tmp"), out / name)
+            moved.append(name)
+    except BaseException:
+        try:
+            for name in moved:
+                (out / name).unlink(missing_ok=True)
+            for name in reversed(aside):  # config.json back last
+                os.replace(out / (name + ".old"), out / name)
+        except OSError:  # the error to report is the first one; no config.json is left in place
+            pass
+        raise
+    # Those of an export killed in between too: the checkpoint they were is replaced now.
+    for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
+        try:
+            (out / (name + ".old")).unlink(missing_ok=True)
+        except OSError:  # the checkpoint is complete; a stale .old is harmless
+            pass
+
+
 def save_pretrained(
     model: PythiaModel,
     directory: Union[str, os.PathLike],
@@ -126,7 +183,10 @@ def save_pretrained(
     checkpoint's fp16 values, so that they are not stored widened to the
     model's float32 nor rounded through its bfloat16. Shapes must match.
     Raises ``CheckpointError`` for a directory that cannot be written
-    (checked before anything is written) or a write that fails.
+    (checked before anything is written) or a write that fails. A checkpoint
+    already in ``directory`` is replaced whole or, when the export fails or
+    is interrupted, kept as it was (see ``_move_into_place``); a directory
+    the export made is removed again.
     """
     out = check_output_dir(directory, source=tokenizer_dir)
     if getattr(model, "partial_load", None) is not None:
@@ -134,35 +194,52 @@ def save_pretrained(
                               f"({model.partial_load}); load a revision again first")
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model)
-    # safetensors stores each tensor once, contiguous, on the CPU.
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
     for k, v in (dense or {}).items():
         if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape):
             raise ValueError(f"dense tensor {k!r} {tuple(v.shape)} does not replace a model tensor of that shape")
-        tensors[k] = v.detach().contiguous().cpu()
+        tensors[k] = v.detach()
     # transformers 5 reads "dtype", 4.x "torch_dtype".
     config["dtype"] = config["torch_dtype"] = _DTYPE_NAMES[_unify_dense_dtype(tensors, model)]
-    tmp = out / "model.safetensors.tmp"
+    # safetensors stores each tensor once, contiguous, on the CPU; moved after
+    # the cast, so a GPU model's float32 tensors are not copied to the CPU whole.
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    # Every file is written under <name>.tmp beside its name (never through a
+    # symbolic link into a file another checkpoint shares, never half-written
+    # under its name), and moved into place only once all are written.
+    names = ["model.safetensors", "config.json"]
+    made = []  # the directories mkdir makes, deepest first: removed again if the export fails
+    parent = out
+    while not os.path.lexists(parent):
+        made.append(parent)
+        parent = parent.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")  # never leave a half-written file under the real name
-        # Each file written beside its name and moved over it: never through a
-        # symbolic link (into a file another checkpoint shares), never half-written.
+        save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "pt"})
         with open(out / "config.json.tmp", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        os.replace(out / "config.json.tmp", out / "config.json")
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
                 if src.is_file() and src.resolve() != (out / name).resolve():
                     shutil.copyfile(src, out / (name + ".tmp"))
-                    os.replace(out / (name + ".tmp"), out / name)
-    except Exception as e:  # OSError, or safetensors' own error for a full disk
+                    names.append(name)
+        _move_into_place(out, names)
+    # BaseException: an interrupt (Ctrl-C in save_file) must not leave a
+    # checkpoint-sized .tmp file behind either; it is re-raised as it is.
+    except BaseException as e:
         for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
             try:
                 (out / (name + ".tmp")).unlink(missing_ok=True)
             except OSError:
                 pass
+        for d in made:
+            try:
+                d.rmdir()  # only while empty: never what someone else put there meanwhile
+            except OSError:
+                break
+        if not isinstance(e, Exception):
+            raise
+        # OSError, or safetensors' own error for a full disk
         raise CheckpointError(f"cannot write the checkpoint to {out}: {e}") from e
     return out
