@@ -347,6 +347,7 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
                     f"{'4-bit' if head_4bit else 'dense'}) that does not match the loaded model ({model.quant_type}, "
                     f"embed_out {'4-bit' if isinstance(model.embed_out, QuantizedLinear) else 'dense'}); load() it on its own"
                 )
+            check_layer_quant_types(directory, quant_type, keys)
             dense = bnb_dense_linears(config, reader)
             if dense != model.dense_linears:
                 differ = sorted(dense ^ model.dense_linears)
@@ -357,6 +358,23 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
                 )
         model.load_tensors(reader)
     model.source_quantization = q
+
+
+def check_layer_quant_types(directory, quant_type: str, keys) -> None:
+    """config.json's bnb_4bit_quant_type against every 4-bit layer's
+    quant-state record, whose key names its type
+    (``weight.quant_state.bitsandbytes__<type>``). Each layer computes with its
+    own record, but the model's type is config.json's, and load_revision, the
+    quantized cache and an export go by it: fp4 weights under an nf4 config
+    loaded as an "nf4" model and exported as one."""
+    marker = ".weight.quant_state.bitsandbytes__"
+    other = sorted(k for k in keys if marker in k and k.rsplit("__", 1)[1] != quant_type)
+    if other:
+        raise CheckpointError(
+            f"{directory}: config.json says bnb_4bit_quant_type {quant_type!r}, but {other[0]}"
+            f"{f' (and {len(other) - 1} more)' if len(other) > 1 else ''} holds another type; "
+            "the config does not belong to these weights"
+        )
 
 
 def bnb_dense_linears(config: PythiaConfig, reader: CheckpointReader) -> frozenset[str]:
@@ -396,6 +414,7 @@ def build_model(
                     f"{directory}: config.json says bitsandbytes 4-bit but no weight has 4-bit statistics "
                     "(weight.absmax); the checkpoint files do not match the config"
                 )
+            check_layer_quant_types(directory, quant_type, keys)
         # A dense head whose values float16 holds stays float16 on the CPU (the same
         # values, half the bytes per decode step; see PythiaModel's head_dtype):
         # one stored in float16, or in float32 with float16 values (an export

@@ -9,7 +9,7 @@ import torch
 
 from neox import hf_model, tokenizer_path, trained_tokenizer
 from pythia_native.errors import CheckpointError, ConfigError, PythiaNativeError
-from pythia_native.loading import DeviceError, load, resolve_device
+from pythia_native.loading import DeviceError, fill_model_, load, resolve_device
 from pythia_native.model import PythiaModel
 from pythia_native.quantized_linear import QuantizedLinear
 
@@ -98,6 +98,24 @@ def test_bitsandbytes_checkpoint_from_transformers_is_used_as_is(tmp_path, tok_f
     with torch.no_grad():
         ref = bnb_model(ids).logits
     assert rel_err(logits_of(engine, ids), ref) <= 1e-4
+
+
+def test_a_config_whose_quant_type_is_not_the_weights_is_refused(tmp_path, tok_file):
+    # fp4 layers under a config saying nf4 loaded as an "nf4" model (each layer
+    # computing fp4), which load_revision, the quantized cache and an export
+    # then went by: the export wrote nf4 again.
+    hf = hf_model("tiny", vocab_size=50304)
+    engine = load(save_dense(hf, tmp_path / "dense", tok_file), device="cpu", quant_type="fp4")
+    out = engine.save_pretrained(tmp_path / "fp4")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["bnb_4bit_quant_type"] = "nf4"
+    (out / "config.json").write_text(json.dumps(cfg))
+    match = r"bnb_4bit_quant_type 'nf4', but gpt_neox\.layers\..*bitsandbytes__fp4 \(and \d+ more\) holds another type"
+    with pytest.raises(CheckpointError, match=match):
+        load(out, device="cpu")
+    nf4 = load(save_dense(hf, tmp_path / "dense2", tok_file), device="cpu")
+    with pytest.raises(CheckpointError, match=match):
+        fill_model_(nf4.model, out)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
