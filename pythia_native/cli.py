@@ -43,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="CPU threads (torch.set_num_threads; at most 8 per CPU this process may use)")
     p.add_argument("--compute", default="float32", choices=["float32", "int16"],
                    help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
-                   "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
+                   "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 2.4-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
                    "per layer)")
 
 

@@ -411,7 +411,7 @@ class PythiaModel(nn.Module):
             (``llm_int8_skip_modules``). Their blocks run unfused.
         compute: the 4-bit Linears' arithmetic (``ops.gemm_4bit``): "float32",
             or "int16", where the CPU GEMV (decode steps) rounds x to int16 per
-            64 elements: 1.6-2.4x faster GEMVs at M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2
+            64 elements: 1.6-2.4x faster GEMVs at M = 1 with AVX-512 VNNI, 2.4-4.4x with AVX2
             only; ~1e-4 relative error per Linear.
             An attribute read when the model is bound (each generate call).
     Parameters start as zeros; fill them with :meth:`load_tensors` (a checkpoint)

@@ -122,11 +122,11 @@ def gemm_4bit(
     definition). The relative error of y is ~1e-4 on Pythia-shaped layers
     (6.7e-5 to 1.1e-4 at M = 1),
     against ~1e-7 for float32 and ~4e-3 for bitsandbytes' CPU kernel. The CPU
-    GEMV (M <= 16, K % 128 == 0, blocksize >= 64, a CPU with AVX2) takes it:
-    with AVX-512 VNNI 1.6-2.4x the float32 kernels' speed at M = 1 on the
-    Pythia shapes and 1.2-2.0x at M = 5-16 (a 2-vCPU AMD EPYC, one thread), on
-    AVX2 alone 3.6-4.4x at M = 1 and 1.4-3.0x at M = 2-16 (a Xeon held to
-    AVX2). The two kernels agree to float32 rounding
+    GEMV (M <= 16, K % 128 == 0, K a multiple of the blocksize, a CPU with
+    AVX2) takes it: with AVX-512 VNNI 1.6-2.4x the float32 kernels' speed at
+    M = 1 on the Pythia shapes and 1.2-2.0x at M = 5-16 (a 2-vCPU AMD EPYC,
+    one thread), on AVX2 alone 2.4-4.4x at M = 1 and 1.3-3.0x at M = 4-16 (a
+    Xeon held to AVX2, one thread: the results table and an alternated A/B). The two kernels agree to float32 rounding
     (``build_info()["cpu_gemv_int16_kernel"]`` names the one in use). Every
     other path, and an x holding an inf or NaN, computes in float32, which is
     within the bound.

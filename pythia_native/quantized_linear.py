@@ -48,7 +48,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         # gemm_4bit's arithmetic (ops.gemm_4bit): "float32", or "int16" (x
         # rounded to int16 per 64 elements in the CPU GEMV: 1.6-2.4x faster at
-        # M = 1 with AVX-512 VNNI, 3.6-4.4x with AVX2 only; README, Arithmetic).
+        # M = 1 with AVX-512 VNNI, 2.4-4.4x with AVX2 only; README, Arithmetic).
         self.compute = ops.check_compute(compute)
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
