@@ -618,6 +618,14 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("attention_head_dims", []() { return std::make_pair(kAttnHeadDimMultiple, kAttnMaxHeadDim); },
           "(multiple, max): the head dims the attention kernels take are the multiples of "
           "`multiple` up to `max`.");
+  mod.def("rope_inv_freq", [](int64_t rotary_ndims, double rope_theta) {
+    TORCH_CHECK(rotary_ndims >= 0 && rotary_ndims % 2 == 0 && rotary_ndims <= kAttnMaxHeadDim,
+                "rope_inv_freq: rotary_ndims must be even, in [0, ", kAttnMaxHeadDim, "], got ", rotary_ndims);
+    check_rope_theta(rope_theta, "rope_inv_freq");
+    std::vector<float> f(static_cast<size_t>(rotary_ndims / 2));
+    rope_inv_freq(rotary_ndims, static_cast<float>(rope_theta), f.data());
+    return f;
+  }, "The rotary frequencies the attention kernels (CPU and CUDA) rotate by, float32 as a list.");
   mod.def("code_table", [](const std::string& quant_type) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);

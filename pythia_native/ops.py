@@ -171,7 +171,10 @@ def rotary_kv_cache_(
 
     Rotate-half (non-interleaved) rotary on the first ``rotary_ndims`` dims
     (even, ``0 <= rotary_ndims <= D``), angles ``pos * inv_freq`` with
-    ``inv_freq = rope_inv_freq(rotary_ndims, rope_theta)``, in float32.
+    ``inv_freq = rope_inv_freq(rotary_ndims, rope_theta)``, in float32 (the
+    same bits for every Pythia model's base and rotary_ndims; otherwise an
+    entry may be an ulp or two off, libm's powf against torch's pow:
+    csrc/common/attention_kernels.h).
     Returns q ``[B, T, H, D]`` in qkv's dtype (left unrotated for padding).
 
     Positions must be < L. The CPU kernel raises otherwise; the CUDA kernel

@@ -163,6 +163,25 @@ def test_rotary_noncontiguous_qkv(layout, device):
     assert torch.equal(q, q2) and torch.equal(k, k2) and torch.equal(v, v2)
 
 
+def test_rotary_frequencies_are_the_references_for_pythias_base():
+    # The kernels' inv_freq (libm powf) against reference.rope_inv_freq (torch's
+    # float32 pow, as transformers): bit for bit at base 10000 for every
+    # rotary_ndims the suite has (0.25 x head dims 32..256); elsewhere an entry
+    # may differ by an ulp or two (documented: R = 96 at base 10000, say), never more.
+    from pythia_native.suite import SIZES
+    from pythia_native.config import PythiaConfig
+
+    suite = {PythiaConfig.for_size(s).rotary_ndims for s in SIZES}
+    assert suite == {8, 16, 20, 32, 64}
+    for R in sorted(suite):
+        assert torch.equal(torch.tensor(pn._C.rope_inv_freq(R, 10000.0)), ref.rope_inv_freq(R, 10000.0)), R
+    for theta in (1.5, 2.0, 5000.0, 10000.0, 20000.0, 50000.0, 500000.0, 1e6):
+        for R in (2, 8, 16, 20, 24, 32, 48, 64, 96, 128, 256):
+            got, want = torch.tensor(pn._C.rope_inv_freq(R, theta)), ref.rope_inv_freq(R, theta)
+            ulps = (got.view(torch.int32) - want.view(torch.int32)).abs()
+            assert ulps.max() <= 2, (theta, R)
+
+
 def test_rotary_matches_transformers_rope():
     """The rotary angles and layout agree with transformers' GPT-NeoX code."""
     modeling = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
