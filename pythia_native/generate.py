@@ -85,11 +85,16 @@ class Pythia:
     exhausted, closed or garbage-collected) each hold the engine, as they all
     decode on its one KV cache. A call from another thread waits its turn; a
     call from the thread that holds the engine (e.g. ``generate`` inside a
-    ``for piece in stream(...)`` loop, or two interleaved streams) raises
+    ``for piece in stream(...)`` loop, or two interleaved streams; for a stream
+    handed between threads, the one that opened it or resumed it last) raises
     GenerationError. :meth:`load_revision` waits its turn like a request, but
-    runs at once between two steps of the calling thread's own stream. For concurrent requests, make one engine per thread over the
-    same model (``Pythia(engine.model, engine.tokenizer)``: weights shared,
-    caches separate).
+    runs at once between two steps of the calling thread's own stream. For
+    concurrent requests, make one engine per thread over the same model
+    (``Pythia(engine.model, engine.tokenizer)``: weights shared, caches
+    separate). A load_revision through one of them does not wait for the
+    others: a request of another engine that overlaps it, or has a stream
+    open across it, raises GenerationError rather than mix two revisions
+    (``_check_weights``).
     """
 
     def __init__(
@@ -119,6 +124,9 @@ class Pythia:
         # Bumped by load_revision (loading.load_revision_): a decode loop that bound the
         # model before a revision load binds it again (a buffer may have been reallocated).
         self._model_epoch = 0
+        # model.weights_generation after this engine's own last load_revision: a
+        # stream may load one between two of its steps (_check_weights).
+        self._own_generation: Optional[int] = None
         self._graph_pool = None
         self._capture_stream = None
         # What the captured graphs read (_addresses at their capture), checked per request.
@@ -128,35 +136,46 @@ class Pythia:
         # The one-request-at-a-time guard (_hold). A Lock, not an RLock: a stream's
         # hold may be released from another thread (the one that closes or collects it).
         self._lock = threading.Lock()
-        self._holder: Optional[tuple[int, str]] = None  # (thread id, what) while held
+        self._holder: Optional[tuple[str, tuple[threading.Thread, ...]]] = None  # (what, its threads) while held
 
     # --------------------------------------------------------------- guard --
 
-    def _acquire(self, what: str) -> None:
+    def _held_here(self) -> Optional[str]:
+        """What holds the engine on behalf of the calling thread (None if
+        nothing does): its own call, or an open stream this thread opened or
+        last resumed. Only the holder writes ``_holder``, and the threads it
+        names cannot change while one of them is asking, so no lock is needed.
+        Thread objects, not ids: an id is reused once its thread has ended, and
+        an unrelated thread was refused as if it held a stream."""
         held = self._holder
-        # Only the holding thread can have set its own id here, so this read needs no lock.
-        if held is not None and held[0] == threading.get_ident():
-            if held[1] == "stream()":
-                raise GenerationError(
-                    f"{what} while a stream() of this engine is still open; exhaust or close() it first "
-                    "(they share one KV cache), or use a second Pythia over the same model"
-                )
-            raise GenerationError(f"{what} inside {held[1]} of the same engine (they share one KV cache)")
-        self._lock.acquire()  # another thread's request: wait for it to finish
-        self._holder = (threading.get_ident(), what)
+        me = threading.current_thread()
+        return held[0] if held is not None and any(t is me for t in held[1]) else None
 
-    def _release(self) -> None:
-        self._holder = None
-        self._lock.release()
+    def _check_not_held_here(self, what: str) -> None:
+        """Refuse a nested call: waiting for the engine would wait for this thread."""
+        held = self._held_here()
+        if held == "stream()":
+            raise GenerationError(
+                f"{what} while a stream() of this engine is still open; exhaust or close() it first "
+                "(they share one KV cache), or use a second Pythia over the same model"
+            )
+        if held is not None:
+            raise GenerationError(f"{what} inside {held} of the same engine (they share one KV cache)")
 
     @contextlib.contextmanager
     def _hold(self, what: str):
-        """Hold the engine (its KV cache) for one call; see the class docstring."""
-        self._acquire(what)
-        try:
-            yield
-        finally:
-            self._release()
+        """Hold the engine (its KV cache) for one call; see the class docstring.
+        A thread's nested call raises; another thread's waits. ``with`` on the
+        lock: a KeyboardInterrupt cannot land between taking it and the block
+        that gives it back (after a bare acquire() it could, and the engine
+        stayed locked for good)."""
+        self._check_not_held_here(what)
+        with self._lock:
+            try:
+                self._holder = (what, (threading.current_thread(),))
+                yield
+            finally:
+                self._holder = None
 
     @property
     def device(self) -> torch.device:
@@ -247,6 +266,29 @@ class Pythia:
                 except Exception:
                     pass  # still None: the next call allocates again; the first error is raised
             raise
+
+    def _check_weights(self, seen: Optional[int]) -> int:
+        """``model.weights_generation``, which must still be ``seen`` (None: at the
+        start of a request) unless this engine's own load_revision changed it
+        (between two steps of its stream). Engines over one model share its
+        weights but not their guard: a load_revision of another engine that
+        overlapped this request's model calls, or came between two of its
+        steps, gave results from a mix of two revisions, or from a half-written
+        model after a failed load; it is an error instead. Checked around every
+        model call (an attribute read)."""
+        g = self.model.weights_generation
+        if seen is None and g % 2:
+            raise GenerationError(
+                "another engine over this model is loading a revision into it (load_revision); "
+                "wait for it to finish before a request"
+            )
+        if seen is not None and g != seen and not (g == self._own_generation and g % 2 == 0):
+            raise GenerationError(
+                "the model's weights changed during this request: another engine over the same model ran "
+                "load_revision meanwhile, so the result would mix two revisions; load revisions while no other "
+                "engine over the model is in a request"
+            )
+        return g
 
     def _drop_graphs(self) -> None:
         """Forget the captured CUDA graphs (recaptured on next use) and their
@@ -371,6 +413,7 @@ class Pythia:
                 generator.seed()  # a fresh random seed for this call; torch's global RNG is left alone
             else:
                 generator.manual_seed(int(seed))  # a numpy integer is a TypeError there
+        weights = self._check_weights(None)
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
         # Without CUDA graphs, decode steps call the model bound once (PythiaModel.bind:
@@ -378,11 +421,13 @@ class Pythia:
         # caller may run between two steps of a stream.
         step_fn, bound_epoch = None, None
         for step in range(max_new_tokens):
+            weights = self._check_weights(weights)  # the logits in hand come from one revision
             next_ids = sample(logits, params, generator, self.vocab_size)
             host_ids = next_ids.tolist()
             yield host_ids
             if step + 1 == max_new_tokens or all(done):
                 return
+            weights = self._check_weights(weights)  # before the call: a graph must not replay moved weights
             if self._graphed():
                 logits = self._graph_step(next_ids.view(-1, 1), positions)
             else:
@@ -526,13 +571,15 @@ class Pythia:
         if max_new_tokens == 0:
             return
         # Taken here, in the generator's body (so at the first next(), not at
-        # stream()); the finally gives it back however the generator ends,
-        # close() and garbage collection (GeneratorExit) included.
-        self._acquire("stream()")
-        try:
-            yield from self._stream_pieces(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
-        finally:
-            self._release()
+        # stream()), and given back however the generator ends, close() and
+        # garbage collection (GeneratorExit) included (see _hold).
+        self._check_not_held_here("stream()")
+        with self._lock:
+            try:
+                self._holder = ("stream()", (threading.current_thread(),))
+                yield from self._stream_pieces(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
+            finally:
+                self._holder = None
 
     def _stream_pieces(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings) -> Iterator[str]:
         """stream()'s pieces, for a checked request, with the engine held."""
@@ -555,9 +602,12 @@ class Pythia:
             safe = len(text) - _held_back(text, stop_strings)
             if safe > emitted:
                 yield text[emitted:safe]
-                # The thread that resumed the stream holds the engine now: a
-                # generator may be handed to another thread between two items.
-                self._holder = (threading.get_ident(), "stream()")
+                # A generator may be handed to another thread between two
+                # items: the thread that opened it and the one that resumed it
+                # last are those whose nested calls must raise (either may be
+                # the one to resume it next; waiting would deadlock).
+                opener = self._holder[1][0]
+                self._holder = ("stream()", (opener, threading.current_thread()))
                 emitted = safe
         if not cut_by_string:
             # Bytes held for an unfinished UTF-8 character come out as generate()
@@ -624,8 +674,7 @@ class Pythia:
         """
         from .loading import load_revision_
 
-        held = self._holder
-        if held is not None and held[0] == threading.get_ident():
+        if self._held_here() == "stream()":
             return load_revision_(self, revision)
         with self._hold("load_revision()"):
             return load_revision_(self, revision)
@@ -688,11 +737,13 @@ class Pythia:
     def _score_windows(self, ids: list[int], logprobs: torch.Tensor) -> None:
         window, stride = self.max_len, max(self.max_len // 2, 1)
         start, scored = 0, 0  # window start; targets 1..scored already have a log-prob
+        weights = self._check_weights(None)
         while scored < len(ids) - 1:
             end = min(start + window, len(ids))
             chunk = torch.tensor(ids[start:end], device=self.device).view(1, -1)
             positions = torch.arange(end - start, device=self.device).view(1, -1)
             h = self.model(chunk, positions, self.cache, span=end - start, last_only=False, head=False)[0]
+            weights = self._check_weights(weights)
             targets = torch.tensor(ids[start + 1 : end], device=self.device).view(-1, 1)
             # The head and log-softmax a few hundred rows at a time: a window's
             # logits at once are T x vocab float32 (2 x 412 MB at T = 2048 with

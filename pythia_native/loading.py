@@ -307,6 +307,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         return engine
     finally:
         engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
+        engine._own_generation = engine.model.weights_generation  # its own stream may go on (Pythia._check_weights)
         if tensor_addresses(engine.model) != before or engine.model.partial_load is not None:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.

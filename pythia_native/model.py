@@ -479,6 +479,11 @@ class PythiaModel(nn.Module):
         self.fuse_decode = True
         # Why the weights are a mix of two checkpoints (a load that failed half-way), else None.
         self.partial_load: Optional[str] = None
+        # Bumped when load_tensors starts writing and again when it ends (odd:
+        # a load is under way): engines sharing this model compare it around
+        # each model call, so a request that overlapped another engine's
+        # load_revision fails instead of mixing two revisions' weights.
+        self.weights_generation = 0
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -650,12 +655,15 @@ class PythiaModel(nn.Module):
         keyed = isinstance(tensors, Mapping) or all(hasattr(tensors, a) for a in ("keys", "get", "spec"))
         four_bit = self._check_tensors(tensors, strict) if keyed else None
         state = {"wrote": False}
+        self.weights_generation += 1
         try:
             self._write_tensors(tensors.items() if isinstance(tensors, Mapping) else tensors, four_bit, strict, state)
         except BaseException as e:
             if state["wrote"]:
                 self.partial_load = f"{type(e).__name__}: {e}".splitlines()[0]
             raise
+        finally:
+            self.weights_generation += 1
         self.partial_load = None
 
     def _quantized_prefixes(self) -> set[str]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from neox import hf_model, pair, tokenizer_path, trained_tokenizer
+import pythia_native.generate
 from pythia_native import _C
 from pythia_native.errors import GenerationError
 from pythia_native.config import PythiaConfig
@@ -755,6 +756,106 @@ def test_a_stream_handed_to_another_thread_is_held_by_that_thread(engine):
     t.join(timeout=60)
     assert not t.is_alive() and errors and "still open" in errors[0]
     assert engine.generate_ids([5], 2, ignore_eos=True)
+
+
+def test_the_thread_that_opened_a_handed_on_stream_is_refused_not_deadlocked(engine):
+    # Opened by one thread, resumed once by another: a call from the opener
+    # waited for the engine forever (only the last resumer was refused), and a
+    # later, unrelated thread reusing the resumer's id was refused as if it held it.
+    import threading
+
+    outcome = []
+
+    def opener():
+        s = engine.stream([10, 11, 12], 24, ignore_eos=True)
+        next(s)
+        t = threading.Thread(target=lambda: next(s))
+        t.start()
+        t.join(timeout=60)
+        try:
+            engine.generate_ids([5], 2)
+            outcome.append("ran")
+        except GenerationError as e:
+            outcome.append(str(e))
+        try:
+            engine.load_revision(1000)  # runs at once between two steps (this engine was not made by load())
+        except Exception as e:
+            outcome.append(str(e))
+        s.close()
+
+    me = threading.Thread(target=opener)  # a regression hangs this thread, not the test run
+    me.start()
+    me.join(timeout=60)
+    assert not me.is_alive(), "the opener's nested call waited for itself"
+    assert "still open" in outcome[0]
+    assert "made by pythia_native.load" in outcome[1]  # ran at once: not refused as a nested call
+    assert engine.generate_ids([5], 2, ignore_eos=True)
+
+
+_CTRL_C_STORM = r"""
+import gc, signal, sys, time
+import numpy as np
+from neox import pair
+from pythia_native.generate import Pythia
+from pythia_native.tokenizer import Tokenizer
+
+_, model = pair("tiny")
+engine = Pythia(model, Tokenizer.from_file(sys.argv[2]), max_len=32)
+run = {
+    "generate_ids": lambda: engine.generate_ids([5, 6], 2, ignore_eos=True),
+    "stream": lambda: list(engine.stream([5, 6], 2, ignore_eos=True)),
+    "score": lambda: engine.score([5, 6, 7]),
+}[sys.argv[1]]
+rng = np.random.default_rng(0)
+armed = [False]
+
+def handler(signum, frame):
+    if armed[0] and rng.random() < 0.2:
+        armed[0] = False
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 1e-4, 1e-4)
+interrupted, t0 = 0, time.monotonic()
+for i in range(3000):
+    try:
+        armed[0] = True
+        run()
+    except KeyboardInterrupt:
+        interrupted += 1
+    finally:
+        armed[0] = False
+    if engine._lock.locked():
+        gc.collect()  # a stream interrupted between two items gives the engine back when collected
+    if engine._lock.locked() or engine._holder is not None:
+        sys.exit(f"left held after call {i + 1}")
+    if time.monotonic() - t0 > 20:
+        break
+signal.setitimer(signal.ITIMER_REAL, 0)
+print("interrupted", interrupted)
+"""
+
+
+@pytest.mark.parametrize("call", ["generate_ids", "stream", "score"])
+def test_ctrl_c_at_any_moment_leaves_the_engine_free(call, tmp_path):
+    # Ctrl-C raises KeyboardInterrupt wherever the interpreter next checks for
+    # signals: landing right after the engine's lock was taken and before the
+    # code that gives it back, it left the engine locked for good (every later
+    # call, from any thread, waited forever; seen after 113-206 calls of such a
+    # storm). A storm of SIGALRMs raising it as Python's SIGINT handler does, in
+    # a process of its own: it also interrupts torch's own context managers,
+    # which can leave that thread in inference mode.
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    tok = REAL_TOKENIZER or trained_tokenizer(tmp_path)
+    p = subprocess.run([sys.executable, "-c", _CTRL_C_STORM, call, str(tok)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    assert int(p.stdout.split()[-1]) > 50
 
 
 # --------------------------------------------------- argument types, cont. --

@@ -17,7 +17,7 @@ from test_hub import add_snapshot, commit_hash, no_network  # noqa: F401  (no_ne
 import pythia_native
 from pythia_native import loading, quantized_cache, suite
 from pythia_native.cli import main
-from pythia_native.errors import CheckpointError, QuantizedCacheWarning, RevisionError
+from pythia_native.errors import CheckpointError, GenerationError, QuantizedCacheWarning, RevisionError
 from pythia_native.loading import load
 from pythia_native.sweep import select_revisions, sweep
 
@@ -487,7 +487,6 @@ def test_failed_load_revision_leaves_the_engine_as_it_was(hub_cache, sources, tm
 
 def test_load_revision_failing_while_writing_refuses_to_run_until_reloaded(hub_cache, monkeypatch, device):
     from pythia_native import weights
-    from pythia_native.errors import GenerationError
 
     opts = dict(cache_dir=hub_cache, local_files_only=True, device=device)
     engine = load("pythia-14m", "step1000", **opts)
@@ -676,6 +675,45 @@ def test_load_revision_looks_up_the_cache_under_the_format_the_model_holds(hub_c
                                 loading.held_settings(engine.model)) is not None
     again = load("pythia-14m", "step16", cache_dir=hub_cache, quantized_cache=q, **OPTS).load_revision("step2000")
     assert torch.equal(logits(again), logits(want))
+
+
+def test_a_request_of_another_engine_over_the_model_fails_rather_than_mix_revisions(hub_cache):
+    # Engines over one model (the README's recipe for concurrent requests) share
+    # its weights but not their guard: a load_revision through one of them gave
+    # the others' requests a mix of two revisions (a stream went on with the new
+    # weights over the old cache; a score that overlapped the load used half of
+    # each), and a failed load's half-written model kept streaming. Now such a
+    # request raises; the loading engine's own stream may go on (its load ran
+    # between two of its steps).
+    from pythia_native.generate import Pythia
+
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    sibling = Pythia(engine.model, engine.tokenizer)
+    own, other = engine.stream([10, 11, 12], 8, ignore_eos=True), sibling.stream([10, 11, 12], 8, ignore_eos=True)
+    next(own), next(other)
+    engine.load_revision("step2000")  # between two steps of its own stream
+    assert len(list(own)) > 0
+    with pytest.raises(GenerationError, match="weights changed during this request: another engine"):
+        list(other)
+    # A request that starts while a load is writing, or overlaps one.
+    real = engine.model._write_tensors
+    seen = []
+
+    def write_and_score(*args, **kwargs):
+        with pytest.raises(GenerationError, match="another engine over this model is loading a revision"):
+            sibling.score([10, 11, 12])
+        seen.append(True)
+        return real(*args, **kwargs)
+
+    engine.model._write_tensors = write_and_score
+    try:
+        engine.load_revision("step1000")
+    finally:
+        del engine.model._write_tensors
+    assert seen
+    # Idle siblings are unaffected: their next request runs on the new revision.
+    fresh = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    assert sibling.generate_ids([5, 6], 4, ignore_eos=True) == fresh.generate_ids([5, 6], 4, ignore_eos=True)
 
 
 def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_cache):
