@@ -15,6 +15,7 @@ FileNotFoundError`` in caller code keeps working.
 | ``CheckpointError`` | a weight file is missing, truncated, corrupt, or an index names a shard that is not there |
 | ``ConfigError`` | ``config.json`` missing, not JSON, or not a GPT-NeoX causal LM; a ``load()`` path option that is empty |
 | ``GenerationError`` | a generate/score request that cannot be served (prompt + new tokens beyond the context, bad sampling values) |
+| ``LoadInProgressError`` | a load into a model while another thread's load into it is under way (``load_revision`` through two engines over one model) |
 | ``DeviceError`` | a device or dtype this machine or build cannot use (``cuda`` without a GPU, fp16 on the CPU) |
 """
 from __future__ import annotations
@@ -46,6 +47,10 @@ class CheckpointError(PythiaNativeError, OSError):
 
 class ConfigError(PythiaNativeError, ValueError):
     """``config.json`` is missing, not valid JSON, or does not describe a GPT-NeoX causal LM."""
+
+
+class LoadInProgressError(PythiaNativeError, RuntimeError):
+    """Another thread is loading weights into the same model; loads into one model must not overlap."""
 
 
 class PythiaNativeWarning(UserWarning):

@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
@@ -86,9 +87,10 @@ class Pythia:
     decode on its one KV cache. A call from another thread waits its turn; a
     call from the thread that holds the engine (e.g. ``generate`` inside a
     ``for piece in stream(...)`` loop, or two interleaved streams; for a stream
-    handed between threads, the one that opened it or resumed it last) raises
-    GenerationError. :meth:`load_revision` waits its turn like a request, but
-    runs at once between two steps of the calling thread's own stream. For
+    handed between threads, the one that resumed it last, while it is
+    suspended) raises GenerationError. :meth:`load_revision` waits its turn
+    like a request, but runs at once between two steps of the calling
+    thread's own stream (suspended, resumed last by that thread). For
     concurrent requests, make one engine per thread over the same model
     (``Pythia(engine.model, engine.tokenizer)``: weights shared, caches
     separate). A load_revision through one of them does not wait for the
@@ -136,20 +138,28 @@ class Pythia:
         # The one-request-at-a-time guard (_hold). A Lock, not an RLock: a stream's
         # hold may be released from another thread (the one that closes or collects it).
         self._lock = threading.Lock()
-        self._holder: Optional[tuple[str, tuple[threading.Thread, ...]]] = None  # (what, its threads) while held
+        # While held: (what, the thread, the stream's generator in a list or None); see _held_here.
+        self._holder: Optional[tuple[str, threading.Thread, Optional[list]]] = None
 
     # --------------------------------------------------------------- guard --
 
     def _held_here(self) -> Optional[str]:
-        """What holds the engine on behalf of the calling thread (None if
-        nothing does): its own call, or an open stream this thread opened or
-        last resumed. Only the holder writes ``_holder``, and the threads it
-        names cannot change while one of them is asking, so no lock is needed.
-        Thread objects, not ids: an id is reused once its thread has ended, and
-        an unrelated thread was refused as if it held a stream."""
+        """What holds the engine such that the calling thread must not wait for
+        it (None if nothing does): its own call in progress, or an open stream
+        that this thread resumed last and that is suspended, as between two
+        items of a ``for piece in stream(...)`` loop (only this thread is then
+        known to go on with it: waiting would wait for itself). A stream that
+        another thread is running a step of, or that another thread resumed
+        last, is waited for (a thread pool's workers take turns with one).
+        Only the holder writes ``_holder`` (one tuple, replaced whole), so no
+        lock is needed. Thread objects, not ids: an id is reused once its
+        thread has ended, and an unrelated thread was refused as if it held
+        the stream."""
         held = self._holder
-        me = threading.current_thread()
-        return held[0] if held is not None and any(t is me for t in held[1]) else None
+        if held is None or held[1] is not threading.current_thread():
+            return None
+        gen = held[2][0]() if held[2] else None
+        return None if gen is not None and gen.gi_running else held[0]
 
     def _check_not_held_here(self, what: str) -> None:
         """Refuse a nested call: waiting for the engine would wait for this thread."""
@@ -172,7 +182,7 @@ class Pythia:
         self._check_not_held_here(what)
         with self._lock:
             try:
-                self._holder = (what, (threading.current_thread(),))
+                self._holder = (what, threading.current_thread(), None)
                 yield
             finally:
                 self._holder = None
@@ -282,11 +292,11 @@ class Pythia:
                 "another engine over this model is loading a revision into it (load_revision); "
                 "wait for it to finish before a request"
             )
-        if seen is not None and g != seen and not (g == self._own_generation and g % 2 == 0):
+        if seen is not None and g != seen and g != self._own_generation:
             raise GenerationError(
-                "the model's weights changed during this request: another engine over the same model ran "
-                "load_revision meanwhile, so the result would mix two revisions; load revisions while no other "
-                "engine over the model is in a request"
+                "the model's weights were reloaded during this request (load_revision through another engine "
+                "over the same model, or model.load_tensors), so the result would mix two revisions; load "
+                "revisions while no other request on the model is running"
             )
         return g
 
@@ -564,10 +574,16 @@ class Pythia:
         stop_ids, stop_strings = self._stop_set(stop, ignore_eos)
         if max_new_tokens > 0:
             batch = self._fit(batch, max_new_tokens, truncate)
-        return self._stream(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
+        # A weak reference to the generator, for the guard to tell a running
+        # stream from a suspended one (a strong one, held by the generator's
+        # own frame, would keep a dropped stream, and the engine, until gc).
+        box: list = []
+        gen = self._stream(batch, max_new_tokens, params, seed, stop_ids, stop_strings, box)
+        box.append(weakref.ref(gen))
+        return gen
 
-    def _stream(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings) -> Iterator[str]:
-        """stream()'s generator, its arguments checked."""
+    def _stream(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings, box: list) -> Iterator[str]:
+        """stream()'s generator (``box[0]()`` once made), its arguments checked."""
         if max_new_tokens == 0:
             return
         # Taken here, in the generator's body (so at the first next(), not at
@@ -576,12 +592,12 @@ class Pythia:
         self._check_not_held_here("stream()")
         with self._lock:
             try:
-                self._holder = ("stream()", (threading.current_thread(),))
-                yield from self._stream_pieces(batch, max_new_tokens, params, seed, stop_ids, stop_strings)
+                self._holder = ("stream()", threading.current_thread(), box)
+                yield from self._stream_pieces(batch, max_new_tokens, params, seed, stop_ids, stop_strings, box)
             finally:
                 self._holder = None
 
-    def _stream_pieces(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings) -> Iterator[str]:
+    def _stream_pieces(self, batch, max_new_tokens, params, seed, stop_ids, stop_strings, box) -> Iterator[str]:
         """stream()'s pieces, for a checked request, with the engine held."""
         decoder = StreamDecoder(self.tokenizer)
         done = [False]
@@ -603,11 +619,8 @@ class Pythia:
             if safe > emitted:
                 yield text[emitted:safe]
                 # A generator may be handed to another thread between two
-                # items: the thread that opened it and the one that resumed it
-                # last are those whose nested calls must raise (either may be
-                # the one to resume it next; waiting would deadlock).
-                opener = self._holder[1][0]
-                self._holder = ("stream()", (opener, threading.current_thread()))
+                # items: the one that resumed it last holds it (_held_here).
+                self._holder = ("stream()", threading.current_thread(), box)
                 emitted = safe
         if not cut_by_string:
             # Bytes held for an unfinished UTF-8 character come out as generate()
@@ -669,8 +682,8 @@ class Pythia:
 
         It holds the engine like a request: a call from another thread waits
         for the one in flight (a score must not see half of each revision's
-        weights). From the thread whose stream() is open it runs at once,
-        between two steps of that stream, as it always could.
+        weights). From the thread that resumed an open stream() last, while
+        the stream is suspended, it runs at once, between two of its steps.
         """
         from .loading import load_revision_
 
@@ -709,10 +722,11 @@ class Pythia:
         _check_flags(prepend_eos=prepend_eos)
         batch, single = self._encode(texts)
         with self._hold("score()"):
-            results = [self._score_one(ids, prepend_eos) for ids in batch]
+            weights = self._check_weights(None)  # one revision for every text of the call
+            results = [self._score_one(ids, prepend_eos, weights) for ids in batch]
         return results[0] if single else results
 
-    def _score_one(self, ids: list[int], prepend_eos: bool) -> "Score":
+    def _score_one(self, ids: list[int], prepend_eos: bool, weights: int) -> "Score":
         if prepend_eos:
             bos = self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
             if bos is None:
@@ -731,43 +745,47 @@ class Pythia:
         logprobs = torch.empty(len(ids) - 1, dtype=torch.float32)
         self._ensure_cache(1)  # outside too, as generate makes it: one kind of cache whichever call comes first
         with torch.inference_mode():
-            self._score_windows(ids, logprobs)
+            self._score_windows(ids, logprobs, weights)
         return Score(ids[1:], logprobs)
 
-    def _score_windows(self, ids: list[int], logprobs: torch.Tensor) -> None:
+    def _score_windows(self, ids: list[int], logprobs: torch.Tensor, weights: int) -> None:
         window, stride = self.max_len, max(self.max_len // 2, 1)
         start, scored = 0, 0  # window start; targets 1..scored already have a log-prob
-        weights = self._check_weights(None)
         while scored < len(ids) - 1:
             end = min(start + window, len(ids))
             chunk = torch.tensor(ids[start:end], device=self.device).view(1, -1)
             positions = torch.arange(end - start, device=self.device).view(1, -1)
             h = self.model(chunk, positions, self.cache, span=end - start, last_only=False, head=False)[0]
-            weights = self._check_weights(weights)
-            targets = torch.tensor(ids[start + 1 : end], device=self.device).view(-1, 1)
-            # The head and log-softmax a few hundred rows at a time: a window's
-            # logits at once are T x vocab float32 (2 x 412 MB at T = 2048 with
-            # the log-softmax), more than pythia-160m's whole model. The same
-            # values as in one piece: both are computed row by row, except
-            # that the CPU head of a single row is a matrix-vector product,
-            # so no piece but a lone row is one row.
-            n = end - start - 1  # rows with a target (the last token's has none)
-            edges = [*range(0, n, _SCORE_ROWS), n]
-            if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+            # Rows [first, n) of this window are scored (a later window's first
+            # rows were scored by the one before): the head and log-softmax
+            # over them a few hundred rows at a time. All at once, a window's
+            # logits are T x vocab float32 (2 x 412 MB at T = 2048 with the
+            # log-softmax), more than pythia-160m's whole model. A last piece
+            # of up to _SCORE_FOLD rows joins the one before, so that every
+            # piece takes the head kernel of a whole window's row count (the
+            # CPU kernels are chosen by rows: GEMV, tiles, panels): the same
+            # values as in one piece but for that kernel's rounding.
+            first, n = scored - start, end - start - 1
+            edges = [*range(first, n, _SCORE_ROWS), n]
+            if len(edges) > 2 and edges[-1] - edges[-2] <= _SCORE_FOLD:
                 del edges[-2]
+            targets = torch.tensor(ids[start + 1 : end], device=self.device).view(-1, 1)
             token_lp = torch.cat([
                 torch.log_softmax(self.model.logits(h[a:b])[:, : self.config.vocab_size], dim=-1)
                 .gather(1, targets[a:b]).squeeze(1)
                 for a, b in zip(edges, edges[1:])
             ]).cpu()
-            first_new = scored - start  # index into this window's targets of the first unscored one
-            logprobs[scored : end - 1] = token_lp[first_new:]
+            self._check_weights(weights)  # the whole window, head included, on one revision
+            logprobs[scored : end - 1] = token_lp
             scored = end - 1
             start += stride
 
 
-# Rows of logits scored at a time (score): 256 x 50304 float32 = 51 MB.
+# Rows of logits scored at a time (score): 256 x 50304 float32 = 51 MB; a
+# last piece of up to _SCORE_FOLD rows (the CPU head's largest tile) joins the
+# one before.
 _SCORE_ROWS = 256
+_SCORE_FOLD = 64
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import PythiaConfig
-from .errors import CheckpointError, ConfigError, DeviceError, PythiaNativeError
+from .errors import CheckpointError, ConfigError, DeviceError, LoadInProgressError, PythiaNativeError
 from .format import check_quant_type
 from .ops import check_compute
 from .generate import Pythia
@@ -284,6 +284,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         )
     rev = resolve_revision(options.ref, revision)
     before = tensor_addresses(engine.model)
+    loaded = None  # weights_generation after this load, once it succeeded
     try:
         # The entry of the format the engine holds, which after a bitsandbytes
         # revision can differ from what load() was asked for: an entry under the
@@ -291,23 +292,25 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         directory, entry = _locate(options, rev, held_settings(engine.model))
         if entry is not None:
             try:
-                fill_model_(engine.model, entry)
+                loaded = fill_model_(engine.model, entry)
                 engine.source = (engine.source[0], rev, str(entry))
                 return engine
-            except IncompatibleCheckpointError:
-                raise  # the entry is fine, the engine is another architecture: keep it
+            except (IncompatibleCheckpointError, LoadInProgressError):
+                raise  # the entry is fine (the engine is another architecture, or busy): keep it
             except PythiaNativeError as e:
                 from . import quantized_cache as qc
 
                 qc.discard(entry, str(e))
                 directory = _download(options, rev)
-        fill_model_(engine.model, directory)
+        loaded = fill_model_(engine.model, directory)
         _maybe_store(options, rev, engine.model, directory)
         engine.source = (engine.source[0], rev, str(directory))
         return engine
     finally:
         engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
-        engine._own_generation = engine.model.weights_generation  # its own stream may go on (Pythia._check_weights)
+        # Its own stream may go on over this load's weights (Pythia._check_weights);
+        # not over another thread's load, nor a failed one.
+        engine._own_generation = loaded
         if tensor_addresses(engine.model) != before or engine.model.partial_load is not None:
             # A buffer had to be reallocated (a 4-bit checkpoint with another blocksize): graphs
             # captured on the old storage would read freed memory; they are recaptured on next use.
@@ -320,12 +323,13 @@ class IncompatibleCheckpointError(CheckpointError):
     4-bit layout): not a reason to discard a quantized-cache entry."""
 
 
-def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
+def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> int:
     """Stream the checkpoint in ``directory`` into ``model``'s existing tensors (in place).
 
     A dense checkpoint is quantized with the model's settings; a bitsandbytes
     4-bit one must have the model's quant type and the same ``embed_out``
-    layout. Raises ``CheckpointError`` when the architecture differs.
+    layout. Raises ``CheckpointError`` when the architecture differs. Returns
+    the model's ``weights_generation`` after the load (``load_tensors``).
     """
     raw = read_config(directory)
     config = PythiaConfig.from_dict(raw)
@@ -357,8 +361,9 @@ def fill_model_(model: PythiaModel, directory: Union[str, os.PathLike]) -> None:
                     f"the loaded model's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
                     "load() it on its own"
                 )
-        model.load_tensors(reader)
+        generation = model.load_tensors(reader)
     model.source_quantization = q
+    return generation
 
 
 def check_layer_quant_types(directory, quant_type: str, keys) -> None:

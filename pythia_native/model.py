@@ -27,6 +27,8 @@ sequence's greedy tokens can depend on the rest of its batch.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from collections.abc import Collection, Mapping
 from typing import Optional
 
@@ -37,7 +39,7 @@ from torch import nn
 from . import ops
 from .block import compose_block, layer_norm_fn, prefill_mask
 from .config import PythiaConfig
-from .errors import CheckpointError, GenerationError
+from .errors import CheckpointError, GenerationError, LoadInProgressError
 from .format import check_quant_type
 from .quantized_linear import QuantizedLinear, parse_quant_state, weight_keys
 from .sampling import is_int
@@ -137,6 +139,22 @@ def _clear_unwritten_slots(cache: KVCache, positions: torch.Tensor, span: int) -
         if start < span:
             cache.k[:, b, :, start:span].zero_()
             cache.v[:, b, :, start:span].zero_()
+
+
+# One lock per model for load_tensors (by weak reference: a lock attribute
+# would make the module impossible to deepcopy or pickle). Two loads into one
+# model at once (load_revision through two engines over it) interleaved their
+# writes into a mix of both checkpoints that no check could see afterwards.
+_LOAD_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOAD_LOCKS_GUARD = threading.Lock()
+
+
+def _load_lock(model: nn.Module) -> threading.Lock:
+    with _LOAD_LOCKS_GUARD:
+        lock = _LOAD_LOCKS.get(model)
+        if lock is None:
+            lock = _LOAD_LOCKS[model] = threading.Lock()
+        return lock
 
 
 def _blocks(t: torch.Tensor, elements: int = 1 << 20):
@@ -651,20 +669,34 @@ class PythiaModel(nn.Module):
         was. Should writing still fail half-way (an I/O error while reading the
         data, NaN or infinite values, or a bad tensor of a plain iterable), the model is marked
         unusable (``partial_load``) and refuses to run until a load succeeds.
+
+        Returns the model's ``weights_generation`` after the load. A second
+        load into the model while one is under way (another thread's) raises
+        :class:`LoadInProgressError` at once, before it writes anything.
         """
         keyed = isinstance(tensors, Mapping) or all(hasattr(tensors, a) for a in ("keys", "get", "spec"))
         four_bit = self._check_tensors(tensors, strict) if keyed else None
         state = {"wrote": False}
-        self.weights_generation += 1
+        lock = _load_lock(self)
+        if not lock.acquire(blocking=False):
+            raise LoadInProgressError(
+                "another load into this model is under way (load_revision of another engine over it?); "
+                "loads into one model must not overlap: its weights would be a mix of both"
+            )
         try:
-            self._write_tensors(tensors.items() if isinstance(tensors, Mapping) else tensors, four_bit, strict, state)
-        except BaseException as e:
-            if state["wrote"]:
-                self.partial_load = f"{type(e).__name__}: {e}".splitlines()[0]
-            raise
-        finally:
             self.weights_generation += 1
-        self.partial_load = None
+            try:
+                self._write_tensors(tensors.items() if isinstance(tensors, Mapping) else tensors, four_bit, strict, state)
+            except BaseException as e:
+                if state["wrote"]:
+                    self.partial_load = f"{type(e).__name__}: {e}".splitlines()[0]
+                raise
+            finally:
+                self.weights_generation += 1
+            self.partial_load = None
+            return self.weights_generation
+        finally:
+            lock.release()
 
     def _quantized_prefixes(self) -> set[str]:
         return {p for p in self._linear_prefixes() if isinstance(self.get_submodule(p[:-1]), QuantizedLinear)}

@@ -11,7 +11,7 @@ import torch
 from neox import hf_model, pair, tokenizer_path, trained_tokenizer
 import pythia_native.generate
 from pythia_native import _C
-from pythia_native.errors import GenerationError
+from pythia_native.errors import GenerationError, PythiaNativeError
 from pythia_native.config import PythiaConfig
 from pythia_native.generate import Pythia
 from pythia_native.sampling import SamplingParams, filter_logits, greedy, probabilities, sample
@@ -568,20 +568,36 @@ def test_score_long_text_in_windows(tokenizer):
     assert torch.allclose(b.logprobs[15:23], direct.logprobs[-8:], atol=1e-5)
 
 
-def test_score_takes_the_head_in_row_chunks_with_the_same_values(tokenizer, monkeypatch):
+@pytest.mark.parametrize("head", ["float16", "4-bit"])
+def test_score_takes_the_head_in_row_pieces_with_the_values_of_one(head, monkeypatch):
     # A window's logits are taken a few hundred rows at a time (all at once they
     # were T x vocab float32, twice over with the log-softmax: ~0.9 GB at
-    # T = 2048): the same values as one piece, windows and chunk edges apart.
+    # T = 2048), only for the rows not scored by the window before. The CPU
+    # head's kernel is chosen by row count (GEMV up to 8 rows, tiles up to 64,
+    # panels above: other roundings), so a last piece of up to 64 rows joins
+    # the one before: pieces of 65 rows or more give the bits of one piece;
+    # smaller ones (not used) would differ by rounding only. The float16 head
+    # is what a CPU load of Pythia's float16 checkpoints gets.
     import pythia_native.generate as generate
+    from pythia_native.model import PythiaModel
 
-    _, model = pair("tiny", hf_overrides=dict(vocab_size=50304))
-    e = Pythia(model, tokenizer, max_len=32)
-    ids = torch.randint(2, 50000, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+    hf = hf_model("14m").half().float()  # float16 values: a float16 head keeps them
+    if head == "float16":
+        model = PythiaModel.from_hf(hf, head_dtype=torch.float16)
+        assert model.embed_out.weight.dtype == torch.float16
+    else:
+        model = PythiaModel.from_hf(hf, quantize_embed_out=True)
+    e = Pythia(model, max_len=256)  # windows of 255 rows, 127 of them new after the first
+    ids = torch.randint(2, 1000, (700,), generator=torch.Generator().manual_seed(0)).tolist()
     monkeypatch.setattr(generate, "_SCORE_ROWS", 10**6)
     whole = e.score(ids).logprobs
-    for rows in (2, 5, 30, 31):  # 5, 30: a last piece of one row joins the one before
+    for rows, fold in ((100, 64), (70, 64), (65, 64)):
         monkeypatch.setattr(generate, "_SCORE_ROWS", rows)
-        assert torch.equal(e.score(ids).logprobs, whole), rows
+        monkeypatch.setattr(generate, "_SCORE_FOLD", fold)
+        assert torch.equal(e.score(ids).logprobs, whole), (rows, fold)
+    monkeypatch.setattr(generate, "_SCORE_ROWS", 7)
+    monkeypatch.setattr(generate, "_SCORE_FOLD", 0)
+    torch.testing.assert_close(e.score(ids).logprobs, whole, rtol=0, atol=1e-5)
 
 
 def test_score_needs_a_window_of_two(tokenizer):
@@ -758,38 +774,79 @@ def test_a_stream_handed_to_another_thread_is_held_by_that_thread(engine):
     assert engine.generate_ids([5], 2, ignore_eos=True)
 
 
-def test_the_thread_that_opened_a_handed_on_stream_is_refused_not_deadlocked(engine):
-    # Opened by one thread, resumed once by another: a call from the opener
-    # waited for the engine forever (only the last resumer was refused), and a
-    # later, unrelated thread reusing the resumer's id was refused as if it held it.
+def test_a_stream_taken_in_turns_by_pool_threads_makes_the_others_wait(engine):
+    # A thread pool serving a stream (Starlette's iterate_in_threadpool): worker
+    # A takes the first item, worker B the next; A, reused for another request,
+    # waits its turn (it is not the stream's last resumer: refusing it broke
+    # such servers), and gets its answer once B has finished the stream.
+    import queue
     import threading
 
-    outcome = []
+    def worker(tasks: "queue.Queue"):
+        while (task := tasks.get()) is not None:
+            task()
 
-    def opener():
-        s = engine.stream([10, 11, 12], 24, ignore_eos=True)
-        next(s)
-        t = threading.Thread(target=lambda: next(s))
-        t.start()
-        t.join(timeout=60)
+    want = engine.generate_ids([5, 6], 3, ignore_eos=True)
+    s = engine.stream([10, 11, 12], 16, ignore_eos=True)
+    qa, qb = queue.Queue(), queue.Queue()
+    a = threading.Thread(target=worker, args=(qa,), daemon=True)  # a failure must not hang the run
+    b = threading.Thread(target=worker, args=(qb,), daemon=True)
+    a.start(), b.start()
+    got, done = [], threading.Event()
+    took = threading.Event()
+    qa.put(lambda: (next(s), took.set()))
+    assert took.wait(60)
+    took.clear()
+    qb.put(lambda: (next(s), took.set()))
+    assert took.wait(60)
+
+    def request():
         try:
-            engine.generate_ids([5], 2)
-            outcome.append("ran")
+            got.append(engine.generate_ids([5, 6], 3, ignore_eos=True))
         except GenerationError as e:
-            outcome.append(str(e))
-        try:
-            engine.load_revision(1000)  # runs at once between two steps (this engine was not made by load())
-        except Exception as e:
-            outcome.append(str(e))
-        s.close()
+            got.append(e)
+        done.set()
 
-    me = threading.Thread(target=opener)  # a regression hangs this thread, not the test run
-    me.start()
-    me.join(timeout=60)
-    assert not me.is_alive(), "the opener's nested call waited for itself"
-    assert "still open" in outcome[0]
-    assert "made by pythia_native.load" in outcome[1]  # ran at once: not refused as a nested call
-    assert engine.generate_ids([5], 2, ignore_eos=True)
+    qa.put(request)  # worker A again, while B holds the suspended stream
+    assert not done.wait(1.0)  # waiting: the stream holds the cache
+    qb.put(lambda: list(s))
+    assert done.wait(60)
+    qa.put(None), qb.put(None)
+    a.join(60), b.join(60)
+    assert got == [want]
+
+
+def test_load_revision_from_a_streams_last_thread_waits_while_another_runs_a_step(engine, monkeypatch):
+    # "Runs at once between two steps of the calling thread's stream": only
+    # while the stream is suspended. While another thread is inside one of its
+    # steps the load waits for the stream (it ran at once, overwriting the
+    # weights under that step).
+    import threading
+
+    s = engine.stream([10, 11, 12], 8, ignore_eos=True)
+    next(s)  # this thread resumed it last
+    inside, go = threading.Event(), threading.Event()
+    real = engine._check_weights
+
+    def slow_check(seen):
+        if threading.current_thread() is worker:
+            inside.set()
+            go.wait(60)
+        return real(seen)
+
+    monkeypatch.setattr(engine, "_check_weights", slow_check)
+    worker = threading.Thread(target=lambda: list(s))
+    worker.start()
+    assert inside.wait(60)
+    releaser = threading.Timer(1.0, go.set)  # lets the step finish a second from now
+    releaser.start()
+    with pytest.raises(PythiaNativeError, match="made by pythia_native.load"):  # raised once it runs
+        engine.load_revision(1000)  # from this thread, which resumed the stream last
+    ran_after_the_step = go.is_set()
+    go.set()
+    worker.join(timeout=60)
+    assert ran_after_the_step, "load_revision ran while another thread was inside a step of the stream"
+    assert not worker.is_alive()
 
 
 _CTRL_C_STORM = r"""

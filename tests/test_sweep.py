@@ -693,7 +693,7 @@ def test_a_request_of_another_engine_over_the_model_fails_rather_than_mix_revisi
     next(own), next(other)
     engine.load_revision("step2000")  # between two steps of its own stream
     assert len(list(own)) > 0
-    with pytest.raises(GenerationError, match="weights changed during this request: another engine"):
+    with pytest.raises(GenerationError, match="weights were reloaded during this request"):
         list(other)
     # A request that starts while a load is writing, or overlaps one.
     real = engine.model._write_tensors
@@ -714,6 +714,57 @@ def test_a_request_of_another_engine_over_the_model_fails_rather_than_mix_revisi
     # Idle siblings are unaffected: their next request runs on the new revision.
     fresh = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
     assert sibling.generate_ids([5, 6], 4, ignore_eos=True) == fresh.generate_ids([5, 6], 4, ignore_eos=True)
+
+
+def test_loads_into_one_model_do_not_overlap_and_a_score_sees_one_revision(hub_cache, monkeypatch):
+    # Two engines over one model loading at once interleaved their writes into a
+    # mix of both revisions that nothing could see afterwards; a score whose
+    # head (or whose second text) came after another engine's load mixed two.
+    from pythia_native.errors import LoadInProgressError
+    from pythia_native.generate import Pythia
+
+    a = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    b = Pythia(a.model, a.tokenizer)
+    b.load_options, b.source = a.load_options, a.source  # as load() made it, over a's model
+    real = a.model._write_tensors
+    seen = []
+
+    def write_while_b_loads(*args, **kwargs):
+        with pytest.raises(LoadInProgressError, match="another load into this model is under way"):
+            b.load_revision("step2000")
+        seen.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(a.model, "_write_tensors", write_while_b_loads)
+    a.load_revision("step4000")
+    monkeypatch.undo()
+    assert seen and a.model.partial_load is None
+    assert torch.equal(logits(a), logits(load("pythia-14m", "step4000", cache_dir=hub_cache, **OPTS)))
+    # b's load between a's score computing its hidden states and its head.
+    real_logits = a.model.logits
+    calls = []
+
+    def head_after_a_load(h):
+        if not calls:
+            calls.append(True)
+            b.load_revision("step1000")
+        return real_logits(h)
+
+    monkeypatch.setattr(a.model, "logits", head_after_a_load)
+    with pytest.raises(GenerationError, match="weights were reloaded during this request"):
+        a.score([10, 11, 12])
+    monkeypatch.undo()
+    # ... and between the two texts of one score call.
+    real_one = a._score_one
+
+    def then_load(*args):
+        out = real_one(*args)
+        b.load_revision("step2000" if b.source[1] == "step1000" else "step1000")
+        return out
+
+    monkeypatch.setattr(a, "_score_one", then_load)
+    with pytest.raises(GenerationError, match="weights were reloaded during this request"):
+        a.score([[10, 11, 12], [13, 14, 15]])
 
 
 def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_cache):
