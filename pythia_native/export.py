@@ -130,38 +130,41 @@ def check_output_dir(directory: Union[str, os.PathLike], source: Optional[Union[
 def _move_into_place(out: Path, names: list[str]) -> None:
     """Move each written ``out/<name>.tmp`` over ``out/<name>``, all or none.
 
-    The files of a checkpoint must change together: load() takes the quant
-    type and double quantization from config.json for the model but from the
-    weights for each layer, and checks one against the other nowhere, so an
-    fp4 model.safetensors beside an nf4 config.json loads without an error
-    as an "nf4" model (and exports as one). Hence the order: the previous
-    files are first moved aside to ``<name>.old``, config.json first, and the
-    new ones moved in with config.json last. A process killed in between
-    (a few renames) leaves a directory without config.json, which load()
-    refuses with an error, never an old and a new file together; the
-    previous files are still there as ``*.old``. An error or an interrupt
-    in between moves the previous files back."""
+    The files of a checkpoint must change together: load() refuses a config
+    whose quant type is not its layers' (loading.check_layer_quant_types), but
+    the weights of one export beside the config and tokenizer of another of
+    the same format would load as one checkpoint without an error. Hence the
+    order: the previous files are first moved aside to ``<name>.old``,
+    config.json first, and the new ones moved in with config.json last. A
+    process killed in between (a few renames) leaves a directory without
+    config.json, which load() refuses with an error, never an old and a new
+    file together; the previous files are still there as ``*.old`` (and
+    save_pretrained refuses to write there until they are dealt with). An
+    error or an interrupt in between moves the previous files back. Each
+    name is recorded before its rename, and the rollback looks at what is on
+    disk: an interrupt right after a rename is rolled back too."""
     order = ["config.json"] + [n for n in names if n != "config.json"]
     aside, moved = [], []
     try:
         for name in order:
             if os.path.lexists(out / name):  # lexists: a symbolic link is moved, not followed
-                os.replace(out / name, out / (name + ".old"))
                 aside.append(name)
+                os.replace(out / name, out / (name + ".old"))
         for name in reversed(order):
-            os.replace(out / (name + ".tmp"), out / name)
             moved.append(name)
+            os.replace(out / (name + ".tmp"), out / name)
     except BaseException:
         try:
             for name in moved:
-                (out / name).unlink(missing_ok=True)
+                if not os.path.lexists(out / (name + ".tmp")):  # it was moved in
+                    (out / name).unlink(missing_ok=True)
             for name in reversed(aside):  # config.json back last
-                os.replace(out / (name + ".old"), out / name)
+                if os.path.lexists(out / (name + ".old")):  # it was moved aside
+                    os.replace(out / (name + ".old"), out / name)
         except OSError:  # the error to report is the first one; no config.json is left in place
             pass
         raise
-    # Those of an export killed in between too: the checkpoint they were is replaced now.
-    for name in ("model.safetensors", "config.json", *TOKENIZER_FILES):
+    for name in aside:
         try:
             (out / (name + ".old")).unlink(missing_ok=True)
         except OSError:  # the checkpoint is complete; a stale .old is harmless
@@ -189,6 +192,15 @@ def save_pretrained(
     the export made is removed again.
     """
     out = check_output_dir(directory, source=tokenizer_dir)
+    # Moved aside by an export that was killed while replacing its files: they
+    # may be the only copy of the checkpoint that was there (replacing them
+    # would lose it; _move_into_place).
+    stale = [n + ".old" for n in ("model.safetensors", "config.json", *TOKENIZER_FILES) if os.path.lexists(out / (n + ".old"))]
+    if stale:
+        raise CheckpointError(
+            f"{out} holds {', '.join(stale)}: the files of the checkpoint that was there, moved aside by an export "
+            "that was interrupted; move them back (without the .old) or delete them, then export again"
+        )
     if getattr(model, "partial_load", None) is not None:
         raise CheckpointError(f"not exporting: the model's weights are partly overwritten by a load that failed "
                               f"({model.partial_load}); load a revision again first")
