@@ -417,6 +417,11 @@ def main():
             current = "--int16-error"
             extra += ["", int16_error(args.shapes[0])]
         current = None
+        # Every run is in: the last write is not to be cut short (a signal before
+        # this line still lands in the handler below).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        text = write("", extra)
     except Stopped as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -426,7 +431,6 @@ def main():
         text = write(status)
         print(text, flush=True)
         sys.exit(143 if "SIGTERM" in str(e) else 130)
-    text = write("", extra)
     print(text)
 
 
