@@ -23,9 +23,25 @@ from .model import KVCache, PythiaModel
 from .generate import Pythia, Score
 from .loading import load
 from .sweep import select_revisions, sweep
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DeviceError,
+    GenerationError,
+    LoadInProgressError,
+    PythiaNativeError,
+    RevisionError,
+)
 from . import reference  # noqa: F401  (pn.reference: the ops' pure-PyTorch twins, the tests' oracle)
 
 __all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DeviceError",
+    "GenerationError",
+    "LoadInProgressError",
+    "PythiaNativeError",
+    "RevisionError",
     "KVCache",
     "Pythia",
     "PythiaConfig",

@@ -167,7 +167,7 @@ def _move_into_place(out: Path, names: list[str]) -> None:
     for name in aside:
         try:
             (out / (name + ".old")).unlink(missing_ok=True)
-        except OSError:  # the checkpoint is complete; a stale .old is harmless
+        except OSError:  # the checkpoint is complete; the next export names the .old left
             pass
 
 
@@ -196,10 +196,15 @@ def save_pretrained(
     # may be the only copy of the checkpoint that was there (replacing them
     # would lose it; _move_into_place).
     stale = [n + ".old" for n in ("model.safetensors", "config.json", *TOKENIZER_FILES) if os.path.lexists(out / (n + ".old"))]
+    if stale and not os.path.lexists(out / "config.json"):
+        raise CheckpointError(
+            f"{out} holds {', '.join(stale)} and no config.json: the files of the checkpoint that was there, moved "
+            "aside by an export that was interrupted; move them back (without the .old) or delete them, then export again"
+        )
     if stale:
         raise CheckpointError(
-            f"{out} holds {', '.join(stale)}: the files of the checkpoint that was there, moved aside by an export "
-            "that was interrupted; move them back (without the .old) or delete them, then export again"
+            f"{out} holds {', '.join(stale)}: an export moves the files it replaces aside under those names "
+            "(and would overwrite, then delete them); rename or delete them first"
         )
     if getattr(model, "partial_load", None) is not None:
         raise CheckpointError(f"not exporting: the model's weights are partly overwritten by a load that failed "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -159,7 +160,16 @@ class Pythia:
         if held is None or held[1] is not threading.current_thread():
             return None
         gen = held[2][0]() if held[2] else None
-        return None if gen is not None and gen.gi_running else held[0]
+        if gen is not None and gen.gi_running:
+            # Running a step: in another thread (wait for it), or in this one,
+            # a call from inside that step (a signal handler, say): refused.
+            f = sys._getframe(1)
+            while f is not None:
+                if f is gen.gi_frame:
+                    return held[0]
+                f = f.f_back
+            return None
+        return held[0]
 
     def _check_not_held_here(self, what: str) -> None:
         """Refuse a nested call: waiting for the engine would wait for this thread."""
@@ -277,22 +287,25 @@ class Pythia:
                     pass  # still None: the next call allocates again; the first error is raised
             raise
 
-    def _check_weights(self, seen: Optional[int]) -> int:
+    def _check_weights(self, seen: Optional[int], own_load_allowed: bool = False) -> int:
         """``model.weights_generation``, which must still be ``seen`` (None: at the
-        start of a request) unless this engine's own load_revision changed it
-        (between two steps of its stream). Engines over one model share its
+        start of a request) unless ``own_load_allowed`` (between two steps of a
+        stream, before the next model call) and this engine's own
+        load_revision changed it. After a model call it must be unchanged: a
+        load that overlapped the call (from the stream's own thread while
+        another ran the step) is an error too. Engines over one model share its
         weights but not their guard: a load_revision of another engine that
         overlapped this request's model calls, or came between two of its
         steps, gave results from a mix of two revisions, or from a half-written
         model after a failed load; it is an error instead. Checked around every
         model call (an attribute read)."""
         g = self.model.weights_generation
-        if seen is None and g % 2:
+        if seen is None and self.model.loading:
             raise GenerationError(
                 "another engine over this model is loading a revision into it (load_revision); "
                 "wait for it to finish before a request"
             )
-        if seen is not None and g != seen and g != self._own_generation:
+        if seen is not None and g != seen and not (own_load_allowed and g == self._own_generation):
             raise GenerationError(
                 "the model's weights were reloaded during this request (load_revision through another engine "
                 "over the same model, or model.load_tensors), so the result would mix two revisions; load "
@@ -437,7 +450,9 @@ class Pythia:
             yield host_ids
             if step + 1 == max_new_tokens or all(done):
                 return
-            weights = self._check_weights(weights)  # before the call: a graph must not replay moved weights
+            # Before the call (a graph must not replay moved weights); the one
+            # place where a load_revision of this engine's own is accepted.
+            weights = self._check_weights(weights, own_load_allowed=True)
             if self._graphed():
                 logits = self._graph_step(next_ids.view(-1, 1), positions)
             else:
@@ -762,9 +777,9 @@ class Pythia:
             # logits are T x vocab float32 (2 x 412 MB at T = 2048 with the
             # log-softmax), more than pythia-160m's whole model. A last piece
             # of up to _SCORE_FOLD rows joins the one before, so that every
-            # piece takes the head kernel of a whole window's row count (the
-            # CPU kernels are chosen by rows: GEMV, tiles, panels): the same
-            # values as in one piece but for that kernel's rounding.
+            # piece takes the head kernel that the rows [first, n) would in one
+            # piece (the CPU kernels are chosen by row count: GEMV, tiles,
+            # panels): the values of one piece.
             first, n = scored - start, end - start - 1
             edges = [*range(first, n, _SCORE_ROWS), n]
             if len(edges) > 2 and edges[-1] - edges[-2] <= _SCORE_FOLD:

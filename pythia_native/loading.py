@@ -235,10 +235,16 @@ def held_settings(model: PythiaModel) -> Optional[QuantSettings]:
                          quantize_embed_out=isinstance(model.embed_out, QuantizedLinear), blocksize=model.blocksize)
 
 
-def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path) -> None:
-    """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns)."""
+def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: Path,
+                 generation: Optional[int] = None) -> None:
+    """Write the quantized-cache entry of a dense checkpoint just loaded (a failed write only warns).
+    ``generation``: the model's weights_generation after that load; when another
+    engine's load has changed the weights since (or does while the entry is
+    written), no entry is kept: it would hold that other revision's weights."""
     settings = held_settings(model)
     if not options.caches or model.source_quantization is not None or settings is None:
+        return
+    if generation is not None and model.weights_generation != generation:
         return
     import warnings
 
@@ -250,7 +256,9 @@ def _maybe_store(options: LoadOptions, rev: str, model: PythiaModel, directory: 
     # was asked for: a lookup under the asked-for tag then misses, never hits
     # weights of another format.
     try:
-        qc.store(options.quantized_cache, options.ref, rev, settings, model, directory)
+        entry = qc.store(options.quantized_cache, options.ref, rev, settings, model, directory)
+        if generation is not None and (model.weights_generation != generation or model.loading):
+            qc.discard(entry, "the model's weights changed while the entry was written")
     except Exception as e:  # a full disk (safetensors' own error type), a read-only cache: never fail the load
         warnings.warn(f"could not write the quantized cache entry of {options.ref}@{rev} under "
                       f"{options.quantized_cache} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); the model is loaded, the next load quantizes again",
@@ -303,7 +311,7 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
                 qc.discard(entry, str(e))
                 directory = _download(options, rev)
         loaded = fill_model_(engine.model, directory)
-        _maybe_store(options, rev, engine.model, directory)
+        _maybe_store(options, rev, engine.model, directory, loaded)
         engine.source = (engine.source[0], rev, str(directory))
         return engine
     finally:

@@ -141,20 +141,13 @@ def _clear_unwritten_slots(cache: KVCache, positions: torch.Tensor, span: int) -
             cache.v[:, b, :, start:span].zero_()
 
 
-# One lock per model for load_tensors (by weak reference: a lock attribute
-# would make the module impossible to deepcopy or pickle). Two loads into one
-# model at once (load_revision through two engines over it) interleaved their
-# writes into a mix of both checkpoints that no check could see afterwards.
-_LOAD_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
-_LOAD_LOCKS_GUARD = threading.Lock()
-
-
-def _load_lock(model: nn.Module) -> threading.Lock:
-    with _LOAD_LOCKS_GUARD:
-        lock = _LOAD_LOCKS.get(model)
-        if lock is None:
-            lock = _LOAD_LOCKS[model] = threading.Lock()
-        return lock
+# The load under way into each model (load_tensors), by weak reference: a
+# lock attribute would make the module impossible to deepcopy or pickle. Two
+# loads into one model at once (load_revision through two engines over it)
+# interleaved their writes into a mix of both checkpoints that no check could
+# see afterwards: the second is refused.
+_LOADING: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_LOADING_GUARD = threading.Lock()
 
 
 def _blocks(t: torch.Tensor, elements: int = 1 << 20):
@@ -677,14 +670,20 @@ class PythiaModel(nn.Module):
         keyed = isinstance(tensors, Mapping) or all(hasattr(tensors, a) for a in ("keys", "get", "spec"))
         four_bit = self._check_tensors(tensors, strict) if keyed else None
         state = {"wrote": False}
-        lock = _load_lock(self)
-        if not lock.acquire(blocking=False):
-            raise LoadInProgressError(
-                "another load into this model is under way (load_revision of another engine over it?); "
-                "loads into one model must not overlap: its weights would be a mix of both"
-            )
+        # This load's token in _LOADING, taken and given back inside the try: a
+        # KeyboardInterrupt right after a bare lock.acquire() left the model
+        # refusing every later load. The generation is bumped through __dict__
+        # (nn.Module.__setattr__ is Python code an interrupt can cut in two).
+        token = object()
         try:
-            self.weights_generation += 1
+            with _LOADING_GUARD:
+                if _LOADING.get(self) is not None:
+                    raise LoadInProgressError(
+                        "another load into this model is under way (load_revision of another engine over it?); "
+                        "loads into one model must not overlap: its weights would be a mix of both"
+                    )
+                _LOADING[self] = token
+            self.__dict__["weights_generation"] += 1
             try:
                 self._write_tensors(tensors.items() if isinstance(tensors, Mapping) else tensors, four_bit, strict, state)
             except BaseException as e:
@@ -692,11 +691,19 @@ class PythiaModel(nn.Module):
                     self.partial_load = f"{type(e).__name__}: {e}".splitlines()[0]
                 raise
             finally:
-                self.weights_generation += 1
+                self.__dict__["weights_generation"] += 1
             self.partial_load = None
             return self.weights_generation
         finally:
-            lock.release()
+            with _LOADING_GUARD:
+                if _LOADING.get(self) is token:
+                    del _LOADING[self]
+
+    @property
+    def loading(self) -> bool:
+        """Whether a load_tensors into this model is under way (another thread's)."""
+        with _LOADING_GUARD:
+            return _LOADING.get(self) is not None
 
     def _quantized_prefixes(self) -> set[str]:
         return {p for p in self._linear_prefixes() if isinstance(self.get_submodule(p[:-1]), QuantizedLinear)}

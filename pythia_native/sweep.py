@@ -35,6 +35,8 @@ loop yourself::
     for rev in revs:
         try:
             engine.load_revision(rev)
+        except pythia_native.LoadInProgressError:
+            raise  # another engine over this model is loading: not the revision's fault
         except pythia_native.PythiaNativeError as e:
             print(rev, "skipped:", e)
             continue

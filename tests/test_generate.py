@@ -828,11 +828,11 @@ def test_load_revision_from_a_streams_last_thread_waits_while_another_runs_a_ste
     inside, go = threading.Event(), threading.Event()
     real = engine._check_weights
 
-    def slow_check(seen):
+    def slow_check(seen, *args, **kwargs):
         if threading.current_thread() is worker:
             inside.set()
             go.wait(60)
-        return real(seen)
+        return real(seen, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_check_weights", slow_check)
     worker = threading.Thread(target=lambda: list(s))
@@ -849,6 +849,32 @@ def test_load_revision_from_a_streams_last_thread_waits_while_another_runs_a_ste
     assert not worker.is_alive()
 
 
+def test_a_call_from_inside_a_streams_own_step_is_refused_not_deadlocked(engine, monkeypatch):
+    # A call made from inside one of the stream's own steps, on its thread (a
+    # signal handler, say), would wait for itself: refused, as it was before
+    # a running stream made other threads wait.
+    import threading
+
+    real = engine._check_weights
+    errors = []
+
+    def nested(seen, *args, **kwargs):
+        if not errors:
+            try:
+                engine.generate_ids([5], 2)
+            except GenerationError as e:
+                errors.append(str(e))
+        return real(seen, *args, **kwargs)
+
+    s = engine.stream([10, 11, 12], 4, ignore_eos=True)
+    next(s)
+    monkeypatch.setattr(engine, "_check_weights", nested)
+    t = threading.Thread(target=lambda: list(s), daemon=True)  # a regression hangs this thread, not the run
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and errors and "still open" in errors[0]
+
+
 _CTRL_C_STORM = r"""
 import gc, signal, sys, time
 import numpy as np
@@ -858,7 +884,9 @@ from pythia_native.tokenizer import Tokenizer
 
 _, model = pair("tiny")
 engine = Pythia(model, Tokenizer.from_file(sys.argv[2]), max_len=32)
+state = {k: v.clone() for k, v in model.state_dict().items()}
 run = {
+    "load_tensors": lambda: model.load_tensors(state),
     "generate_ids": lambda: engine.generate_ids([5, 6], 2, ignore_eos=True),
     "stream": lambda: list(engine.stream([5, 6], 2, ignore_eos=True)),
     "score": lambda: engine.score([5, 6, 7]),
@@ -886,6 +914,8 @@ for i in range(3000):
         gc.collect()  # a stream interrupted between two items gives the engine back when collected
     if engine._lock.locked() or engine._holder is not None:
         sys.exit(f"left held after call {i + 1}")
+    if model.loading:  # a load's token left behind: every later load refused
+        sys.exit(f"a load left under way after call {i + 1}")
     if time.monotonic() - t0 > 20:
         break
 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -893,7 +923,7 @@ print("interrupted", interrupted)
 """
 
 
-@pytest.mark.parametrize("call", ["generate_ids", "stream", "score"])
+@pytest.mark.parametrize("call", ["generate_ids", "stream", "score", "load_tensors"])
 def test_ctrl_c_at_any_moment_leaves_the_engine_free(call, tmp_path):
     # Ctrl-C raises KeyboardInterrupt wherever the interpreter next checks for
     # signals: landing right after the engine's lock was taken and before the
@@ -901,7 +931,8 @@ def test_ctrl_c_at_any_moment_leaves_the_engine_free(call, tmp_path):
     # call, from any thread, waited forever; seen after 113-206 calls of such a
     # storm). A storm of SIGALRMs raising it as Python's SIGINT handler does, in
     # a process of its own: it also interrupts torch's own context managers,
-    # which can leave that thread in inference mode.
+    # which can leave that thread in inference mode. load_tensors: a load's
+    # mark left behind refused every later load (and requests).
     import os
     import subprocess
     import sys

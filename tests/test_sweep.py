@@ -767,6 +767,45 @@ def test_loads_into_one_model_do_not_overlap_and_a_score_sees_one_revision(hub_c
         a.score([[10, 11, 12], [13, 14, 15]])
 
 
+def test_a_load_overlapping_a_step_of_the_engines_own_stream_is_an_error(hub_cache, monkeypatch):
+    # The stream's last resumer saw it suspended and loaded at once, as another
+    # thread resumed it: the load overlapped that step's model call, and the
+    # step's check took it for the engine's own load between two steps. Only
+    # the check before a model call accepts the engine's own load now.
+    import threading
+
+    engine = load("pythia-14m", "step1000", cache_dir=hub_cache, **OPTS)
+    s = engine.stream([10, 11, 12], 8, ignore_eos=True)
+    next(s)
+    real = engine._check_weights
+    about_to_call, loaded = threading.Event(), threading.Event()
+
+    def check(seen, *args, **kwargs):
+        g = real(seen, *args, **kwargs)
+        if threading.current_thread() is worker and kwargs.get("own_load_allowed") and not about_to_call.is_set():
+            about_to_call.set()  # the step's model call comes next: the load lands "during" it
+            loaded.wait(60)
+        return g
+
+    monkeypatch.setattr(engine, "_check_weights", check)
+    errors = []
+
+    def run():
+        try:
+            list(s)
+        except GenerationError as e:
+            errors.append(str(e))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert about_to_call.wait(60)
+    monkeypatch.setattr(engine, "_held_here", lambda: "stream()")  # the race: it looked suspended a moment ago
+    engine.load_revision("step2000")
+    loaded.set()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and errors and "weights were reloaded during this request" in errors[0]
+
+
 def test_load_revision_from_another_thread_waits_for_the_request_in_flight(hub_cache):
     # A score or stream running when another thread loads a revision used half of
     # each revision's weights; now the load waits for it. The stream's own thread
