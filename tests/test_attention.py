@@ -1,6 +1,7 @@
 """rotary_kv_cache_ and decode_attention against their twins in reference.py:
 every Pythia head dim, dtype, batch/token count, left padding, odd and long
 caches, decode with existing cache content, strided qkv, every CPU ISA."""
+import contextlib
 import math
 
 import pytest
@@ -320,13 +321,10 @@ def test_decode_attention_largest_position(device):
     _run_decode(1, 2, 2, 32, 37, torch.float32, device, pos=pos)
 
 
-@pytest.mark.parametrize("cpu_isa", CPU_ISAS + ["cuda"], indirect=False)
-def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
-    # Scores that are -inf (a -inf key element, or q . k * scale overflowing)
-    # for every slot of the first key blocks (CPU 8-16 keys, CUDA split 128):
-    # softmax gives them weight 0 and the other slots the rest, as torch does;
-    # the running max stayed -inf through those blocks and exp(-inf - -inf) made
-    # the row NaN. A query that sees nothing but -inf scores is NaN (torch's).
+@contextlib.contextmanager
+def _on_isa_or_gpu(cpu_isa, device):
+    """The body on one CPU ISA (those cases run on the CPU) or on the GPU (the
+    "cuda" case); the CPU's best ISA again afterwards."""
     if (cpu_isa == "cuda") != (device == "cuda"):
         pytest.skip("the ISA cases run on the CPU, the cuda case on a GPU")
     if cpu_isa != "cuda":
@@ -334,6 +332,20 @@ def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
             pytest.skip(f"this CPU has no {cpu_isa}")
         pn._C.set_cpu_isa(cpu_isa)
     try:
+        yield
+    finally:
+        if cpu_isa != "cuda":
+            pn._C.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("cpu_isa", CPU_ISAS + ["cuda"], indirect=False)
+def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
+    # Scores that are -inf (a -inf key element, or q . k * scale overflowing)
+    # for every slot of the first key blocks (CPU 8-16 keys, CUDA split 128):
+    # softmax gives them weight 0 and the other slots the rest, as torch does;
+    # the running max stayed -inf through those blocks and exp(-inf - -inf) made
+    # the row NaN. A query that sees nothing but -inf scores is NaN (torch's).
+    with _on_isa_or_gpu(cpu_isa, device):
         B, T, H, D, L = 2, 2, 2, 64, 300
         q = torch.randn(B, T, H, D, device=device)
         q[..., 0] = 1.0
@@ -355,9 +367,6 @@ def test_decode_attention_scores_of_minus_inf_first(cpu_isa, device):
         v1 = torch.randn(1, 1, 24, 8, device=device)
         out = pn.decode_attention(q1, k1, v1, torch.tensor([[23]], device=device), -1e38)
         torch.testing.assert_close(out[0, 0, 0], v1[0, 0, 16:].mean(0), rtol=1e-6, atol=1e-6)
-    finally:
-        if cpu_isa != "cuda":
-            pn._C.set_cpu_isa("auto")
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS + ["cuda"], indirect=False)
@@ -366,13 +375,7 @@ def test_decode_attention_far_below_the_max_weighs_zero(cpu_isa, device):
     # weight exp(-200) = 0 in float32. The AVX2/AVX-512 kernels' exp clamps its
     # argument at -87.3 (~1.2e-38): with such a key's value at 3e38 the output
     # was 2.83, not 1.0, and +inf there gave inf, not NaN (0 * inf, as torch).
-    if (cpu_isa == "cuda") != (device == "cuda"):
-        pytest.skip("the ISA cases run on the CPU, the cuda case on a GPU")
-    if cpu_isa != "cuda":
-        if not isa_supported(cpu_isa):
-            pytest.skip(f"this CPU has no {cpu_isa}")
-        pn._C.set_cpu_isa(cpu_isa)
-    try:
+    with _on_isa_or_gpu(cpu_isa, device):
         D, L = 8, 20
         q = torch.zeros(1, 1, 1, D, device=device)
         q[..., 0] = 1.0
@@ -388,9 +391,6 @@ def test_decode_attention_far_below_the_max_weighs_zero(cpu_isa, device):
         out = pn.decode_attention(q, k, v, pos, 1.0)
         want = ref.decode_attention(q, k, v, pos, 1.0)
         assert out.isnan().all() and want.isnan().all()
-    finally:
-        if cpu_isa != "cuda":
-            pn._C.set_cpu_isa("auto")
 
 
 def test_decode_attention_default_scale_of_a_bad_q_names_q():

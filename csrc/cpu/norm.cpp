@@ -149,6 +149,22 @@ PN_AVX2 inline void load_group(const T* x, int64_t i, int64_t H, float* pad, __m
   hi = _mm256_loadu_ps(pad + 8);
 }
 
+// x[i, i + 16) - m as lanes 0-7 (lo) and 8-15 (hi); past H, 0 (as the
+// scalar loops' padding), through `pad` for a partial last group.
+template <typename T>
+PN_AVX2 inline void load_deviations(const T* x, int64_t i, int64_t H, float m, float* pad, __m256& lo,
+                                    __m256& hi) {
+  if (i + kLanes <= H) {
+    const __m256 vm = _mm256_set1_ps(m);
+    lo = _mm256_sub_ps(load8(x + i), vm);
+    hi = _mm256_sub_ps(load8(x + i + 8), vm);
+    return;
+  }
+  for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? to_f32(x[i + j]) - m : 0.0f;
+  lo = _mm256_loadu_ps(pad);
+  hi = _mm256_loadu_ps(pad + 8);
+}
+
 template <typename T>
 PN_AVX2 void layer_norm_row_avx2(const T* x, int64_t H, const float* w, const float* b, float eps,
                                  T* y) {
@@ -163,19 +179,11 @@ PN_AVX2 void layer_norm_row_avx2(const T* x, int64_t H, const float* w, const fl
   _mm256_store_ps(s, slo);
   _mm256_store_ps(s + 8, shi);
   const float m0 = tree16(s) / static_cast<float>(H);
-  const __m256 vm0 = _mm256_set1_ps(m0);
   slo = _mm256_setzero_ps();
   shi = _mm256_setzero_ps();
   for (int64_t i = 0; i < H; i += kLanes) {
     __m256 dlo, dhi;
-    if (i + kLanes <= H) {
-      dlo = _mm256_sub_ps(load8(x + i), vm0);
-      dhi = _mm256_sub_ps(load8(x + i + 8), vm0);
-    } else {  // the padding adds 0, as the scalar loop's
-      for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? to_f32(x[i + j]) - m0 : 0.0f;
-      dlo = _mm256_loadu_ps(pad);
-      dhi = _mm256_loadu_ps(pad + 8);
-    }
+    load_deviations(x, i, H, m0, pad, dlo, dhi);
     slo = _mm256_add_ps(slo, dlo);
     shi = _mm256_add_ps(shi, dhi);
   }
@@ -187,14 +195,7 @@ PN_AVX2 void layer_norm_row_avx2(const T* x, int64_t H, const float* w, const fl
   shi = _mm256_setzero_ps();
   for (int64_t i = 0; i < H; i += kLanes) {
     __m256 dlo, dhi;
-    if (i + kLanes <= H) {
-      dlo = _mm256_sub_ps(load8(x + i), vmean);
-      dhi = _mm256_sub_ps(load8(x + i + 8), vmean);
-    } else {  // the padding's deviations are 0, as the scalar loop's
-      for (int j = 0; j < kLanes; ++j) pad[j] = i + j < H ? to_f32(x[i + j]) - mean : 0.0f;
-      dlo = _mm256_loadu_ps(pad);
-      dhi = _mm256_loadu_ps(pad + 8);
-    }
+    load_deviations(x, i, H, mean, pad, dlo, dhi);
     slo = _mm256_fmadd_ps(dlo, dlo, slo);
     shi = _mm256_fmadd_ps(dhi, dhi, shi);
   }
