@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
-from .model import PythiaModel
+from .model import PythiaModel, fits
 from .quantized_linear import QuantizedLinear
 from .weights import TOKENIZER_FILES
 
@@ -53,24 +53,6 @@ def quantization_config(model: PythiaModel) -> dict:
     }
 
 
-# Values per block of the exactness check: a round trip of 2**20 values takes
-# 2 + 4 MiB beside a float32 tensor. Round-tripping whole tensors took 221 MiB
-# for pythia-160m's float32 embedding (its float16 copy and the float32 copy
-# back), on top of the model: the peak of an export.
-_FIT_BLOCK = 1 << 20
-
-
-def _holds(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every value of ``t`` survives a round trip through ``dtype``,
-    checked in blocks of ``_FIT_BLOCK`` values (``reshape(-1)`` is a view of
-    the contiguous tensors a state dict holds). Not model.py's
-    ``_fits_float16``: that one knows float16 only, and its row blocks take
-    a 1-D tensor whole."""
-    if t.dtype == dtype:
-        return True
-    return all(torch.equal(c.to(dtype).to(c.dtype), c) for c in t.reshape(-1).split(_FIT_BLOCK))
-
-
 def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> torch.dtype:
     """Cast the dense floating tensors (embeddings, LayerNorms, biases, dense
     Linears and head; not the 4-bit layers' statistics) to one dtype, in place
@@ -84,7 +66,7 @@ def _unify_dense_dtype(tensors: dict[str, torch.Tensor], model: PythiaModel) -> 
     four_bit = tuple(p + "weight" for p in model._quantized_prefixes())
     keys = [k for k, v in tensors.items() if v.is_floating_point() and not k.startswith(four_bit)]
     target = next(dt for dt in (torch.float16, torch.bfloat16, torch.float32)
-                  if dt == torch.float32 or all(_holds(tensors[k], dt) for k in keys))
+                  if dt == torch.float32 or all(fits(tensors[k], dt) for k in keys))
     for k in keys:
         tensors[k] = tensors[k].to(target)
     return target

@@ -124,9 +124,6 @@ class Pythia:
         self.cache = model.new_cache(max_batch, self.max_len)
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self._graphs: dict[tuple[int, bool, str], _Graph] = {}  # by _graph_key
-        # Bumped by load_revision (loading.load_revision_): a decode loop that bound the
-        # model before a revision load binds it again (a buffer may have been reallocated).
-        self._model_epoch = 0
         # model.weights_generation after this engine's own last load_revision: a
         # stream may load one between two of its steps (_check_weights).
         self._own_generation: Optional[int] = None
@@ -440,9 +437,10 @@ class Pythia:
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
         # Without CUDA graphs, decode steps call the model bound once (PythiaModel.bind:
-        # no per-step module overhead), and again after a load_revision, which a
-        # caller may run between two steps of a stream.
-        step_fn, bound_epoch = None, None
+        # no per-step module overhead), and again when the weights generation moved:
+        # a load_revision of this engine's own between two steps of a stream (a
+        # buffer may have been reallocated; any other change raised above).
+        step_fn, bound_weights = None, None
         for step in range(max_new_tokens):
             weights = self._check_weights(weights)  # the logits in hand come from one revision
             next_ids = sample(logits, params, generator, self.vocab_size)
@@ -456,8 +454,8 @@ class Pythia:
             if self._graphed():
                 logits = self._graph_step(next_ids.view(-1, 1), positions)
             else:
-                if bound_epoch != self._model_epoch:
-                    step_fn, bound_epoch = self.model.bind(), self._model_epoch
+                if bound_weights != weights:
+                    step_fn, bound_weights = self.model.bind(), weights
                 logits = step_fn(next_ids.view(-1, 1), positions, self.cache)
             positions += 1
 

@@ -315,7 +315,6 @@ def load_revision_(engine: Pythia, revision: Union[str, int, None]) -> Pythia:
         engine.source = (engine.source[0], rev, str(directory))
         return engine
     finally:
-        engine._model_epoch += 1  # a decode loop bound to the old tensors binds again
         # Its own stream may go on over this load's weights (Pythia._check_weights);
         # not over another thread's load, nor a failed one.
         engine._own_generation = loaded

@@ -1057,7 +1057,7 @@ def test_engine_sizes_are_checked(engine, kwargs, match):
 
 def test_load_revision_between_two_steps_of_a_stream_is_allowed(tmp_path, tokenizer):
     # The engine guard does not cover load_revision: a sweep may load the next
-    # revision between two steps of an open stream (see _model_epoch).
+    # revision between two steps of an open stream (see _token_stream's rebinding).
     from pythia_native import load
 
     hf_model("tiny", vocab_size=50304).save_pretrained(tmp_path)
