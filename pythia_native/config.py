@@ -59,6 +59,12 @@ def _read_number(rope: dict, d: dict, keys: tuple[str, str, str], default: float
     return default
 
 
+def _read_rope(rope: dict, d: dict) -> tuple[float, float]:
+    """(rotary_pct, rope_theta) from one rope dict, else the top-level keys, else the defaults."""
+    return (_read_number(rope, d, ("partial_rotary_factor", "rotary_pct", "partial_rotary_factor"), 0.25),
+            _read_number(rope, d, ("rope_theta", "rotary_emb_base", "rope_theta"), 10000.0))
+
+
 def _check_token_id(name: str, v: Any, vocab_size: int) -> None:
     if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size):
         raise ConfigError(f"config: {name} must be a token id in [0, vocab_size={vocab_size}), got {v!r}")
@@ -182,14 +188,12 @@ class PythiaConfig:
             if d.get(key) is not None and not isinstance(d[key], dict):
                 raise ConfigError(f"config: {key} must be an object, got {d[key]!r:.60}")
         # Either may carry a scaling (transformers applies rope_scaling even
-        # beside a default rope_parameters): each is checked, values come from
-        # the first present.
+        # beside a default rope_parameters): each is checked.
         ropes = [(key, d[key]) for key in ("rope_parameters", "rope_scaling") if d.get(key)]
         for key, r in ropes:
             kind = r.get("rope_type", r.get("type", "default"))
             if kind not in ("default", None):
                 raise ConfigError(f"config: {key} has rope_type {kind!r}, which is not supported (only 'default')")
-        rope = ropes[0][1] if ropes else {}
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
                    if k not in d]
         if missing:
@@ -197,8 +201,17 @@ class PythiaConfig:
         kw: dict[str, Any] = {
             k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         }
-        kw["rotary_pct"] = _read_number(rope, d, ("partial_rotary_factor", "rotary_pct", "partial_rotary_factor"), 0.25)
-        kw["rope_theta"] = _read_number(rope, d, ("rope_theta", "rotary_emb_base", "rope_theta"), 10000.0)
+        # The values come from one rope dict, else the top-level keys. With both
+        # dicts, transformers 5 reads rope_scaling alone (it replaces
+        # rope_parameters whole, values and all): where the two readings differ
+        # the file says two things, and it is refused.
+        readings = {key: _read_rope(r, d) for key, r in ropes} or {"config": _read_rope({}, d)}
+        if len(set(readings.values())) > 1:
+            (a, ra), (b, rb) = readings.items()
+            raise ConfigError(
+                f"config: {a} and {b} give different rotary settings (partial_rotary_factor, rope_theta: {ra} vs {rb}; "
+                f"transformers 5 reads {b} alone): keep one of them")
+        kw["rotary_pct"], kw["rope_theta"] = next(iter(readings.values()))
         for k in ("max_position_embeddings", "layer_norm_eps", "use_parallel_residual", "hidden_act", "attention_bias",
                   "bos_token_id", "eos_token_id", "tie_word_embeddings"):
             if k in d and d[k] is not None:

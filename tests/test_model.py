@@ -350,6 +350,36 @@ def test_config_reads_published_and_transformers5_spellings():
     assert PythiaConfig.from_dict(c.to_dict()) == c
 
 
+def test_config_with_rope_parameters_and_rope_scaling_reads_as_transformers_or_is_refused():
+    # transformers 5 takes a non-empty rope_scaling in place of rope_parameters,
+    # values and all: it read theta 500 and factor 1.0 where pythia-native read
+    # rope_parameters' 10000 and 0.25 (logits 16% off). Accepted only where
+    # both readings agree, and then equal to transformers'.
+    transformers = pytest.importorskip("transformers")
+    default = {"partial_rotary_factor": 0.25, "rope_theta": 10000, "rope_type": "default"}
+    base = {k: v for k, v in PUBLISHED_160M.items() if k not in ("rotary_pct", "rotary_emb_base")}
+    refused = [
+        {"rope_parameters": default, "rope_scaling": {"rope_type": "default", "partial_rotary_factor": 1.0, "rope_theta": 500.0}},
+        {"rope_parameters": {**default, "rope_theta": 500.0}, "rope_scaling": {"rope_type": "default", "rope_theta": 10000}},
+        # A bare default rope_scaling: transformers drops rope_parameters' 0.5 for the top-level or default 0.25.
+        {"rope_parameters": {**default, "partial_rotary_factor": 0.5}, "rope_scaling": {"rope_type": "default"}},
+    ]
+    for extra in refused:
+        with pytest.raises(ConfigError, match="rope_parameters and rope_scaling give different rotary settings"):
+            PythiaConfig.from_dict({**base, **extra})
+    accepted = [
+        {"rope_parameters": default, "rope_scaling": {"rope_type": "default"}},
+        {"rope_parameters": {**default, "rope_theta": 500.0}, "rope_scaling": {**default, "rope_theta": 500}},
+        {"rope_parameters": {**default, "partial_rotary_factor": 0.5}, "rope_scaling": {"type": "default"},
+         "rotary_pct": 0.5},
+        {"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5, "rope_theta": 500.0}},
+    ]
+    for extra in accepted:
+        ours = PythiaConfig.from_dict({**base, **extra})
+        theirs = transformers.GPTNeoXConfig(**{**base, **extra}).rope_parameters
+        assert (ours.rotary_pct, ours.rope_theta) == (theirs["partial_rotary_factor"], theirs["rope_theta"]), extra
+
+
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="model_type is 'llama'"):
         PythiaConfig.from_dict({**PUBLISHED_160M, "model_type": "llama"})
