@@ -129,6 +129,8 @@ def _read_text(path: Optional[str]) -> str:
             return _check_utf8(text, "stdin")
         except UnicodeDecodeError:  # not UTF-8 (or a text stdin decoding strictly)
             raise PythiaNativeError("stdin: not UTF-8 text") from None
+    if not path:  # open("") says "No such file or directory" about no name at all
+        raise PythiaNativeError("the text file's path is empty: give a file, or '-' for stdin")
     try:
         # The file's text as it is: a UTF-8 BOM (Notepad, PowerShell) is not
         # text to score, and "\r\n" stays (newline="": no translation).

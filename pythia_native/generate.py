@@ -200,8 +200,8 @@ class Pythia:
 
     # ------------------------------------------------------------ batching --
 
-    def _encode(self, prompts: Union[Prompt, Sequence[Prompt]]) -> tuple[list[list[int]], bool]:
-        """Prompts as id lists, and whether a single prompt was given."""
+    def _encode(self, prompts: Union[Prompt, Sequence[Prompt]], what: str = "prompt") -> tuple[list[list[int]], bool]:
+        """Prompts as id lists, and whether a single prompt was given; errors call each a ``what``."""
         if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "tolist"):
             prompts = prompts.tolist()  # a torch.Tensor or numpy array of ids (0-d: a scalar)
         if isinstance(prompts, (list, tuple)):
@@ -209,40 +209,40 @@ class Pythia:
         if not isinstance(prompts, (str, list, tuple)):
             hint = " (decode bytes to str first)" if isinstance(prompts, (bytes, bytearray)) else ""
             raise GenerationError(
-                f"prompts must be a string, a list of token ids, or a list of either (a batch), "
+                f"{what}s must be a string, a list of token ids, or a list of either (a batch), "
                 f"got {type(prompts).__name__}{hint}"
             )
         single = isinstance(prompts, str) or (len(prompts) > 0 and all(is_int(t) for t in prompts))
         batch = [prompts] if single else list(prompts)
         if not batch:
-            raise GenerationError("no prompts given")
+            raise GenerationError(f"no {what}s given")
         out = []
         for i, p in enumerate(batch):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise GenerationError("text prompts need a tokenizer; pass token ids or load one")
+                    raise GenerationError(f"a text {what} needs a tokenizer; pass token ids or load one")
                 ids = self.tokenizer.encode(p)
             else:
                 p = p.tolist() if hasattr(p, "tolist") else p  # a tensor or numpy row
                 if not isinstance(p, (list, tuple)):
                     hint = " (decode bytes to str first)" if isinstance(p, (bytes, bytearray)) else ""
                     raise GenerationError(
-                        f"prompt {i}: expected a string or a list of token ids, got {type(p).__name__}{hint}"
+                        f"{what} {i}: expected a string or a list of token ids, got {type(p).__name__}{hint}"
                     )
                 p = [int_scalar(t) for t in p]
                 # Integers only: int() would truncate 5.9 to 5, parse "12", take True as 1.
                 bad = next((j for j, t in enumerate(p) if not is_int(t)), None)
                 if bad is not None:
                     raise GenerationError(
-                        f"prompt {i}: expected a string or a list of token ids (integers); item {bad} is "
+                        f"{what} {i}: expected a string or a list of token ids (integers); item {bad} is "
                         f"{p[bad]!r}, a {type(p[bad]).__name__}"
                     )
                 ids = [int(t) for t in p]
             if not ids:
-                raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
+                raise GenerationError(f"{what} {i} is empty (it needs at least one token)")
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise GenerationError(f"prompt {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
+                raise GenerationError(f"{what} {i}: token id(s) {bad[:5]} outside [0, {self.config.vocab_size})")
             out.append(ids)
         return out, single
 
@@ -726,14 +726,16 @@ class Pythia:
         """Per-token log-probabilities of each text under the model (no generation).
 
         With ``prepend_eos`` (the lm-evaluation-harness convention for Pythia)
-        the text is scored after an ``<|endoftext|>`` token, so its first token
-        gets a log-probability too; otherwise the first token is the context.
+        the text is scored after the config's ``bos_token_id`` (its
+        ``eos_token_id`` where it has none; both are ``<|endoftext|>``, id 0,
+        in Pythia), so its first token gets a log-probability too; otherwise
+        the first token is the context.
         Texts longer than the context are scored in windows of ``max_len``
         tokens, each after the previous window's last tokens (stride max_len // 2).
         Returns a :class:`Score` (a list of them for a list of texts).
         """
         _check_flags(prepend_eos=prepend_eos)
-        batch, single = self._encode(texts)
+        batch, single = self._encode(texts, "text")
         with self._hold("score()"):
             weights = self._check_weights(None)  # one revision for every text of the call
             results = [self._score_one(ids, prepend_eos, weights) for ids in batch]

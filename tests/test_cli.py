@@ -127,6 +127,7 @@ def test_user_errors_are_one_line(capsys, ckpt, tmp_path, monkeypatch):
     one_line_error(capsys, "generate", "--model", ckpt, "--device", "cpu", "--temperature", "-1", "hi",
                    match="temperature")
     one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", tmp_path / "nope.txt", match="nope.txt")
+    one_line_error(capsys, "score", "--model", ckpt, "--device", "cpu", "", match="the text file's path is empty")
     if not torch.cuda.is_available():
         one_line_error(capsys, "generate", "--model", ckpt, "--device", "cuda", "hi", match="no CUDA GPU")
 

@@ -633,6 +633,12 @@ def test_score_returns_an_ordinary_tensor_and_names_a_missing_bos(tokenizer):
 def test_score_batch_returns_one_result_per_text(engine):
     out = engine.score(["Hello world", "Once upon a time"])
     assert len(out) == 2 and all(math.isfinite(s.perplexity) for s in out)
+    # Its errors speak of texts, not prompts.
+    for texts, message in ((["Hello", ""], "text 1 is empty"), ([], "no texts given"),
+                           ([[5, 6], [5, 1 << 20]], r"text 1: token id\(s\) \[1048576\]"),
+                           (3.5, "texts must be a string")):
+        with pytest.raises(GenerationError, match=message):
+            engine.score(texts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -950,21 +956,22 @@ def test_ctrl_c_at_any_moment_leaves_the_engine_free(call, tmp_path):
 
 
 @pytest.mark.parametrize("prompts, match", [
-    (torch.tensor([[5.9, 6.9]], dtype=torch.float64), r"prompt 0: .*item 0 is 5.9, a float"),
-    ([[5.9, 6.9]], r"prompt 0: .*item 0 is 5.9, a float"),
-    ([["12", "13"]], r"prompt 0: .*item 0 is '12', a str"),
-    ([["a"]], r"prompt 0: .*item 0 is 'a', a str"),
+    (torch.tensor([[5.9, 6.9]], dtype=torch.float64), r"(prompt|text) 0: .*item 0 is 5.9, a float"),
+    ([[5.9, 6.9]], r"(prompt|text) 0: .*item 0 is 5.9, a float"),
+    ([["12", "13"]], r"(prompt|text) 0: .*item 0 is '12', a str"),
+    ([["a"]], r"(prompt|text) 0: .*item 0 is 'a', a str"),
     ([True, False], "got bool"),
     ([[5, True]], r"item 1 is True, a bool"),
     ([[5, np.float64(6.0)]], r"item 1 is .*6.0.*, a float64"),
-    (None, "prompts must be a string, a list of token ids, or a list of either .* got NoneType"),
-    (5, "prompts must be .* got int"),
-    (torch.tensor(5), "prompts must be .* got int"),
+    (None, "(prompt|text)s must be a string, a list of token ids, or a list of either .* got NoneType"),
+    (5, "(prompt|text)s must be .* got int"),
+    (torch.tensor(5), "(prompt|text)s must be .* got int"),
     (b"hello", r"got bytes \(decode bytes to str first\)"),
-    ([b"hello"], r"prompt 0: .*got bytes \(decode bytes to str first\)"),
+    ([b"hello"], r"(prompt|text) 0: .*got bytes \(decode bytes to str first\)"),
 ], ids=lambda v: repr(v) if not isinstance(v, str) else "")
 def test_prompts_must_hold_integer_ids(engine, prompts, match):
     # int() would run [[5.9, 6.9]] as [[5, 6]], "12" as 12 and True as 1.
+    # (score's errors say "text" where generate's say "prompt".)
     for call in (engine.generate_ids, engine.generate, lambda p, n: engine.score(p)):
         with pytest.raises(GenerationError, match=match):
             call(prompts, 3)
