@@ -6,6 +6,11 @@ transformers writes it, ``model.safetensors`` with each 4-bit Linear as
 ``weight.quant_state.bitsandbytes__<nf4|fp4>`` (plus ``nested_*`` with double
 quantization), everything else dense, and the tokenizer files copied along.
 pythia-native reloads it without re-quantizing.
+
+bitsandbytes 0.50's CPU kernels misread a layer whose input width is a
+multiple of 32 but not of the blocksize (they restart the blocks at each row;
+its own quantization of such a layer too): such an export of a non-Pythia
+shape is right, but transformers + bitsandbytes on the CPU compute it wrong.
 """
 from __future__ import annotations
 

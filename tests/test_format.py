@@ -10,7 +10,8 @@ from conftest import CPU_ISAS
 from pythia_native import reference as ref
 from pythia_native.format import code_table, dynamic_map, quantize_absmax
 
-SHAPES = [(1, 1), (3, 50), (5, 7), (64,), (1, 65), (768, 2304), (3072, 768), (50304, 8)]
+# (3, 96): rows of 1.5 blocks, an even row length (see test_matches_bitsandbytes).
+SHAPES = [(1, 1), (3, 50), (5, 7), (64,), (1, 65), (3, 96), (768, 2304), (3072, 768), (50304, 8)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -88,8 +89,19 @@ def test_matches_bitsandbytes(shape, dtype, quant_type, blocksize, bnb_functiona
         assert torch.equal(packed, b_packed)  # NF4: byte for byte
     # Both: our dequantization of our bytes equals bitsandbytes' of its bytes.
     ours = pn.dequantize_4bit(packed, absmax, shape, blocksize, quant_type, dtype)
-    theirs = F.dequantize_4bit(b_packed, state)
-    assert torch.equal(ours, theirs.reshape(ours.shape))  # bitsandbytes returns 1-D shapes as [1, n]
+    theirs = F.dequantize_4bit(b_packed, state).reshape(ours.shape)  # bitsandbytes returns 1-D shapes as [1, n]
+    if not torch.equal(ours, theirs):
+        # bitsandbytes 0.50's CPU dequantize_4bit misreads some shapes whose
+        # blocks run across rows (a row length that is a multiple of 32 but
+        # not of the blocksize, over several rows: its vectorized kernel
+        # restarts the blocks at each row). 3 x 96 and 160 x 160 at blocksize
+        # 64 came back 0.40 and 0.51 of max |w| off its own input, against
+        # 0.12 for the format's rounding. The bytes and absmax above are
+        # identical; ours follow the format's flat blocks (FORMAT.md, the
+        # reference), theirs do not.
+        defined = ref.dequantize_4bit(b_packed, state.absmax, shape, blocksize, quant_type, dtype)
+        assert torch.equal(ours, defined) and not torch.equal(theirs, defined)
+        pytest.xfail("bitsandbytes' CPU dequantize_4bit reads this shape's blocks per row (its bug, not the format)")
     # And bitsandbytes reads our bytes to the same values.
     assert torch.equal(F.dequantize_4bit(packed, state).reshape(ours.shape), ours)
 
