@@ -38,34 +38,40 @@ native-test: $(VENV)/.deps
 	cmake --build build-native
 	ctest --test-dir build-native --output-on-failure
 
-# The native tests again under AddressSanitizer (any out-of-bounds access of a
-# CPU kernel, or of a CUDA kernel in the emulation, fails them); CI runs it.
+# The native tests again under AddressSanitizer and UndefinedBehaviorSanitizer
+# (any out-of-bounds access of a CPU kernel, or of a CUDA kernel in the
+# emulation, an overflowing shift or integer, a float cast to an integer it
+# does not fit, fails them); CI runs it.
 native-asan: $(VENV)/.deps
-	cmake -S . -B build-native-asan -G Ninja -DPN_SANITIZE=address -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
+	cmake -S . -B build-native-asan -G Ninja -DPN_SANITIZE=address,undefined -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build-native-asan
 	ctest --test-dir build-native-asan --output-on-failure
 
 # The whole pytest suite against the extension built (CPU part) with
-# AddressSanitizer, in a copy of the tree (build-asan/tree: its own in-place
-# _C, its own objects, incremental) so the normal build stays as it is. ASan
-# is preloaded into the uninstrumented python (libstdc++ too, so its
-# __cxa_throw interceptor finds the real one); it checks every heap access of
-# our kernels as torch's tests reach them, e.g. a read of a freed temporary.
+# AddressSanitizer and UndefinedBehaviorSanitizer (as native-asan), in a copy
+# of the tree (build-asan/tree: its own in-place _C, its own objects,
+# incremental) so the normal build stays as it is. ASan is preloaded into the
+# uninstrumented python (libstdc++ too, so its __cxa_throw interceptor finds
+# the real one); it checks every heap access of our kernels as torch's tests
+# reach them, e.g. a read of a freed temporary. UBSan stops at its first
+# finding, e.g. an overflowing size computation in an op's checks.
 # allocator_may_return_null: a test asks for an impossible KV cache on purpose.
 # It runs the tests with the small trained tokenizer (tests/neox.py), where
 # `make test` uses the real one when ../shared has it: a test that holds with
 # only one of them fails one of the two runs.
 ASAN_TREE := build-asan/tree
-ASAN_FLAGS := -fsanitize=address -fno-omit-frame-pointer
+ASAN_FLAGS := -fsanitize=address,undefined,float-cast-overflow \
+    -fno-sanitize-recover=undefined,float-cast-overflow -fno-omit-frame-pointer
 asan-pytest: $(VENV)/.deps
 	mkdir -p $(ASAN_TREE)
 	rm -rf $(ASAN_TREE)/csrc $(ASAN_TREE)/pythia_native $(ASAN_TREE)/tests
-	cp -a setup.py _pythia_native_cli.py csrc pythia_native tests $(ASAN_TREE)/
+	cp -a setup.py pyproject.toml _pythia_native_cli.py csrc pythia_native tests $(ASAN_TREE)/
 	rm -f $(ASAN_TREE)/pythia_native/_C*.so
-	cd $(ASAN_TREE) && PYTHIA_NATIVE_CUDA=0 CFLAGS="$(ASAN_FLAGS)" LDFLAGS="-fsanitize=address" \
+	cd $(ASAN_TREE) && PYTHIA_NATIVE_CUDA=0 CFLAGS="$(ASAN_FLAGS)" LDFLAGS="-fsanitize=address,undefined" \
 	    $(abspath $(PY)) setup.py -q build_ext --inplace
 	cd $(ASAN_TREE) && LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	    ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:allocator_may_return_null=1 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    PYTHIA_NATIVE_TOKENIZER=fallback \
 	    $(abspath $(PY)) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
 
