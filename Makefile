@@ -16,13 +16,19 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test build native-test native-asan asan-pytest bench install generate clean
+.PHONY: test build native-test native-asan asan-pytest bench install generate clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Dependencies, reinstalled when pyproject.toml or this file changes.
-$(VENV)/.deps: pyproject.toml Makefile | $(PY)
+# The TORCH_SPEC the venv was set up with, rewritten only when it changes, so
+# that another TORCH_SPEC (torch==2.13.0, say) reinstalls torch, and so does
+# going back to the default.
+$(VENV)/.torch-spec: FORCE | $(PY)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+# Dependencies, reinstalled when pyproject.toml, this file or TORCH_SPEC changes.
+$(VENV)/.deps: pyproject.toml Makefile $(VENV)/.torch-spec | $(PY)
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
@@ -78,7 +84,8 @@ asan-pytest: $(VENV)/.deps
 test: build native-test
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# Registers the package (and, later, its command line) in the venv.
+# Registers the package and its `pythia-native` command in the venv (pip
+# builds the extension again, in a folder of its own: a few minutes).
 install: $(VENV)/.deps
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
@@ -88,9 +95,12 @@ MODEL ?= EleutherAI/pythia-160m
 generate: build
 	$(PY) -m pythia_native generate --model "$(MODEL)" "$(PROMPT)"
 
-# The gemm_4bit benchmark against bitsandbytes and dense torch (CPU, 1 and 2 threads).
+# The gemm_4bit benchmark against bitsandbytes and dense torch (CPU, 1 and 2
+# threads), into build/ (benchmarks/results/ holds the committed runs).
 bench: build
-	$(PY) benchmarks/bench_gemm_4bit.py --device cpu --threads 1 2 --out benchmarks/results/gemm_4bit_cpu.md
+	$(PY) benchmarks/bench_gemm_4bit.py --device cpu --threads 1 2 --out build/bench/gemm_4bit_cpu.md
 
 clean:
 	rm -rf build build-native build-native-asan build-asan pythia_native/_C*.so
+
+FORCE:

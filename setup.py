@@ -5,7 +5,9 @@ Environment:
   PYTHIA_NATIVE_CUDA=0|1   force the CUDA part off / on (on fails loudly if it cannot build)
   CUDA_HOME                the toolkit; default /usr/local/cuda. `nvcc` on PATH is not
                            trusted: on some machines it is a wrapper script, and torch
-                           would derive a wrong CUDA_HOME from it.
+                           would derive a wrong CUDA_HOME from it. A CUDA_HOME (or
+                           CUDA_PATH) without bin/nvcc is an error unless
+                           PYTHIA_NATIVE_CUDA=0.
   TORCH_CUDA_ARCH_LIST     GPU architectures (default: DEFAULT_CUDA_ARCHS below when
                            no GPU is visible, else torch's choice for the visible GPU)
   MAX_JOBS                 parallel compile jobs (ninja)
@@ -25,9 +27,19 @@ DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
 def _find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
+    var = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH"
+    home = os.environ.get(var)
+    if home:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+        if os.environ.get("PYTHIA_NATIVE_CUDA") != "0":
+            # Named but wrong: building with another toolkit, or none, would
+            # hide the mistake.
+            raise RuntimeError(
+                f"{var}={home!r} has no bin/nvcc: point it at the CUDA toolkit, unset it "
+                "(/usr/local/cuda is the default), or set PYTHIA_NATIVE_CUDA=0 to build without CUDA"
+            )
+        return None
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         return os.path.realpath("/usr/local/cuda")
     nvcc = shutil.which("nvcc")
@@ -57,11 +69,12 @@ def _want_cuda():
         return False
     if flag == "1":
         if not available:
-            raise RuntimeError(
-                "PYTHIA_NATIVE_CUDA=1 but CUDA cannot be built: "
-                f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={_cuda_home!r} "
-                "(set CUDA_HOME to the toolkit, and install a CUDA build of torch)"
-            )
+            missing = []
+            if torch.version.cuda is None:
+                missing.append(f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)")
+            if _cuda_home is None:
+                missing.append("no CUDA toolkit found (set CUDA_HOME to it)")
+            raise RuntimeError("PYTHIA_NATIVE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
         return True
     return available
 

@@ -70,7 +70,13 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 export PYTHIA_NATIVE_CUDA=1
-[ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+# setup.py refuses a CUDA_HOME (or CUDA_PATH) without bin/nvcc: drop one the
+# image may have set to a runtime-only folder, then name the toolkit if it is
+# in the usual place (else setup.py looks for a real nvcc on PATH).
+for v in CUDA_HOME CUDA_PATH; do
+  if [ -n "${!v:-}" ] && [ ! -x "${!v}/bin/nvcc" ]; then echo "ignoring $v=${!v} (no bin/nvcc)"; unset "$v"; fi
+done
+if [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export PIP_BREAK_SYSTEM_PACKAGES=1  # the machine's own python may be "externally managed"
 export PYTHONUNBUFFERED=1
 
