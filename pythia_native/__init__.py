@@ -4,8 +4,24 @@ The compiled core is ``pythia_native._C`` (ops under ``torch.ops.pythia_native``
 this package wraps each op (``pythia_native.ops``), keeps a pure-PyTorch twin of
 each (``pythia_native.reference``) and builds modules on top of them.
 """
-from . import ops  # noqa: F401  (loads _C, registers the ops and their fake kernels)
+import os as _os
+
+import torch as _torch  # first: _C links against the libraries torch loads
+
+try:
+    from . import _C
+except ImportError as _e:  # not built, or built against another torch (its symbols missing)
+    raise ImportError(
+        f"pythia_native._C could not be loaded ({_e}): it must be built, against the torch installed here "
+        f"({_torch.__version__}); rebuild it from the source tree with `make build`, or "
+        "`pip install --no-build-isolation --no-deps -e .`"
+    ) from _e
+from . import ops  # noqa: F401  (registers the ops and their fake kernels)
 from ._C import build_info
+from .ops import set_cpu_isa
+
+if _os.environ.get("PYTHIA_NATIVE_CPU_ISA"):
+    set_cpu_isa(_os.environ["PYTHIA_NATIVE_CPU_ISA"], _source="PYTHIA_NATIVE_CPU_ISA")
 from .format import QUANT_TYPES, code_table
 from .ops import (
     decode_attention,
@@ -62,4 +78,5 @@ __all__ = [
     "gelu",
     "quantize_4bit",
     "rotary_kv_cache_",
+    "set_cpu_isa",
 ]

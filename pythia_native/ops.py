@@ -27,6 +27,28 @@ _ops = torch.ops.pythia_native
 COMPUTE_MODES = ("float32", "int16")
 
 
+CPU_ISAS = ("avx512", "avx2", "scalar", "auto")
+
+
+def set_cpu_isa(isa: str, *, _source: str = "set_cpu_isa") -> None:
+    """Run the CPU kernels on one instruction set: ``"avx512"``, ``"avx2"``,
+    ``"scalar"``, or ``"auto"`` (the best this CPU has: the default).
+
+    The kernels pick the best ISA at run time; forcing a lower one reproduces
+    on this machine what a CPU without AVX-512 (or AVX2) computes and how fast.
+    Process-wide, for every thread. ``PYTHIA_NATIVE_CPU_ISA`` sets it at import
+    (the command line too). An ISA this CPU lacks raises :class:`DeviceError`.
+    """
+    from .errors import DeviceError
+
+    if isa not in CPU_ISAS:
+        raise DeviceError(f"{_source}: expected one of {', '.join(map(repr, CPU_ISAS))}, got {isa!r}")
+    try:
+        _C.set_cpu_isa(isa)
+    except ValueError as e:  # the C++ check: this CPU does not support it
+        raise DeviceError(f"{_source}={isa!r}: {e}") from None
+
+
 def check_compute(compute: str) -> str:
     """``compute`` if it is one of :data:`COMPUTE_MODES`, else a ValueError that names it."""
     if compute not in COMPUTE_MODES:

@@ -121,6 +121,58 @@ def test_cuda_device_mismatch(q):
 def test_set_cpu_isa_rejects_unknown():
     with pytest.raises(ValueError, match="expected 'avx512', 'avx2'"):
         pn._C.set_cpu_isa("sse9")
+    with pytest.raises(pn.DeviceError, match="set_cpu_isa: expected one of 'avx512', 'avx2', 'scalar', 'auto', got 'AVX2'"):
+        pn.set_cpu_isa("AVX2")
+    best = pn.build_info()["cpu_isa_best"]
+    try:
+        for isa in ("scalar", "avx2", "avx512"):
+            if ["scalar", "avx2", "avx512"].index(isa) <= ["scalar", "avx2", "avx512"].index(best):
+                pn.set_cpu_isa(isa)
+                assert pn.build_info()["cpu_isa_active"] == isa
+            else:  # a CPU without it: refused, naming it, and the ISA in use stays
+                with pytest.raises(pn.DeviceError, match=f"set_cpu_isa='{isa}': this CPU does not support {isa}"):
+                    pn.set_cpu_isa(isa)
+        pn.set_cpu_isa("auto")
+        assert pn.build_info()["cpu_isa_active"] == best
+    finally:
+        pn.set_cpu_isa("auto")
+
+
+def _run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_cpu_isa_from_the_environment():
+    p = _run_python("import pythia_native as pn; print(pn.build_info()['cpu_isa_active'])", PYTHIA_NATIVE_CPU_ISA="scalar")
+    assert p.returncode == 0 and p.stdout.split() == ["scalar"], p.stderr
+    p = _run_python("import pythia_native", PYTHIA_NATIVE_CPU_ISA="sse")
+    assert p.returncode == 1 and "DeviceError: PYTHIA_NATIVE_CPU_ISA: expected one of 'avx512'" in p.stderr
+    # The command line: one line, exit 2.
+    p = _run_python("import sys, _pythia_native_cli; sys.exit(_pythia_native_cli.main(['revisions', 'pythia-14m']))",
+                    PYTHIA_NATIVE_CPU_ISA="sse")
+    assert p.returncode == 2 and p.stderr == (
+        "pythia-native: error: PYTHIA_NATIVE_CPU_ISA: expected one of 'avx512', 'avx2', 'scalar', 'auto', got 'sse'\n")
+
+
+def test_an_extension_that_does_not_load_says_to_rebuild():
+    # As an extension built against another torch fails (its symbols missing).
+    p = _run_python(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'pythia_native._C':\n"
+        "            raise ImportError('_C.so: undefined symbol: _ZN3c1015SmallVectorBase')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pythia_native\n")
+    assert p.returncode == 1
+    assert ("ImportError: pythia_native._C could not be loaded (_C.so: undefined symbol: _ZN3c1015SmallVectorBase): "
+            "it must be built, against the torch installed here (") in p.stderr, p.stderr
+    assert "make build" in p.stderr
 
 
 def _attn_args(dtype=torch.float32):
