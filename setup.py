@@ -6,8 +6,8 @@ Environment:
   CUDA_HOME                the toolkit; default /usr/local/cuda. `nvcc` on PATH is not
                            trusted: on some machines it is a wrapper script, and torch
                            would derive a wrong CUDA_HOME from it. A CUDA_HOME (or
-                           CUDA_PATH) without bin/nvcc is an error unless
-                           PYTHIA_NATIVE_CUDA=0.
+                           CUDA_PATH) without bin/nvcc is an error where CUDA
+                           would be built (a CUDA torch, or PYTHIA_NATIVE_CUDA=1).
   TORCH_CUDA_ARCH_LIST     GPU architectures (default: DEFAULT_CUDA_ARCHS below when
                            no GPU is visible, else torch's choice for the visible GPU)
   MAX_JOBS                 parallel compile jobs (ninja)
@@ -26,20 +26,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
 
 
+def _named_cuda_home():
+    """(variable, value) of a CUDA_HOME / CUDA_PATH the user set, or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return var, os.environ[var]
+    return None
+
+
 def _find_cuda_home():
-    var = "CUDA_HOME" if os.environ.get("CUDA_HOME") else "CUDA_PATH"
-    home = os.environ.get(var)
-    if home:
-        if os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-        if os.environ.get("PYTHIA_NATIVE_CUDA") != "0":
-            # Named but wrong: building with another toolkit, or none, would
-            # hide the mistake.
-            raise RuntimeError(
-                f"{var}={home!r} has no bin/nvcc: point it at the CUDA toolkit, unset it "
-                "(/usr/local/cuda is the default), or set PYTHIA_NATIVE_CUDA=0 to build without CUDA"
-            )
-        return None
+    named = _named_cuda_home()
+    if named:
+        # Named but wrong (no bin/nvcc): None, and _want_cuda refuses to build
+        # CUDA with another toolkit or none, which would hide the mistake.
+        return named[1] if os.path.exists(os.path.join(named[1], "bin", "nvcc")) else None
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         return os.path.realpath("/usr/local/cuda")
     nvcc = shutil.which("nvcc")
@@ -67,6 +67,12 @@ def _want_cuda():
     available = torch.version.cuda is not None and _cuda_home is not None
     if flag == "0":
         return False
+    named = _named_cuda_home()
+    if _cuda_home is None and named and (flag == "1" or torch.version.cuda is not None):
+        raise RuntimeError(
+            f"{named[0]}={named[1]!r} has no bin/nvcc: point it at the CUDA toolkit, unset it "
+            "(/usr/local/cuda is the default), or set PYTHIA_NATIVE_CUDA=0 to build without CUDA"
+        )
     if flag == "1":
         if not available:
             missing = []
