@@ -90,9 +90,14 @@ class NestedAbsmax:
 
 
 def quantize_absmax(absmax: torch.Tensor) -> NestedAbsmax:
-    """Double-quantize float32 block scales as bitsandbytes does on the CPU:
-    subtract the mean, then blockwise (256) quantize to the dynamic map,
-    rounding to the nearest code (a value on a midpoint takes the lower code).
+    """Double-quantize float32 block scales as bitsandbytes does: subtract the
+    mean, then blockwise (256) quantize to the dynamic map, rounding to the
+    nearest code (a value on a midpoint takes the lower code).
+
+    The same codes as bitsandbytes' pure-PyTorch back end. Its CPU library
+    (bitsandbytes 0.50) picks a farther code for some values (849 of 298,189
+    log-uniform scales, up to a whole code step); both decode through the
+    same stored map, so either file loads, ours the nearer to the scales.
     """
     absmax = absmax.float().reshape(-1)
     n = absmax.numel()
