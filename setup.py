@@ -3,9 +3,10 @@ CUDA toolkit and a CUDA build of torch are present.
 
 Environment:
   PYTHIA_NATIVE_CUDA=0|1   force the CUDA part off / on (on fails loudly if it cannot build)
-  CUDA_HOME                the toolkit; default /usr/local/cuda. `nvcc` on PATH is not
-                           trusted: on some machines it is a wrapper script, and torch
-                           would derive a wrong CUDA_HOME from it. A CUDA_HOME (or
+  CUDA_HOME                the toolkit; default /usr/local/cuda, else the folder of the
+                           `nvcc` on PATH, but only a real one (links resolved, beside
+                           include/cuda_runtime.h): on some machines it is a wrapper
+                           script, and torch would derive a wrong CUDA_HOME from it. A CUDA_HOME (or
                            CUDA_PATH) without bin/nvcc is an error where CUDA
                            would be built (a CUDA torch, or PYTHIA_NATIVE_CUDA=1).
   TORCH_CUDA_ARCH_LIST     GPU architectures (default: DEFAULT_CUDA_ARCHS below when

@@ -6,7 +6,7 @@
 //   quantize_4bit(weight, blocksize, quant_type) -> (packed, absmax)
 //   dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> W
 //   dequantize_absmax(absmax_q, nested_absmax, nested_code, offset, nested_blocksize) -> absmax
-//   gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type) -> x @ W.T + bias
+//   gemm_4bit(x, packed, absmax, bias, n, k, blocksize, quant_type, compute) -> x @ W.T + bias
 //   gemm_f16w(x, weight, bias) -> x @ float(weight).T + bias (float16 weight, float32 sums)
 //   rotary_kv_cache_(qkv, positions, k_cache!, v_cache!, rotary_ndims, rope_theta) -> q
 //   decode_attention(q, k_cache, v_cache, positions, scale) -> out

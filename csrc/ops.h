@@ -147,8 +147,9 @@ void gemm_4bit_cpu_small(const void* x, DType dt, int64_t M, int64_t k, int64_t 
                          bool int16 = false);
 
 // neox_block_'s argument checks (block.cpp), the op's arguments in its order:
-// the CPU kernel runs them, and Python's composition (the CUDA kernel,
-// pythia_native/block.py) calls them through _C.check_neox_block_args.
+// the CPU kernel runs them; Python's composition (the CUDA kernel,
+// pythia_native/block.py) through _C.check_neox_block_call (these, then the
+// aliasing checks), and the fake kernel (ops.py) through _C.check_neox_block_args.
 void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& k_cache,
                       const at::Tensor& v_cache, const at::Tensor& ln1_weight,
                       const at::Tensor& ln1_bias, const at::Tensor& ln2_weight,

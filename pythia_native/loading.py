@@ -135,7 +135,8 @@ def load(
             settings and bytes (never re-quantized); these are then ignored. The
             Linears it holds dense (``llm_int8_skip_modules``) stay dense.
         device: "cpu", "cuda", "cuda:N" or None (CUDA when visible).
-        dtype: activation dtype (float32/bfloat16 on CPU, float16/bfloat16 on CUDA).
+        dtype: activation dtype: float32 (default) or bfloat16 on the CPU;
+            bfloat16 (default), float16 or float32 on CUDA.
         cache_dir, local_files_only, token: passed to huggingface_hub
             (``HF_HUB_OFFLINE=1`` is honoured when ``local_files_only`` is None).
         max_batch, max_len, cuda_graphs: see :class:`Pythia`.

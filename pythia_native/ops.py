@@ -141,11 +141,12 @@ def gemm_4bit(
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to
     multiples of 2^-13, and sum each 64-weight block exactly in int32
     (:func:`pythia_native.reference.gemm_4bit` with the same argument is the
-    definition). The relative error of y is ~1e-4 on Pythia-shaped layers
+    definition where the int16 GEMV runs; it refuses the rest, where the op
+    computes in float32). The relative error of y is ~1e-4 on Pythia-shaped layers
     (6.7e-5 to 1.1e-4 at M = 1),
     against ~1e-7 for float32 and ~4e-3 for bitsandbytes' CPU kernel. The CPU
-    GEMV (M <= 16, K % 128 == 0, K a multiple of the blocksize, a CPU with
-    AVX2) takes it: with AVX-512 VNNI 1.6-2.4x the float32 kernels' speed at
+    GEMV (M <= 16, K % 128 == 0, a blocksize that is a multiple of 64 and
+    divides K, a CPU with AVX2) takes it: with AVX-512 VNNI 1.6-2.4x the float32 kernels' speed at
     M = 1 on the Pythia shapes and 1.2-2.0x at M = 5-16 (a 2-vCPU AMD EPYC,
     one thread), on AVX2 alone 2.4-4.4x at M = 1 and 1.3-3.0x at M = 4-16 (a
     Xeon held to AVX2, one thread: the results table and an alternated A/B). The two kernels agree to float32 rounding
