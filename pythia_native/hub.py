@@ -43,7 +43,7 @@ from .errors import (
     PythiaNativeError,
     RevisionError,
 )
-from .suite import ModelRef, canonical_revision, resolve_model, resolve_revision, warn_known_data_problems
+from .suite import FINAL_STEP, ModelRef, canonical_revision, resolve_model, resolve_revision, warn_known_data_problems
 from .weights import (
     BIN_INDEX,
     CONFIG_FILE,
@@ -226,9 +226,10 @@ def _cached_twin_hint(repo_id: str, revision: str, cache_dir) -> str:
     """For a Pythia ``main`` / ``step143000`` missing from the cache while the other
     name of that checkpoint is cached: a sentence naming it; else ""."""
     try:
-        if revision not in ("main", "step143000") or canonical_revision(repo_id, "main") != "step143000":
+        final = f"step{FINAL_STEP}"
+        if revision not in ("main", final) or canonical_revision(repo_id, "main") != final:
             return ""
-        twin = "step143000" if revision == "main" else "main"
+        twin = final if revision == "main" else "main"
         snapshot_download(repo_id, revision=twin, cache_dir=cache_dir, local_files_only=True,
                           allow_patterns=[CONFIG_FILE])
     except Exception:  # noqa: BLE001 - not a suite repo, or the twin is not cached either

@@ -181,11 +181,12 @@ class ModelRef:
 
 
 def close_matches(name: str, n: int = 5) -> list[str]:
-    """The Pythia names (current and old) closest to ``name`` (difflib), best first."""
+    """The Pythia names closest to ``name`` (difflib), best first: near an old
+    name (pythia-1.3b), its current one (pythia-1.4b)."""
     key = name.strip().lower()
     if "/" in key:
         key = key.split("/", 1)[1]
-    similar = difflib.get_close_matches(key, list(MODELS) + list(RENAMED), n=n, cutoff=0.6)
+    similar = [RENAMED.get(m, m) for m in difflib.get_close_matches(key, list(MODELS) + list(RENAMED), n=n, cutoff=0.6)]
     # A real size with a variant it lacks (pythia-14m-deduped): that size's models come first.
     size_match = re.match(r"pythia-(\d+(?:\.\d+)?[mb])(?![\w.])", key)
     size = RENAMED_SIZES.get(size_match.group(1), size_match.group(1)) if size_match else None
@@ -204,9 +205,12 @@ def close_matches(name: str, n: int = 5) -> list[str]:
 def _unknown_pythia(name: str) -> ModelNotFoundError:
     matches = close_matches(name)
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+    standard_only = "/".join(s for s in SIZES if s not in DEDUPED_SIZES)
     return ModelNotFoundError(
         f"{name!r} is not a Pythia model.{hint} Known: pythia-<size>[-deduped][-v0] for sizes "
-        f"{', '.join(SIZES)} (14m/31m: standard only, no v0), pythia-<14m..410m>-seed<1..9>; "
+        f"{', '.join(SIZES)} ({standard_only}: standard only, no v0), "
+        f"pythia-<{SEED_SIZES[0]}..{SEED_SIZES[-1]}>-seed<{SEEDS[0]}..{SEEDS[-1]}>, "
+        f"pythia-160m-<data|weight>-seed<{DECOUPLED_SEEDS[0]}..{DECOUPLED_SEEDS[-1]}>; "
         "pythia_native.suite.model_names() lists them all."
     )
 
@@ -322,9 +326,13 @@ def nearest_steps(steps: tuple[int, ...], step: int, k: int = 3) -> list[int]:
 
 
 def _describe_branches(model: SuiteModel) -> str:
+    steps = model.steps
     if model.suite == "v0":
-        return "its 143 branches step1000, step2000, ..., step143000 (v0 models have no earlier branches)"
-    return "its 154 branches step0, step1, step2, step4, ..., step512, step1000, step2000, ..., step143000"
+        return (f"its {len(steps)} branches step{steps[0]}, step{steps[1]}, ..., step{steps[-1]} "
+                "(v0 models have no earlier branches)")
+    early = [f"step{s}" for s in EARLY_STEPS]
+    return (f"its {len(steps)} branches {', '.join(early[:4])}, ..., {early[-1]}, step{V0_STEPS[0]}, "
+            f"step{V0_STEPS[1]}, ..., step{steps[-1]}")
 
 
 def resolve_revision(

@@ -145,12 +145,14 @@ def test_old_names_map_with_warning(old, new, dedup):
     ("pythia-160m-v0-deduped", "pythia-160m-deduped-v0"),
     ("EleutherAI/pythia-410", "pythia-410m"),
     ("pythia-160m-seed10", "pythia-160m-seed1"),
+    ("pythia-1.3bb", "pythia-1.4b"),  # near an old name: its current one
 ])
 def test_unknown_pythia_names_suggest(name, suggestion):
     with pytest.raises(ModelNotFoundError, match="Did you mean") as info:
         suite.resolve_model(name)
     suggestions = str(info.value).split("Did you mean: ")[1].split("?")[0].split(", ")
     assert suggestions[0] == suggestion
+    assert not set(suggestions) & set(suite.RENAMED)  # never an old name (they load with a warning)
 
 
 @pytest.mark.parametrize("bad", ["gpt2", "", "  ", "a/b/c", "org/", "org/na me", "pythia-1b-seed1"])
