@@ -1,7 +1,8 @@
 """The GPT-NeoX configuration, read from a Hugging Face ``config.json``.
 
 Every size of the Pythia suite (and any GPT-NeoX checkpoint) is described by
-its own ``config.json``; nothing here hard-codes a size. Two spellings of the
+its own ``config.json``; the suite's sizes written here (SUITE_ARCHITECTURES)
+only shape random-weight models for benchmarks. Two spellings of the
 rotary settings exist and both are read (../shared/docs/PYTHIA.md):
 
 * transformers 4.x (the published Pythia configs):

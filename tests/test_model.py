@@ -725,3 +725,15 @@ def test_config_refuses_a_head_dim_the_attention_kernels_cannot_run(hidden, head
         PythiaConfig.from_dict({**PUBLISHED_160M, "hidden_size": hidden, "num_attention_heads": heads})
     for size in ("14m", "1b", "2.8b"):  # head_dim 32, 256, 80: the suite's range
         PythiaConfig.for_size(size)
+
+
+def test_suite_architectures_cover_the_suites_sizes():
+    # Two tables, config.py's architectures (random-weight models) and suite.py's
+    # names: one key set, in one order, so a size added to one is in the other.
+    from pythia_native import suite
+    from pythia_native.config import SUITE_ARCHITECTURES
+
+    assert tuple(SUITE_ARCHITECTURES) == suite.SIZES
+    for size in suite.SIZES:
+        c = PythiaConfig.for_size(size)
+        assert c.vocab_size % 128 == 0 and c.hidden_size % 128 == 0  # Pythia's padding and widths (PYTHIA.md)
