@@ -99,6 +99,7 @@ def extension():
     # -fopenmp: at::parallel_for is a header template that runs serially unless the
     # including file is compiled with OpenMP (_OPENMP defined); torch's CPU build
     # uses OpenMP, so this is what makes our kernels use torch's thread pool.
+    # CMakeLists.txt compiles the kernels for the native tests with the same flags (less -fopenmp).
     cxx_flags = ["-O3", "-std=c++20", "-fno-fast-math", "-Wall", "-Wno-unused-function", "-fopenmp"]
     link_flags = ["-fopenmp"]
     define_macros = []
