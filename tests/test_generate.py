@@ -36,6 +36,14 @@ def engine(tokenizer):
 # ---------------------------------------------------------------- sampling --
 
 
+@pytest.mark.skipif(REAL_TOKENIZER is None, reason="needs the real GPT-NeoX-20B tokenizer (../shared)")
+def test_the_real_tokenizer_as_pythia_md_gives_it():
+    # PYTHIA.md's check: no BOS added, 50277 ids (the model's logits are wider).
+    tok = Tokenizer.from_file(REAL_TOKENIZER)
+    assert tok.encode("Hello, I am") == [12092, 13, 309, 717]
+    assert tok.vocab_size == 50277 and tok.decode([12092, 13, 309, 717]) == "Hello, I am"
+
+
 def test_top_k_keeps_the_k_largest_and_ties():
     logits = torch.tensor([[1.0, 5.0, 3.0, 3.0, -2.0, 4.0]])
     kept = filter_logits(logits, top_k=3).isfinite()
