@@ -60,10 +60,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import build_info, command_line, cpu_model, git_state, versions  # noqa: E402
 
-SHAPES = {
-    "160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "1.4b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=8192),
-}
+# The suite sizes measured (architectures: pythia_native.config.SUITE_ARCHITECTURES).
+SHAPES = ("160m", "1.4b")
 # pythia-native-nf4: activations float32 on the CPU, float16 on CUDA; -bf16: bfloat16
 # activations; -qhead: embed_out in 4 bits too (costs logit accuracy, see --head-error);
 # -int16: the 4-bit Linears with compute="int16" (the CPU decode GEMV rounds x to int16
@@ -77,9 +75,10 @@ VARIANTS = ["pythia-native-nf4", "pythia-native-nf4-bf16", "pythia-native-nf4-qh
 def hf_config(shape: str):
     import transformers
 
-    return transformers.GPTNeoXConfig(
-        vocab_size=50304, max_position_embeddings=2048, eos_token_id=0, bos_token_id=0, pad_token_id=1, **SHAPES[shape]
-    )
+    from pythia_native.config import PythiaConfig
+
+    # The suite's architecture, as its config.json has it; pad id 1 for transformers' batches.
+    return transformers.GPTNeoXConfig(**PythiaConfig.for_size(shape).to_dict(), pad_token_id=1)
 
 
 def sync(device):
@@ -295,7 +294,7 @@ def int16_error(shape: str, steps: int = 32, seed: int = 0) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--shapes", nargs="+", default=["160m"], choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["160m"], choices=SHAPES)
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
