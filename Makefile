@@ -16,19 +16,18 @@ TORCH_SPEC ?= torch==2.14.1
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: test build native-test native-asan asan-pytest bench install generate clean FORCE
+.PHONY: test build native-test native-asan asan-pytest bench install generate clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# The TORCH_SPEC the venv was set up with, rewritten only when it changes, so
-# that another TORCH_SPEC (torch==2.13.0, say) reinstalls torch, and so does
-# going back to the default.
-$(VENV)/.torch-spec: FORCE | $(PY)
-	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
-
-# Dependencies, reinstalled when pyproject.toml, this file or TORCH_SPEC changes.
-$(VENV)/.deps: pyproject.toml Makefile $(VENV)/.torch-spec | $(PY)
+# Dependencies, reinstalled when pyproject.toml or this file changes, or for
+# another TORCH_SPEC: the stamp is named by a checksum of it, and an install
+# removes the other specs' stamps, so torch==2.13.0 and then the default again
+# each reinstall torch.
+DEPS := $(VENV)/.deps-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+$(DEPS): pyproject.toml Makefile | $(PY)
+	rm -f $(VENV)/.deps $(VENV)/.deps-*
 	$(PY) -m pip install --upgrade "setuptools>=64" wheel ninja
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install numpy "tokenizers>=0.19" "safetensors>=0.4" "huggingface_hub>=0.23" \
@@ -36,10 +35,10 @@ $(VENV)/.deps: pyproject.toml Makefile $(VENV)/.torch-spec | $(PY)
 	touch $@
 
 # Incremental: ninja recompiles only what changed (build/ keeps the objects).
-build: $(VENV)/.deps
+build: $(DEPS)
 	$(PY) setup.py -q build_ext --inplace
 
-native-test: $(VENV)/.deps
+native-test: $(DEPS)
 	cmake -S . -B build-native -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build-native
 	ctest --test-dir build-native --output-on-failure
@@ -48,7 +47,7 @@ native-test: $(VENV)/.deps
 # (any out-of-bounds access of a CPU kernel, or of a CUDA kernel in the
 # emulation, an overflowing shift or integer, a float cast to an integer it
 # does not fit, fails them); CI runs it.
-native-asan: $(VENV)/.deps
+native-asan: $(DEPS)
 	cmake -S . -B build-native-asan -G Ninja -DPN_SANITIZE=address,undefined -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) >/dev/null
 	cmake --build build-native-asan
 	ctest --test-dir build-native-asan --output-on-failure
@@ -68,7 +67,7 @@ native-asan: $(VENV)/.deps
 ASAN_TREE := build-asan/tree
 ASAN_FLAGS := -fsanitize=address,undefined,float-cast-overflow \
     -fno-sanitize-recover=undefined,float-cast-overflow -fno-omit-frame-pointer
-asan-pytest: $(VENV)/.deps
+asan-pytest: $(DEPS)
 	mkdir -p $(ASAN_TREE)
 	rm -rf $(ASAN_TREE)/csrc $(ASAN_TREE)/pythia_native $(ASAN_TREE)/tests
 	cp -a setup.py pyproject.toml _pythia_native_cli.py csrc pythia_native tests $(ASAN_TREE)/
@@ -86,7 +85,7 @@ test: build native-test
 
 # Registers the package and its `pythia-native` command in the venv (pip
 # builds the extension again, in a folder of its own: a few minutes).
-install: $(VENV)/.deps
+install: $(DEPS)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
 # The main job: generate with pythia-160m (downloaded once into the Hugging Face cache).
@@ -102,5 +101,3 @@ bench: build
 
 clean:
 	rm -rf build build-native build-native-asan build-asan pythia_native/_C*.so
-
-FORCE:

@@ -17,11 +17,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        # The package's own errors at import (a bad PYTHIA_NATIVE_CPU_ISA) and
-        # a failed import (an extension built against another torch, a missing
-        # dependency) are one line, as the command's other user errors.
-        if isinstance(e, ImportError) or type(e).__module__.startswith("pythia_native"):
+        if _user_error_at_import(e):
             print(f"pythia-native: error: {e}", file=sys.stderr)
             return 2
-        raise
+        raise  # a bug: its traceback
     return cli_main(argv)
+
+
+def _user_error_at_import(e: Exception) -> bool:
+    """Whether an exception importing the package is the user's to fix, told in
+    one line as the command's other user errors: the package's own errors (a bad
+    PYTHIA_NATIVE_CPU_ISA), an extension that does not load (not built, or
+    built against another torch), a dependency that is not installed."""
+    if any(c.__name__ == "PythiaNativeError" for c in type(e).__mro__):
+        return True
+    if isinstance(e, ImportError) and str(e).startswith("pythia_native._C could not be loaded"):
+        return True
+    return isinstance(e, ModuleNotFoundError) and not (e.name or "pythia_native").startswith("pythia_native")

@@ -63,27 +63,31 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
-def _want_cuda():
+def _cuda_choice():
+    """(whether to build the CUDA part, why it cannot be built as asked or None).
+
+    The error is raised when the extension is built (build_ext), not here:
+    `setup.py sdist` or pip's metadata step compiles nothing and need not fail.
+    """
     flag = os.environ.get("PYTHIA_NATIVE_CUDA")
-    available = torch.version.cuda is not None and _cuda_home is not None
     if flag == "0":
-        return False
+        return False, None
     named = _named_cuda_home()
+    problems = []
+    if flag == "1" and torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)")
     if _cuda_home is None and named and (flag == "1" or torch.version.cuda is not None):
-        raise RuntimeError(
-            f"{named[0]}={named[1]!r} has no bin/nvcc: point it at the CUDA toolkit, unset it "
-            "(/usr/local/cuda is the default), or set PYTHIA_NATIVE_CUDA=0 to build without CUDA"
-        )
-    if flag == "1":
-        if not available:
-            missing = []
-            if torch.version.cuda is None:
-                missing.append(f"torch {torch.__version__} is a CPU-only build (install a CUDA build of torch)")
-            if _cuda_home is None:
-                missing.append("no CUDA toolkit found (set CUDA_HOME to it)")
-            raise RuntimeError("PYTHIA_NATIVE_CUDA=1 but CUDA cannot be built: " + "; ".join(missing))
-        return True
-    return available
+        problems.append(f"{named[0]}={named[1]!r} has no bin/nvcc (point it at the CUDA toolkit, unset it: "
+                        "/usr/local/cuda is the default, or set PYTHIA_NATIVE_CUDA=0 to build without CUDA)")
+    elif flag == "1" and _cuda_home is None:
+        problems.append("no CUDA toolkit found (set CUDA_HOME to it)")
+    if problems:
+        why = "PYTHIA_NATIVE_CUDA=1 but " if flag == "1" else ""
+        return True, f"{why}CUDA cannot be built: " + "; ".join(problems)
+    return flag == "1" or (torch.version.cuda is not None and _cuda_home is not None), None
+
+
+WITH_CUDA, CUDA_ERROR = _cuda_choice()
 
 
 def _rel(paths):
@@ -91,7 +95,7 @@ def _rel(paths):
 
 
 def extension():
-    with_cuda = _want_cuda()
+    with_cuda = WITH_CUDA and CUDA_ERROR is None
     cpp = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     cpp = [p for p in cpp if with_cuda or not p.endswith("_cuda.cpp")]
     cu = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) if with_cuda else []
@@ -132,7 +136,14 @@ def extension():
     )
 
 
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    def run(self):
+        if CUDA_ERROR:
+            raise RuntimeError(CUDA_ERROR)
+        super().run()
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -597,8 +597,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pool-mb", type=float, default=None,
                     help="rotate through weight copies totalling this many MiB (default: cuda 4 x L2, cpu 0 = off)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: time eager launches instead of CUDA graphs")
-    ap.add_argument("--cpu-isa", choices=("auto", "avx512", "avx2", "scalar"), default="auto",
-                    help="hold pythia-native's CPU kernels to this ISA (default: the best this CPU has)")
+    ap.add_argument("--cpu-isa", choices=("auto", "avx512", "avx2", "scalar"), default=None,
+                    help="hold pythia-native's CPU kernels to this ISA (default: as imported, the best this CPU "
+                         "has unless PYTHIA_NATIVE_CPU_ISA holds them)")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -625,7 +626,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         pool_bytes = 0
 
     pn = import_pythia_native()
-    pn._C.set_cpu_isa(args.cpu_isa)
+    if args.cpu_isa:
+        pn.set_cpu_isa(args.cpu_isa)
     bnb, bnbF = import_bitsandbytes()
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}), "
           f"dtype {dtype}, torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'n/a')}", flush=True)

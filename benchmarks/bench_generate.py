@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from datetime import date
+from typing import Optional
 
 import torch
 
@@ -145,7 +146,7 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int,
-                cpu_isa: str = "auto"):
+                cpu_isa: Optional[str] = None):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import transformers
@@ -156,10 +157,11 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         from pythia_native.generate import Pythia
         from pythia_native.model import PythiaModel
 
-        from pythia_native import _C
+        from pythia_native import set_cpu_isa
         from pythia_native.config import PythiaConfig
 
-        _C.set_cpu_isa(cpu_isa)
+        if cpu_isa:  # else as imported (PYTHIA_NATIVE_CPU_ISA, or the best)
+            set_cpu_isa(cpu_isa)
         dtype = torch.float32 if device == "cpu" else torch.float16
         options = variant.split("-")[3:]  # after pythia-native-nf4
         if "bf16" in options:
@@ -307,8 +309,9 @@ def main():
                     "the section is rewritten after every run, marked PARTIAL until done)")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
-    ap.add_argument("--cpu-isa", default="auto", choices=["auto", "avx512", "avx2", "scalar"],
-                    help="hold pythia-native's CPU kernels to this ISA (default: the best this CPU has)")
+    ap.add_argument("--cpu-isa", default=None, choices=["auto", "avx512", "avx2", "scalar"],
+                    help="hold pythia-native's CPU kernels to this ISA (default: as imported, the best this CPU "
+                         "has unless PYTHIA_NATIVE_CPU_ISA holds them)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
 
@@ -386,7 +389,7 @@ def main():
                         current = f"{v} {shape} batch {batch}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
                         cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
                                "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-                               "--threads", str(args.threads), "--cpu-isa", args.cpu_isa]
+                               "--threads", str(args.threads)] + (["--cpu-isa", args.cpu_isa] if args.cpu_isa else [])
                         p = subprocess.run(cmd, capture_output=True, text=True)
                         if p.returncode in (-signal.SIGTERM, -signal.SIGINT):
                             # timeout signals the whole process group: the child first, maybe.
@@ -448,6 +451,7 @@ def render(args, header: dict, bw: float, runs: dict, status: str, notes: list[s
         ratios = [r["tok_s"] / q["tok_s"] for r, q in zip(rs, peer) if "error" not in r and "error" not in q]
         rows.append(dict(variant=v, shape=shape, batch=batch, ratios=ratios, weight_mb=mb, **med))
 
+    held_isa = args.cpu_isa or os.environ.get("PYTHIA_NATIVE_CPU_ISA")  # the variants' processes inherit it
     lines = [
         f"## Decode, {args.device} ({header['dev']}), {args.threads} thread(s), prompt {args.prompt}, "
         f"{args.new} new tokens, median of {args.repeats}"
@@ -455,7 +459,7 @@ def render(args, header: dict, bw: float, runs: dict, status: str, notes: list[s
         "",
         *([f"**{status}**", ""] if status else []),
         f"{header['versions']}, {header['day']}; measured copy bandwidth {bw:.1f} GB/s."
-        + (f" pythia-native's CPU kernels held to {args.cpu_isa}." if args.cpu_isa != "auto" else "")
+        + (f" pythia-native's CPU kernels held to {held_isa}." if held_isa not in (None, "", "auto") else "")
         + "".join(f" {k}={os.environ[k]}." for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
                                                      "ONEDNN_MAX_CPU_ISA") if k in os.environ),
         f"pythia-native {header['commit']}, build_info {header['build']}.",

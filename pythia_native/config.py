@@ -49,21 +49,33 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _read_number(rope: dict, d: dict, keys: tuple[str, str, str], default: float) -> float:
-    """``rope[keys[0]]``, else ``d[keys[1]]``, else ``d[keys[2]]``, else ``default``; a number."""
-    for where, key in ((rope, keys[0]), (d, keys[1]), (d, keys[2])):
-        if key in where:
-            v = where[key]
-            if not _is_number(v):
-                raise ConfigError(f"config: {key} must be a number, got {v!r:.60}")
-            return float(v)
-    return default
+def _number(where: dict, key: str) -> Optional[float]:
+    """``where[key]`` as a float (None when absent); a ConfigError naming it when not a number."""
+    if key not in where:
+        return None
+    v = where[key]
+    if not _is_number(v):
+        raise ConfigError(f"config: {key} must be a number, got {v!r:.60}")
+    return float(v)
+
+
+# The rotary settings: (name in a rope dict, its top-level 4.x name, default).
+_ROPE_KEYS = (("partial_rotary_factor", "rotary_pct", 0.25), ("rope_theta", "rotary_emb_base", 10000.0))
 
 
 def _read_rope(rope: dict, d: dict) -> tuple[float, float]:
-    """(rotary_pct, rope_theta) from one rope dict, else the top-level keys, else the defaults."""
-    return (_read_number(rope, d, ("partial_rotary_factor", "rotary_pct", "partial_rotary_factor"), 0.25),
-            _read_number(rope, d, ("rope_theta", "rotary_emb_base", "rope_theta"), 10000.0))
+    """(rotary_pct, rope_theta) as transformers' GPT-NeoX reads them: from a
+    rope dict, else the 4.x top-level keys, else the defaults."""
+    values = []
+    for key, top, default in _ROPE_KEYS:
+        v = _number(rope, key)
+        v = _number(d, top) if v is None else v
+        values.append(default if v is None else v)
+    return values[0], values[1]
+
+
+def _carries_values(rope: dict) -> bool:
+    return any(key in rope for key, _, _ in _ROPE_KEYS)
 
 
 def _check_token_id(name: str, v: Any, vocab_size: int) -> None:
@@ -202,17 +214,28 @@ class PythiaConfig:
         kw: dict[str, Any] = {
             k: d[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         }
-        # The values come from one rope dict, else the top-level keys. With both
-        # dicts, transformers 5 reads rope_scaling alone (it replaces
-        # rope_parameters whole, values and all): where the two readings differ
-        # the file says two things, and it is refused.
-        readings = {key: _read_rope(r, d) for key, r in ropes} or {"config": _read_rope({}, d)}
+        # The values come from one rope dict, else the top-level 4.x keys. With
+        # both dicts, transformers 5 reads rope_scaling alone (it replaces
+        # rope_parameters whole, values and all): where rope_parameters holds
+        # values that reading drops, the file says two things, and it is refused.
+        readings = {key: _read_rope(r, d) for key, r in ropes
+                    if key == "rope_scaling" or _carries_values(r) or len(ropes) == 1}
+        readings = readings or {"rotary_pct / rotary_emb_base (or their defaults)": _read_rope({}, d)}
         if len(set(readings.values())) > 1:
             (a, ra), (b, rb) = readings.items()
             raise ConfigError(
                 f"config: {a} and {b} give different rotary settings (partial_rotary_factor, rope_theta: {ra} vs {rb}; "
                 f"transformers 5 reads {b} alone): keep one of them")
         kw["rotary_pct"], kw["rope_theta"] = next(iter(readings.values()))
+        # A top-level partial_rotary_factor or rope_theta (other models' spelling)
+        # is ignored by transformers' GPT-NeoX: refused where it says otherwise.
+        for (key, _, _), value in zip(_ROPE_KEYS, (kw["rotary_pct"], kw["rope_theta"])):
+            top = _number(d, key)
+            if top is not None and top != value:
+                raise ConfigError(
+                    f"config: a top-level {key} ({top:g}) differs from the rotary setting read ({value:g}, from "
+                    f"{'/'.join(readings)}); transformers' GPT-NeoX ignores the top-level one: remove it, or move it "
+                    "into rope_parameters")
         for k in ("max_position_embeddings", "layer_norm_eps", "use_parallel_residual", "hidden_act", "attention_bias",
                   "bos_token_id", "eos_token_id", "tie_word_embeddings"):
             if k in d and d[k] is not None:

@@ -220,7 +220,7 @@ class Pythia:
         for i, p in enumerate(batch):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise GenerationError(f"a text {what} needs a tokenizer; pass token ids or load one")
+                    raise GenerationError(f"{what}s given as strings need a tokenizer; pass token ids or load one")
                 ids = self.tokenizer.encode(p)
             else:
                 p = p.tolist() if hasattr(p, "tolist") else p  # a tensor or numpy row

@@ -27,9 +27,6 @@ _ops = torch.ops.pythia_native
 COMPUTE_MODES = ("float32", "int16")
 
 
-CPU_ISAS = ("avx512", "avx2", "scalar", "auto")
-
-
 def set_cpu_isa(isa: str, *, _source: str = "set_cpu_isa") -> None:
     """Run the CPU kernels on one instruction set: ``"avx512"``, ``"avx2"``,
     ``"scalar"``, or ``"auto"`` (the best this CPU has: the default).
@@ -41,8 +38,9 @@ def set_cpu_isa(isa: str, *, _source: str = "set_cpu_isa") -> None:
     """
     from .errors import DeviceError
 
-    if isa not in CPU_ISAS:
-        raise DeviceError(f"{_source}: expected one of {', '.join(map(repr, CPU_ISAS))}, got {isa!r}")
+    names = (*reversed(_C.build_info()["cpu_isas_compiled"]), "auto")  # the C++ side's names
+    if isa not in names:
+        raise DeviceError(f"{_source}: expected one of {', '.join(map(repr, names))}, got {isa!r}")
     try:
         _C.set_cpu_isa(isa)
     except ValueError as e:  # the C++ check: this CPU does not support it
@@ -141,8 +139,8 @@ def gemm_4bit(
     elements (``s = max|x| / 32767``, ``x ~ s * round(x / s)``) and the codes to
     multiples of 2^-13, and sum each 64-weight block exactly in int32
     (:func:`pythia_native.reference.gemm_4bit` with the same argument is the
-    definition where the int16 GEMV runs; it refuses the rest, where the op
-    computes in float32). The relative error of y is ~1e-4 on Pythia-shaped layers
+    definition of what the int16 GEMV computes; where that GEMV does not run,
+    the op computes in float32). The relative error of y is ~1e-4 on Pythia-shaped layers
     (6.7e-5 to 1.1e-4 at M = 1),
     against ~1e-7 for float32 and ~4e-3 for bitsandbytes' CPU kernel. The CPU
     GEMV (M <= 16, K % 128 == 0, a blocksize that is a multiple of 64 and

@@ -30,13 +30,14 @@ def isa_supported(isa: str) -> bool:
 
 @pytest.fixture
 def cpu_isa(request):
-    """Force the CPU kernels to request.param for the test, then back to the best."""
+    """Force the CPU kernels to request.param for the test, then back to the ISA before."""
     isa = request.param
     if not isa_supported(isa):
         pytest.skip(f"this CPU has no {isa}")
+    before = pythia_native._C.cpu_isa()  # PYTHIA_NATIVE_CPU_ISA may hold the run to one
     pythia_native._C.set_cpu_isa(isa)
     yield isa
-    pythia_native._C.set_cpu_isa("auto")
+    pythia_native._C.set_cpu_isa(before)
 
 
 def pytest_collection_modifyitems(config, items):

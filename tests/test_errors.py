@@ -125,6 +125,7 @@ def test_set_cpu_isa_rejects_unknown():
         pn.set_cpu_isa("AVX2")
     from conftest import CPU_ISAS, isa_supported
 
+    before = pn._C.cpu_isa()
     try:
         for isa in CPU_ISAS:
             if isa_supported(isa):
@@ -136,7 +137,7 @@ def test_set_cpu_isa_rejects_unknown():
         pn.set_cpu_isa("auto")
         assert pn.build_info()["cpu_isa_active"] == pn.build_info()["cpu_isa_best"]
     finally:
-        pn.set_cpu_isa("auto")
+        pn.set_cpu_isa(before)
 
 
 def _run_python(code, **env):
@@ -158,6 +159,34 @@ def test_cpu_isa_from_the_environment():
                     PYTHIA_NATIVE_CPU_ISA="sse")
     assert p.returncode == 2 and p.stderr == (
         "pythia-native: error: PYTHIA_NATIVE_CPU_ISA: expected one of 'avx512', 'avx2', 'scalar', 'auto', got 'sse'\n")
+
+
+_BLOCK_IMPORT = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == {name!r}:\n"
+    "            raise {error}\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "import _pythia_native_cli\n"
+    "sys.exit(_pythia_native_cli.main(['revisions', 'pythia-14m']))\n")
+
+
+@pytest.mark.parametrize("name, error, one_line", [
+    # A dependency that is not installed: one line, naming it.
+    ("tokenizers", "ModuleNotFoundError(\"No module named 'tokenizers'\", name='tokenizers')", True),
+    # The extension not loading: one line, saying to rebuild.
+    ("pythia_native._C", "ImportError('undefined symbol: _ZN3c10')", True),
+    # An import error inside the package is a bug: its traceback.
+    ("pythia_native.sampling", "ImportError(\"cannot import name 'top_p'\")", False),
+    ("pythia_native.sampling", "ModuleNotFoundError(\"No module named 'x'\", name='pythia_native.x')", False),
+])
+def test_the_command_line_reports_import_failures_by_whose_they_are(name, error, one_line):
+    p = _run_python(_BLOCK_IMPORT.format(name=name, error=error))
+    if one_line:
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("pythia-native: error:"), p.stderr
+    else:
+        assert p.returncode == 1 and "Traceback" in p.stderr, p.stderr
 
 
 def test_an_extension_that_does_not_load_says_to_rebuild():

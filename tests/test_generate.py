@@ -411,6 +411,10 @@ def test_prompts_and_stop_ids_as_numpy(engine):
 def test_engine_requests_that_cannot_work_fail_first(engine):
     with pytest.raises(GenerationError, match="needs a tokenizer"):
         Pythia(engine.model, None, max_len=32).generate([5, 6], 3)
+    with pytest.raises(GenerationError, match="prompts given as strings need a tokenizer"):
+        Pythia(engine.model, None, max_len=32).generate_ids("Hi", 3)
+    with pytest.raises(GenerationError, match="texts given as strings need a tokenizer"):
+        Pythia(engine.model, None, max_len=32).score("Hi")
     with pytest.raises(GenerationError, match="max_len"):
         Pythia(engine.model, engine.tokenizer, max_len=0)
     with pytest.raises(GenerationError, match="must not be empty"):
@@ -964,24 +968,25 @@ def test_ctrl_c_at_any_moment_leaves_the_engine_free(call, tmp_path):
 
 
 @pytest.mark.parametrize("prompts, match", [
-    (torch.tensor([[5.9, 6.9]], dtype=torch.float64), r"(prompt|text) 0: .*item 0 is 5.9, a float"),
-    ([[5.9, 6.9]], r"(prompt|text) 0: .*item 0 is 5.9, a float"),
-    ([["12", "13"]], r"(prompt|text) 0: .*item 0 is '12', a str"),
-    ([["a"]], r"(prompt|text) 0: .*item 0 is 'a', a str"),
+    (torch.tensor([[5.9, 6.9]], dtype=torch.float64), r"{what} 0: .*item 0 is 5.9, a float"),
+    ([[5.9, 6.9]], r"{what} 0: .*item 0 is 5.9, a float"),
+    ([["12", "13"]], r"{what} 0: .*item 0 is '12', a str"),
+    ([["a"]], r"{what} 0: .*item 0 is 'a', a str"),
     ([True, False], "got bool"),
     ([[5, True]], r"item 1 is True, a bool"),
     ([[5, np.float64(6.0)]], r"item 1 is .*6.0.*, a float64"),
-    (None, "(prompt|text)s must be a string, a list of token ids, or a list of either .* got NoneType"),
-    (5, "(prompt|text)s must be .* got int"),
-    (torch.tensor(5), "(prompt|text)s must be .* got int"),
+    (None, "{what}s must be a string, a list of token ids, or a list of either .* got NoneType"),
+    (5, "{what}s must be .* got int"),
+    (torch.tensor(5), "{what}s must be .* got int"),
     (b"hello", r"got bytes \(decode bytes to str first\)"),
-    ([b"hello"], r"(prompt|text) 0: .*got bytes \(decode bytes to str first\)"),
+    ([b"hello"], r"{what} 0: .*got bytes \(decode bytes to str first\)"),
 ], ids=lambda v: repr(v) if not isinstance(v, str) else "")
 def test_prompts_must_hold_integer_ids(engine, prompts, match):
     # int() would run [[5.9, 6.9]] as [[5, 6]], "12" as 12 and True as 1.
     # (score's errors say "text" where generate's say "prompt".)
-    for call in (engine.generate_ids, engine.generate, lambda p, n: engine.score(p)):
-        with pytest.raises(GenerationError, match=match):
+    for call, what in ((engine.generate_ids, "prompt"), (engine.generate, "prompt"),
+                       (lambda p, n: engine.score(p), "text")):
+        with pytest.raises(GenerationError, match=match.replace("{what}", what)):
             call(prompts, 3)
     # Integers of any kind pass: numpy scalars, integer tensors.
     want = engine.generate_ids([5, 6], 3, ignore_eos=True)

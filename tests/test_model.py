@@ -355,7 +355,7 @@ def test_config_with_rope_parameters_and_rope_scaling_reads_as_transformers_or_i
     # values and all: it read theta 500 and factor 1.0 where pythia-native read
     # rope_parameters' 10000 and 0.25 (logits 16% off). Accepted only where
     # both readings agree, and then equal to transformers'.
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5")  # rope_parameters
     default = {"partial_rotary_factor": 0.25, "rope_theta": 10000, "rope_type": "default"}
     base = {k: v for k, v in PUBLISHED_160M.items() if k not in ("rotary_pct", "rotary_emb_base")}
     refused = [
@@ -367,12 +367,21 @@ def test_config_with_rope_parameters_and_rope_scaling_reads_as_transformers_or_i
     for extra in refused:
         with pytest.raises(ConfigError, match="rope_parameters and rope_scaling give different rotary settings"):
             PythiaConfig.from_dict({**base, **extra})
+    # transformers' GPT-NeoX ignores other models' top-level spelling: refused where it says otherwise.
+    for extra in ({"rope_theta": 500.0}, {"partial_rotary_factor": 0.5, "rope_parameters": default}):
+        with pytest.raises(ConfigError, match="a top-level (rope_theta|partial_rotary_factor) .* ignores the top-level"):
+            PythiaConfig.from_dict({**base, **extra})
     accepted = [
         {"rope_parameters": default, "rope_scaling": {"rope_type": "default"}},
         {"rope_parameters": {**default, "rope_theta": 500.0}, "rope_scaling": {**default, "rope_theta": 500}},
         {"rope_parameters": {**default, "partial_rotary_factor": 0.5}, "rope_scaling": {"type": "default"},
          "rotary_pct": 0.5},
         {"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 0.5, "rope_theta": 500.0}},
+        # rope_parameters without values says nothing: rope_scaling's are read, as transformers 5 reads them.
+        {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"partial_rotary_factor": 0.5, "rope_theta": 500}},
+        {"rope_parameters": {}, "rope_scaling": {"rope_theta": 500}, "rotary_pct": 0.5},
+        {"rope_theta": 10000, "partial_rotary_factor": 0.25},  # top-level, as read anyway
+        {"rotary_emb_base": 500, "rope_theta": 500},
     ]
     for extra in accepted:
         ours = PythiaConfig.from_dict({**base, **extra})
