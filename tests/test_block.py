@@ -424,3 +424,26 @@ def test_fuse_decode_off_composes_the_ops_with_the_same_tokens():
         model(torch.tensor([[8]]), torch.tensor([[0]]), cache)
     assert "pythia_native.neox_block_" not in log.names and log.names.count("pythia_native.gemm_4bit") == 12
     assert engine.generate_ids([5, 6, 7, 8], 24, ignore_eos=True) == fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, T", [(1, 1), (1, 7), (2, 33), (3, 300)])
+def test_prefill_of_whole_rows_takes_sdpa_causal_masking_with_the_same_bits(dtype, B, T):
+    # Rows 0..T-1 (no padding, span T) take SDPA's is_causal, which skips the
+    # masked half; it must give what the explicit mask gives, bit for bit (a
+    # batch of prompts of one length against the same prompts left-padded).
+    from pythia_native.block import CAUSAL, prefill_attention, prefill_mask
+
+    g = torch.Generator().manual_seed(T)
+    H, D, L = 2, 64, 320
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, H, L, D, generator=g).to(dtype) for _ in range(2))
+    positions = torch.arange(T).expand(B, T)
+    assert prefill_mask(positions, T) is CAUSAL
+    explicit = (torch.arange(T)[None, None, :] <= positions[:, :, None])[:, None]
+    with torch.inference_mode():
+        assert torch.equal(prefill_attention(q, k, v, CAUSAL, 0.125), prefill_attention(q, k, v, explicit, 0.125))
+    # Anything else keeps the explicit mask: a padded row, a span beyond T (tokens after a cache).
+    padded = positions.clone()
+    padded[0, 0] = -1
+    assert prefill_mask(padded, T) is not CAUSAL and prefill_mask(positions + 2, T + 2) is not CAUSAL
