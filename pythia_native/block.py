@@ -20,7 +20,7 @@ CUDA the decode step is a CUDA graph, which already removes that overhead.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,8 @@ def prefill_mask(positions: torch.Tensor, span: int) -> Union[torch.Tensor, _Cau
     prompt, prompts of one length, a scored window). A padding query is
     pointed at slot 0 (every real sequence has written it) so no softmax row is
     empty; its output is garbage that nothing reads. Built once per forward and
-    shared by every layer."""
+    shared by every layer (the CAUSAL test reads positions: one host sync per
+    prefill on CUDA, where sampling its first token syncs anyway)."""
     T = positions.shape[1]
     slots = torch.arange(span, device=positions.device)
     if span == T and torch.equal(positions, slots.expand_as(positions)):

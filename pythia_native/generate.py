@@ -29,7 +29,7 @@ import torch
 
 from . import _C, ops
 from .errors import GenerationError
-from .model import KVCache, PythiaModel, tensor_addresses
+from .model import PythiaModel, tensor_addresses
 from .sampling import SamplingParams, int_scalar, is_int, sample
 from .tokenizer import StreamDecoder, Tokenizer, check_text
 
