@@ -638,6 +638,7 @@ PYBIND11_MODULE(_C, mod) {
     const float* c = code_table(parse_quant_type(quant_type));
     return std::vector<float>(c, c + 16);
   }, "The 16 float32 code values of 'nf4' or 'fp4', in index order.");
+  mod.attr("absmax_floor") = kAbsmaxFloor;  // common/codebook.h: what a block's absmax is floored at before it divides
   mod.def("cpu_isa", []() { return std::string(cpu::isa_name(cpu::active_isa())); },
           "The ISA the CPU kernels use now.");
   mod.def("set_cpu_isa", [](const std::string& name) {

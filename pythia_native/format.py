@@ -16,6 +16,9 @@ from . import _C
 
 QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCKSIZE = 256  # double quantization always uses 256-value blocks
+# What a block's absmax is floored at before it divides (1e-38; the C++
+# kernels' kAbsmaxFloor, csrc/common/codebook.h).
+ABSMAX_FLOOR = float(_C.absmax_floor)
 
 
 def check_quant_type(quant_type: str) -> str:
@@ -109,7 +112,7 @@ def quantize_absmax(absmax: torch.Tensor) -> NestedAbsmax:
     blocks = math.ceil(n / NESTED_BLOCKSIZE)
     padded = torch.nn.functional.pad(centered, (0, blocks * NESTED_BLOCKSIZE - n))
     nested = padded.view(blocks, NESTED_BLOCKSIZE).abs().amax(dim=1)
-    scaled = (padded.view(blocks, -1) / nested.clamp(min=1e-38).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
+    scaled = (padded.view(blocks, -1) / nested.clamp(min=ABSMAX_FLOOR).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
     bounds = (code[:-1] + code[1:]) / 2
     q = torch.bucketize(scaled, bounds).to(torch.uint8)
     return NestedAbsmax(q, nested, code, float(offset))

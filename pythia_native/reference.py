@@ -9,9 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .format import check_quant_type, code_table
-
-ABSMAX_FLOOR = 1e-38
+from .format import ABSMAX_FLOOR, check_quant_type, code_table
 
 
 def _bounds_and_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
