@@ -34,6 +34,11 @@ sides of one round cancels out.
     python benchmarks/bench_generate.py --device cpu --threads 2 --shapes 160m
     python benchmarks/bench_generate.py --device cuda --shapes 160m 1.4b --batch 1 8
 
+``--temperature T`` (with ``--top-k K``, ``--top-p P``) samples instead of
+decoding greedily, every variant with the same settings and a fixed seed
+(transformers' generate gets top_k=0 where no K is given: its default is 50).
+The sampler is then part of each step's time.
+
 ``--cpu-isa avx2`` holds pythia-native's CPU kernels to AVX2, as on a CPU
 without AVX-512; ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ONEDNN_MAX_CPU_ISA=AVX2 in the environment hold torch's (every variant runs in
@@ -146,7 +151,10 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, new: int, repeats: int, threads: int,
-                cpu_isa: Optional[str] = None):
+                cpu_isa: Optional[str] = None, sampling: Optional[dict] = None):
+    """One variant's run in this process. ``sampling``: None for greedy, else
+    ``temperature``, ``top_k`` (None: off), ``top_p`` (None: off), the same for
+    every variant (seeded: ours by generate's seed, transformers' by torch's)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     import transformers
@@ -179,7 +187,7 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         prompts = ids.tolist()
 
         def gen(n):
-            engine.generate_ids(prompts, n, ignore_eos=True)
+            engine.generate_ids(prompts, n, ignore_eos=True, **(dict(sampling, seed=0) if sampling else {}))
 
         read = weight_bytes_read(model)
     else:
@@ -207,9 +215,16 @@ def run_variant(variant: str, shape: str, device: str, batch: int, prompt: int, 
         hf.eval()
         mask = torch.ones_like(ids)
 
+        # transformers' generation config defaults top_k to 50: 0 turns it off.
+        options = dict(do_sample=False)
+        if sampling:
+            options = dict(do_sample=True, temperature=sampling["temperature"], top_k=sampling["top_k"] or 0,
+                           top_p=sampling["top_p"] if sampling["top_p"] is not None else 1.0)
+
         def gen(n):
             with torch.inference_mode():
-                hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=1)
+                torch.manual_seed(0)
+                hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=1, **options)
 
     gen(2)  # warm-up (and CUDA graph capture for ours)
     gen(new)
@@ -312,13 +327,22 @@ def main():
     ap.add_argument("--cpu-isa", default=None, choices=["auto", "avx512", "avx2", "scalar"],
                     help="hold pythia-native's CPU kernels to this ISA (default: as imported, the best this CPU "
                          "has unless PYTHIA_NATIVE_CPU_ISA holds them)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (with --top-k / --top-p) instead of greedy decoding, every "
+                         "variant alike")
+    ap.add_argument("--top-k", type=int, default=None, help="with --temperature: top-k (default off)")
+    ap.add_argument("--top-p", type=float, default=None, help="with --temperature: top-p (default off)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
+    if args.temperature < 0 or (args.temperature == 0 and (args.top_k is not None or args.top_p is not None)):
+        ap.error("--top-k / --top-p need a --temperature > 0 (0: greedy)")
+    sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                if args.temperature > 0 else None)
 
     if args.one:
         v, shape, batch = args.one.split(",")
         r = run_variant(v, shape, args.device, int(batch), args.prompt, args.new, args.repeats, args.threads,
-                        args.cpu_isa)
+                        args.cpu_isa, sampling)
         print("RESULT " + json.dumps(r))
         return
 
@@ -390,6 +414,9 @@ def main():
                         cmd = [sys.executable, __file__, "--one", f"{v},{shape},{batch}", "--device", args.device,
                                "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
                                "--threads", str(args.threads)] + (["--cpu-isa", args.cpu_isa] if args.cpu_isa else [])
+                        cmd += ["--temperature", str(args.temperature)] + sum(
+                            ([f"--{k}", str(val)] for k, val in (("top-k", args.top_k), ("top-p", args.top_p))
+                             if val is not None), [])
                         p = subprocess.run(cmd, capture_output=True, text=True)
                         if p.returncode in (-signal.SIGTERM, -signal.SIGINT):
                             # timeout signals the whole process group: the child first, maybe.
@@ -454,7 +481,10 @@ def render(args, header: dict, bw: float, runs: dict, status: str, notes: list[s
     held_isa = args.cpu_isa or os.environ.get("PYTHIA_NATIVE_CPU_ISA")  # the variants' processes inherit it
     lines = [
         f"## Decode, {args.device} ({header['dev']}), {args.threads} thread(s), prompt {args.prompt}, "
-        f"{args.new} new tokens, median of {args.repeats}"
+        f"{args.new} new tokens, "
+        + (f"sampled (temperature {args.temperature}, top-k {args.top_k}, top-p {args.top_p}), "
+           if args.temperature > 0 else "greedy, ")
+        + f"median of {args.repeats}"
         + (f", {args.rounds} rounds (medians over them)" if args.rounds > 1 else ""),
         "",
         *([f"**{status}**", ""] if status else []),

@@ -95,24 +95,109 @@ def filter_logits(
     keeps their order, but at an extreme one the float32 quotients of distinct
     logits can come out equal, and a tie would then widen top-k (ties with the
     k-th are kept) or leave top-p's order among them to the sort. top-p's mass
-    is that of ``softmax(logits / temperature)``, the distribution sampled.
+    is that of ``softmax(logits / temperature)``, the distribution sampled, in
+    the vocabulary's order (so both implementations below see the same float32
+    masses and keep the same tokens).
     """
     logits = logits.float()
     scaled = logits / temperature if temperature != 1.0 else logits
-    if top_k is not None and top_k < logits.shape[-1]:
+    top_k = top_k if top_k is not None and top_k < logits.shape[-1] else None
+    top_p = top_p if top_p is not None and top_p < 1.0 else None
+    if top_k is None and top_p is None:
+        return scaled
+    if logits.device.type == "cpu" and logits.dim() == 2:
+        return _filter_cpu(logits, scaled, top_k, top_p)
+    return _filter_torch(logits, scaled, top_k, top_p)
+
+
+def _filter_torch(logits, scaled, top_k, top_p):
+    """filter_logits in whole-row tensor ops, no host synchronization: the path
+    on a GPU (where sorting 50k logits takes microseconds) and the oracle of
+    ``_filter_cpu``."""
+    if top_k is not None:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         drop = logits < kth
         logits = logits.masked_fill(drop, float("-inf"))
         scaled = scaled.masked_fill(drop, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None:
+        probs = torch.softmax(scaled, dim=-1)
+        # Equal logits ranked by id.
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
-        probs = torch.softmax(scaled.gather(-1, order), dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
+        ranked = probs.gather(-1, order)
+        before = torch.cumsum(ranked, dim=-1) - ranked  # mass of the tokens ranked above each one
         drop_sorted = before >= top_p  # the prefix up to the first token reaching top_p stays
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
+
+
+# top-p on the CPU first ranks this many of the most likely tokens (the whole
+# row if their mass falls short of top_p).
+_TOP_P_FIRST_CANDIDATES = 256
+
+
+def _filter_cpu(logits, scaled, top_k, top_p):
+    """``_filter_torch``'s result (the same tokens kept, the same values) row
+    by row in numpy. On a 2-vCPU Xeon, for a pythia row of 50k float32 logits,
+    torch's stable sort took ~3.8 ms (40% of a pythia-160m decode step) and
+    topk + masked_fill ~0.4 ms; top-p's prefix is often a few hundred tokens.
+
+    top-k: the k-th largest logit by a partition. top-p: the candidates are
+    every logit >= the c-th largest (ties with it included, so they are a
+    prefix of the whole ranking; all finite logits if that falls short),
+    ranked by ``_rank_desc``; the cumulative sum runs in float64 rounded to
+    float32 at each step, as torch's CPU cumsum does, so the prefix's sums are
+    bit for bit the whole row's. A NaN logit goes to ``_filter_torch``
+    (whatever it gives: sampling refuses NaN)."""
+    rows, n = logits.shape
+    neg_inf = np.float32(-np.inf)
+    a = logits.numpy(force=True)
+    if np.isnan(a).any():
+        return _filter_torch(logits, scaled, top_k, top_p)
+    s = scaled.numpy(force=True)
+    if top_k is not None:
+        kth = np.partition(a, n - top_k, axis=-1)[:, n - top_k : n - top_k + 1]
+        drop = a < kth
+        a = np.where(drop, neg_inf, a)
+        s = np.where(drop, neg_inf, s)
+    if top_p is None:
+        return torch.from_numpy(np.ascontiguousarray(s))
+    # torch's softmax of the same values: the masses _filter_torch ranks.
+    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(s)), dim=-1).numpy()
+    out = np.full((rows, n), neg_inf, dtype=np.float32)
+    for b in range(rows):
+        ar, p = a[b], probs[b]
+        c = _TOP_P_FIRST_CANDIDATES
+        while True:
+            # -inf as the c-th: every finite logit is a candidate (a row
+            # without any keeps its first, as the whole sort does).
+            cth = np.partition(ar, n - c)[n - c] if 2 * c < n else neg_inf
+            ids = np.flatnonzero(ar >= cth) if cth > neg_inf else np.flatnonzero(ar > neg_inf)
+            if ids.size == 0:
+                ids = np.zeros(1, dtype=np.int64)
+            ids = _rank_desc(ar[ids], ids)
+            ranked = p[ids]
+            before = np.cumsum(ranked, dtype=np.float64).astype(np.float32) - ranked
+            reached = np.flatnonzero(before >= np.float32(top_p))
+            if reached.size or cth == neg_inf:
+                kept = ids[: max(int(reached[0]), 1)] if reached.size else ids
+                out[b, kept] = s[b, kept]
+                break
+            c = n
+    return torch.from_numpy(out)
+
+
+def _rank_desc(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` (ascending int64) ordered by ``values`` (float32, no NaN)
+    descending, equal values by id: a stable descending sort, done as np.sort
+    of one unique int64 key per element, (-value as an ordered integer, id).
+    On a 2-vCPU Xeon, for 50k values: 0.5 ms, where np.argsort(kind="stable")
+    took 3.7 ms and torch.sort(stable=True) 3.7 ms."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # -0.0 as +0.0: equal values
+    ordered = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # integers in the floats' order
+    shift = max(int(ids[-1]).bit_length(), 1)
+    return np.sort((-ordered << shift) | ids) & ((1 << shift) - 1)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

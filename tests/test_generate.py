@@ -91,6 +91,65 @@ def test_filters_rank_by_logits_at_extreme_temperatures():
     assert torch.equal(out, torch.tensor([[4.0, 2.0, 1.0, float("-inf"), float("-inf")]]))
 
 
+def _filter_cases():
+    """(logits [B, V] float32, top_k, top_p) for the CPU filter against the
+    whole-row oracle: ties (few distinct values), -inf, flat and peaked rows
+    (top-p prefixes from 1 token to most of the row, so the CPU path's
+    candidate set grows), odd widths, and top_p exactly at a prefix's mass,
+    one float32 step either side."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for i in range(60):
+        b = 1 + i % 3
+        n = [1, 2, 7, 300, 1025, 5000, 50277][i % 7]
+        x = torch.randn(b, n, generator=g) * [0.05, 1.0, 4.0, 12.0][i % 4]
+        if i % 5 == 0:
+            x = x.mul(2).round()  # ties
+        if i % 6 == 1:
+            x[torch.rand(b, n, generator=g) < 0.3] = float("-inf")
+        if i % 11 == 3:
+            x[:, 1:] = float("-inf")
+        top_k = [None, 1, 3, 50, 400, 10**6][i % 6]
+        top_p = float(torch.rand(1, generator=g)) * 0.999 + 0.0005
+        cases.append((x, top_k, top_p))
+    # top_p at the exact float32 mass before a token of the oracle's ranking.
+    for n, scale in ((50277, 2.0), (4096, 0.5), (300, 3.0)):
+        x = torch.randn(1, n, generator=g) * scale
+        probs = torch.softmax(x, -1)
+        ranked = probs.gather(-1, torch.sort(x, dim=-1, descending=True, stable=True).indices)
+        before = (torch.cumsum(ranked, -1) - ranked)[0]
+        for j in (1, 7, n // 3):
+            m = before[j]
+            for v in (m, torch.nextafter(m, torch.tensor(0.0)), torch.nextafter(m, torch.tensor(1.0))):
+                if 0.0 < float(v) < 1.0:
+                    cases.append((x, None, float(v)))
+    return cases
+
+
+def test_cpu_filter_keeps_what_the_whole_row_sort_keeps():
+    # The CPU path partitions and sorts only candidates; the torch path (the
+    # GPU's) sorts whole rows. The same tokens must survive with the same values.
+    from pythia_native.sampling import _filter_torch
+
+    for x, top_k, top_p in _filter_cases():
+        for t in (1.0, 0.7):
+            scaled = x / t if t != 1.0 else x
+            for k, p in ((top_k, top_p), (top_k, None), (None, top_p)):
+                k = k if k is not None and k < x.shape[-1] else None
+                if k is None and p is None:
+                    continue
+                want = _filter_torch(x, scaled, k, p)
+                got = filter_logits(x, k, p, t)
+                assert torch.equal(got, want), (tuple(x.shape), k, p, t)
+    # A non-contiguous view (logits cut to the tokenizer's width), as generate passes it.
+    x = torch.randn(3, 50304, generator=torch.Generator().manual_seed(1)) * 3
+    view = x[:, :50277]
+    assert torch.equal(filter_logits(view, 40, 0.8, 0.9), _filter_torch(view.contiguous(), view / 0.9, 40, 0.8))
+    # A NaN row takes the whole-row path.
+    x[1, 5] = float("nan")
+    assert torch.equal(filter_logits(x, None, 0.5).isnan(), _filter_torch(x, x, None, 0.5).isnan())
+
+
 def test_filtered_distribution_is_renormalized_over_kept_tokens():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
