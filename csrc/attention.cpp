@@ -6,6 +6,7 @@
 #include "attention.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -67,8 +68,14 @@ RotaryDims check_rotary_kv_cache_args(const at::Tensor& qkv, const at::Tensor& p
                 D = k_cache.size(3);
   TORCH_CHECK(H >= 1 && D >= 1, "pythia_native.rotary_kv_cache_: k_cache must have H >= 1 and "
               "D >= 1, got ", k_cache.sizes());
-  TORCH_CHECK(qkv.size(2) == H * 3 * D, "pythia_native.rotary_kv_cache_: qkv must have shape "
-              "[B, T, H * 3 * D] = [", B, ", ", T, ", ", H * 3 * D, "] for the cache's H = ", H,
+  // Overflow-checked: a cache with no elements can claim any H and D.
+  int64_t three_d = 0, width = 0;
+  TORCH_CHECK(!c10::mul_overflows(D, int64_t{3}, &three_d) &&
+                  !c10::mul_overflows(H, three_d, &width),
+              "pythia_native.rotary_kv_cache_: k_cache's H * 3 * D overflows int64 (H = ", H,
+              ", D = ", D, ")");
+  TORCH_CHECK(qkv.size(2) == width, "pythia_native.rotary_kv_cache_: qkv must have shape "
+              "[B, T, H * 3 * D] = [", B, ", ", T, ", ", width, "] for the cache's H = ", H,
               " and D = ", D, ", got ", qkv.sizes());
   TORCH_CHECK(Bc >= B, "pythia_native.rotary_kv_cache_: k_cache holds ", Bc,
               " sequences, fewer than qkv's batch B = ", B);

@@ -23,6 +23,7 @@
 // is a CUDA graph, which removes those costs already; its kernel is the
 // composition of the per-op CUDA kernels.
 #include <ATen/Parallel.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -97,7 +98,9 @@ void check_neox_block(const at::Tensor& x, const at::Tensor& positions, const at
   const BlockDims s = block_dims(x, k_cache, intermediate_size);
   TORCH_CHECK(s.H >= 1 && s.D >= 1 && s.L >= 1, "pythia_native.neox_block_: k_cache must have "
               "H, L, D >= 1, got ", k_cache.sizes());
-  TORCH_CHECK(s.H * s.D == s.hidden, "pythia_native.neox_block_: x's hidden size ", s.hidden,
+  int64_t cache_width = 0;  // overflow-checked: a cache with no elements can claim any H and D
+  TORCH_CHECK(!c10::mul_overflows(s.H, s.D, &cache_width) && cache_width == s.hidden,
+              "pythia_native.neox_block_: x's hidden size ", s.hidden,
               " must equal the cache's H * D = ", s.H, " * ", s.D);
   TORCH_CHECK(k_cache.size(0) >= s.B, "pythia_native.neox_block_: k_cache holds ",
               k_cache.size(0), " sequences, fewer than x's batch B = ", s.B);

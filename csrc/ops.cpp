@@ -169,9 +169,12 @@ std::pair<const char*, const char*> byte_range(const at::Tensor& t) {
   return {begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
 }
 
+// By address, not by storage: tensors built over one buffer through separate
+// storages (torch.from_numpy twice on one array, torch.frombuffer,
+// from_dlpack) share memory too, and an op writing one would corrupt the other.
 bool share_memory(const at::Tensor& a, const at::Tensor& b) {
   if (!a.defined() || !b.defined() || a.numel() == 0 || b.numel() == 0) return false;
-  if (!a.has_storage() || !b.has_storage() || !a.storage().is_alias_of(b.storage())) return false;
+  if (!a.has_storage() || !b.has_storage() || a.device() != b.device()) return false;
   const auto ra = byte_range(a), rb = byte_range(b);
   return ra.first < rb.second && rb.first < ra.second;
 }

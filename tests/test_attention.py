@@ -226,6 +226,12 @@ def test_rotary_refuses_arguments_that_share_memory_with_a_cache(device):
          buf[n_cache // 2 :][:n_cache].view(B, H, L, D)),  # half of each overlaps
         ("qkv shares memory with k_cache", flat[:n_qkv].view(B, T, H * 3 * D),
          flat[n_qkv - 1 :][:n_cache].view(B, H, L, D), v),  # one element in common
+        # The same memory through separate storages (as torch.from_numpy twice on
+        # one array, or torch.frombuffer, makes them): passed the check, and v
+        # overwrote k.
+        ("k_cache and v_cache share memory", qkv, k, torch.from_dlpack(k)),
+        ("qkv shares memory with k_cache", torch.from_dlpack(flat)[:n_qkv].view(B, T, H * 3 * D),
+         flat[n_qkv - 1 :][:n_cache].view(B, H, L, D), v),
     ]
     for msg, q_, k_, v_ in cases:
         before = flat.clone(), buf.clone(), k.clone()
@@ -234,6 +240,18 @@ def test_rotary_refuses_arguments_that_share_memory_with_a_cache(device):
         assert all(torch.equal(a, b) for a, b in zip((flat, buf, k), before))  # refused before any write
     # Separate views of one buffer are fine.
     pn.rotary_kv_cache_(qkv, pos, buf[:n_cache].view(B, H, L, D), buf[n_cache:].view(B, H, L, D), 8)
+
+
+def test_rotary_cache_shape_product_is_overflow_checked():
+    # A cache with no elements can claim any H and D: H * 3 * D wrapped around
+    # int64 to qkv's width (2**64 + 2 -> 2), and the op took a qkv of 2
+    # columns as 3e18 heads (UBSan: signed overflow); with an L = 0 cache
+    # torch's allocator refused, naming no argument.
+    H, D = 3074457345618258603, 2
+    for B, L, pos in ((0, 1, torch.zeros(0, 1, dtype=torch.long)), (1, 0, torch.tensor([[-1]]))):
+        k, v = torch.zeros(B, H, L, D), torch.zeros(B, H, L, D)
+        with pytest.raises(RuntimeError, match=r"rotary_kv_cache_: k_cache's H \* 3 \* D overflows int64"):
+            torch.ops.pythia_native.rotary_kv_cache_(torch.randn(B, 1, 2), pos, k, v, 2, 1e4)
 
 
 def test_rotary_positions_beyond_cache_cpu():

@@ -205,6 +205,10 @@ def test_arguments_that_share_memory_with_what_it_writes_are_refused(path, devic
         ("k_cache and v_cache share memory", {"v_cache": k}),
         ("down_bias shares memory with x", {"x": x_in_wide, "down_bias": wide[hidden // 2 :][:hidden]}),
         ("ln2_weight shares memory with k_cache", {"ln2_weight": k.view(-1)[:hidden]}),
+        # The same memory through a separate storage (torch.from_numpy twice on
+        # one array, torch.frombuffer, from_dlpack) passed the check.
+        ("k_cache and v_cache share memory", {"v_cache": torch.from_dlpack(k)}),
+        ("x and k_cache share memory", {"x": torch.from_dlpack(k).view(-1)[:hidden].view(1, 1, hidden)}),
     ]
     for msg, swap in cases:
         a = list(args)
@@ -214,6 +218,19 @@ def test_arguments_that_share_memory_with_what_it_writes_are_refused(path, devic
         with pytest.raises(RuntimeError, match=f"neox_block_: {msg}"):
             block(*a)
         assert all(torch.equal(t, b) for t, b in zip((x, k, v, wide), before))
+
+
+def test_cache_shape_product_is_overflow_checked():
+    # An empty cache can claim any H: H * D = 2**64 + 8 wrapped to x's hidden
+    # size 8 and the op accepted it (UBSan: signed overflow).
+    p = make_block("hd16", torch.float32)
+    x, pos, k, v = make_inputs("hd16", torch.float32, 1, 1)
+    hidden, D = x.shape[-1], k.shape[-1]
+    H = (2**64 + hidden) // D
+    assert (H * D) % 2**64 == hidden
+    k, v = (torch.empty_strided((0, H, 1, D), (0, D, D, 1)) for _ in range(2))
+    with pytest.raises(RuntimeError, match="neox_block_: x's hidden size"):
+        torch.ops.pythia_native.neox_block_(*flat_args(x[:0], pos[:0], k, v, p))
 
 
 @pytest.mark.parametrize("path", ["op", "composition"])
