@@ -283,13 +283,15 @@ void for_tile_row_groups(int64_t n, F f) {
   });
 }
 // Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized),
-// but at least kMinPanelRows rows: BLAS reads all of x again for each panel,
-// which at prefill sizes costs more than a panel outgrowing the L2 (a
+// but at least kMinPanelRows rows, and at least M (x's rows): BLAS reads all
+// of x again for each panel, and writes y's columns of a panel as a strided
+// slice, which at prefill sizes costs more than a panel outgrowing the L2 (a
 // K = 8192 panel of 2 MB is 64 rows). M = 2000, one op, 2 threads, Xeon 167
 // with a 480 MiB L3, two runs: 8192x2048 335-357 -> 229-243 ms, 3072x768 41-43
-// -> 35-36 ms; K = 768 (682 rows either way) unchanged; M = 128 the same.
-// The panel is then 2 KiB x k: 16 MiB at k = 8192 (a 1.4b MLP's down
-// projection), 40 MiB at 20480 (12b's).
+// -> 35-36 ms with 512 rows; K = 768 (682 rows either way) unchanged; M = 128
+// the same. With M rows the panel holds no more elements than x (its float32
+// copy: k * M * 4 bytes, 6 MiB for a 2000-token pythia-160m prompt), so the
+// op's temporary memory stays within the size of its input and output.
 constexpr int64_t kPanelBytes = 2 << 20;
 constexpr int64_t kMinPanelRows = 512;
 
@@ -310,7 +312,11 @@ at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
                         const c10::optional<at::Tensor>& bias, Fill fill) {
   const int64_t M = xm.size(0);
   at::Tensor y = at::empty({M, n}, xm.options());
-  const int64_t panel_rows = std::min<int64_t>(n, std::max<int64_t>(kMinPanelRows, kPanelBytes / (4 * k)));
+  // Split evenly: no short last panel (n = 2304 at M = 2000: 2 x 1152 rows,
+  // not 2000 + 304).
+  const int64_t max_rows = std::min<int64_t>(n, std::max({kMinPanelRows, M, kPanelBytes / (4 * k)}));
+  const int64_t n_panels = (n + max_rows - 1) / max_rows;
+  const int64_t panel_rows = (n + n_panels - 1) / n_panels;
   at::Tensor panel = at::empty({panel_rows, k}, xm.options().dtype(at::kFloat));
   const bool narrow_panel = xm.scalar_type() != at::kFloat;
   at::Tensor panel_mm = narrow_panel ? at::empty({panel_rows, k}, xm.options()) : panel;
@@ -391,7 +397,6 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   const float* bias_p = bf.has_value() ? bf->data_ptr<float>() : nullptr;
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* ap = absmax.data_ptr<float>();
-  const bool row_aligned = k % blocksize == 0;
   const cpu::Isa isa = cpu::active_isa();
   const at::Tensor xs = x2.stride(-1) == 1 ? x2 : x2.contiguous();
 
@@ -408,27 +413,15 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
 
   // Large M (or a layout that is not row-aligned): dequantize cache-sized
   // panels of W and let BLAS multiply them, in float32 (bf16 x: in bf16).
-  at::Tensor xp;
-  if (row_aligned) {
-    xp = at::empty({M, k}, x.options().dtype(at::kFloat));
-    const int64_t ldx = xs.stride(0);
-    const DType xdt = to_dtype(x.scalar_type());
-    const int64_t esize = xs.element_size();
-    const char* xs_p = static_cast<const char*>(xs.data_ptr());
-    float* xp_p = xp.data_ptr<float>();
-    at::parallel_for(0, M, std::max<int64_t>(1, 65536 / k), [&](int64_t m0, int64_t m1) {
-      cpu::permute_k(xs_p + m0 * ldx * esize, xdt, m1 - m0, k, ldx, isa, xp_p + m0 * k);
-    });
-  } else {
-    xp = xs.to(at::kFloat).contiguous();
-  }
+  // The panels hold W's rows in their own order (the flat-index decode, which
+  // also takes rows that straddle blocks or start mid-byte), so x goes to
+  // BLAS as it is: float32 or bf16 x without a copy when its rows are
+  // contiguous. (The GEMV's chunk order, permute_k, cost a copy of x per call
+  // here.)
+  const at::Tensor xp = x.scalar_type() == at::kBFloat16 ? xs.contiguous()
+                                                         : xs.to(at::kFloat).contiguous();
   const auto fill = [&](int64_t r0, int64_t i0, int64_t i1, float* out) {
-    if (row_aligned) {
-      cpu::dequantize_rows_permuted(pp, ap, k, blocksize, qt, r0 + i0, r0 + i1, out, isa);
-    } else {
-      // Rows straddle blocks and may start mid-byte: flat-index decode.
-      cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k, out);
-    }
+    cpu::dequantize_4bit_range(pp, ap, blocksize, qt, (r0 + i0) * k, (r0 + i1) * k, out);
   };
   // bf16 x: the panels in bf16 too, for BLAS's bf16 kernels (AMX / AVX512-BF16
   // where the CPU has them): W rounded to bf16 once, as the CUDA path and a
@@ -438,7 +431,6 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
   // ~3e-3 against 2.5e-3 (most of both is y's own rounding to bf16). Below
   // M = 64 the float32 tiles stay faster. fp16 x stays float32 (CPU BLAS has
   // no fast fp16 matmul).
-  if (x.scalar_type() == at::kBFloat16) xp = xp.to(at::kBFloat16);  // exact: x was bf16
   return panel_matmul(xp, n, k, bf, fill).to(x.scalar_type()).view(out_shape);
 }
 

@@ -136,8 +136,11 @@ void gemm_4bit_tiles(const float* xp, int64_t M, int64_t K, const uint8_t* packe
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 
 // out[(n - n0) * K + k'] = W[n, k] for n in [n0, n1), in the chunk-permuted k
-// order of permute_k: a panel of W^T-ready rows for a BLAS call on xp.
-// Row-aligned layouts only.
+// order of permute_k: the row decode the small-M tiles use (gemm_4bit_tiles),
+// exposed so that the native tests can hold it to permute_k's order. (The
+// large-M BLAS panels once used it too; they now decode rows in W's own
+// order, dequantize_4bit_range, and x needs no permuted copy.) Row-aligned
+// layouts only.
 void dequantize_rows_permuted(const uint8_t* packed, const float* absmax, int64_t K,
                               int64_t blocksize, QuantType qt, int64_t n0, int64_t n1,
                               float* out, Isa isa);
