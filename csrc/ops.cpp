@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace pythia_native {
 
@@ -301,12 +302,13 @@ c10::optional<at::Tensor> float_bias(const c10::optional<at::Tensor>& bias) {
   return bias->to(at::kFloat).contiguous();
 }
 
-// y = xm @ W.T + bias through BLAS, W materialized kPanelBytes of float32
-// rows at a time by fill(r0, i0, i1, out): rows r0 + [i0, i1) of W into out
+// y = xm @ W.T + bias through BLAS, W materialized a panel of rows at a
+// time by fill(r0, i0, i1, out): rows r0 + [i0, i1) of W into out as float32
 // (threads split a panel's rows). xm: [M, k] contiguous, float32, or
-// bfloat16 to multiply in bf16 (the panel rounded to bf16 once; BLAS
-// accumulates in float32); bias float32 or none. Returns y [M, n] in xm's
-// dtype.
+// bfloat16 to multiply in bf16: each row is then filled into a per-thread
+// float32 row and rounded to bf16 into the panel (narrow_bf16: torch's
+// rounding for every non-NaN value, without a float32 panel and its copy_);
+// BLAS accumulates in float32. bias float32 or none. Returns y [M, n] in xm's dtype.
 template <typename Fill>
 at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
                         const c10::optional<at::Tensor>& bias, Fill fill) {
@@ -317,18 +319,26 @@ at::Tensor panel_matmul(const at::Tensor& xm, int64_t n, int64_t k,
   const int64_t max_rows = std::min<int64_t>(n, std::max({kMinPanelRows, M, kPanelBytes / (4 * k)}));
   const int64_t n_panels = (n + max_rows - 1) / max_rows;
   const int64_t panel_rows = (n + n_panels - 1) / n_panels;
-  at::Tensor panel = at::empty({panel_rows, k}, xm.options().dtype(at::kFloat));
-  const bool narrow_panel = xm.scalar_type() != at::kFloat;
-  at::Tensor panel_mm = narrow_panel ? at::empty({panel_rows, k}, xm.options()) : panel;
+  TORCH_INTERNAL_ASSERT(xm.scalar_type() == at::kFloat || xm.scalar_type() == at::kBFloat16);
+  const bool bf16_panel = xm.scalar_type() == at::kBFloat16;
+  at::Tensor panel_mm = at::empty({panel_rows, k}, xm.options());
   c10::optional<at::Tensor> b = bias;
-  if (b.has_value() && narrow_panel) b = b->to(xm.scalar_type());
-  float* panel_p = panel.data_ptr<float>();
+  if (b.has_value() && bf16_panel) b = b->to(xm.scalar_type());
+  const cpu::Isa isa = cpu::active_isa();
   for (int64_t r0 = 0; r0 < n; r0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, n - r0);
     at::parallel_for(0, rows, 4, [&](int64_t i0, int64_t i1) {
-      fill(r0, i0, i1, panel_p + i0 * k);
+      if (!bf16_panel) {
+        fill(r0, i0, i1, panel_mm.data_ptr<float>() + i0 * k);
+        return;
+      }
+      std::vector<float> row(static_cast<size_t>(k));
+      auto* out = reinterpret_cast<uint16_t*>(panel_mm.data_ptr<at::BFloat16>());
+      for (int64_t i = i0; i < i1; ++i) {
+        fill(r0, i, i + 1, row.data());
+        cpu::narrow_bf16(row.data(), k, out + i * k, isa);
+      }
     });
-    if (narrow_panel) panel_mm.narrow(0, 0, rows).copy_(panel.narrow(0, 0, rows));
     const at::Tensor w = panel_mm.narrow(0, 0, rows);
     // Straight into y's columns [r0, r0 + rows): a row-major view with
     // leading dimension n, which BLAS takes as it is (no temporary + copy).

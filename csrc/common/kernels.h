@@ -161,6 +161,10 @@ void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, co
                      int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, Isa isa);
 // out[i] = float(w[i]) for i < count (float16 bit patterns -> float32, exact).
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa);
+// out[i] = from_f32<Bf16>(in[i]) for i < count (round to nearest even, NaNs
+// quieted), the same bits on every ISA: gemm_4bit's bf16 BLAS panels.
+// out holds bfloat16 bit patterns.
+void narrow_bf16(const float* in, int64_t count, uint16_t* out, Isa isa);
 
 // y[i] = GELU(x[i]) = x Phi(x) (the exact, erf form) for i in [i0, i1), in
 // float32 and rounded once to dt (cpu/activation.cpp). x and y: elements of

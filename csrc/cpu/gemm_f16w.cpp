@@ -327,6 +327,37 @@ void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, co
   }
 }
 
+namespace {
+PN_AVX512 void narrow_bf16_avx512(const float* in, int64_t count, Bf16* out) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) store16(out + i, _mm512_loadu_ps(in + i), 0xFFFF);
+  if (i < count) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (count - i)) - 1);
+    store16(out + i, _mm512_maskz_loadu_ps(mk, in + i), mk);
+  }
+}
+PN_AVX2 void narrow_bf16_avx2(const float* in, int64_t count, Bf16* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) store8(out + i, _mm256_loadu_ps(in + i));
+  for (; i < count; ++i) out[i] = from_f32<Bf16>(in[i]);
+}
+}  // namespace
+
+void narrow_bf16(const float* in, int64_t count, uint16_t* out_bits, Isa isa) {
+  Bf16* out = reinterpret_cast<Bf16*>(out_bits);
+  switch (isa) {
+    case Isa::AVX512: narrow_bf16_avx512(in, count, out); return;
+    case Isa::AVX2:
+      if (avx2_usable()) {
+        narrow_bf16_avx2(in, count, out);
+        return;
+      }
+      break;
+    default: break;
+  }
+  for (int64_t i = 0; i < count; ++i) out[i] = from_f32<Bf16>(in[i]);
+}
+
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa) {
   switch (isa) {
     case Isa::AVX512: widen_avx512(w, count, out); return;

@@ -678,6 +678,41 @@ void test_gemv_f16w(const NamedF16wKernel& kernel, Isa isa, int64_t M, int64_t N
   CHECK(bad < 0, "widen_f16 out[%lld] = %.9g (count %lld)", ll(bad), wide[bad], ll(N * K));
 }
 
+// narrow_bf16 (gemm_4bit's bf16 BLAS panels) against from_f32<Bf16>, bit for
+// bit: rounding ties both ways, values that round up into the next binade
+// and to inf, subnormals, zeros, infinities and NaNs (quieted, sign and
+// payload kept), counts around the vector widths, never writing past count.
+void test_narrow_bf16(Isa isa, std::mt19937& rng) {
+  std::vector<uint32_t> bits = {0x00000000u, 0x80000000u, 0x3f808000u, 0x3f818000u, 0x3f80ffffu,
+                                0x3f7fffffu, 0x7f7fffffu, 0xff7fffffu, 0x7f800000u, 0xff800000u,
+                                0x7fc00000u, 0xffc00001u, 0x7f800001u, 0x7fbfffffu, 0x00000001u,
+                                0x807fffffu, 0x00008000u, 0x00018000u};
+  std::uniform_int_distribution<uint32_t> any;
+  for (int i = 0; i < 200; ++i) bits.push_back(any(rng));
+  for (float v : normal_vec(rng, 100)) {
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    bits.push_back(u);
+  }
+  for (int64_t count : {int64_t{0}, int64_t{1}, int64_t{7}, int64_t{8}, int64_t{9}, int64_t{15},
+                        int64_t{16}, int64_t{17}, int64_t{33}, static_cast<int64_t>(bits.size())}) {
+    g_ctx = fmt("isa=%s narrow_bf16 count %lld", cpu::isa_name(isa), ll(count));
+    std::vector<float> in(static_cast<size_t>(count));
+    for (int64_t i = 0; i < count; ++i) std::memcpy(&in[i], &bits[i % bits.size()], 4);
+    const uint16_t kSentinel = 0xABCD;
+    std::vector<uint16_t> out(static_cast<size_t>(count) + 4, kSentinel);
+    cpu::narrow_bf16(in.data(), count, out.data(), isa);
+    int64_t bad = -1;
+    for (int64_t i = 0; i < count + 4 && bad < 0; ++i) {
+      const uint16_t expect = i < count ? cpu::from_f32<cpu::Bf16>(in[i]).bits : kSentinel;
+      if (out[i] != expect) bad = i;
+    }
+    CHECK(bad < 0, "out[%lld] = 0x%04x, from_f32 0x%04x (in 0x%08x)", ll(bad), out[bad],
+          bad < count ? cpu::from_f32<cpu::Bf16>(in[bad]).bits : kSentinel,
+          bad < count ? bits[bad % bits.size()] : 0u);
+  }
+}
+
 // gelu_range: every ISA writes the scalar kernel's bits (the claim of
 // cpu/activation.cpp) for n around the vector widths, for each storage type,
 // from an offset start (i0 > 0, as a thread's share), in place too, and never
@@ -917,6 +952,7 @@ int main() {
     }
 
     test_permute_k(isa);
+    test_narrow_bf16(isa, rng);
 
     for (QuantType qt : qts) {
       for (const auto& [K, bs] : kbs) {
