@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import statistics
@@ -334,8 +335,17 @@ def main():
     ap.add_argument("--top-p", type=float, default=None, help="with --temperature: top-p (default off)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = ap.parse_args()
-    if args.temperature < 0 or (args.temperature == 0 and (args.top_k is not None or args.top_p is not None)):
+    # Checked here, before any model is built: a value our sampler refuses
+    # would fail only in our variants' processes, and transformers would run
+    # something else (its top_k=0 is "off").
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        ap.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         ap.error("--top-k / --top-p need a --temperature > 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        ap.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
                 if args.temperature > 0 else None)
 

@@ -251,7 +251,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
 //    multiplied by register tiles of x (gemm_4bit_tiles). With AVX-512 it ran
 //    ~1.2x the GEMV at M = 8 and ~2x both the GEMV and BLAS at M = 16-64;
 //    at M = 128 it tied BLAS, above it lost (x outgrows L2).
-//  - above: cache-sized panels of W dequantized to float32 for BLAS.
+//  - above: panels of W dequantized for BLAS (sized in panel_matmul).
 // AVX2's tiles are 4 x 2 (16 ymm registers): ahead of BLAS up to M = 16 on the
 // machine measured, whose BLAS itself used AVX-512. The scalar tiles never
 // beat BLAS, so they exist as the readable definition (and are tested).
@@ -283,16 +283,19 @@ void for_tile_row_groups(int64_t n, F f) {
     f(R * g0, std::min(n, R * g1));
   });
 }
-// Panel size: dequantized fp32 rows of W per BLAS call (~2 MB, cache-sized),
-// but at least kMinPanelRows rows, and at least M (x's rows): BLAS reads all
-// of x again for each panel, and writes y's columns of a panel as a strided
-// slice, which at prefill sizes costs more than a panel outgrowing the L2 (a
-// K = 8192 panel of 2 MB is 64 rows). M = 2000, one op, 2 threads, Xeon 167
-// with a 480 MiB L3, two runs: 8192x2048 335-357 -> 229-243 ms, 3072x768 41-43
-// -> 35-36 ms with 512 rows; K = 768 (682 rows either way) unchanged; M = 128
-// the same. With M rows the panel holds no more elements than x (its float32
-// copy: k * M * 4 bytes, 6 MiB for a 2000-token pythia-160m prompt), so the
-// op's temporary memory stays within the size of its input and output.
+// Panel size: rows of W per BLAS call, at least 2 MB of float32 (cache-sized
+// where that is the largest term), at least kMinPanelRows rows, and at least
+// M (x's rows), at most all n rows: BLAS reads all of x again for each panel
+// and writes y's columns of a panel as a strided slice, which at prefill
+// sizes costs more than a panel outgrowing the L2 (a K = 8192 panel of 2 MB
+// is 64 rows). M = 2000, one op, 2 threads, Xeon 167 with a 480 MiB L3, two
+// runs: 8192x2048 335-357 -> 229-243 ms, 3072x768 41-43 -> 35-36 ms with 512
+// rows; K = 768 (682 rows either way) unchanged; M = 128 the same.
+// Temporary memory: one panel (float32 for float32 x, bf16 for bf16 x).
+// Where M is the largest term it holds no more elements than x; below M =
+// 512 the 512-row floor rules (up to 40 MiB of float32 at k = 20480, 12b's
+// down projection, however small M); once M >= n the panel is all of W (at
+// M = 2000 on that layer: 3 panels of 1707 rows, ~140 MB of float32).
 constexpr int64_t kPanelBytes = 2 << 20;
 constexpr int64_t kMinPanelRows = 512;
 
@@ -421,8 +424,9 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at
     return y.view(out_shape);
   }
 
-  // Large M (or a layout that is not row-aligned): dequantize cache-sized
-  // panels of W and let BLAS multiply them, in float32 (bf16 x: in bf16).
+  // Large M (or a layout that is not row-aligned): dequantize panels of W
+  // (sized in panel_matmul) and let BLAS multiply them, in float32 (bf16 x:
+  // in bf16).
   // The panels hold W's rows in their own order (the flat-index decode, which
   // also takes rows that straddle blocks or start mid-byte), so x goes to
   // BLAS as it is: float32 or bf16 x without a copy when its rows are
@@ -476,7 +480,7 @@ at::Tensor gemm_f16w_cpu(const at::Tensor& x, const at::Tensor& weight,
     }
     return y.view(out_shape);
   }
-  // Larger M: widen cache-sized panels of W to float32 for BLAS.
+  // Larger M: widen panels of W (sized in panel_matmul) to float32 for BLAS.
   const auto fill = [&](int64_t r0, int64_t i0, int64_t i1, float* out) {
     cpu::widen_f16(wp + (r0 + i0) * k, (i1 - i0) * k, out, isa);
   };

@@ -114,9 +114,10 @@ def gemm_4bit(
     dtype, accumulated in float32. No dequantized copy of W is kept: the CPU
     kernel streams the packed rows for M <= 4, multiplies groups of 4
     dequantized rows by register tiles of x up to M = 64 (AVX-512; 16 with
-    AVX2), and dequantizes cache-sized panels for a BLAS call above (in
-    bfloat16 for a bfloat16 x, W rounded to bf16 once as a bf16 ``F.linear``
-    would; float32 otherwise); the CUDA kernel is a GEMV for M <= 16 and
+    AVX2), and dequantizes panels of at least max(512, M) rows of W (and 2 MB;
+    all of W, for the call, once M >= N) for BLAS calls above (in bfloat16 for
+    a bfloat16 x, W rounded to bf16 once as a bf16 ``F.linear`` would; float32
+    otherwise); the CUDA kernel is a GEMV for M <= 16 and
     dequantize to x's dtype + cuBLAS above. cuBLAS multiplies float16/bfloat16
     in float32, but torch lets it combine split-K partial sums in the input
     dtype unless ``torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction``
