@@ -64,7 +64,8 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 def _cuda_choice():
-    """(whether to build the CUDA part, why it cannot be built as asked or None).
+    """(whether to build the CUDA part, why it cannot be built as asked or None;
+    with a reason, False: the reason is what stops the build).
 
     The error is raised when the extension is built (build_ext), not here:
     `setup.py sdist` or pip's metadata step compiles nothing and need not fail.
@@ -83,7 +84,7 @@ def _cuda_choice():
         problems.append("no CUDA toolkit found (set CUDA_HOME to it)")
     if problems:
         why = "PYTHIA_NATIVE_CUDA=1 but " if flag == "1" else ""
-        return True, f"{why}CUDA cannot be built: " + "; ".join(problems)
+        return False, f"{why}CUDA cannot be built: " + "; ".join(problems)
     return flag == "1" or (torch.version.cuda is not None and _cuda_home is not None), None
 
 
@@ -95,7 +96,7 @@ def _rel(paths):
 
 
 def extension():
-    with_cuda = WITH_CUDA and CUDA_ERROR is None
+    with_cuda = WITH_CUDA
     cpp = _rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     cpp = [p for p in cpp if with_cuda or not p.endswith("_cuda.cpp")]
     cu = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))) if with_cuda else []

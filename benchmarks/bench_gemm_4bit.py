@@ -597,9 +597,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pool-mb", type=float, default=None,
                     help="rotate through weight copies totalling this many MiB (default: cuda 4 x L2, cpu 0 = off)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: time eager launches instead of CUDA graphs")
-    ap.add_argument("--cpu-isa", choices=("auto", "avx512", "avx2", "scalar"), default=None,
-                    help="hold pythia-native's CPU kernels to this ISA (default: as imported, the best this CPU "
-                         "has unless PYTHIA_NATIVE_CPU_ISA holds them)")
+    ap.add_argument("--cpu-isa", default=None,
+                    help="hold pythia-native's CPU kernels to this ISA, a name pythia_native.set_cpu_isa takes (auto, "
+                         "avx512, avx2, scalar; it checks this build and CPU); default: as imported, the best this "
+                         "CPU has unless PYTHIA_NATIVE_CPU_ISA holds them")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -627,7 +628,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     pn = import_pythia_native()
     if args.cpu_isa:
-        pn.set_cpu_isa(args.cpu_isa)
+        try:
+            pn.set_cpu_isa(args.cpu_isa)
+        except pn.PythiaNativeError as e:  # its error names the ISAs there are
+            ap.error(f"--cpu-isa: {e}")
     bnb, bnbF = import_bitsandbytes()
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}), "
           f"dtype {dtype}, torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'n/a')}", flush=True)

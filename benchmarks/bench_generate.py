@@ -325,9 +325,10 @@ def main():
                     "the section is rewritten after every run, marked PARTIAL until done)")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
-    ap.add_argument("--cpu-isa", default=None, choices=["auto", "avx512", "avx2", "scalar"],
-                    help="hold pythia-native's CPU kernels to this ISA (default: as imported, the best this CPU "
-                         "has unless PYTHIA_NATIVE_CPU_ISA holds them)")
+    ap.add_argument("--cpu-isa", default=None,
+                    help="hold pythia-native's CPU kernels to this ISA, a name pythia_native.set_cpu_isa takes (auto, "
+                         "avx512, avx2, scalar; it checks this build and CPU); default: as imported, the best this "
+                         "CPU has unless PYTHIA_NATIVE_CPU_ISA holds them")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (with --top-k / --top-p) instead of greedy decoding, every "
                          "variant alike")
@@ -348,6 +349,14 @@ def main():
         ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
                 if args.temperature > 0 else None)
+    if args.cpu_isa and not args.one:
+        # Checked once here (pythia_native's own list), not in every variant's process.
+        import pythia_native
+
+        try:
+            pythia_native.set_cpu_isa(args.cpu_isa)
+        except pythia_native.PythiaNativeError as e:
+            ap.error(f"--cpu-isa: {e}")
 
     if args.one:
         v, shape, batch = args.one.split(",")

@@ -82,15 +82,10 @@ def prefill_attention(
     but through a library kernel built for many queries. Returns ``[B, T, H, D]``.
     """
     B, T = q.shape[:2]
-    if mask is CAUSAL:
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_cache[:B, :, :T], v_cache[:B, :, :T], is_causal=True, scale=scale
-        )
-    else:
-        span = mask.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], attn_mask=mask, scale=scale
-        )
+    span, masking = (T, dict(is_causal=True)) if mask is CAUSAL else (mask.shape[-1], dict(attn_mask=mask))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:B, :, :span], v_cache[:B, :, :span], scale=scale, **masking
+    )
     return out.transpose(1, 2)
 
 

@@ -328,6 +328,24 @@ void gemm_f16w_tiles(const float* x, int64_t M, int64_t K, const uint16_t* w, co
 }
 
 namespace {
+// A conversion of count elements, in -> out, on the ISA asked for: AVX2 only
+// with F16C (avx2_usable), else the scalar version.
+template <typename In, typename Out>
+void convert_by_isa(Isa isa, const In* in, int64_t count, Out* out,
+                    void (*avx512)(const In*, int64_t, Out*), void (*avx2)(const In*, int64_t, Out*),
+                    void (*scalar)(const In*, int64_t, Out*)) {
+  if (isa == Isa::AVX512) {
+    avx512(in, count, out);
+  } else if (isa == Isa::AVX2 && avx2_usable()) {
+    avx2(in, count, out);
+  } else {
+    scalar(in, count, out);
+  }
+}
+
+void narrow_bf16_scalar(const float* in, int64_t count, Bf16* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = from_f32<Bf16>(in[i]);
+}
 PN_AVX512 void narrow_bf16_avx512(const float* in, int64_t count, Bf16* out) {
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) store16(out + i, _mm512_loadu_ps(in + i), 0xFFFF);
@@ -339,37 +357,17 @@ PN_AVX512 void narrow_bf16_avx512(const float* in, int64_t count, Bf16* out) {
 PN_AVX2 void narrow_bf16_avx2(const float* in, int64_t count, Bf16* out) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) store8(out + i, _mm256_loadu_ps(in + i));
-  for (; i < count; ++i) out[i] = from_f32<Bf16>(in[i]);
+  narrow_bf16_scalar(in + i, count - i, out + i);
 }
 }  // namespace
 
-void narrow_bf16(const float* in, int64_t count, uint16_t* out_bits, Isa isa) {
-  Bf16* out = reinterpret_cast<Bf16*>(out_bits);
-  switch (isa) {
-    case Isa::AVX512: narrow_bf16_avx512(in, count, out); return;
-    case Isa::AVX2:
-      if (avx2_usable()) {
-        narrow_bf16_avx2(in, count, out);
-        return;
-      }
-      break;
-    default: break;
-  }
-  for (int64_t i = 0; i < count; ++i) out[i] = from_f32<Bf16>(in[i]);
+void narrow_bf16(const float* in, int64_t count, uint16_t* out, Isa isa) {
+  convert_by_isa(isa, in, count, reinterpret_cast<Bf16*>(out), narrow_bf16_avx512, narrow_bf16_avx2,
+                 narrow_bf16_scalar);
 }
 
 void widen_f16(const uint16_t* w, int64_t count, float* out, Isa isa) {
-  switch (isa) {
-    case Isa::AVX512: widen_avx512(w, count, out); return;
-    case Isa::AVX2:
-      if (avx2_usable()) {
-        widen_avx2(w, count, out);
-        return;
-      }
-      break;
-    default: break;
-  }
-  widen_scalar(w, count, out);
+  convert_by_isa(isa, w, count, out, widen_avx512, widen_avx2, widen_scalar);
 }
 
 }  // namespace cpu
