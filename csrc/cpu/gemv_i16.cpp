@@ -41,6 +41,16 @@
 // benchmarks/results/gemm_4bit_cpu_m1_xeon167.md); with rows_i16's four
 // streams, 1.90-4.48x on all eight over six runs, 1.93-2.08x on 5120x15360
 // (benchmarks/results/gemm_4bit_cpu_m1_xeon167_streams.md).
+// AMX, tried on a model 167 Xeon with AMX-INT8 (2026-12-07): tdpbssd on int8
+// tiles, each int16 code and x split into two signed bytes, three int32
+// columns per 64-block (benchmarks/experiments/amx_gemv_i16.cpp; within
+// 1.5e-7 of its exact sums). At M = 1 it ran 1.7-2.8x slower than this
+// kernel (5.8-7.9 ns per 128 weights against 2.9-4.5, the eight Pythia
+// shapes, one thread, alternated in one process): each 1 KiB tile of W serves a
+// single tdpbssd, so every one is decoded, stored and loaded again, and with
+// the decode left out the tile loads and tdpbssd alone took 2.7-2.8 ns. The
+// same host measured vpdpwssd at two per cycle (p0 and p5), vpermw at one
+// (p0 + p5) and vpsrlw at one (p0).
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
