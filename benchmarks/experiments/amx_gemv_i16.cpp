@@ -5,10 +5,8 @@
 // the header of csrc/cpu/gemv_i16.cpp); it is kept so that the measurement
 // can be repeated on other AMX CPUs.
 //
-//   cmake -S . -B build-native && cmake --build build-native
-//   g++ -O3 -std=c++17 -Icsrc benchmarks/experiments/amx_gemv_i16.cpp
-//       build-native/libpythia_native_cpu_kernels.a -o /tmp/amx_gemv_i16  (one line)
-//   /tmp/amx_gemv_i16 2048 8192      # N K (K % 128 == 0), one thread
+//   cmake -S . -B build-native && cmake --build build-native --target amx_gemv_i16
+//   build-native/amx_gemv_i16 2048 8192      # N K (K % 128 == 0) [calls per round]
 //
 // The idea. tdpbssd multiplies a 16 x 64 int8 tile A by a 64 x 16 int8 tile B
 // (C[16 x 16] += sums of 64 products in int32). A holds 16 rows of W's codes,
