@@ -50,7 +50,11 @@
 // single tdpbssd, so every one is decoded, stored and loaded again, and with
 // the decode left out the tile loads and tdpbssd alone took 2.7-2.8 ns. The
 // same host measured vpdpwssd at two per cycle (p0 and p5), vpermw at one
-// (p0 + p5) and vpsrlw at one (p0).
+// (p0 + p5) and vpsrlw at one (p0); moving shifts off p0 did not pay there
+// either (the kernel alone, M = 1, a 32 KiB and an 8 MiB weight, alternated
+// builds): the second load one byte on (it and it >> 4 for >> 8 and >> 12,
+// one shift fewer) 1.08-1.26x slower, vpmultishiftqb (p5) in place of >> 12,
+// or of >> 8 and >> 12, 1.06-1.24x slower.
 //
 // Numerics (the contract of compute="int16", reference.py gemm_4bit_int16):
 //   per row m of x and 64-element block j of K:
