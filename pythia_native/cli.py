@@ -334,13 +334,27 @@ def cmd_bench(args) -> int:
         model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type or "nf4", dtype=dt,
                                    device=dev,
                                    head_dtype=head, compute=args.compute)
-        engine = Pythia(model, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
+        tokenizer = None
         name = f"random pythia-{args.size}"
     else:
-        engine = _load(args, max_batch=args.batch, max_len=args.prompt_len + args.new_tokens)
-        name = args.model
+        # A one-slot cache: the engine that runs is built below, once the
+        # model's context is known.
+        loaded = _load(args, max_len=1)
+        model, tokenizer, name = loaded.model, loaded.tokenizer, args.model
+        del loaded
+    # The engine's rule: the last new token is never fed back.
+    needed = args.prompt_len + args.new_tokens - 1
+    if needed > model.config.max_position_embeddings:
+        raise GenerationError(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} need {needed} positions (the last new "
+            f"token is not fed back), more than {name}'s context of {model.config.max_position_embeddings}"
+        )
+    engine = Pythia(model, tokenizer, max_batch=args.batch, max_len=needed)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(2, 50000, (args.batch, args.prompt_len), generator=g).tolist()
+    # Ids the engine may take (the tokenizer's and the model's), above
+    # <|endoftext|> and <|padding|> (0 and 1 in Pythia's vocabulary) where there are any.
+    prompts = torch.randint(min(2, engine.vocab_size - 1), engine.vocab_size, (args.batch, args.prompt_len),
+                            generator=g).tolist()
 
     def timed(n):
         if engine.device.type == "cuda":

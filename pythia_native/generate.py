@@ -257,7 +257,8 @@ class Pythia:
             if not truncate:
                 raise GenerationError(
                     f"prompt of {longest} tokens + {new_tokens} new tokens exceeds the context of {self.max_len} "
-                    f"tokens; shorten the prompt, lower max_new_tokens, or pass truncate=True (--truncate) to keep the last "
+                    f"tokens (it needs {longest + new_tokens - 1} positions: the last new token is not fed back); "
+                    f"shorten the prompt, lower max_new_tokens, or pass truncate=True (--truncate) to keep the last "
                     f"{room} prompt tokens"
                 )
             batch = [p[-room:] for p in batch]
@@ -504,7 +505,9 @@ class Pythia:
             stop: ids and/or strings that end a sequence (not included in the output);
                 strings are searched in the generated text only, not across the prompt's end.
             ignore_eos: keep going after EOS (benchmarks).
-            truncate: cut prompts from the left to fit the context instead of raising.
+            truncate: cut prompts from the left to fit the context instead of raising. A prompt
+                of P tokens fits with N new tokens when P + N - 1 <= max_len (the last new
+                token is never fed back), as in transformers.
         """
         if self.tokenizer is None:
             raise GenerationError("generate() returns text and needs a tokenizer; use generate_ids() for token ids")

@@ -527,7 +527,9 @@ class PythiaModel(nn.Module):
     # ------------------------------------------------------------- compute --
 
     def new_cache(self, max_batch: int, max_len: Optional[int] = None) -> KVCache:
-        return KVCache(self.config, max_batch, max_len or self.config.max_position_embeddings, self.dtype, self.device)
+        # None: the whole context. 0 is not None: KVCache refuses it.
+        max_len = self.config.max_position_embeddings if max_len is None else max_len
+        return KVCache(self.config, max_batch, max_len, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(

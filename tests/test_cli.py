@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,29 @@ def test_bench_random_weights(capsys):
     code, out, _ = run(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--new-tokens", "4",
                        "--prompt-len", "8", "--repeats", "1", "--threads", "1")
     assert code == 0 and "decode" in out and "tok/s" in out
+
+
+def test_bench_takes_what_generate_takes_at_the_context_limit(capsys, ckpt, tmp_path):
+    # ckpt's context is 256: a 250-token prompt and 7 new tokens need 256
+    # positions (the last new token is not fed back), as generate allows. bench
+    # asked the engine for 257 and was refused with an error about max_len.
+    common = ("bench", "--model", ckpt, "--device", "cpu", "--repeats", "1", "--threads", "1", "--prompt-len", "250")
+    code, out, err = run(capsys, *common, "--new-tokens", "7")
+    assert code == 0 and "decode" in out, err
+    one_line_error(capsys, *common, "--new-tokens", "8",
+                   match="--prompt-len 250 + --new-tokens 8 need 257 positions (the last new token is not fed back), "
+                         f"more than {ckpt}'s context of 256")
+    one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "2047",
+                   "--new-tokens", "3", match="need 2049 positions (the last new token is not fed back), more than "
+                                              "random pythia-14m's context of 2048")
+    # Prompt ids come from the ids the engine takes: a model whose vocabulary is
+    # narrower than the tokenizer's (512 here) was given ids up to 50,000.
+    small = tmp_path / "small-vocab"
+    hf_model("tiny").save_pretrained(small)
+    shutil.copyfile(Path(ckpt) / "tokenizer.json", small / "tokenizer.json")
+    code, out, err = run(capsys, "bench", "--model", small, "--device", "cpu", "--repeats", "1", "--threads", "1",
+                         "--prompt-len", "8", "--new-tokens", "3")
+    assert code == 0 and "decode" in out, err
 
 
 def one_line_error(capsys, *argv, match):

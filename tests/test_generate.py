@@ -288,12 +288,22 @@ def test_stream_decoder_handles_multibyte_characters(tokenizer):
 
 def test_context_overflow_is_an_error_or_truncated(engine):
     long_prompt = list(range(2, 2 + 120))
-    with pytest.raises(GenerationError, match="exceeds the context of 128"):
+    # The rule the message states is the one enforced: 120 + 20 - 1 = 139 positions.
+    with pytest.raises(GenerationError, match=r"exceeds the context of 128 tokens \(it needs 139 positions: the "
+                                              r"last new token is not fed back\)"):
         engine.generate_ids(long_prompt, 20)
+    assert len(engine.generate_ids(long_prompt[:109], 20, ignore_eos=True)) == 20  # 128 positions: fits
     out = engine.generate_ids(long_prompt, 20, truncate=True, ignore_eos=True)
     assert out == engine.generate_ids(long_prompt[-109:], 20, ignore_eos=True)
     with pytest.raises(GenerationError, match="no room"):
         engine.generate_ids([5], 500)
+
+
+def test_a_cache_of_zero_positions_is_refused(engine):
+    # max_len=0 was read as "not given" and allocated the whole context.
+    with pytest.raises(GenerationError, match=r"KVCache: max_len must be an integer in \[1, "):
+        engine.model.new_cache(1, 0)
+    assert engine.model.new_cache(1).max_len == engine.config.max_position_embeddings
 
 
 def test_bad_requests_raise_clear_errors(engine):
