@@ -45,6 +45,7 @@ from .errors import (
     DeviceError,
     GenerationError,
     LoadInProgressError,
+    OptionError,
     PythiaNativeError,
     RevisionError,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "DeviceError",
     "GenerationError",
     "LoadInProgressError",
+    "OptionError",
     "PythiaNativeError",
     "RevisionError",
     "KVCache",

@@ -40,7 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) 
                    help="keep 4-bit copies of loaded revisions here and load them from here (no download)")
     p.add_argument("--offline", action="store_true", help="use the local cache only (like HF_HUB_OFFLINE=1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (torch.set_num_threads; at most 8 per CPU this process may use)")
+                   help="CPU threads (torch.set_num_threads; at most 8 per CPU this process may use, or 64 "
+                   "where that is more)")
     p.add_argument("--compute", default="float32", choices=["float32", "int16"],
                    help="4-bit Linear arithmetic: float32 (default), or int16 (x rounded to int16 per 64 "
                    "values in the CPU decode GEMV: 1.6-2.4x faster at M = 1 with AVX-512 VNNI, 2.4-4.4x with AVX2 only (README: Arithmetic); ~1e-4 relative error "
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-stream", action="store_true", help="print the text at the end instead of streaming")
     g.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
 
-    s = sub.add_parser("score", help="per-token log-probabilities and perplexity of a text file")
+    s = sub.add_parser("score", help="log-probability and perplexity of a text file (or of each line)")
     s.add_argument("file", help="text file ('-' for stdin)")
     _add_model_args(s)
     s.add_argument("--per-line", action="store_true", help="score each non-empty line as its own text")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="quick decode tokens/s")
     _add_model_args(b)
     b.add_argument("--random-weights", action="store_true", help="a random model of --size (no download)")
-    b.add_argument("--size", default="160m", help="suite size for --random-weights (default 160m)")
+    b.add_argument("--size", default=None, help="suite size for --random-weights (default 160m)")
     b.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     b.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
     b.add_argument("--new-tokens", type=int, default=128, help="new tokens per sequence, >= 2 (default 128)")
@@ -323,19 +324,33 @@ def cmd_bench(args) -> int:
         raise GenerationError(
             f"--new-tokens must be >= 2 (decode tok/s is timed as N new tokens minus 1), got {args.new_tokens}"
         )
+    # What would pick the checkpoint means nothing for a random model (and
+    # --size nothing for a checkpoint): refused rather than silently ignored.
+    where = [flag for flag, given in (
+        ("--model", args.model != DEFAULT_MODEL), ("--revision", args.revision is not None),
+        ("--cache-dir", args.cache_dir is not None), ("--quantized-cache", args.quantized_cache is not None),
+        ("--offline", args.offline),
+    ) if given]
+    if args.random_weights and where:
+        raise GenerationError(f"--random-weights builds a random model: {', '.join(where)} cannot apply; drop "
+                              f"{'it' if len(where) == 1 else 'them'}, or --random-weights")
+    if not args.random_weights and args.size is not None:
+        raise GenerationError(f"--size {args.size} is the size of a --random-weights model; a checkpoint has its "
+                              "own (drop --size, or add --random-weights)")
     if args.random_weights:
         from .config import PythiaConfig
         from .model import PythiaModel
 
+        size = args.size or "160m"
         dev = resolve_device(args.device)
         dt = check_dtype(args.dtype, dev)
         # float16 values and, on the CPU, a float16 head: what load() gives for a Pythia checkpoint.
         head = torch.float16 if dev.type == "cpu" and dt != torch.float16 else None
-        model = PythiaModel.random(PythiaConfig.for_size(args.size), quant_type=args.quant_type or "nf4", dtype=dt,
-                                   device=dev,
-                                   head_dtype=head, compute=args.compute)
+        model = PythiaModel.random(PythiaConfig.for_size(size), quant_type=args.quant_type or "nf4",
+                                   double_quant=args.double_quant, dtype=dt, device=dev, head_dtype=head,
+                                   compute=args.compute)
         tokenizer = None
-        name = f"random pythia-{args.size}"
+        name = f"random pythia-{size}"
     else:
         # A one-slot cache: the engine that runs is built below, once the
         # model's context is known.

@@ -17,6 +17,12 @@ FileNotFoundError`` in caller code keeps working.
 | ``GenerationError`` | a generate/score request that cannot be served (prompt + new tokens beyond the context, bad sampling values) |
 | ``LoadInProgressError`` | a load into a model while another thread's load into it is under way (``load_revision`` through two engines over one model) |
 | ``DeviceError`` | a device or dtype this machine or build cannot use (``cuda`` without a GPU, fp16 on the CPU) |
+| ``OptionError`` | a quantization or arithmetic option the package does not have (``quant_type``, ``compute``, ``blocksize``), from ``load()``, ``sweep()``, a model, a module or an op wrapper alike |
+
+The ops' other argument checks (shapes, dtypes, devices of the tensors given
+to ``pythia_native.ops`` and the modules built on them) raise what torch raises
+for such mistakes: ``ValueError`` / ``TypeError`` from Python, ``RuntimeError``
+from the compiled kernels' checks.
 """
 from __future__ import annotations
 
@@ -65,6 +71,10 @@ class CheckpointDataWarning(PythiaNativeWarning):
     """The requested hub branch is known to hold wrong or duplicated weights (a data problem upstream)."""
 
 
+class HubFallbackWarning(PythiaNativeWarning):
+    """The Hugging Face hub could not be reached; a complete cached snapshot of the revision is used instead."""
+
+
 class QuantizedCacheWarning(PythiaNativeWarning):
     """An entry of the on-disk quantized cache was unreadable or incomplete; it is rebuilt from the checkpoint."""
 
@@ -75,3 +85,7 @@ class GenerationError(PythiaNativeError, ValueError):
 
 class DeviceError(PythiaNativeError, ValueError):
     """A device (or activation dtype) that this machine or this build cannot use."""
+
+
+class OptionError(PythiaNativeError, ValueError):
+    """A quantization or arithmetic option (quant_type, compute, blocksize) the package does not have."""

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _C
+from .errors import OptionError
 
 QUANT_TYPES = ("nf4", "fp4")
 NESTED_BLOCKSIZE = 256  # double quantization always uses 256-value blocks
@@ -23,13 +24,13 @@ ABSMAX_FLOOR = float(_C.absmax_floor)
 
 def check_quant_type(quant_type: str) -> str:
     if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        raise OptionError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     return quant_type
 
 
 def check_blocksize(blocksize, name: str = "blocksize") -> int:
     """``blocksize`` as an int if the kernels take it (a power of two in
-    ``_C.blocksize_range()``), else a ValueError that names it."""
+    ``_C.blocksize_range()``), else an OptionError (a ValueError) that names it."""
     lo, hi = _C.blocksize_range()
     if (
         not isinstance(blocksize, int)
@@ -37,7 +38,7 @@ def check_blocksize(blocksize, name: str = "blocksize") -> int:
         or not lo <= blocksize <= hi
         or blocksize & (blocksize - 1)
     ):
-        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {blocksize!r}")
+        raise OptionError(f"{name} must be a power of two in [{lo}, {hi}], got {blocksize!r}")
     return blocksize
 
 

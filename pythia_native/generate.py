@@ -94,10 +94,11 @@ class Pythia:
     thread's own stream (suspended, resumed last by that thread). For
     concurrent requests, make one engine per thread over the same model
     (``Pythia(engine.model, engine.tokenizer)``: weights shared, caches
-    separate). A load_revision through one of them does not wait for the
-    others: a request of another engine that overlaps it, or has a stream
-    open across it, raises GenerationError rather than mix two revisions
-    (``_check_weights``).
+    separate). Only the engine :func:`pythia_native.load` made can
+    :meth:`load_revision` (the others lack its source); its load does not
+    wait for the other engines: a request of another engine that overlaps
+    it, or has a stream open across it, raises GenerationError rather than
+    mix two revisions (``_check_weights``).
     """
 
     def __init__(

@@ -38,6 +38,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     HubConnectionError,
+    HubFallbackWarning,
     ModelNotFoundError,
     OfflineError,
     PythiaNativeError,
@@ -125,8 +126,8 @@ def _cache_location(cache_dir: Optional[Union[str, os.PathLike]]) -> str:
 
 def _fetch_hint(repo_id: str, revision: str) -> str:
     return (
-        f"run the same pythia-native command once with network access (without HF_HUB_OFFLINE=1 or "
-        f"local_files_only), or fetch it with "
+        f"run the same pythia-native command once with network access (without --offline, HF_HUB_OFFLINE=1 "
+        f"or local_files_only=True), or fetch it with "
         f"`hf download {repo_id} --revision {revision}`"
     )
 
@@ -343,6 +344,7 @@ def download_checkpoint(
         warnings.warn(
             f"The Hugging Face hub could not be reached ({type(error).__name__}); using the cached snapshot "
             f"{snapshot} of {ref.repo_id}@{rev}.",
+            HubFallbackWarning,
             stacklevel=2,
         )
         return snapshot

@@ -426,8 +426,9 @@ class PythiaModel(nn.Module):
             64 elements: 1.6-2.4x faster GEMVs at M = 1 with AVX-512 VNNI, 2.4-4.4x with AVX2
             only; ~1e-4 relative error per Linear.
             An attribute read when the model is bound (each generate call).
-    Parameters start as zeros; fill them with :meth:`load_tensors` (a checkpoint)
-    or :meth:`from_hf` (a transformers model).
+    Parameters start as their modules' defaults (not a usable model); fill them
+    with :meth:`load_tensors` (a checkpoint) or :meth:`from_hf` (a transformers
+    model), or build one with :meth:`random`.
     """
 
     def __init__(

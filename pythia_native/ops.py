@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.pythia_native.*)
+from .errors import OptionError
 
 _ops = torch.ops.pythia_native
 
@@ -48,9 +49,9 @@ def set_cpu_isa(isa: str, *, _source: str = "set_cpu_isa") -> None:
 
 
 def check_compute(compute: str) -> str:
-    """``compute`` if it is one of :data:`COMPUTE_MODES`, else a ValueError that names it."""
+    """``compute`` if it is one of :data:`COMPUTE_MODES`, else an OptionError (a ValueError) that names it."""
     if compute not in COMPUTE_MODES:
-        raise ValueError(f"compute must be one of {', '.join(map(repr, COMPUTE_MODES))}, got {compute!r}")
+        raise OptionError(f"compute must be one of {', '.join(map(repr, COMPUTE_MODES))}, got {compute!r}")
     return compute
 
 
@@ -251,8 +252,9 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     correct digit below -5); from x ~ -13.13 down (|GELU| < ~1.4e-38, the last normal
     floats and the subnormals) the CPU result is flushed to (-)0. csrc/cpu/activation.cpp has the formulas, tests/test_gelu.py the
     measured bounds. CPU: vectorized, the same bits on every ISA; CUDA:
-    ``x * normcdff(x)``. Specials as torch: +inf -> +inf, -inf -> NaN,
-    NaN -> NaN.
+    ``x * normcdff(x)``. Specials: +inf -> +inf, -inf -> NaN, NaN -> NaN,
+    as torch's float64 and one-element GELU (torch 2.14's vectorized
+    float32 / bfloat16 CPU GELU returns NaN for +inf).
     """
     return _ops.gelu(x)
 

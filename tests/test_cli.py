@@ -109,6 +109,8 @@ def test_bench_takes_what_generate_takes_at_the_context_limit(capsys, ckpt, tmp_
     one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "2047",
                    "--new-tokens", "3", match="need 2049 positions (the last new token is not fed back), more than "
                                               "random pythia-14m's context of 2048")
+    one_line_error(capsys, "bench", "--model", ckpt, "--device", "cpu", "--size", "14m",
+                   match="--size 14m is the size of a --random-weights model; a checkpoint has its own")
     # Prompt ids come from the ids the engine takes: a model whose vocabulary is
     # narrower than the tokenizer's (512 here) was given ids up to 50,000.
     small = tmp_path / "small-vocab"
@@ -291,6 +293,11 @@ def test_text_goes_out_as_utf8_whatever_the_locale(ckpt):
     (["--new-tokens", "0"], "--new-tokens must be >= 2"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
     (["--prompt-len", "-5"], "--prompt-len must be >= 1, got -5"),
+    # Flags that pick a checkpoint were accepted and ignored with --random-weights.
+    (["--revision", "step5", "--offline"],
+     "--random-weights builds a random model: --revision, --offline cannot apply; drop them, or --random-weights"),
+    (["--model", "pythia-1b"], "--model cannot apply; drop it, or --random-weights"),
+    (["--quantized-cache", "q", "--cache-dir", "c"], "--cache-dir, --quantized-cache cannot apply"),
 ])
 def test_bench_argument_errors_are_one_line(capsys, argv, match):
     one_line_error(capsys, "bench", "--random-weights", "--size", "14m", "--device", "cpu", "--prompt-len", "4",

@@ -17,6 +17,7 @@ from pythia_native.errors import (
     CheckpointError,
     ConfigError,
     HubConnectionError,
+    HubFallbackWarning,
     ModelNotFoundError,
     OfflineError,
     PythiaNativeError,
@@ -171,6 +172,8 @@ def test_offline_missing_revision_is_one_clear_error(tmp_path, monkeypatch):
     assert "EleutherAI/pythia-160m revision 'step2000' is not in the Hugging Face cache" in message
     assert "HF_HUB_OFFLINE=1" in message
     assert "hf download EleutherAI/pythia-160m --revision step2000" in message
+    # The fix names the command line's switch too (its --offline is local_files_only).
+    assert "with network access (without --offline, HF_HUB_OFFLINE=1 or local_files_only=True)" in message
     assert isinstance(info.value, PythiaNativeError)
     with pytest.raises(OfflineError, match="local_files_only=True"):
         hub.download_checkpoint("pythia-410m", cache_dir=tmp_path, local_files_only=True)  # repo never cached
@@ -381,7 +384,8 @@ def test_unreachable_hub_falls_back_to_a_complete_cache(tmp_path, monkeypatch):
         raise http.ConnectError("no route to host")
 
     monkeypatch.setattr(hub, "model_info", offline_listing)
-    with pytest.warns(UserWarning, match="could not be reached"):
+    # The package's own warning class: the command line prints those in one line.
+    with pytest.warns(HubFallbackWarning, match="could not be reached"):
         assert hub.download_checkpoint("pythia-70m", "step4", cache_dir=tmp_path, warn=False) == snap
     with pytest.raises(HubConnectionError, match="no route to host"):
         hub.download_checkpoint("pythia-70m", "step8", cache_dir=tmp_path, warn=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neox import hf_model, tokenizer_path, trained_tokenizer
-from pythia_native.errors import CheckpointError, ConfigError, PythiaNativeError
+from pythia_native.errors import CheckpointError, ConfigError, OptionError, PythiaNativeError
 from pythia_native.loading import DeviceError, fill_model_, load, resolve_device
 from pythia_native.model import PythiaModel
 from pythia_native.quantized_linear import QuantizedLinear
@@ -218,6 +218,23 @@ def test_load_errors_name_the_problem(tmp_path, tok_file):
     with pytest.raises(ConfigError, match="8-bit"):
         load(eight, device="cpu")
     assert issubclass(DeviceError, PythiaNativeError)
+
+
+def test_unknown_options_are_the_package_s_errors(tmp_path, tok_file):
+    # errors.py: every error raised on purpose derives from PythiaNativeError
+    # (the command line prints those in one line). These were plain ValueErrors.
+    d = save_dense(hf_model("tiny", vocab_size=50304), tmp_path / "ok", tok_file)
+    for kw, match in ((dict(quant_type="nf8"), "quant_type must be one of"),
+                      (dict(compute="int8"), "compute must be one of")):
+        with pytest.raises(OptionError, match=match) as info:
+            load(d, device="cpu", **kw)
+        assert isinstance(info.value, PythiaNativeError) and isinstance(info.value, ValueError)
+    engine = load(d, device="cpu")
+    engine.model.compute = "int8"  # a plain attribute: checked when the model runs
+    with pytest.raises(OptionError, match="compute must be one of"):
+        engine.generate_ids([5, 6], 2)
+    with pytest.raises(OptionError, match="blocksize must be a power of two"):
+        QuantizedLinear.from_linear(torch.nn.Linear(64, 8), blocksize=48)
 
 
 def test_devices_are_checked():

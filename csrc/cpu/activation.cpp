@@ -16,9 +16,9 @@
 // GELU (0.5 x (1 + erf(x / sqrt 2))) is off by ~2,000 ulp at x = -3 and
 // keeps no correct digit below x = -5. From x ~ -13.13 down, where |GELU| <
 // ~1.4e-38 (the last normal floats, then denormals), the result is flushed
-// to (-)0 (kExpMin). Specials
-// as torch's ATen kernel: +inf -> +inf, -inf -> NaN, NaN -> NaN, and the sign
-// of a zero result is x's (-0 -> -0).
+// to (-)0 (kExpMin). Specials as torch's scalar and float64 GELU: +inf ->
+// +inf, -inf -> NaN, NaN -> NaN, and the sign of a zero result is x's (-0 ->
+// -0). (torch 2.14's vectorized float32 / bf16 CPU GELU returns NaN for +inf.)
 //
 // Why an op of our own rather than F.gelu: at decode sizes (3,072 or 8,192
 // values per token) torch's CPU GELU (oneDNN's eltwise primitive) took 14 and
