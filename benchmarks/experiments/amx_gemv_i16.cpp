@@ -12,8 +12,8 @@
 // (C[16 x 16] += sums of 64 products in int32). A holds 16 rows of W's codes,
 // 64 weights each in W's own byte order, so no transpose; B holds x. An
 // int16 code cq = 256 ch + cl (cl in [-128, 127], ch in [-32, 32]) and x
-// (|xq| <= 32639 here, so that its two signed bytes xh, xl fit: one less bit
-// than the shipped 32767) give cq xq = 65536 ch xh + 256 (ch xl + cl xh) +
+// (|xq| <= 32639 here, so that its two signed bytes xh, xl fit, where the
+// shipped kernel allows 32767) give cq xq = 65536 ch xh + 256 (ch xl + cl xh) +
 // cl xl: B's columns route each product to one of three "classes" per
 // 64-block, two pairs of 128-weight groups (12 columns) per C tile before it
 // is stored and scaled in float32. Per 16 rows x 128 weights: four tiles of
