@@ -434,7 +434,7 @@ class Pythia:
             if seed is None:
                 generator.seed()  # a fresh random seed for this call; torch's global RNG is left alone
             else:
-                generator.manual_seed(int(seed))  # a numpy integer is a TypeError there
+                generator.manual_seed(generator_seed(seed, self.device))
         weights = self._check_weights(None)
         logits, lengths = self._prefill(batch)
         positions = lengths.view(-1, 1).clone()
@@ -502,7 +502,7 @@ class Pythia:
             top_k, top_p: filters applied before sampling (see ``pythia_native.sampling``).
             seed: makes sampling reproducible (same seed, same prompts, same device -> same output);
                 an integer in [-2**63, 2**64), taken modulo 2**64 as torch.Generator does
-                (-1 and 2**64 - 1 are the same seed).
+                (-1 and 2**64 - 1 are the same seed); every bit of it counts (see ``generator_seed``).
             stop: ids and/or strings that end a sequence (not included in the output);
                 strings are searched in the generated text only, not across the prompt's end.
             ignore_eos: keep going after EOS (benchmarks).
@@ -847,6 +847,24 @@ def _check_count_and_seed(max_new_tokens, seed) -> int:
     if seed is not None and (not is_int(seed) or not -(2**63) <= seed < 2**64):
         raise GenerationError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
     return int(max_new_tokens)
+
+
+def generator_seed(seed, device: torch.device) -> int:
+    """What ``generate(seed=...)`` gives ``torch.Generator.manual_seed`` on
+    ``device``: ``seed`` modulo 2**64, except on the CPU above 2**32. torch's
+    CPU generator (mt19937) keeps only a seed's low 32 bits, so ``s`` and
+    ``s + 2**32`` (or ``-1`` and ``2**32 - 1``) drew the same stream, and random
+    64-bit seeds collided after ~2**16 of them. There a seed of 2**32 or more
+    (negative ones included, modulo 2**64) is mixed into 32 bits (splitmix64's
+    finalizer): every bit counts, and seeds below 2**32 keep their streams.
+    CUDA's generator (Philox) takes all 64 bits as they are."""
+    s = int(seed) % 2**64  # int(): a numpy integer is a TypeError in manual_seed
+    if torch.device(device).type != "cpu" or s < 2**32:
+        return s
+    s = ((s ^ (s >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    s = ((s ^ (s >> 27)) * 0x94D049BB133111EB) % 2**64
+    s ^= s >> 31
+    return (s ^ (s >> 32)) & 0xFFFFFFFF
 
 
 def _held_back(text: str, stop_strings: Sequence[str]) -> int:

@@ -8,8 +8,10 @@ Definitions (the tests check the filtered distributions against them):
   too), the rest get probability 0.
 * top-p ``p``: sort by probability (by logit: the same order, kept even where
   an extreme ``t`` rounds distinct quotients to equal; equal logits by id),
-  keep the smallest prefix whose total is ``>= p`` (always at least the most
-  likely token), the rest get 0.
+  keep the smallest prefix whose total (its float32 running sum) is ``>= p``
+  (always at least the most likely token), the rest get 0. Which tokens go is
+  decided on the logits as given, not on logits shifted by the row maximum
+  (a float32 difference can merge two distinct logits into a tie).
 * top-k is applied first, then top-p on what is left, then renormalization.
 
 Only the first ``vocab_size`` logits are candidates: the logits of Pythia are
@@ -100,7 +102,15 @@ def filter_logits(
     masses and keep the same tokens).
     """
     logits = logits.float()
-    scaled = logits / temperature if temperature != 1.0 else logits
+    return _filter(logits, logits / temperature if temperature != 1.0 else logits, top_k, top_p)
+
+
+def _filter(logits: torch.Tensor, scaled: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """filter_logits with the two roles apart: ``logits`` (float32) decide
+    which tokens go, ``scaled`` (the same shape, in the same order) are the
+    values kept and give top-p's masses (``probabilities`` passes them shifted
+    by the row maximum: a float32 difference can merge two distinct logits,
+    which must not become a tie)."""
     top_k = top_k if top_k is not None and top_k < logits.shape[-1] else None
     top_p = top_p if top_p is not None and top_p < 1.0 else None
     if top_k is None and top_p is None:
@@ -124,7 +134,11 @@ def _filter_torch(logits, scaled, top_k, top_p):
         # Equal logits ranked by id.
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
         ranked = probs.gather(-1, order)
-        before = torch.cumsum(ranked, dim=-1) - ranked  # mass of the tokens ranked above each one
+        # The mass of the tokens ranked above each one: the running total one
+        # step back (cumsum - ranked rounds differently, and moved the cut by
+        # a token where top_p equals a prefix's total).
+        total = torch.cumsum(ranked, dim=-1)
+        before = torch.cat([torch.zeros_like(total[:, :1]), total[:, :-1]], dim=-1)
         drop_sorted = before >= top_p  # the prefix up to the first token reaching top_p stays
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -178,7 +192,8 @@ def _filter_cpu(logits, scaled, top_k, top_p):
                 ids = np.zeros(1, dtype=np.int64)
             ids = _rank_desc(ar[ids], ids)
             ranked = p[ids]
-            before = np.cumsum(ranked, dtype=np.float64).astype(np.float32) - ranked
+            total = np.cumsum(ranked, dtype=np.float64).astype(np.float32)
+            before = np.concatenate([np.zeros(1, dtype=np.float32), total[:-1]])  # as _filter_torch
             reached = np.flatnonzero(before >= np.float32(top_p))
             if reached.size or cth == neg_inf:
                 kept = ids[: max(int(reached[0]), 1)] if reached.size else ids
@@ -222,7 +237,9 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, vocab_size: Opti
     # above its largest as that (both the limit: one-hot on the maximum, uniform).
     f32 = torch.finfo(torch.float32)
     t = min(max(params.temperature, f32.tiny), f32.max)
-    return torch.softmax(filter_logits(shifted, params.top_k, params.top_p, t), dim=-1)
+    scaled = shifted / t if t != 1.0 else shifted
+    # Which tokens top-k / top-p keep is decided on the logits as given.
+    return torch.softmax(_filter(logits, scaled, params.top_k, params.top_p), dim=-1)
 
 
 def sample(
@@ -236,4 +253,12 @@ def sample(
     if params.greedy:
         return greedy(logits[:, :vocab_size])
     probs = probabilities(logits, params, vocab_size)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    except RuntimeError as e:  # (the CPU's check; on a GPU a device-side assert)
+        if "probability tensor contains" not in str(e):
+            raise
+        raise GenerationError(
+            "cannot sample: a row of logits holds NaN or +inf, or is -inf throughout (the model's output "
+            "is not finite)"
+        ) from None

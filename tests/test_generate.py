@@ -150,6 +150,70 @@ def test_cpu_filter_keeps_what_the_whole_row_sort_keeps():
     assert torch.equal(filter_logits(x, None, 0.5).isnan(), _filter_torch(x, x, None, 0.5).isnan())
 
 
+def test_filters_rank_the_logits_as_given_not_shifted_by_the_maximum():
+    # probabilities() subtracts the row maximum for the softmax; 1e-8 - 1 rounds
+    # to -1.0 in float32, and the filters then saw a tie that is not there.
+    from pythia_native.sampling import _filter_torch
+
+    p = probabilities(torch.tensor([[1.0, 1e-8, 0.0, -1.0]]), SamplingParams(temperature=1.0, top_k=2))
+    assert p[0, 2] == 0 and p[0, 3] == 0
+    assert torch.allclose(p[0, :2], torch.softmax(torch.tensor([1.0, 1e-8]), -1))
+    p = probabilities(torch.tensor([[10.0, 2.0000002, 2.0, -1.0]]), SamplingParams(temperature=4.0, top_k=2))
+    assert p[0, 2] == 0 and p[0, 1] > 0
+    # top-p: id 2 (1e-8) ranks above id 1 (0); the shifted values were equal and ranked by id.
+    p = probabilities(torch.tensor([[1.0, 0.0, 1e-8, -5.0]]), SamplingParams(temperature=1.0, top_p=0.75))
+    assert p[0, 1] == 0 and p[0, 2] > 0
+    x = torch.tensor([[1.0, 0.0, 1e-8, -5.0], [1.0, 1e-8, 0.0, -1.0]])
+    shifted = x - x.max(dim=-1, keepdim=True).values
+    from pythia_native.sampling import _filter
+
+    for k, top_p in ((2, None), (None, 0.75), (2, 0.75)):
+        assert torch.equal(_filter(x, shifted, k, top_p), _filter_torch(x, shifted, k, top_p)), (k, top_p)
+
+
+def test_top_p_keeps_the_smallest_prefix_whose_running_total_reaches_it():
+    # n equal logits, top_p = m / n: the cut must follow the prefix's own float32
+    # running total. "cumsum - ranked" for the mass before a token rounded
+    # differently and moved the cut by one in 54 of these 780 cases.
+    from pythia_native.sampling import _filter_torch
+
+    for n in range(2, 41):
+        x = torch.zeros(1, n)
+        probs = torch.softmax(x, -1)[0]
+        total = torch.cumsum(probs, 0)
+        assert torch.equal(total, torch.from_numpy(np.cumsum(probs.numpy(), dtype=np.float64).astype(np.float32)))
+        for m in range(1, n):
+            top_p = m / n
+            reached = torch.nonzero(total >= top_p)
+            want = int(reached[0]) + 1 if len(reached) else n
+            for got in (filter_logits(x, None, top_p), _filter_torch(x, x, None, top_p)):
+                assert int(torch.isfinite(got).sum()) == want, (n, m)
+
+
+def test_sampling_a_row_that_is_not_finite_is_a_clear_error():
+    for row in ([float("inf"), 0.0], [float("-inf"), float("-inf")], [float("nan"), 0.0]):
+        with pytest.raises(GenerationError, match="a row of logits holds NaN or \\+inf, or is -inf throughout"):
+            sample(torch.tensor([row]), SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+
+
+def test_every_bit_of_a_seed_counts_on_the_cpu(engine):
+    # torch's CPU generator keeps a seed's low 32 bits: 0 and 2**32 drew one stream.
+    from pythia_native.generate import generator_seed
+
+    cpu = torch.device("cpu")
+    assert [generator_seed(s, cpu) for s in (0, 5, 2**32 - 1)] == [0, 5, 2**32 - 1]  # unchanged below 2**32
+    assert generator_seed(-1, cpu) == generator_seed(2**64 - 1, cpu) < 2**32
+    mixed = {generator_seed(k * 2**32 + 77, cpu) for k in range(1, 2000)}
+    assert len(mixed) == 1999 and 77 not in mixed
+    assert generator_seed(-1, torch.device("cuda")) == 2**64 - 1  # Philox takes all 64 bits
+    kw = dict(temperature=1.0, ignore_eos=True)
+    outs = {tuple(engine.generate_ids([5, 6], 8, seed=s, **kw)) for s in (0, 2**32, 2**63, 2**40, -5)}
+    assert len(outs) == 5
+    # -2**63 is 2**63 modulo 2**64: one seed.
+    assert engine.generate_ids([5, 6], 8, seed=-(2**63), **kw) == engine.generate_ids([5, 6], 8, seed=2**63, **kw)
+    assert engine.generate_ids([5, 6], 8, seed=2**40, **kw) == engine.generate_ids([5, 6], 8, seed=2**40, **kw)
+
+
 def test_filtered_distribution_is_renormalized_over_kept_tokens():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
     params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9)
