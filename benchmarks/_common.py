@@ -98,3 +98,25 @@ def command_line() -> str:
     except ValueError:
         pass
     return " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+
+
+def add_cpu_isa_arg(ap) -> None:
+    """The benchmarks' ``--cpu-isa``: any name ``pythia_native.set_cpu_isa``
+    takes (checked by hold_cpu_isa, against this build and CPU)."""
+    ap.add_argument("--cpu-isa", default=None,
+                    help="hold pythia-native's CPU kernels to this ISA, a name pythia_native.set_cpu_isa takes (auto, "
+                         "avx512, avx2, scalar; it checks this build and CPU); default: as imported, the best this "
+                         "CPU has unless PYTHIA_NATIVE_CPU_ISA holds them")
+
+
+def hold_cpu_isa(ap, isa) -> None:
+    """Hold pythia-native's CPU kernels to ``isa`` (None: leave them), or stop
+    with ``ap.error`` naming the ISAs there are."""
+    if not isa:
+        return
+    import pythia_native
+
+    try:
+        pythia_native.set_cpu_isa(isa)
+    except pythia_native.PythiaNativeError as e:
+        ap.error(f"--cpu-isa: {e}")

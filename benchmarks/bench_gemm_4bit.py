@@ -56,7 +56,7 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # cpu_model: the header's CPU line; git_state: the commit measured (git, else $PN_COMMIT).
-from _common import cpu_model, git_state  # noqa: E402
+from _common import add_cpu_isa_arg, cpu_model, git_state, hold_cpu_isa  # noqa: E402
 
 # K x N of the four quantized Linear layers of a GPT-NeoX block (PYTHIA.md).
 SHAPES = [
@@ -597,10 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pool-mb", type=float, default=None,
                     help="rotate through weight copies totalling this many MiB (default: cuda 4 x L2, cpu 0 = off)")
     ap.add_argument("--no-graphs", action="store_true", help="CUDA: time eager launches instead of CUDA graphs")
-    ap.add_argument("--cpu-isa", default=None,
-                    help="hold pythia-native's CPU kernels to this ISA, a name pythia_native.set_cpu_isa takes (auto, "
-                         "avx512, avx2, scalar; it checks this build and CPU); default: as imported, the best this "
-                         "CPU has unless PYTHIA_NATIVE_CPU_ISA holds them")
+    add_cpu_isa_arg(ap)
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -627,11 +624,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         pool_bytes = 0
 
     pn = import_pythia_native()
-    if args.cpu_isa:
-        try:
-            pn.set_cpu_isa(args.cpu_isa)
-        except pn.PythiaNativeError as e:  # its error names the ISAs there are
-            ap.error(f"--cpu-isa: {e}")
+    hold_cpu_isa(ap, args.cpu_isa)
     bnb, bnbF = import_bitsandbytes()
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model()}), "
           f"dtype {dtype}, torch {torch.__version__}, bitsandbytes {getattr(bnb, '__version__', 'n/a')}", flush=True)

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import build_info, command_line, cpu_model, git_state, versions  # noqa: E402
+from _common import add_cpu_isa_arg, build_info, command_line, cpu_model, git_state, hold_cpu_isa, versions  # noqa: E402
 
 # The suite sizes measured (architectures: pythia_native.config.SUITE_ARCHITECTURES).
 SHAPES = ("160m", "1.4b")
@@ -325,10 +325,7 @@ def main():
                     "the section is rewritten after every run, marked PARTIAL until done)")
     ap.add_argument("--head-error", action="store_true", help="also measure the logit error of a 4-bit embed_out")
     ap.add_argument("--int16-error", action="store_true", help="also measure the logit error of compute=int16")
-    ap.add_argument("--cpu-isa", default=None,
-                    help="hold pythia-native's CPU kernels to this ISA, a name pythia_native.set_cpu_isa takes (auto, "
-                         "avx512, avx2, scalar; it checks this build and CPU); default: as imported, the best this "
-                         "CPU has unless PYTHIA_NATIVE_CPU_ISA holds them")
+    add_cpu_isa_arg(ap)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sample at this temperature (with --top-k / --top-p) instead of greedy decoding, every "
                          "variant alike")
@@ -349,14 +346,8 @@ def main():
         ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     sampling = (dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
                 if args.temperature > 0 else None)
-    if args.cpu_isa and not args.one:
-        # Checked once here (pythia_native's own list), not in every variant's process.
-        import pythia_native
-
-        try:
-            pythia_native.set_cpu_isa(args.cpu_isa)
-        except pythia_native.PythiaNativeError as e:
-            ap.error(f"--cpu-isa: {e}")
+    if not args.one:
+        hold_cpu_isa(ap, args.cpu_isa)  # checked once here, not in every variant's process
 
     if args.one:
         v, shape, batch = args.one.split(",")

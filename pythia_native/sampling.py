@@ -134,13 +134,12 @@ def _filter_torch(logits, scaled, top_k, top_p):
         # Equal logits ranked by id.
         order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
         ranked = probs.gather(-1, order)
-        # The mass of the tokens ranked above each one: the running total one
-        # step back (cumsum - ranked rounds differently, and moved the cut by
-        # a token where top_p equals a prefix's total).
+        # A token goes once the running total of those ranked above it reaches
+        # top_p (cumsum - ranked for that mass rounds differently, and moved
+        # the cut by a token where top_p equals a prefix's total).
         total = torch.cumsum(ranked, dim=-1)
-        before = torch.cat([torch.zeros_like(total[:, :1]), total[:, :-1]], dim=-1)
-        drop_sorted = before >= top_p  # the prefix up to the first token reaching top_p stays
-        drop_sorted[:, 0] = False
+        drop_sorted = torch.zeros_like(total, dtype=torch.bool)
+        drop_sorted[:, 1:] = total[:, :-1] >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
@@ -193,10 +192,9 @@ def _filter_cpu(logits, scaled, top_k, top_p):
             ids = _rank_desc(ar[ids], ids)
             ranked = p[ids]
             total = np.cumsum(ranked, dtype=np.float64).astype(np.float32)
-            before = np.concatenate([np.zeros(1, dtype=np.float32), total[:-1]])  # as _filter_torch
-            reached = np.flatnonzero(before >= np.float32(top_p))
+            reached = np.flatnonzero(total >= np.float32(top_p))  # the prefix up to the first stays
             if reached.size or cth == neg_inf:
-                kept = ids[: max(int(reached[0]), 1)] if reached.size else ids
+                kept = ids[: int(reached[0]) + 1] if reached.size else ids
                 out[b, kept] = s[b, kept]
                 break
             c = n

@@ -100,6 +100,20 @@ struct TileConfig {
 
 #define PN_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,amx-tile,amx-int8")))
 
+// One tile of B (tmm TB) against the same tile of A of both row tiles (tmm
+// TA0, TA1) into C (tmm 0 and 1). gcc's tile intrinsics paste their register
+// numbers into the assembly text, so they must be literals: a macro, not a
+// template. The two (B, A) register sets alternate, so that a load need not
+// wait for the tdpbssd reading the registers before it.
+#define PN_TILE_STEP(TB, TA0, TA1, b, a0, a1) \
+  do {                                        \
+    _tile_loadd(TB, b, 64);                   \
+    _tile_loadd(TA0, a0, 64);                 \
+    _tile_loadd(TA1, a1, 64);                 \
+    _tile_dpbssd(0, TA0, TB);                 \
+    _tile_dpbssd(1, TA1, TB);                 \
+  } while (0)
+
 // y[n] for n in [0, N), blocksize 64, NF4, M = 1.
 PN_AMX void gemv_amx(const int8_t* B, const float* XS, int64_t K, const uint8_t* W,
                      const float* absmax, int64_t N, float* y) {
@@ -141,26 +155,10 @@ PN_AMX void gemv_amx(const int8_t* B, const float* XS, int64_t K, const uint8_t*
         _mm512_store_si512(a[r >> 4][3][r & 15], _mm512_shuffle_epi8(tab_l, hi));
       }
       const int8_t* b = B + p * 4 * 1024;
-      _tile_loadd(2, b, 64);
-      _tile_loadd(4, a[0][0], 64);
-      _tile_loadd(5, a[1][0], 64);
-      _tile_dpbssd(0, 4, 2);
-      _tile_dpbssd(1, 5, 2);
-      _tile_loadd(3, b + 1024, 64);
-      _tile_loadd(6, a[0][1], 64);
-      _tile_loadd(7, a[1][1], 64);
-      _tile_dpbssd(0, 6, 3);
-      _tile_dpbssd(1, 7, 3);
-      _tile_loadd(2, b + 2048, 64);
-      _tile_loadd(4, a[0][2], 64);
-      _tile_loadd(5, a[1][2], 64);
-      _tile_dpbssd(0, 4, 2);
-      _tile_dpbssd(1, 5, 2);
-      _tile_loadd(3, b + 3072, 64);
-      _tile_loadd(6, a[0][3], 64);
-      _tile_loadd(7, a[1][3], 64);
-      _tile_dpbssd(0, 6, 3);
-      _tile_dpbssd(1, 7, 3);
+      PN_TILE_STEP(2, 4, 5, b, a[0][0], a[1][0]);
+      PN_TILE_STEP(3, 6, 7, b + 1024, a[0][1], a[1][1]);
+      PN_TILE_STEP(2, 4, 5, b + 2048, a[0][2], a[1][2]);
+      PN_TILE_STEP(3, 6, 7, b + 3072, a[0][3], a[1][3]);
       if ((p & 1) || p + 1 == P) {  // a C tile holds 256 weights of each row
         _tile_stored(0, C[0], 64);
         _tile_stored(1, C[1], 64);
