@@ -236,6 +236,92 @@ def test_sampling_frequencies_follow_the_distribution():
     assert (freq - expected).abs().max() < 0.015
 
 
+def _first_past(p, u):
+    """The oracle of the CPU draw: the first id whose whole-row running total
+    (float64) exceeds u * total."""
+    c = np.cumsum(p.astype(np.float64))
+    return int(np.searchsorted(c, u * c[-1], side="right"))
+
+
+def test_cpu_draw_is_the_inverse_cdf():
+    from pythia_native.sampling import _DRAW_BLOCK, _inverse_cdf
+
+    rng = np.random.default_rng(0)
+    n = 3 * _DRAW_BLOCK + 37  # a partial last block
+    # Dyadic masses (multiples of 2**-24): every running total is exact in
+    # float64, in any order, so the draw must equal the oracle bit for bit.
+    w = rng.integers(0, 64, size=(40, n)).astype(np.float64)
+    w[:, : _DRAW_BLOCK + 5] = 0  # a first block without mass, and more
+    w[1, -_DRAW_BLOCK:] = 0  # no mass at the end of a row
+    w[2, :] = 0
+    w[2, 700] = 1  # one id
+    p = (w / 2**24).astype(np.float32)
+    total = p.astype(np.float64).sum(axis=1)
+    us = [0.0, 1 - 2**-53, 0.5] + list(rng.random(60))
+    for u in us:
+        got = _inverse_cdf(p, np.full(len(p), u))
+        want = [_first_past(row, u) for row in p]
+        assert got.tolist() == want, u
+        assert (p[np.arange(len(p)), got] > 0).all()
+    # u * total on a running total exactly: the next id with mass is drawn.
+    hit = 0
+    for b in range(len(p)):
+        c = np.cumsum(p[b].astype(np.float64))
+        nz = np.flatnonzero(p[b])
+        for k in nz[[0, 3, 100, -2]] if len(nz) > 100 else nz[:1]:
+            u = c[k] / total[b]
+            u = [v for v in (u, np.nextafter(u, 0), np.nextafter(u, 1)) if v < 1 and v * total[b] == c[k]]
+            if not u:
+                continue
+            hit += 1
+            got = int(_inverse_cdf(p[b : b + 1], np.array(u[:1]))[0])
+            assert got > k and p[b, got] > 0 and not p[b, k + 1 : got].any()
+    assert hit >= 100
+
+
+def test_cpu_draw_never_takes_an_id_without_mass_at_the_top_of_u():
+    # Non-dyadic masses: a block's running total rounds apart from its sum,
+    # and u * total can round up to the total; the draw must still land on
+    # an id with mass, inside the row.
+    from pythia_native.sampling import _inverse_cdf
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        p = torch.softmax(torch.from_numpy(rng.standard_normal((64, 1000)).astype(np.float32)) * 4, -1).numpy()
+        p[:, 990:] = 0
+        p[:, 700:760] = 0
+        for u in (1 - 2**-53, 1 - 2**-52, 1 - 2**-50):
+            got = _inverse_cdf(p, np.full(64, u))
+            assert (got < 990).all() and (p[np.arange(64), got] > 0).all()
+
+
+def test_cpu_draw_frequencies_across_blocks():
+    # A pythia-wide row with its mass in a few ids spread over several blocks
+    # (and zeros between): a chi-square test of 40000 draws, seeded.
+    from pythia_native.sampling import _draw_cpu
+
+    logits = torch.full((50277,), -float("inf"))
+    ids = torch.tensor([0, 255, 256, 257, 4000, 30001, 50276])
+    logits[ids] = torch.tensor([0.0, 1.0, -1.0, 0.5, 2.0, -2.0, 1.5])
+    probs = torch.softmax(logits, -1).expand(40000, -1).contiguous()
+    got = _draw_cpu(probs, torch.Generator().manual_seed(3))
+    counts = torch.bincount(got, minlength=50277)
+    assert counts.sum() == 40000 and counts[ids].sum() == 40000
+    expected = probs[0, ids].double() * 40000
+    chi2 = float(((counts[ids].double() - expected) ** 2 / expected).sum())
+    assert chi2 < 22.5  # p = 0.001 at 6 degrees of freedom
+
+
+def test_cpu_draw_is_fixed_by_the_generator():
+    from pythia_native.sampling import _draw_cpu
+
+    probs = torch.softmax(torch.randn(5, 1000), -1)
+    a = _draw_cpu(probs, torch.Generator().manual_seed(11))
+    b = _draw_cpu(probs, torch.Generator().manual_seed(11))
+    assert a.dtype == torch.int64 and a.shape == (5,) and torch.equal(a, b)
+    assert _draw_cpu(probs[:0], torch.Generator()).shape == (0,)
+
+
 def test_sampler_never_picks_ids_beyond_the_tokenizer():
     logits = torch.zeros(4, 10)
     logits[:, 8:] = 100.0  # untrained rows past the tokenizer would win
