@@ -16,6 +16,10 @@ from . import _C
 from .errors import OptionError
 
 QUANT_TYPES = ("nf4", "fp4")
+# The defaults of every signature here that takes them (bitsandbytes'
+# quantize_4bit and Linear4bit default to fp4; this package to nf4).
+DEFAULT_QUANT_TYPE = "nf4"
+DEFAULT_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256  # double quantization always uses 256-value blocks
 # What a block's absmax is floored at before it divides (1e-38; the C++
 # kernels' kAbsmaxFloor, csrc/common/codebook.h).

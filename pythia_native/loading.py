@@ -26,7 +26,7 @@ import torch
 
 from .config import PythiaConfig
 from .errors import CheckpointError, ConfigError, DeviceError, LoadInProgressError, PythiaNativeError
-from .format import check_quant_type
+from .format import DEFAULT_QUANT_TYPE, check_quant_type
 from .ops import check_compute
 from .generate import Pythia
 from .hub import download_checkpoint
@@ -108,7 +108,7 @@ def load(
     name_or_path: Union[str, os.PathLike],
     revision: Optional[str] = None,
     *,
-    quant_type: str = "nf4",
+    quant_type: str = DEFAULT_QUANT_TYPE,
     double_quant: bool = False,
     quantize_embed_out: bool = False,
     device: Union[str, torch.device, None] = None,
@@ -406,7 +406,7 @@ def bnb_dense_linears(config: PythiaConfig, reader: CheckpointReader) -> frozens
 def build_model(
     directory: Union[str, os.PathLike],
     *,
-    quant_type: str = "nf4",
+    quant_type: str = DEFAULT_QUANT_TYPE,
     double_quant: bool = False,
     quantize_embed_out: bool = False,
     device: torch.device = torch.device("cpu"),

@@ -40,7 +40,7 @@ from . import ops
 from .block import compose_block, layer_norm_fn, prefill_mask
 from .config import PythiaConfig
 from .errors import CheckpointError, GenerationError, LoadInProgressError
-from .format import check_quant_type
+from .format import DEFAULT_BLOCKSIZE, DEFAULT_QUANT_TYPE, check_quant_type
 from .quantized_linear import QuantizedLinear, parse_quant_state, weight_keys
 from .sampling import is_int
 from .weights import is_skipped_buffer
@@ -435,8 +435,8 @@ class PythiaModel(nn.Module):
         self,
         config: PythiaConfig,
         *,
-        quant_type: Optional[str] = "nf4",
-        blocksize: int = 64,
+        quant_type: Optional[str] = DEFAULT_QUANT_TYPE,
+        blocksize: int = DEFAULT_BLOCKSIZE,
         double_quant: bool = False,
         quantize_embed_out: bool = False,
         dtype: torch.dtype = torch.float32,

@@ -20,6 +20,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.pythia_native.*)
 from .errors import OptionError
+from .format import DEFAULT_BLOCKSIZE, DEFAULT_QUANT_TYPE
 
 _ops = torch.ops.pythia_native
 
@@ -56,7 +57,7 @@ def check_compute(compute: str) -> str:
 
 
 def quantize_4bit(
-    weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
+    weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, quant_type: str = DEFAULT_QUANT_TYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` (any shape, float32/float16/bfloat16) to 4 bits.
 
@@ -72,8 +73,8 @@ def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     shape: Sequence[int],
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The weight of ``shape`` back from 4 bits: ``code[index] * absmax[block]``
@@ -104,8 +105,8 @@ def gemm_4bit(
     absmax: torch.Tensor,
     shape: Sequence[int],
     bias: Optional[torch.Tensor] = None,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     compute: str = "float32",
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with ``W`` (``shape = (N, K)``) in 4 bits.
@@ -269,8 +270,8 @@ def neox_block_(
     eps: float,
     linears: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
     intermediate_size: int,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     rotary_ndims: int = 0,
     rope_theta: float = 10000.0,
     scale: float = 1.0,

@@ -68,6 +68,7 @@ from typing import Optional, Union
 import torch
 
 from .errors import QuantizedCacheWarning
+from .format import DEFAULT_BLOCKSIZE, DEFAULT_QUANT_TYPE
 from .suite import ModelRef, canonical_revision
 from .weights import CONFIG_FILE, CheckpointReader
 
@@ -81,10 +82,10 @@ FORMAT_VERSION = 1
 class QuantSettings:
     """How a dense checkpoint is quantized; one cache entry per distinct value."""
 
-    quant_type: str = "nf4"
+    quant_type: str = DEFAULT_QUANT_TYPE
     double_quant: bool = False
     quantize_embed_out: bool = False
-    blocksize: int = 64
+    blocksize: int = DEFAULT_BLOCKSIZE
 
     @property
     def tag(self) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import NestedAbsmax, QuantState, check_blocksize, check_quant_type, code_table, quantize_absmax
+from .format import DEFAULT_BLOCKSIZE, DEFAULT_QUANT_TYPE, NestedAbsmax, QuantState, check_blocksize, check_quant_type, code_table, quantize_absmax
 
 
 class QuantizedLinear(nn.Module):
@@ -39,8 +39,8 @@ class QuantizedLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        blocksize: int = 64,
-        quant_type: str = "nf4",
+        blocksize: int = DEFAULT_BLOCKSIZE,
+        quant_type: str = DEFAULT_QUANT_TYPE,
         dtype: torch.dtype = torch.float32,
         device: Optional[torch.device | str] = None,
         compute: str = "float32",
@@ -73,8 +73,8 @@ class QuantizedLinear(nn.Module):
         cls,
         linear: nn.Linear,
         *,
-        blocksize: int = 64,
-        quant_type: str = "nf4",
+        blocksize: int = DEFAULT_BLOCKSIZE,
+        quant_type: str = DEFAULT_QUANT_TYPE,
         compress_statistics: bool = False,
     ) -> "QuantizedLinear":
         """Quantize an ``nn.Linear`` (its weight's device and dtype are kept)."""

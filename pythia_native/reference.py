@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .format import ABSMAX_FLOOR, check_quant_type, code_table
+from .format import ABSMAX_FLOOR, DEFAULT_BLOCKSIZE, DEFAULT_QUANT_TYPE, check_quant_type, code_table
 
 
 def _bounds_and_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,7 +19,7 @@ def _bounds_and_order(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (s[:-1] + s[1:]) / 2, order
 
 
-def quantize_4bit(weight: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"):
+def quantize_4bit(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE, quant_type: str = DEFAULT_QUANT_TYPE):
     """Twin of ``ops.quantize_4bit``: bitsandbytes' CPU quantizer, step by step."""
     bounds, order = _bounds_and_order(check_quant_type(quant_type))
     w = weight.detach().reshape(-1).float().cpu()
@@ -52,8 +52,8 @@ def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
     shape: Sequence[int],
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Twin of ``ops.dequantize_4bit``: ``code[index] * absmax[block]`` in float32."""
@@ -77,8 +77,8 @@ def gemm_4bit(
     absmax: torch.Tensor,
     shape: Sequence[int],
     bias: Optional[torch.Tensor] = None,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     compute: str = "float32",
 ) -> torch.Tensor:
     """Twin of ``ops.gemm_4bit``: dequantize to float32, matmul in float32
@@ -115,8 +115,8 @@ def gemm_4bit_int16(
     absmax: torch.Tensor,
     shape: Sequence[int],
     bias: Optional[torch.Tensor] = None,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
 ) -> torch.Tensor:
     """The definition of ``gemm_4bit(..., compute="int16")``'s int16 GEMV
     (csrc/cpu/gemv_i16.cpp): x rounded per 64 elements by
@@ -259,8 +259,8 @@ def neox_block_(
     eps: float,
     linears: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
     intermediate_size: int,
-    blocksize: int = 64,
-    quant_type: str = "nf4",
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    quant_type: str = DEFAULT_QUANT_TYPE,
     rotary_ndims: int = 0,
     rope_theta: float = 10000.0,
     scale: float = 1.0,

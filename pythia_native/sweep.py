@@ -53,6 +53,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import torch
 
 from .errors import RevisionError
+from .format import DEFAULT_QUANT_TYPE
 from .generate import Pythia
 from .sampling import int_scalar
 from .suite import ModelRef, resolve_model, resolve_revision
@@ -125,7 +126,7 @@ def sweep(
     *,
     every: Optional[int] = None,
     steps: Optional[Iterable[int]] = None,
-    quant_type: str = "nf4",
+    quant_type: str = DEFAULT_QUANT_TYPE,
     double_quant: bool = False,
     quantize_embed_out: bool = False,
     device: Union[str, torch.device, None] = None,
