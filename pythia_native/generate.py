@@ -736,6 +736,9 @@ class Pythia:
         the first token is the context.
         Texts longer than the context are scored in windows of ``max_len``
         tokens, each after the previous window's last tokens (stride max_len // 2).
+        A token's log-probability can differ in its last bits between a text
+        and a prefix of it (up to 1.1e-5 measured: the kernels are chosen by the
+        number of tokens); one text scored under two revisions is summed alike.
         Returns a :class:`Score` (a list of them for a list of texts).
         """
         _check_flags(prepend_eos=prepend_eos)

@@ -18,11 +18,27 @@ Positions and the cache. Token ``(b, t)`` has a position ``positions[b, t]``:
 its rotary angle and its slot in sequence ``b``'s cache. Left padding gets a
 negative position: it is neither written to the cache nor attended to, so a
 left-padded batch computes what each sequence would alone, up to rounding:
-the 4-bit kernels are chosen by the number of rows (gemm_4bit), so the sums
-come in another order (float32: logits ~1e-6 relative apart, greedy tokens
-the same in the tests). In bfloat16 a prefill of more than 64 rows also
-multiplies by W rounded to bf16 (BLAS), fewer rows by W exactly, so there a
-sequence's greedy tokens can depend on the rest of its batch.
+the 4-bit kernels are chosen by the number of rows M (gemm_4bit: a GEMV, a
+tile kernel, BLAS; where each starts depends on the CPU's ISA), so a
+sequence's sums can come in another order in a batch than alone. Within one
+kernel a row's bits do not depend on the other rows. What that costs:
+
+* float32: logits ~1e-6 relative apart (up to ~4e-6 measured), not bit for
+  bit; greedy tokens the same in every test and audit run (a flip needs a
+  top-2 gap of ~1e-5).
+* bfloat16: every output is rounded to bf16 (one ulp is ~1% of a logit),
+  so the order of the sums shows: greedy tokens can depend on the rest of
+  the batch (an audit saw a third of the rows of random 160m-shaped models
+  diverge within 48 steps). A prefill past the tile kernel's rows (64 with
+  AVX-512, 16 with AVX2) also multiplies by W rounded to bf16 (BLAS).
+* compute="int16": the int16 GEMV takes M <= 16 only; a batched prefill of
+  more rows (padding included) runs in float32, the same prompt alone in
+  int16 (~1e-4 apart), so greedy tokens can depend on the batch there too.
+
+The same holds across lengths (score() of a text and of its prefix give a
+shared token's log-probability ~1e-5 apart) and across ISAs (an AVX-512 and
+an AVX2 host: ~1e-6 apart in float32). Repeated calls, thread counts and
+processes give the same bits.
 """
 from __future__ import annotations
 
