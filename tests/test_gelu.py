@@ -55,7 +55,9 @@ def test_more_exact_than_torch_where_torch_cancels():
     ours = (pn.gelu(x).double() - exact).abs() / exact.abs()
     theirs = (F.gelu(x).double() - exact).abs() / exact.abs()
     assert (ours < 1e-6).all()
-    assert (theirs > 1e-4).all()
+    # torch's error depends on its kernel: 1e-4 to 1 with AVX-512, 4e-5 at
+    # x = -3 (then 3e-4 to 1) with AVX2 (an AMD EPYC, 2026-12-08).
+    assert (theirs > 1e-5).all() and (theirs[1:] > 1e-4).all()
 
 
 @pytest.mark.parametrize("cpu_isa", CPU_ISAS, indirect=True)
