@@ -26,9 +26,12 @@ DEFAULT_MODEL = "EleutherAI/pythia-160m"
 
 def _add_model_args(p: argparse.ArgumentParser, positional_model: bool = False) -> None:
     if not positional_model:
-        p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+        # None until main() fills in DEFAULT_MODEL, so that bench can tell a
+        # --model given (even as the default's name) from none.
+        p.add_argument("--model", "-m", default=None,
                        help=f"Pythia name, hub repo id or local directory (default {DEFAULT_MODEL})")
     p.add_argument("--revision", "-r", default=None, help="main (default), stepN, or a commit hash")
+    # (format.QUANT_TYPES / DEFAULT_QUANT_TYPE, spelled out: --help imports no torch)
     p.add_argument("--quant-type", default=None, choices=["nf4", "fp4"],
                    help="4-bit format for dense checkpoints (default nf4)")
     p.add_argument("--double-quant", action="store_true", help="double-quantize the block scales (saving)")
@@ -103,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args, **extra):
+    from .format import DEFAULT_QUANT_TYPE
     from .loading import load
 
     return load(
-        args.model, args.revision, quant_type=args.quant_type or "nf4", double_quant=args.double_quant, device=args.device,
+        args.model, args.revision, quant_type=args.quant_type or DEFAULT_QUANT_TYPE, double_quant=args.double_quant, device=args.device,
         dtype=args.dtype, cache_dir=args.cache_dir, local_files_only=True if args.offline else None,
         quantized_cache=args.quantized_cache, compute=args.compute, **extra,
     )
@@ -228,6 +232,7 @@ def _texts_to_score(args, text: str) -> tuple[list[int], list[str]]:
 def _score_revisions(args) -> int:
     """One line per revision: ``revision, tokens, logprob, mean, perplexity`` (a sweep, one model in memory)."""
     from .errors import RevisionError
+    from .format import DEFAULT_QUANT_TYPE
     from .generate import perplexity
     from .sweep import sweep
 
@@ -236,7 +241,7 @@ def _score_revisions(args) -> int:
     if args.revisions is not None and args.every is not None:
         raise RevisionError("give either --revisions or --every, not both")
     _, texts = _texts_to_score(args, _read_text(args.file))
-    revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type or "nf4",
+    revs = sweep(args.model, args.revisions, every=args.every, quant_type=args.quant_type or DEFAULT_QUANT_TYPE,
                  double_quant=args.double_quant, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
                  quantized_cache=args.quantized_cache, local_files_only=True if args.offline else None,
                  free_hub_files=args.free_hub_files)
@@ -327,7 +332,7 @@ def cmd_bench(args) -> int:
     # What would pick the checkpoint means nothing for a random model (and
     # --size nothing for a checkpoint): refused rather than silently ignored.
     where = [flag for flag, given in (
-        ("--model", args.model != DEFAULT_MODEL), ("--revision", args.revision is not None),
+        ("--model", args.model_given), ("--revision", args.revision is not None),
         ("--cache-dir", args.cache_dir is not None), ("--quantized-cache", args.quantized_cache is not None),
         ("--offline", args.offline),
     ) if given]
@@ -339,6 +344,7 @@ def cmd_bench(args) -> int:
                               "own (drop --size, or add --random-weights)")
     if args.random_weights:
         from .config import PythiaConfig
+        from .format import DEFAULT_QUANT_TYPE
         from .model import PythiaModel
 
         size = args.size or "160m"
@@ -346,7 +352,7 @@ def cmd_bench(args) -> int:
         dt = check_dtype(args.dtype, dev)
         # float16 values and, on the CPU, a float16 head: what load() gives for a Pythia checkpoint.
         head = torch.float16 if dev.type == "cpu" and dt != torch.float16 else None
-        model = PythiaModel.random(PythiaConfig.for_size(size), quant_type=args.quant_type or "nf4",
+        model = PythiaModel.random(PythiaConfig.for_size(size), quant_type=args.quant_type or DEFAULT_QUANT_TYPE,
                                    double_quant=args.double_quant, dtype=dt, device=dev, head_dtype=head,
                                    compute=args.compute)
         tokenizer = None
@@ -396,6 +402,10 @@ COMMANDS = {"generate": cmd_generate, "score": cmd_score, "revisions": cmd_revis
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "model"):
+        args.model_given = args.model is not None
+        if args.model is None:
+            args.model = DEFAULT_MODEL
     threads = getattr(args, "threads", None)
     if threads is not None:
         # torch.set_num_threads crashes for huge counts (libgomp: 20000 failed,

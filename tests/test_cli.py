@@ -297,6 +297,7 @@ def test_text_goes_out_as_utf8_whatever_the_locale(ckpt):
     (["--revision", "step5", "--offline"],
      "--random-weights builds a random model: --revision, --offline cannot apply; drop them, or --random-weights"),
     (["--model", "pythia-1b"], "--model cannot apply; drop it, or --random-weights"),
+    (["--model", "EleutherAI/pythia-160m"], "--model cannot apply"),  # the default's name, given
     (["--quantized-cache", "q", "--cache-dir", "c"], "--cache-dir, --quantized-cache cannot apply"),
 ])
 def test_bench_argument_errors_are_one_line(capsys, argv, match):
