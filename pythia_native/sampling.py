@@ -279,11 +279,12 @@ def _draw_cpu(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torc
     draws (no host synchronization); its seeded ids differ from these.
 
     Why not ``torch.multinomial``: for one sample it draws an exponential per
-    id (50k on a pythia row) and took ~1.3 ms per row on a 2-vCPU Xeon, ~10%
-    of a pythia-160m decode step. A whole-row float64 running sum (np.cumsum,
-    a serial chain) took ~0.2 ms; so the row is cut into blocks of
-    ``_DRAW_BLOCK``, their sums (vectorized) choose the block, and the running
-    sum runs within it only."""
+    id (50k on a pythia row) and took 1.4-1.6 ms per row on a 2-vCPU AMD
+    EPYC (AVX2), ~10% of a pythia-160m decode step there; this draw takes
+    0.15-0.25 ms. A whole-row float64 running sum (np.cumsum, a serial chain)
+    took ~0.2 ms alone; so the row is cut into blocks of ``_DRAW_BLOCK``,
+    their sums (vectorized) choose the block, and the running sum runs within
+    it only."""
     u = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator).numpy()
     return torch.from_numpy(_inverse_cdf(probs.numpy(force=True), u))
 
