@@ -627,9 +627,13 @@ PYBIND11_MODULE(_C, mod) {
         std::string(cpu::i16_kernel_name(cpu::i16_kernel(cpu::active_isa())));
     // The rows of x (M) up to which it does.
     info["cpu_gemv_int16_max_m"] = cpu::kGemvI16MaxM;
+    // The float32 AVX2 kernels' code lookup on this CPU ("vpermps" or
+    // "vpshufb"; the same bits either way, see kernels.h Avx2Decode).
+    info["cpu_avx2_decode"] = std::string(cpu::avx2_decode_name(cpu::avx2_decode()));
     return info;
   }, "What this build has: CUDA yes/no and archs, CPU ISAs compiled and chosen, "
-     "whether the CPU has an int16 GEMV (and which one runs now) and up to which M.");
+     "whether the CPU has an int16 GEMV (and which one runs now) and up to which M, "
+     "and the float32 AVX2 kernels' code lookup.");
   mod.def("blocksize_range", []() { return std::make_pair(kMinBlocksize, kMaxBlocksize); },
           "(min, max) blocksize the kernels take (powers of two in between).");
   mod.def("attention_head_dims", []() { return std::make_pair(kAttnHeadDimMultiple, kAttnMaxHeadDim); },

@@ -43,7 +43,18 @@ void quantize_4bit_blocks(const float* w, int64_t numel, int64_t blocksize, Quan
 void dequantize_4bit_range(const uint8_t* packed, const float* absmax, int64_t blocksize,
                            QuantType qt, int64_t e0, int64_t e1, float* out);
 
-// Elements per "chunk" of an ISA's unpack: 32 (AVX-512), 16 (AVX2), 2
+// The float32 AVX2 kernels' code lookup (cpu/gemm_4bit.cpp): two vpermps and
+// a blend per 8 codes (Perm) or vpshufb on the codes' four byte planes
+// (Shuf). Both give the same codes in the same order, so the same bits; only
+// the speed differs (Shuf 1.6x faster on an AMD EPYC, Perm expected faster on
+// Intel's single shuffle port). Chosen per CPU (Shuf on AMD) unless forced.
+enum class Avx2Decode : int32_t { Perm = 0, Shuf = 1 };
+Avx2Decode avx2_decode();            // what the AVX2 kernels use now
+void set_avx2_decode(Avx2Decode d);  // force one (tests, measurements)
+void reset_avx2_decode();            // back to the CPU's choice
+const char* avx2_decode_name(Avx2Decode d);  // "vpermps", "vpshufb"
+
+// Elements per "chunk" of an ISA's unpack: 32 (AVX-512), 32 (AVX2), 2
 // (scalar). Within a chunk the vector kernels produce the weights in a fixed
 // scrambled order (that is how nibbles unpack without a shuffle, see
 // cpu/gemm_4bit.cpp); callers permute x the same way once per call instead

@@ -6,8 +6,10 @@
 // Versions (chosen at run time by cpu::active_isa()):
 //   avx512  16 floats per register; one vpermps looks a nibble up in the whole
 //           16-entry code table held in one zmm register.
-//   avx2    8 floats per register; two vpermps (low/high half of the table)
-//           and a blend on bit 3 of the nibble.
+//   avx2    8 floats per register, 32 weights per chunk; the lookup by two
+//           vpermps (low/high half of the table) and a blend on bit 3 of the
+//           nibble, or by vpshufb on the codes' byte planes (AMD CPUs; the
+//           same bits, see unpack32_avx2).
 //   scalar  the portable fallback and the readable definition of the loops.
 //
 // Unpacking without shuffles: the 16 bytes of a chunk (32 weights) are
@@ -44,6 +46,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 
@@ -55,6 +58,21 @@
 
 namespace pythia_native {
 namespace cpu {
+
+namespace {
+// -1: the CPU's choice; else an Avx2Decode forced by set_avx2_decode.
+std::atomic<int> g_avx2_decode_forced{-1};
+}  // namespace
+
+Avx2Decode avx2_decode() {
+  const int f = g_avx2_decode_forced.load(std::memory_order_relaxed);
+  if (f >= 0) return static_cast<Avx2Decode>(f);
+  static const Avx2Decode best = __builtin_cpu_is("amd") ? Avx2Decode::Shuf : Avx2Decode::Perm;
+  return best;
+}
+void set_avx2_decode(Avx2Decode d) { g_avx2_decode_forced.store(static_cast<int>(d)); }
+void reset_avx2_decode() { g_avx2_decode_forced.store(-1); }
+const char* avx2_decode_name(Avx2Decode d) { return d == Avx2Decode::Shuf ? "vpshufb" : "vpermps"; }
 
 namespace {
 
@@ -337,43 +355,103 @@ PN_AVX512 void dequantize_rows_avx512(const uint8_t* packed, const float* absmax
 
 #define PN_AVX2 __attribute__((target("avx2,fma")))
 
-// 8 bytes at p -> 16 code values in chunk_source() order: lane i of *ca the
-// high nibble of byte 4*(i%2) + i/2, *cb its low nibble. The lookup reads bits
-// 0-2 (vpermps) and bit 3 (shifted to the sign for blendv) of each index, so
-// the garbage above the nibble needs no mask.
-PN_AVX2 inline void unpack16_avx2(const uint8_t* p, __m256 tlo, __m256 thi, __m256* ca,
-                                  __m256* cb) {
-  int64_t word;
-  __builtin_memcpy(&word, p, 8);
-  const __m256i bytes = _mm256_set1_epi64x(word);
-  const __m256i shift_a = _mm256_set_epi32(28, 28, 20, 20, 12, 12, 4, 4);
-  const __m256i shift_b = _mm256_set_epi32(24, 24, 16, 16, 8, 8, 0, 0);
-  *ca = lookup8(_mm256_srlv_epi32(bytes, shift_a), tlo, thi);
-  *cb = lookup8(_mm256_srlv_epi32(bytes, shift_b), tlo, thi);
+// The AVX2 decode: 16 bytes (a chunk of 32 weights) -> f[0..3], 8 codes each,
+// in chunk_source() order: lane r of f[q] holds the code of element
+// 2 * (4q + r % 4) + (r >= 4), i.e. byte 4q + r % 4's high nibble for r < 4
+// and its low nibble for r >= 4. Two ways, with the same result bit for bit
+// (so the sums run in one order whichever a CPU takes):
+//   Perm  dword q broadcast, a nibble shifted down per lane (vpsrlvd), then
+//         two vpermps (the table's halves) and a blend on bit 3 (vpermps
+//         reads bits 0-2, the blend the sign: no mask needed);
+//   Shuf  the four bytes of each float32 code as four 16-entry tables
+//         (planes), looked up with vpshufb by the nibbles, then interleaved
+//         into floats (vpunpck{l,h}bw, {l,h}wd).
+// On an AVX2-only AMD EPYC (family 25 model 1, 2026-12-08) vpermps took
+// ~1.25 cycles each and the Perm mix 18.2-18.5 ns per 128 weights, the Shuf
+// mix 11.3-11.5 (benchmarks/experiments/avx2_decode.cpp); on Intel cores
+// (one shuffle port) Shuf's 12 shuffles per 32 weights should lose to Perm's
+// 8 (not measured). So AMD CPUs take Shuf, others Perm (avx2_decode()).
+struct Avx2Tables {
+  __m256 lo, hi;      // Perm: codes 0-7 and 8-15
+  __m256i plane[4];   // Shuf: byte j of each code, in both 128-bit lanes
+};
+
+PN_AVX2 inline Avx2Tables avx2_tables(QuantType qt, float scale) {
+  alignas(32) float code[16];
+  for (int i = 0; i < 16; ++i) code[i] = code_table(qt)[i] * scale;  // a power of two: exact
+  alignas(16) uint8_t pl[4][16];
+  for (int i = 0; i < 16; ++i) {
+    uint32_t u;
+    __builtin_memcpy(&u, &code[i], 4);
+    for (int j = 0; j < 4; ++j) pl[j][i] = static_cast<uint8_t>(u >> (8 * j));
+  }
+  Avx2Tables t;
+  t.lo = _mm256_load_ps(code);
+  t.hi = _mm256_load_ps(code + 8);
+  for (int j = 0; j < 4; ++j) {
+    t.plane[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(pl[j])));
+  }
+  return t;
 }
 
-template <int MT, bool FIRST>
-PN_AVX2 __attribute__((always_inline)) inline void chunk_avx2(
-    const float* xp, int64_t K, int64_t k, const uint8_t* wrow, __m256 tlo, __m256 thi,
-    __m256 (&blk)[MT][2]) {
-  __m256 ce, co;
-  unpack16_avx2(wrow + k / 2, tlo, thi, &ce, &co);
-  for (int m = 0; m < MT; ++m) {
-    const float* xk = xp + m * K + k;
-    if (FIRST) {
-      blk[m][0] = _mm256_mul_ps(ce, _mm256_loadu_ps(xk));
-      blk[m][1] = _mm256_mul_ps(co, _mm256_loadu_ps(xk + 8));
-    } else {
-      blk[m][0] = _mm256_fmadd_ps(ce, _mm256_loadu_ps(xk), blk[m][0]);
-      blk[m][1] = _mm256_fmadd_ps(co, _mm256_loadu_ps(xk + 8), blk[m][1]);
+template <Avx2Decode D>
+PN_AVX2 __attribute__((always_inline)) inline void unpack32_avx2(const uint8_t* p,
+                                                                 const Avx2Tables& t, __m256* f) {
+  if (D == Avx2Decode::Shuf) {
+    const __m256i v =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    // Low 128-bit lane: the 16 high nibbles; high lane: the 16 low nibbles.
+    const __m256i idx = _mm256_blend_epi32(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                           _mm256_and_si256(v, m4), 0xF0);
+    const __m256i b0 = _mm256_shuffle_epi8(t.plane[0], idx);
+    const __m256i b1 = _mm256_shuffle_epi8(t.plane[1], idx);
+    const __m256i b2 = _mm256_shuffle_epi8(t.plane[2], idx);
+    const __m256i b3 = _mm256_shuffle_epi8(t.plane[3], idx);
+    const __m256i u0 = _mm256_unpacklo_epi8(b0, b1), u1 = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i u2 = _mm256_unpacklo_epi8(b2, b3), u3 = _mm256_unpackhi_epi8(b2, b3);
+    // f[q]: bytes 4q..4q+3, high nibbles' codes in the low lane, low nibbles' in the high.
+    f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u0, u2));
+    f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u0, u2));
+    f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(u1, u3));
+    f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(u1, u3));
+  } else {
+    const __m256i sh = _mm256_set_epi32(24, 16, 8, 0, 28, 20, 12, 4);
+    for (int q = 0; q < 4; ++q) {
+      int32_t d;
+      __builtin_memcpy(&d, p + 4 * q, 4);
+      f[q] = lookup8(_mm256_srlv_epi32(_mm256_set1_epi32(d), sh), t.lo, t.hi);
     }
   }
 }
 
-// As gemv_row_avx512, 16 weights per chunk.
-template <int MT>
+// One chunk (32 weights) for MT rows of x: f[0], f[1] into blk[m][0], f[2],
+// f[3] into blk[m][1] (each accumulator gets blocksize / 16 terms per lane,
+// the count gemv_code_shift assumes).
+template <int MT, bool FIRST, Avx2Decode D>
+PN_AVX2 __attribute__((always_inline)) inline void chunk_avx2(
+    const float* xp, int64_t K, int64_t k, const uint8_t* wrow, const Avx2Tables& t,
+    __m256 (&blk)[MT][2]) {
+  __m256 f[4];
+  unpack32_avx2<D>(wrow + k / 2, t, f);
+  for (int m = 0; m < MT; ++m) {
+    const float* xk = xp + m * K + k;
+    if (FIRST) {
+      blk[m][0] = _mm256_mul_ps(f[0], _mm256_loadu_ps(xk));
+      blk[m][1] = _mm256_mul_ps(f[2], _mm256_loadu_ps(xk + 16));
+    } else {
+      blk[m][0] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(xk), blk[m][0]);
+      blk[m][1] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xk + 16), blk[m][1]);
+    }
+    blk[m][0] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xk + 8), blk[m][0]);
+    blk[m][1] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xk + 24), blk[m][1]);
+  }
+}
+
+// As gemv_row_avx512, 32 weights per chunk.
+template <int MT, Avx2Decode D>
 PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wrow,
-                                  const float* arow, int64_t bs, __m256 tlo, __m256 thi,
+                                  const float* arow, int64_t bs, const Avx2Tables& t,
                                   StreamPrefetcher& pw, StreamPrefetcher& pa, float* sums) {
   __m256 tot[MT][2];
   for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
@@ -381,9 +459,9 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
     pw.before(wrow + (k0 + bs) / 2);
     pa.before(arow + b + 1);
     __m256 blk[MT][2];
-    chunk_avx2<MT, true>(xp, K, k0, wrow, tlo, thi, blk);
-    for (int64_t k = k0 + 16; k < k0 + bs; k += 16) {
-      chunk_avx2<MT, false>(xp, K, k, wrow, tlo, thi, blk);
+    chunk_avx2<MT, true, D>(xp, K, k0, wrow, t, blk);
+    for (int64_t k = k0 + 32; k < k0 + bs; k += 32) {
+      chunk_avx2<MT, false, D>(xp, K, k, wrow, t, blk);
     }
     const __m256 scale = _mm256_set1_ps(arow[b]);
     for (int m = 0; m < MT; ++m) {
@@ -394,26 +472,25 @@ PN_AVX2 inline void gemv_row_avx2(const float* xp, int64_t K, const uint8_t* wro
   for (int m = 0; m < MT; ++m) sums[m] = hsum8(_mm256_add_ps(tot[m][0], tot[m][1]));
 }
 
-template <int MT>
+template <int MT, Avx2Decode D>
 PN_AVX2 inline void row_group_avx2(const float* x, int64_t K, const uint8_t* wrow,
-                                   const float* arow, int64_t bs, __m256 tlo, __m256 thi,
+                                   const float* arow, int64_t bs, const Avx2Tables& t,
                                    float unscale, float b, StreamPrefetcher& pw,
                                    StreamPrefetcher& pa, void* y, DType ydt, int64_t ldy,
                                    int64_t n) {
   float sums[MT];
-  gemv_row_avx2<MT>(x, K, wrow, arow, bs, tlo, thi, pw, pa, sums);
+  gemv_row_avx2<MT, D>(x, K, wrow, arow, bs, t, pw, pa, sums);
   for (int m = 0; m < MT; ++m) store_out(y, ydt, m * ldy + n, sums[m] * unscale + b);
 }
 
 // As gemv_rows_avx512.
-PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
-                            const float* absmax, int64_t bs, QuantType qt, const float* bias,
-                            int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, int shift) {
+template <Avx2Decode D>
+PN_AVX2 void gemv_rows_avx2_d(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                              const float* absmax, int64_t bs, QuantType qt, const float* bias,
+                              int64_t n0, int64_t n1, void* y, DType ydt, int64_t ldy, int shift) {
   // The codes times 2^-shift, y times 2^shift (see gemv_code_shift).
   const float unscale = std::ldexp(1.0f, shift);
-  const __m256 down = _mm256_set1_ps(std::ldexp(1.0f, -shift));
-  const __m256 tlo = _mm256_mul_ps(_mm256_loadu_ps(code_table(qt)), down);
-  const __m256 thi = _mm256_mul_ps(_mm256_loadu_ps(code_table(qt) + 8), down);
+  const Avx2Tables t = avx2_tables(qt, std::ldexp(1.0f, -shift));
   StreamPrefetcher pw(packed + n0 * (K / 2), packed + n1 * (K / 2), kPrefetchAhead);
   StreamPrefetcher pa(absmax + n0 * (K / bs), absmax + n1 * (K / bs), kPrefetchAhead * 8 / bs);
   const int64_t esize = dtype_size(ydt);
@@ -425,32 +502,51 @@ PN_AVX2 void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t
       const float* x = xp + m0 * K;
       void* yo = static_cast<char*>(y) + m0 * ldy * esize;
       switch (std::min<int64_t>(4, M - m0)) {
-        case 4: row_group_avx2<4>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
-        case 3: row_group_avx2<3>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
-        case 2: row_group_avx2<2>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
-        default: row_group_avx2<1>(x, K, wrow, arow, bs, tlo, thi, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 4: row_group_avx2<4, D>(x, K, wrow, arow, bs, t, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 3: row_group_avx2<3, D>(x, K, wrow, arow, bs, t, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        case 2: row_group_avx2<2, D>(x, K, wrow, arow, bs, t, unscale, b, pw, pa, yo, ydt, ldy, n); break;
+        default: row_group_avx2<1, D>(x, K, wrow, arow, bs, t, unscale, b, pw, pa, yo, ydt, ldy, n); break;
       }
     }
   }
 }
 
-PN_AVX2 void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, int64_t K,
-                                  int64_t bs, QuantType qt, int64_t n0, int64_t n1, int64_t k0,
-                                  int64_t k1, float* out) {
-  const __m256 tlo = _mm256_loadu_ps(code_table(qt));
-  const __m256 thi = _mm256_loadu_ps(code_table(qt) + 8);
+void gemv_rows_avx2(const float* xp, int64_t M, int64_t K, const uint8_t* packed,
+                    const float* absmax, int64_t bs, QuantType qt, const float* bias, int64_t n0,
+                    int64_t n1, void* y, DType ydt, int64_t ldy, int shift) {
+  if (avx2_decode() == Avx2Decode::Shuf) {
+    gemv_rows_avx2_d<Avx2Decode::Shuf>(xp, M, K, packed, absmax, bs, qt, bias, n0, n1, y, ydt, ldy, shift);
+  } else {
+    gemv_rows_avx2_d<Avx2Decode::Perm>(xp, M, K, packed, absmax, bs, qt, bias, n0, n1, y, ydt, ldy, shift);
+  }
+}
+
+template <Avx2Decode D>
+PN_AVX2 void dequantize_rows_avx2_d(const uint8_t* packed, const float* absmax, int64_t K,
+                                    int64_t bs, QuantType qt, int64_t n0, int64_t n1, int64_t k0,
+                                    int64_t k1, float* out) {
+  const Avx2Tables t = avx2_tables(qt, 1.0f);
   const int log2bs = __builtin_ctzll(static_cast<unsigned long long>(bs));
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* arow = absmax + n * (K / bs);
     float* o = out + (n - n0) * (k1 - k0);
-    for (int64_t k = k0; k < k1; k += 16) {
+    for (int64_t k = k0; k < k1; k += 32) {
       const __m256 scale = _mm256_set1_ps(arow[k >> log2bs]);
-      __m256 ce, co;
-      unpack16_avx2(wrow + k / 2, tlo, thi, &ce, &co);
-      _mm256_storeu_ps(o + (k - k0), _mm256_mul_ps(ce, scale));
-      _mm256_storeu_ps(o + (k - k0) + 8, _mm256_mul_ps(co, scale));
+      __m256 f[4];
+      unpack32_avx2<D>(wrow + k / 2, t, f);
+      for (int q = 0; q < 4; ++q) _mm256_storeu_ps(o + (k - k0) + 8 * q, _mm256_mul_ps(f[q], scale));
     }
+  }
+}
+
+void dequantize_rows_avx2(const uint8_t* packed, const float* absmax, int64_t K, int64_t bs,
+                          QuantType qt, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
+                          float* out) {
+  if (avx2_decode() == Avx2Decode::Shuf) {
+    dequantize_rows_avx2_d<Avx2Decode::Shuf>(packed, absmax, K, bs, qt, n0, n1, k0, k1, out);
+  } else {
+    dequantize_rows_avx2_d<Avx2Decode::Perm>(packed, absmax, K, bs, qt, n0, n1, k0, k1, out);
   }
 }
 
@@ -466,7 +562,7 @@ static int64_t chunk_source(Isa isa, int64_t i) {
   const int64_t low = i / half;  // 0: high nibble (even element), 1: low nibble
   switch (isa) {
     case Isa::AVX512: return 8 * (lane % 4) + 2 * (lane / 4) + low;
-    case Isa::AVX2: return 8 * (lane % 2) + 2 * (lane / 2) + low;
+    case Isa::AVX2: return 2 * (4 * (i / 8) + i % 4) + (i % 8 >= 4);  // see unpack32_avx2
     default: return i;
   }
 }
@@ -502,7 +598,10 @@ float permute_k(const void* x, DType dt, int64_t M, int64_t K, int64_t ldx, Isa 
 
 int gemv_code_shift(float amax, int64_t blocksize, Isa isa) {
   if (isa == Isa::Scalar) return 0;
-  const int64_t chunk = isa == Isa::AVX512 ? 32 : 16;  // weights per chunk: one term per lane
+  // Terms each accumulator lane sums per block: blocksize / chunk, where a
+  // "chunk" here is 32 (AVX-512: one FMA per 32 weights) or 16 (AVX2: a
+  // 32-weight chunk's two FMAs per accumulator).
+  const int64_t chunk = isa == Isa::AVX512 ? 32 : 16;
   const int64_t terms = std::max<int64_t>(1, blocksize / chunk);
   if (static_cast<double>(amax) * static_cast<double>(terms) <=
       static_cast<double>(std::numeric_limits<float>::max())) {

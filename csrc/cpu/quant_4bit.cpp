@@ -73,7 +73,7 @@ const char* isa_name(Isa isa) {
 int64_t chunk_elems(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return 32;
-    case Isa::AVX2: return 16;
+    case Isa::AVX2: return 32;
     default: return 2;
   }
 }

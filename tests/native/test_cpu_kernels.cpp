@@ -65,7 +65,7 @@ void test_isa_control() {
   const Isa best = cpu::best_isa();
   std::printf("best_isa = %s\n", cpu::isa_name(best));
   CHECK(cpu::chunk_elems(Isa::AVX512) == 32, "got %lld", ll(cpu::chunk_elems(Isa::AVX512)));
-  CHECK(cpu::chunk_elems(Isa::AVX2) == 16, "got %lld", ll(cpu::chunk_elems(Isa::AVX2)));
+  CHECK(cpu::chunk_elems(Isa::AVX2) == 32, "got %lld", ll(cpu::chunk_elems(Isa::AVX2)));
   CHECK(cpu::chunk_elems(Isa::Scalar) == 2, "got %lld", ll(cpu::chunk_elems(Isa::Scalar)));
   CHECK(cpu::active_isa() == best, "active %s, best %s", cpu::isa_name(cpu::active_isa()),
         cpu::isa_name(best));
@@ -631,6 +631,47 @@ struct NamedF16wKernel {
 const NamedF16wKernel kF16wKernels[] = {{"gemv_f16w_rows", cpu::gemv_f16w_rows},
                                         {"gemm_f16w_tiles", cpu::gemm_f16w_tiles}};
 
+// The two AVX2 code lookups (vpermps, vpshufb) must give the same bits: the
+// row decode and the GEMV at M = 1-5, NF4 and FP4, and a code_shift (x near
+// the float32 maximum scales the codes down).
+void test_avx2_decodes_agree(std::mt19937& rng) {
+  cpu::set_isa(Isa::AVX2);
+  for (QuantType qt : {QuantType::NF4, QuantType::FP4}) {
+    for (const auto& [K, bs] : {std::pair<int64_t, int64_t>{32, 32}, {96, 32}, {768, 64}, {2112, 64}, {1024, 256}}) {
+      const int64_t N = 5;
+      const QuantWeight q = make_weight(N, K, bs, qt, rng);
+      std::vector<float> out[2];
+      for (int d = 0; d < 2; ++d) {
+        cpu::set_avx2_decode(static_cast<cpu::Avx2Decode>(d));
+        out[d].assign(N * K, 0.0f);
+        cpu::dequantize_rows_permuted(q.packed.data(), q.absmax.data(), K, bs, qt, 0, N,
+                                      out[d].data(), Isa::AVX2);
+      }
+      g_ctx = fmt("avx2 decodes %s K=%lld bs=%lld: dequantize_rows_permuted", qt_name(qt), ll(K), ll(bs));
+      CHECK(std::memcmp(out[0].data(), out[1].data(), out[0].size() * 4) == 0, "vpermps and vpshufb differ");
+      for (int64_t M : {1, 4, 5}) {
+        for (float big : {1.0f, 3e38f}) {
+          std::vector<float> x = normal_vec(rng, M * K), xp(M * K);
+          x[0] = big;
+          const float amax = cpu::permute_k(x.data(), DType::F32, M, K, K, Isa::AVX2, xp.data());
+          const int shift = cpu::gemv_code_shift(amax, bs, Isa::AVX2);
+          std::vector<float> y[2];
+          for (int d = 0; d < 2; ++d) {
+            cpu::set_avx2_decode(static_cast<cpu::Avx2Decode>(d));
+            y[d].assign(M * N, 0.0f);
+            cpu::gemv_4bit_rows(xp.data(), M, K, q.packed.data(), q.absmax.data(), bs, qt, nullptr, 0, N,
+                                y[d].data(), DType::F32, N, Isa::AVX2, shift);
+          }
+          g_ctx = fmt("avx2 decodes %s K=%lld bs=%lld M=%lld shift=%d: gemv_4bit_rows", qt_name(qt), ll(K),
+                      ll(bs), ll(M), shift);
+          CHECK(std::memcmp(y[0].data(), y[1].data(), y[0].size() * 4) == 0, "vpermps and vpshufb differ");
+        }
+      }
+    }
+  }
+  cpu::reset_avx2_decode();
+}
+
 void test_gemv_f16w(const NamedF16wKernel& kernel, Isa isa, int64_t M, int64_t N, int64_t K,
                     bool with_bias, std::mt19937& rng) {
   g_ctx = fmt("isa=%s %s M=%lld N=%lld K=%lld bias=%d", cpu::isa_name(isa), kernel.name, ll(M),
@@ -939,8 +980,33 @@ int main() {
     std::printf("note: this CPU has no AVX-512: its kernels (incl. the M = 1 row pairs of "
                 "gemv_4bit_rows) are not exercised here\n");
   }
+  {
+    bool avx2 = false;
+    for (Isa isa : supported_isas()) avx2 = avx2 || isa == Isa::AVX2;
+    if (avx2) {
+      std::mt19937 rng(777);
+      test_avx2_decodes_agree(rng);
+      std::printf("AVX2 code lookup chosen for this CPU: %s\n", cpu::avx2_decode_name(cpu::avx2_decode()));
+    }
+  }
+  // The AVX2 pass runs twice, once per code lookup (vpermps, vpshufb).
+  std::vector<std::pair<Isa, int>> passes;
   for (Isa isa : supported_isas()) {
+    if (isa == Isa::AVX2) {
+      passes.emplace_back(isa, static_cast<int>(cpu::Avx2Decode::Perm));
+      passes.emplace_back(isa, static_cast<int>(cpu::Avx2Decode::Shuf));
+    } else {
+      passes.emplace_back(isa, -1);
+    }
+  }
+  for (const auto& [isa, decode] : passes) {
     cpu::set_isa(isa);
+    if (decode >= 0) {
+      cpu::set_avx2_decode(static_cast<cpu::Avx2Decode>(decode));
+      std::printf("isa avx2 with the %s lookup:\n", cpu::avx2_decode_name(static_cast<cpu::Avx2Decode>(decode)));
+    } else {
+      cpu::reset_avx2_decode();
+    }
     const int64_t before_pass = g_passed, before_fail = g_failed;
     std::mt19937 rng(12345);
     g_worst_rel = g_worst_rel_cond = 0.0;
