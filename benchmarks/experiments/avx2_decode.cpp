@@ -1,7 +1,9 @@
 // Not part of the package: the instruction mix of the float32 AVX2 GEMV's
-// code lookup (csrc/cpu/gemm_4bit.cpp, unpack16_avx2 + lookup8 + FMA) against
-// a vpshufb decode, timed in loops with no memory traffic, and a check that
-// both produce exact float32 codes. Built with the native tests
+// code lookup as it was before 2abc4aa ("shipped" below: unpack16_avx2 +
+// lookup8 + FMA) against a vpshufb decode, timed in loops with no memory
+// traffic, and a check that both produce exact float32 codes. 2abc4aa built
+// the vpshufb decode and the vpermps one in its order ("perm32") into
+// csrc/cpu/gemm_4bit.cpp (unpack32_avx2), vpshufb on AMD CPUs. Built with the native tests
 // (`cmake --build build-native --target avx2_decode`), not run by ctest:
 //   build-native/avx2_decode
 //
