@@ -12,7 +12,8 @@
 //           same bits, see unpack32_avx2).
 //   scalar  the portable fallback and the readable definition of the loops.
 //
-// Unpacking without shuffles: the 16 bytes of a chunk (32 weights) are
+// Unpacking without shuffles (AVX-512; AVX2's vpermps lookup likewise, from
+// a broadcast dword): the 16 bytes of a chunk (32 weights) are
 // broadcast to every 128-bit lane by the load itself, and a per-lane variable
 // shift (vpsrlvd) moves a different nibble to the bottom of each 32-bit lane.
 // vpermps reads only the low 4 bits of an index, so the bits above need no
@@ -20,7 +21,8 @@
 // (chunk_source() below); x is permuted once per call into the same order
 // (permute_k), and a dot product does not care about the order of its terms.
 // Per 32 weights that leaves 2 shuffle-port uops (the two lookups) instead of
-// 3 with a vpmovzxbd widening.
+// 3 with a vpmovzxbd widening. (AVX2's vpshufb lookup is all shuffles, but on
+// CPUs with two shuffle pipes; see unpack32_avx2.)
 //
 // Every activation dtype runs these float32 kernels: permute_k widens bf16 /
 // fp16 x to float32 (exact) while it reorders it, and the epilogue rounds y
